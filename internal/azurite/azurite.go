@@ -1,0 +1,181 @@
+// Package azurite starts and stops the project's pinned Azurite blob
+// emulator (tools/azurite, installed by `make deps` through `npm ci`). Tests
+// use it through Start, which ties the server's life to the test; the demo
+// and benchmarks use Launch directly.
+package azurite
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// DevAccount and DevKey are the emulator's well-known development account
+// and key, published in Azurite's documentation; they protect nothing.
+const (
+	DevAccount = "devstoreaccount1"
+	DevKey     = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+// InstallHint is the command that installs Azurite for the tests.
+const InstallHint = "make deps (runs npm ci in tools/azurite)"
+
+// ErrNotInstalled means the pinned Azurite is not in tools/azurite/node_modules.
+var ErrNotInstalled = errors.New("azurite is not installed")
+
+// Server is a running Azurite blob service.
+type Server struct {
+	// Endpoint is the blob service URL, e.g. http://127.0.0.1:41234/devstoreaccount1.
+	Endpoint string
+	// Port is the TCP port on 127.0.0.1.
+	Port int
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+// Binary finds azurite-blob: $VHDSYNC_AZURITE if set, else
+// tools/azurite/node_modules/.bin/azurite-blob in the repository that
+// contains the working directory.
+func Binary() (string, error) {
+	if p := os.Getenv("VHDSYNC_AZURITE"); p != "" {
+		return p, nil
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("find azurite: %w", err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			p := filepath.Join(dir, "tools", "azurite", "node_modules", ".bin", "azurite-blob")
+			if _, err := os.Stat(p); err != nil {
+				return "", fmt.Errorf("%w at %s; install with: %s", ErrNotInstalled, p, InstallHint)
+			}
+			return p, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("%w: no go.mod above the working directory; install with: %s", ErrNotInstalled, InstallHint)
+		}
+		dir = parent
+	}
+}
+
+// freePort asks the kernel for a free loopback port.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Launch starts Azurite on a free loopback port, storing its data in
+// location, and returns once the service answers HTTP. logPath, if not
+// empty, receives Azurite's output. Call Stop to end it.
+func Launch(ctx context.Context, location, logPath string) (*Server, error) {
+	bin, err := Binary()
+	if err != nil {
+		return nil, err
+	}
+	var lastErr error
+	// A port can be taken between freePort and Azurite's bind; try a few.
+	for attempt := 0; attempt < 5; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			return nil, fmt.Errorf("find a free port: %w", err)
+		}
+		s, err := launchOn(ctx, bin, port, location, logPath)
+		if err == nil {
+			return s, nil
+		}
+		lastErr = err
+	}
+	return nil, lastErr
+}
+
+func launchOn(ctx context.Context, bin string, port int, location, logPath string) (*Server, error) {
+	cmd := exec.Command(bin,
+		"--blobHost", "127.0.0.1", "--blobPort", strconv.Itoa(port),
+		"--location", location, "--silent", "--skipApiVersionCheck", "--loose")
+	// Own process group, so Stop reaches node and anything it spawned.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if logPath != "" {
+		f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("open azurite log: %w", err)
+		}
+		defer f.Close()
+		cmd.Stdout, cmd.Stderr = f, f
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	s := &Server{
+		Endpoint: fmt.Sprintf("http://127.0.0.1:%d/%s", port, DevAccount),
+		Port:     port,
+		cmd:      cmd,
+		done:     make(chan struct{}),
+	}
+	go func() { s.err = cmd.Wait(); close(s.done) }()
+	if err := s.waitReady(ctx, 60*time.Second); err != nil {
+		s.Stop()
+		return nil, err
+	}
+	return s, nil
+}
+
+// waitReady polls until Azurite answers an HTTP request (any status: an
+// unauthenticated request gets 403, which proves the service is up).
+func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	client := &http.Client{Timeout: 2 * time.Second}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.Endpoint+"?comp=list", nil)
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			return nil
+		}
+		select {
+		case <-s.done:
+			return fmt.Errorf("azurite exited before answering on port %d: %v", s.Port, s.err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("azurite did not answer on port %d within %v: %w", s.Port, limit, err)
+		}
+	}
+}
+
+// Stop ends Azurite and waits for it to exit. Azurite 3.37 closes its
+// listener on SIGTERM/SIGINT but its process stays alive, so it is killed
+// outright: the emulator's data is scratch in every use here.
+func (s *Server) Stop() {
+	if s == nil || s.cmd == nil || s.cmd.Process == nil {
+		return
+	}
+	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+	<-s.done
+}
+
+// ContainerURL returns the URL of container name on this server.
+func (s *Server) ContainerURL(name string) string { return s.Endpoint + "/" + name }
+
+// BlobURL returns the URL of blob in container on this server.
+func (s *Server) BlobURL(container, blob string) string {
+	return s.Endpoint + "/" + container + "/" + blob
+}
