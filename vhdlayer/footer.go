@@ -198,6 +198,23 @@ func ComputeChecksum(b []byte) uint32 {
 // trust the rest of the fields: the cookie and the checksum. Use Validate
 // for the rules a fixed disk in Azure must follow.
 func DecodeFooter(b []byte) (Footer, error) {
+	f, err := DecodeFooterUnchecked(b)
+	if err != nil {
+		return Footer{}, err
+	}
+	if string(f.Cookie[:]) != Cookie {
+		return Footer{}, &CookieError{Got: f.Cookie}
+	}
+	if want := ComputeChecksum(b); want != f.Checksum {
+		return Footer{}, &ChecksumError{Stored: f.Checksum, Computed: want}
+	}
+	return f, nil
+}
+
+// DecodeFooterUnchecked parses the fields of a 512-byte footer without
+// checking the cookie or the checksum, so that a damaged footer can still
+// be shown to the user. Never trust its result for anything else.
+func DecodeFooterUnchecked(b []byte) (Footer, error) {
 	if len(b) < FooterSize {
 		return Footer{}, fmt.Errorf("%w: footer is %d bytes, want %d", ErrTruncated, len(b), FooterSize)
 	}
@@ -205,9 +222,6 @@ func DecodeFooter(b []byte) (Footer, error) {
 	var f Footer
 	be := binary.BigEndian
 	copy(f.Cookie[:], b[0:8])
-	if string(f.Cookie[:]) != Cookie {
-		return Footer{}, &CookieError{Got: f.Cookie}
-	}
 	f.Features = be.Uint32(b[8:])
 	f.FormatVersion = be.Uint32(b[12:])
 	f.DataOffset = be.Uint64(b[16:])
@@ -222,9 +236,6 @@ func DecodeFooter(b []byte) (Footer, error) {
 	f.Checksum = be.Uint32(b[64:])
 	copy(f.UniqueID[:], b[68:84])
 	f.SavedState = b[84]
-	if want := ComputeChecksum(b); want != f.Checksum {
-		return Footer{}, &ChecksumError{Stored: f.Checksum, Computed: want}
-	}
 	return f, nil
 }
 

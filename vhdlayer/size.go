@@ -151,19 +151,32 @@ func FormatSize(n uint64) string {
 // RoundUpMiB rounds n up to the next whole MiB.
 func RoundUpMiB(n uint64) uint64 { return (n + MiB - 1) / MiB * MiB }
 
+// sizeError is a size rule violation: its message is written for the
+// user, and it matches each violated rule's sentinel with errors.Is.
+type sizeError struct {
+	msg   string
+	rules []error
+}
+
+func (e *sizeError) Error() string   { return e.msg }
+func (e *sizeError) Unwrap() []error { return e.rules }
+
 // ValidateVirtualSize checks size against Azure's rules for a disk: a whole
 // number of MiB, at least MinVirtualSize, at most MaxVirtualSize. The error
 // names the nearest sizes that would be accepted.
 func ValidateVirtualSize(size uint64) error {
-	if size < MinVirtualSize {
-		return fmt.Errorf("%w: %s is smaller than the %s Azure requires; use --size 20MiB or more",
-			ErrSizeTooSmall, FormatSize(size), FormatSize(MinVirtualSize))
-	}
-	if size > MaxVirtualSize {
-		return fmt.Errorf("%w: %s is larger than %s (%d bytes), the largest disk whose page blob (disk + 512-byte footer) fits Azure's 8 TiB page-blob limit",
-			ErrSizeTooLarge, FormatSize(size), FormatSize(MaxVirtualSize), MaxVirtualSize)
-	}
-	if size%MiB != 0 {
+	notMiB := size%MiB != 0
+	switch {
+	case size < MinVirtualSize && notMiB:
+		return &sizeError{fmt.Sprintf("%s is smaller than the %s Azure requires, and not a whole number of MiB; the nearest valid size is %d (%s)",
+			FormatSize(size), FormatSize(MinVirtualSize), MinVirtualSize, FormatSize(MinVirtualSize)), []error{ErrSizeTooSmall, ErrSizeNotMiB}}
+	case size < MinVirtualSize:
+		return &sizeError{fmt.Sprintf("%s is smaller than the %s Azure requires; the nearest valid size is %d (%s)",
+			FormatSize(size), FormatSize(MinVirtualSize), MinVirtualSize, FormatSize(MinVirtualSize)), []error{ErrSizeTooSmall}}
+	case size > MaxVirtualSize:
+		return &sizeError{fmt.Sprintf("%s is larger than %s (%d bytes), the largest disk whose page blob (disk + 512-byte footer) fits Azure's 8 TiB page-blob limit",
+			FormatSize(size), FormatSize(MaxVirtualSize), MaxVirtualSize), []error{ErrSizeTooLarge}}
+	case notMiB:
 		down := size / MiB * MiB
 		up := down + MiB
 		var near []string
@@ -173,8 +186,8 @@ func ValidateVirtualSize(size uint64) error {
 		if up <= MaxVirtualSize {
 			near = append(near, fmt.Sprintf("%d (%s)", up, FormatSize(up)))
 		}
-		return fmt.Errorf("%w: %d bytes is not a whole number of MiB, which Azure refuses; nearest valid sizes: %s",
-			ErrSizeNotMiB, size, strings.Join(near, " or "))
+		return &sizeError{fmt.Sprintf("%d bytes is not a whole number of MiB, which Azure requires of a disk; nearest valid sizes: %s",
+			size, strings.Join(near, " or ")), []error{ErrSizeNotMiB}}
 	}
 	return nil
 }

@@ -1,0 +1,82 @@
+package main
+
+import (
+	"errors"
+	"strings"
+
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/vhdlayer"
+	"github.com/vhdsync/vhdsync/writeback/pageblob"
+)
+
+// Exit codes: one per class of failure, so scripts can react without
+// parsing messages. The table is part of the user interface (README).
+const (
+	ExitOK          = 0  // success
+	ExitFailure     = 1  // any other failure; for verify: the blob differs
+	ExitUsage       = 2  // bad command line or flag value
+	ExitAuth        = 3  // authentication or authorization failed
+	ExitNotFound    = 4  // container or blob does not exist
+	ExitExists      = 5  // blob exists and --overwrite was not given
+	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
+	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
+	ExitState       = 8  // state directory missing, damaged, not empty or of another blob
+	ExitLeased      = 9  // blob leased by another writer
+	ExitInterrupted = 130
+)
+
+// usageError marks errors in the command line itself.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// exitCode maps an error to its exit code. The order matters where an error
+// wraps several classes: the most specific cause wins.
+func exitCode(err error) int {
+	var ue usageError
+	switch {
+	case err == nil:
+		return ExitOK
+	case errors.As(err, &ue), isCobraUsage(err):
+		return ExitUsage
+	case errors.Is(err, pageblob.ErrAuth):
+		return ExitAuth
+	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound):
+		return ExitNotFound
+	case errors.Is(err, pageblob.ErrBlobExists):
+		return ExitExists
+	case errors.Is(err, pageblob.ErrLeased):
+		return ExitLeased
+	case errors.Is(err, statedir.ErrExists), errors.Is(err, statedir.ErrNotState):
+		return ExitState
+	case errors.Is(err, pageblob.ErrNotPageBlob), errors.Is(err, pageblob.ErrNotFixedVHD), errors.Is(err, errInvalidVHD),
+		errors.Is(err, vhdlayer.ErrNotVHD), errors.Is(err, vhdlayer.ErrBadChecksum), errors.Is(err, vhdlayer.ErrNotFixed),
+		errors.Is(err, vhdlayer.ErrDifferencing), errors.Is(err, vhdlayer.ErrSizeMismatch), errors.Is(err, vhdlayer.ErrTruncated):
+		// A file or blob that is not a usable VHD, whatever the detail
+		// (its size rules included).
+		return ExitNotVHD
+	case errors.Is(err, vhdlayer.ErrBadSize), errors.Is(err, vhdlayer.ErrSizeNotMiB),
+		errors.Is(err, vhdlayer.ErrSizeTooSmall), errors.Is(err, vhdlayer.ErrSizeTooLarge):
+		return ExitBadSize
+	case errors.Is(err, errInterrupted):
+		return ExitInterrupted
+	}
+	return ExitFailure
+}
+
+var errInterrupted = errors.New("interrupted")
+
+// errInvalidVHD marks an inspected file or blob that fails validation.
+var errInvalidVHD = errors.New("invalid VHD")
+
+// isCobraUsage recognises cobra's own flag and argument errors, which are
+// plain errors without a type.
+func isCobraUsage(err error) bool {
+	m := err.Error()
+	for _, p := range []string{"unknown flag", "unknown shorthand flag", "unknown command", "required flag", "accepts ", "requires at least", "invalid argument", "flag needs an argument", "bad flag syntax"} {
+		if strings.Contains(m, p) {
+			return true
+		}
+	}
+	return false
+}

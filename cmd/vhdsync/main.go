@@ -1,0 +1,91 @@
+// Command vhdsync keeps a virtual fixed-format VHD disk replicated, live, to
+// an Azure page blob. See README.md for the walk-through; `vhdsync help`
+// lists the commands.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// globals are the flags every command shares.
+type globals struct {
+	logLevel string
+	logJSON  bool
+	stdout   io.Writer
+	stderr   io.Writer
+	env      func(string) string
+}
+
+func (g *globals) logger() *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+		lvl = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	if g.logJSON {
+		return slog.New(slog.NewJSONHandler(g.stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(g.stderr, opts))
+}
+
+func newRootCmd(g *globals) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "vhdsync",
+		Short: "Keep a virtual fixed VHD disk replicated, live, to an Azure page blob",
+		Long: `vhdsync exposes a virtual fixed-format VHD disk through FUSE. Every write
+is journaled locally and replicated in order to an Azure page blob with Put
+Page / Clear Pages, so the blob is at every moment a crash-consistent disk
+that Azure can attach to a VM.
+
+Blob URLs look like https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB.vhd
+(or http://127.0.0.1:PORT/devstoreaccount1/CONTAINER/BLOB.vhd for Azurite).
+Credentials, first match wins: a SAS in the URL; AZURE_STORAGE_CONNECTION_STRING;
+AZURE_STORAGE_KEY (account from the URL); the emulator's development account
+for an Azurite URL; Entra ID (az login, managed identity, AZURE_CLIENT_* vars).`,
+		Version:       version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(g.stdout)
+	root.SetErr(g.stderr)
+	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "write logs as JSON lines instead of text")
+	root.AddCommand(newCreateCmd(g), newInspectCmd(g))
+	return root
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+}
+
+// run executes one vhdsync command line and returns its exit code.
+func run(args []string, stdout, stderr io.Writer, env func(string) string) int {
+	g := &globals{stdout: stdout, stderr: stderr, env: env}
+	root := newRootCmd(g)
+	root.SetArgs(args)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return ExitOK
+	}
+	code := exitCode(err)
+	msg := err.Error()
+	if code == ExitUsage && !strings.Contains(msg, "--help") {
+		msg += " (see --help)"
+	}
+	fmt.Fprintf(stderr, "vhdsync: %s\n", msg)
+	return code
+}

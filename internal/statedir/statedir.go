@@ -1,0 +1,198 @@
+// Package statedir owns vhdsync's local state directory: the description of
+// the disk (blob URL, size, geometry, UUID, footer) in vhdsync.json and the
+// sparse local image that always holds the newest state of the disk. The
+// journal lives beside them (see package writeback).
+//
+// The directory and its files are private to the user (0700/0600): the
+// image holds the disk's data. The blob URL is stored without any SAS.
+package statedir
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vhdsync/vhdsync/vhdlayer"
+)
+
+// File names inside a state directory.
+const (
+	StateFile  = "vhdsync.json"
+	ImageFile  = "disk.img"
+	JournalDir = "journal"
+	LogFile    = "vhdsync.log"
+)
+
+// FormatVersion is the version of vhdsync.json this code writes and reads.
+const FormatVersion = 1
+
+// ErrExists: the directory already holds something; vhdsync never reuses it.
+var ErrExists = errors.New("state directory is not empty")
+
+// ErrNotState: the directory is not a vhdsync state directory, or is damaged.
+var ErrNotState = errors.New("not a vhdsync state directory")
+
+// State is the content of vhdsync.json.
+type State struct {
+	Version     int       `json:"version"`
+	Name        string    `json:"name"`
+	BlobURL     string    `json:"blob_url"`
+	VirtualSize uint64    `json:"virtual_size"`
+	DiskID      string    `json:"disk_id"`
+	Geometry    string    `json:"geometry"`
+	Footer      []byte    `json:"footer"`
+	CreatedAt   time.Time `json:"created_at"`
+	// LeaseID is the Azure lease this state directory holds on the blob,
+	// kept so that the same host re-acquires it after a crash.
+	LeaseID string `json:"lease_id,omitempty"`
+}
+
+// Dir is an open state directory.
+type Dir struct {
+	Path  string
+	State State
+}
+
+// ImagePath is the local image's path.
+func (d *Dir) ImagePath() string { return filepath.Join(d.Path, ImageFile) }
+
+// JournalPath is the journal directory's path.
+func (d *Dir) JournalPath() string { return filepath.Join(d.Path, JournalDir) }
+
+// CheckNew returns nil if path does not exist or is an empty directory,
+// the only places Create will use.
+func CheckNew(path string) error {
+	entries, err := os.ReadDir(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("state directory %s: %w", path, err)
+	}
+	if len(entries) > 0 {
+		if _, err := os.Stat(filepath.Join(path, StateFile)); err == nil {
+			return fmt.Errorf("%w: %s already holds a vhdsync disk; choose another --state, or remove it first if that disk is no longer needed", ErrExists, path)
+		}
+		return fmt.Errorf("%w: %s has %d entries; choose a new or empty directory for --state", ErrExists, path, len(entries))
+	}
+	return nil
+}
+
+// Create makes a new state directory at path for st: the directory, a
+// sparse image of st.VirtualSize bytes and vhdsync.json, written last and
+// atomically so that a directory with a state file is always complete.
+func Create(path string, st State) (*Dir, error) {
+	if err := CheckNew(path); err != nil {
+		return nil, err
+	}
+	st.Version = FormatVersion
+	if err := os.MkdirAll(path, 0o700); err != nil {
+		return nil, fmt.Errorf("create state directory: %w", err)
+	}
+	d := &Dir{Path: path, State: st}
+	img, err := os.OpenFile(d.ImagePath(), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create local image: %w", err)
+	}
+	if err := img.Truncate(int64(st.VirtualSize)); err != nil {
+		img.Close()
+		return nil, fmt.Errorf("size local image to %d bytes: %w", st.VirtualSize, err)
+	}
+	if err := img.Sync(); err != nil {
+		img.Close()
+		return nil, fmt.Errorf("sync local image: %w", err)
+	}
+	if err := img.Close(); err != nil {
+		return nil, fmt.Errorf("close local image: %w", err)
+	}
+	if err := d.Save(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// Save writes vhdsync.json atomically (temporary file, fsync, rename,
+// fsync of the directory).
+func (d *Dir) Save() error {
+	b, err := json.MarshalIndent(d.State, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	tmp := filepath.Join(d.Path, StateFile+".tmp")
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return fmt.Errorf("write state: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync state: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close state: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(d.Path, StateFile)); err != nil {
+		return fmt.Errorf("install state: %w", err)
+	}
+	return syncDir(d.Path)
+}
+
+func syncDir(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("sync directory %s: %w", path, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", path, err)
+	}
+	return nil
+}
+
+// Open reads an existing state directory and checks that it is whole: the
+// state file parses, the footer in it is valid for the recorded size, and
+// the image has the recorded size.
+func Open(path string) (*Dir, error) {
+	b, err := os.ReadFile(filepath.Join(path, StateFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s has no %s; create one with `vhdsync create`", ErrNotState, path, StateFile)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read state: %w", err)
+	}
+	d := &Dir{Path: path}
+	if err := json.Unmarshal(b, &d.State); err != nil {
+		return nil, fmt.Errorf("%w: %s/%s is damaged: %v", ErrNotState, path, StateFile, err)
+	}
+	if d.State.Version != FormatVersion {
+		return nil, fmt.Errorf("%w: %s/%s has format version %d; this vhdsync reads version %d", ErrNotState, path, StateFile, d.State.Version, FormatVersion)
+	}
+	f, err := vhdlayer.DecodeFooter(d.State.Footer)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the footer recorded in %s/%s: %w", ErrNotState, path, StateFile, err)
+	}
+	if f.CurrentSize != d.State.VirtualSize {
+		return nil, fmt.Errorf("%w: %s records %d bytes but its footer says %d", ErrNotState, path, d.State.VirtualSize, f.CurrentSize)
+	}
+	st, err := os.Stat(d.ImagePath())
+	if err != nil {
+		return nil, fmt.Errorf("%w: local image: %w", ErrNotState, err)
+	}
+	if uint64(st.Size()) != d.State.VirtualSize {
+		return nil, fmt.Errorf("%w: local image %s is %d bytes, want %d", ErrNotState, d.ImagePath(), st.Size(), d.State.VirtualSize)
+	}
+	return d, nil
+}
+
+// FooterBytes returns the recorded footer as a fixed-size array.
+func (d *Dir) FooterBytes() [vhdlayer.FooterSize]byte {
+	var b [vhdlayer.FooterSize]byte
+	copy(b[:], d.State.Footer)
+	return b
+}
