@@ -12,16 +12,16 @@ import (
 // Exit codes: one per class of failure, so scripts can react without
 // parsing messages. The table is part of the user interface (README).
 const (
-	ExitOK          = 0  // success
-	ExitFailure     = 1  // any other failure; for verify: the blob differs
-	ExitUsage       = 2  // bad command line or flag value
-	ExitAuth        = 3  // authentication or authorization failed
-	ExitNotFound    = 4  // container or blob does not exist
-	ExitExists      = 5  // blob exists and --overwrite was not given
-	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
-	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
-	ExitState       = 8  // state directory missing, damaged, not empty or of another blob
-	ExitLeased      = 9  // blob leased by another writer
+	ExitOK          = 0 // success
+	ExitFailure     = 1 // any other failure; for verify: the blob differs
+	ExitUsage       = 2 // bad command line or flag value
+	ExitAuth        = 3 // authentication or authorization failed
+	ExitNotFound    = 4 // container or blob does not exist
+	ExitExists      = 5 // blob exists and --overwrite was not given
+	ExitNotVHD      = 6 // not a page blob, not a (valid fixed) VHD, corrupt footer
+	ExitBadSize     = 7 // size unparseable or not acceptable to Azure
+	ExitState       = 8 // state directory missing, damaged, not empty or of another blob
+	ExitLeased      = 9 // blob leased by another writer
 	ExitInterrupted = 130
 )
 
