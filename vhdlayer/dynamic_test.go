@@ -15,21 +15,17 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vhdsync/vhdsync/internal/testenv"
 )
 
-// requireQemu skips the test when qemu-img or qemu-io is missing, unless
-// CI=true, where a missing judge is a failure: CI must run these tests.
+// requireQemu skips the test when qemu-img or qemu-io is missing (naming
+// apt-get install qemu-utils), unless CI=true, where a missing judge is a
+// failure: CI must run these tests.
 func requireQemu(t testing.TB) {
 	t.Helper()
-	for _, tool := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			msg := fmt.Sprintf("%s not found on PATH; install it with: apt-get install qemu-utils", tool)
-			if os.Getenv("CI") == "true" {
-				t.Fatal(msg + " (CI=true: this test must not be skipped)")
-			}
-			t.Skip(msg)
-		}
-	}
+	testenv.QemuImg(t)
+	testenv.RequireTool(t, "qemu-io", "make deps (or: apt-get install qemu-utils)")
 }
 
 // runCmd runs a command and fails the test with its output if it fails.
