@@ -15,7 +15,7 @@ func Validate(f Footer, containerLen int64) error {
 	switch f.DiskType {
 	case DiskTypeFixed:
 	case DiskTypeDifferencing:
-		errs = append(errs, fmt.Errorf("%w: this is a differencing disk (it needs its parent); merge it first, e.g. qemu-img convert -O vpc -o subformat=fixed child.vhd merged.vhd", ErrDifferencing))
+		errs = append(errs, fmt.Errorf("%w: this is a differencing disk (it needs its parent); merge it into its parent first with a tool that really merges (Hyper-V Merge-VHD, Xen vhd-util coalesce); qemu-img does not: it reads a differencing VHD without its parent", ErrDifferencing))
 	case DiskTypeDynamic:
 		errs = append(errs, fmt.Errorf("%w: disk type is dynamic; Azure needs a fixed VHD (vhdsync import converts dynamic VHDs)", ErrNotFixed))
 	default:
