@@ -17,6 +17,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/bloberror"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/lease"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
@@ -372,4 +373,138 @@ func (c *Client) OpenVHD(ctx context.Context) (VHDInfo, error) {
 func (c *Client) Delete(ctx context.Context) error {
 	_, err := c.pb.Delete(ctx, nil)
 	return c.classify("delete blob", err)
+}
+
+// writeConds builds the lease and sequence-number conditions of a write.
+func writeConds(leaseID string, ifSeqEq *int64) (*blob.AccessConditions, *pageblob.SequenceNumberAccessConditions) {
+	var ac *blob.AccessConditions
+	if leaseID != "" {
+		ac = &blob.AccessConditions{LeaseAccessConditions: &blob.LeaseAccessConditions{LeaseID: &leaseID}}
+	}
+	var sc *pageblob.SequenceNumberAccessConditions
+	if ifSeqEq != nil {
+		v := *ifSeqEq
+		sc = &pageblob.SequenceNumberAccessConditions{IfSequenceNumberEqualTo: &v}
+	}
+	return ac, sc
+}
+
+// PutPagesCond is PutPages with the lease and, if ifSeqEq is set, the
+// condition that the blob's sequence number equals *ifSeqEq.
+func (c *Client) PutPagesCond(ctx context.Context, off int64, data []byte, leaseID string, ifSeqEq *int64) error {
+	if off%vhdlayer.SectorSize != 0 || len(data)%vhdlayer.SectorSize != 0 || len(data) == 0 {
+		return fmt.Errorf("put page %d+%d: not 512-byte aligned", off, len(data))
+	}
+	if len(data) > MaxPutPage {
+		return fmt.Errorf("put page %d+%d: larger than the 4 MiB Put Page limit", off, len(data))
+	}
+	ac, sc := writeConds(leaseID, ifSeqEq)
+	opts := &pageblob.UploadPagesOptions{
+		TransactionalValidation:        blob.TransferValidationTypeCRC64(CRC64(data)),
+		AccessConditions:               ac,
+		SequenceNumberAccessConditions: sc,
+	}
+	_, err := c.pb.UploadPages(ctx, nopCloser{bytes.NewReader(data)}, blob.HTTPRange{Offset: off, Count: int64(len(data))}, opts)
+	if err != nil {
+		return c.wrapWrite(fmt.Sprintf("put page %d-%d", off, off+int64(len(data))-1), err)
+	}
+	return nil
+}
+
+// ClearPages zeroes [off, off+length) with the same conditions.
+func (c *Client) ClearPages(ctx context.Context, off, length int64, leaseID string, ifSeqEq *int64) error {
+	if off%vhdlayer.SectorSize != 0 || length%vhdlayer.SectorSize != 0 || length <= 0 {
+		return fmt.Errorf("clear pages %d+%d: not 512-byte aligned", off, length)
+	}
+	ac, sc := writeConds(leaseID, ifSeqEq)
+	_, err := c.pb.ClearPages(ctx, blob.HTTPRange{Offset: off, Count: length}, &pageblob.ClearPagesOptions{
+		AccessConditions: ac, SequenceNumberAccessConditions: sc,
+	})
+	if err != nil {
+		return c.wrapWrite(fmt.Sprintf("clear pages %d-%d", off, off+length-1), err)
+	}
+	return nil
+}
+
+// wrapWrite classifies a refused write but keeps the service error in the
+// chain, so the flusher can tell transient failures from final ones.
+func (c *Client) wrapWrite(what string, err error) error {
+	code, status := serviceCode(err)
+	if status == 0 || status == 408 || status == 429 || status >= 500 {
+		return fmt.Errorf("%s %s: %w", what, c.loc.URL(), err)
+	}
+	if code == bloberror.SequenceNumberConditionNotMet {
+		return fmt.Errorf("%s %s: %w: %w", what, c.loc.URL(), ErrConditionNotMet, err)
+	}
+	return fmt.Errorf("%w (%w)", c.classify(what, err), err)
+}
+
+// RaiseSequence sets the sequence number to max(current, n).
+func (c *Client) RaiseSequence(ctx context.Context, n int64, leaseID string) error {
+	ac, _ := writeConds(leaseID, nil)
+	act := pageblob.SequenceNumberActionTypeMax
+	_, err := c.pb.UpdateSequenceNumber(ctx, &pageblob.UpdateSequenceNumberOptions{
+		ActionType: &act, SequenceNumber: &n, AccessConditions: ac,
+	})
+	if err != nil {
+		return c.wrapWrite(fmt.Sprintf("set sequence number %d", n), err)
+	}
+	return nil
+}
+
+// Sequence reads the blob's sequence number.
+func (c *Client) Sequence(ctx context.Context) (int64, error) {
+	p, err := c.Properties(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return p.SequenceNumber, nil
+}
+
+// AcquireLease takes an infinite lease with proposedID.
+func (c *Client) AcquireLease(ctx context.Context, proposedID string) (string, error) {
+	lc, err := lease.NewBlobClient(c.pb, &lease.BlobClientOptions{LeaseID: &proposedID})
+	if err != nil {
+		return "", fmt.Errorf("lease %s: %w", c.loc.URL(), err)
+	}
+	r, err := lc.AcquireLease(ctx, -1, nil)
+	if err != nil {
+		code, status := serviceCode(err)
+		if code == bloberror.LeaseAlreadyPresent || status == 409 {
+			return "", fmt.Errorf("acquire lease on %s: %w: another vhdsync mount or an Azure VM holds the blob; stop that writer first, or pass --break-lease if you are sure it is gone (its unsent writes are then lost to the blob)", c.loc.URL(), ErrLeased)
+		}
+		return "", c.wrapWrite("acquire lease", err)
+	}
+	if r.LeaseID == nil {
+		return proposedID, nil
+	}
+	return *r.LeaseID, nil
+}
+
+// BreakLease breaks any lease on the blob immediately.
+func (c *Client) BreakLease(ctx context.Context) error {
+	lc, err := lease.NewBlobClient(c.pb, nil)
+	if err != nil {
+		return fmt.Errorf("lease %s: %w", c.loc.URL(), err)
+	}
+	var zero int32
+	if _, err := lc.BreakLease(ctx, &lease.BlobBreakOptions{BreakPeriod: &zero}); err != nil {
+		if code, _ := serviceCode(err); code == bloberror.LeaseNotPresentWithLeaseOperation {
+			return nil
+		}
+		return c.wrapWrite("break lease", err)
+	}
+	return nil
+}
+
+// ReleaseLease releases the lease id.
+func (c *Client) ReleaseLease(ctx context.Context, id string) error {
+	lc, err := lease.NewBlobClient(c.pb, &lease.BlobClientOptions{LeaseID: &id})
+	if err != nil {
+		return fmt.Errorf("lease %s: %w", c.loc.URL(), err)
+	}
+	if _, err := lc.ReleaseLease(ctx, nil); err != nil {
+		return c.wrapWrite("release lease", err)
+	}
+	return nil
 }

@@ -1,0 +1,400 @@
+package writeback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
+)
+
+// DiskOptions configure Open.
+type DiskOptions struct {
+	// ImagePath is the local image (virtual size bytes, sparse).
+	ImagePath string
+	// JournalDir is the badger directory.
+	JournalDir string
+	// VirtualSize is the disk's size in bytes.
+	VirtualSize int64
+	// Remote is the page blob.
+	Remote Remote
+	// LeaseID is the lease id remembered from an earlier run ("" for a new
+	// one); SaveLeaseID is called when the id held differs from it.
+	LeaseID     string
+	SaveLeaseID func(string) error
+	// BreakLease breaks another holder's lease instead of failing.
+	BreakLease bool
+	Journal    JournalOptions
+	Flusher    FlusherOptions
+	Logger     *slog.Logger
+}
+
+// Disk is one virtual disk: the local image, the journal in front of it,
+// and the flusher behind it. All methods are safe for concurrent use.
+type Disk struct {
+	o       DiskOptions
+	img     *os.File
+	j       *Journal
+	f       *Flusher
+	locks   *rangeLock
+	lease   string
+	log     *slog.Logger
+	cancel  context.CancelFunc
+	runDone chan struct{}
+	runErr  error
+	closeMu sync.Mutex
+	closed  bool
+	replay  ReplayStats
+}
+
+// ReplayStats says what Open found in the journal.
+type ReplayStats struct {
+	Records        int   // records re-applied to the image
+	Bytes          int64 // their data bytes
+	AlreadyRemote  int   // records the blob already held (dropped)
+	RemoteSequence int64
+}
+
+// ErrOutOfRange is returned for I/O beyond the disk's end.
+var ErrOutOfRange = errors.New("beyond the end of the disk")
+
+// Open opens the disk for writing: journal, lease, replay, flusher.
+func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	o.Flusher.Logger = log
+	o.Journal.Logger = log
+	img, err := os.OpenFile(o.ImagePath, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open local image: %w", err)
+	}
+	st, err := img.Stat()
+	if err != nil || st.Size() != o.VirtualSize {
+		img.Close()
+		return nil, fmt.Errorf("local image %s: size %d, want %d (%v)", o.ImagePath, st.Size(), o.VirtualSize, err)
+	}
+	d := &Disk{o: o, img: img, locks: newRangeLock(), log: log}
+	ok := false
+	defer func() {
+		if !ok {
+			d.abort()
+		}
+	}()
+	if d.j, err = OpenJournal(o.JournalDir, o.Journal); err != nil {
+		return nil, err
+	}
+	if err := d.acquireLease(ctx); err != nil {
+		return nil, err
+	}
+	seq, err := o.Remote.Sequence(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read the blob's sequence number: %w", err)
+	}
+	if err := d.replayJournal(seq); err != nil {
+		return nil, err
+	}
+	// New epochs must be above anything the blob has seen.
+	d.j.RaiseEpoch(uint64(seq+1)/2 + 1)
+	o.Flusher.SyncImage = d.img.Sync
+	d.f = NewFlusher(d.j, o.Remote, d.lease, seq, o.Flusher)
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	d.cancel = cancel
+	d.runDone = make(chan struct{})
+	go func() {
+		defer close(d.runDone)
+		d.runErr = d.f.Run(runCtx)
+	}()
+	ok = true
+	return d, nil
+}
+
+func (d *Disk) abort() {
+	if d.j != nil {
+		d.j.Close()
+	}
+	d.img.Close()
+}
+
+func (d *Disk) acquireLease(ctx context.Context) error {
+	id := d.o.LeaseID
+	if id == "" {
+		id = uuid.NewString()
+	}
+	held, err := d.o.Remote.AcquireLease(ctx, id)
+	if err != nil && d.o.BreakLease {
+		d.log.Warn("breaking the blob's lease (--break-lease)")
+		if berr := d.o.Remote.BreakLease(ctx); berr != nil {
+			return fmt.Errorf("break lease: %w", berr)
+		}
+		held, err = d.o.Remote.AcquireLease(ctx, id)
+	}
+	if err != nil {
+		return err
+	}
+	d.lease = held
+	if held != d.o.LeaseID && d.o.SaveLeaseID != nil {
+		if err := d.o.SaveLeaseID(held); err != nil {
+			return fmt.Errorf("remember lease id: %w", err)
+		}
+	}
+	return nil
+}
+
+// replayJournal re-applies every journaled record to the image (it may
+// have lost unsynced writes in a power loss; re-applying in seq order is
+// idempotent), makes the image durable, then drops the records the blob
+// already holds completely: with an even sequence number 2e, every record
+// of an epoch <= e. With an odd one a batch was cut short and nothing is
+// dropped: the flusher sends that batch again.
+func (d *Disk) replayJournal(seq int64) error {
+	d.replay.RemoteSequence = seq
+	remoteEpoch := RemoteEpochFromSequence(seq)
+	var onRemote []Record
+	err := d.j.ReadAll(func(r Record) error {
+		if err := d.applyToImage(&r); err != nil {
+			return err
+		}
+		d.replay.Records++
+		d.replay.Bytes += int64(len(r.Data))
+		if seq%2 == 0 && r.Epoch <= remoteEpoch {
+			r.Data = nil
+			onRemote = append(onRemote, r)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("replay journal: %w", err)
+	}
+	if d.replay.Records == 0 {
+		return nil
+	}
+	if err := d.img.Sync(); err != nil {
+		return fmt.Errorf("replay journal: sync image: %w", err)
+	}
+	d.replay.AlreadyRemote = len(onRemote)
+	if err := d.j.Delete(onRemote, remoteEpoch); err != nil {
+		return fmt.Errorf("replay journal: %w", err)
+	}
+	d.log.Info("journal replayed", "records", d.replay.Records, "bytes", d.replay.Bytes, "already_on_blob", len(onRemote), "blob_sequence", seq)
+	return nil
+}
+
+// Replay returns what Open re-applied.
+func (d *Disk) Replay() ReplayStats { return d.replay }
+
+func (d *Disk) applyToImage(r *Record) error {
+	switch r.Kind {
+	case KindData:
+		if _, err := d.img.WriteAt(r.Data, r.Offset); err != nil {
+			return fmt.Errorf("write local image %d+%d: %w", r.Offset, r.Length, err)
+		}
+	default:
+		if err := punch(d.img, r.Offset, r.Length); err != nil {
+			return fmt.Errorf("zero local image %d+%d: %w", r.Offset, r.Length, err)
+		}
+	}
+	return nil
+}
+
+// punch makes [off, off+n) of f read as zeros and frees its space.
+func punch(f *os.File, off, n int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		_, err = f.WriteAt(make([]byte, n), off)
+	}
+	return err
+}
+
+// Size is the virtual size.
+func (d *Disk) Size() int64 { return d.o.VirtualSize }
+
+// ReadAt reads the disk: the local image always holds the newest state.
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > d.o.VirtualSize {
+		return 0, ErrOutOfRange
+	}
+	if rem := d.o.VirtualSize - off; int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	return d.img.ReadAt(p, off)
+}
+
+func (d *Disk) check(off, n int64) error {
+	if off < 0 || n < 0 || off+n > d.o.VirtualSize {
+		return fmt.Errorf("%w: %d+%d on a %d-byte disk", ErrOutOfRange, off, n, d.o.VirtualSize)
+	}
+	return nil
+}
+
+// WriteAt journals p at off and writes it to the local image; when it
+// returns nil the write is acknowledged (invariant 1: it is in badger, and
+// a later Flush makes it durable). Unaligned writes are widened to whole
+// sectors with the edges read from the image under the range lock. p is
+// not retained.
+func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil
+	}
+	if err := d.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	aoff := off &^ (SectorSize - 1)
+	aend := (off + int64(len(p)) + SectorSize - 1) &^ (SectorSize - 1)
+	h := d.locks.lock(aoff, aend)
+	defer d.locks.unlock(h)
+	buf := p
+	if aoff != off || aend != off+int64(len(p)) {
+		buf = make([]byte, aend-aoff)
+		if _, err := d.img.ReadAt(buf[:SectorSize], aoff); err != nil {
+			return fmt.Errorf("read sector at %d to widen a write: %w", aoff, err)
+		}
+		if aend-aoff > SectorSize {
+			if _, err := d.img.ReadAt(buf[len(buf)-SectorSize:], aend-SectorSize); err != nil {
+				return fmt.Errorf("read sector at %d to widen a write: %w", aend-SectorSize, err)
+			}
+		}
+		copy(buf[off-aoff:], p)
+	}
+	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
+	if err := d.j.Append(ctx, &rec); err != nil {
+		return err
+	}
+	if _, err := d.img.WriteAt(buf, aoff); err != nil {
+		return fmt.Errorf("write local image %d+%d: %w", aoff, len(buf), err)
+	}
+	d.f.Kick()
+	return nil
+}
+
+// Zero makes [off, off+n) read as zeros and replicates it as Clear Pages.
+// discard marks a discard (fstrim, PUNCH_HOLE), which is advisory: its
+// partial sectors at the edges are left alone. A zero range (ZERO_RANGE)
+// must be exact: its partial edge sectors are written as zeros.
+func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
+	if n == 0 {
+		return nil
+	}
+	if err := d.check(off, n); err != nil {
+		return err
+	}
+	aoff := (off + SectorSize - 1) &^ (SectorSize - 1)
+	aend := (off + n) &^ (SectorSize - 1)
+	if !discard {
+		if aoff > off {
+			if err := d.WriteAt(ctx, make([]byte, min(aoff, off+n)-off), off); err != nil {
+				return err
+			}
+		}
+		if aend < off+n && aend >= aoff {
+			if err := d.WriteAt(ctx, make([]byte, off+n-aend), aend); err != nil {
+				return err
+			}
+		}
+	}
+	if aend <= aoff {
+		return nil
+	}
+	h := d.locks.lock(aoff, aend)
+	defer d.locks.unlock(h)
+	kind := KindZero
+	if discard {
+		kind = KindDiscard
+	}
+	rec := Record{Offset: aoff, Length: aend - aoff, Kind: kind}
+	if err := d.j.Append(ctx, &rec); err != nil {
+		return err
+	}
+	if err := punch(d.img, aoff, aend-aoff); err != nil {
+		return fmt.Errorf("zero local image %d+%d: %w", aoff, aend-aoff, err)
+	}
+	d.f.Kick()
+	return nil
+}
+
+// Flush is the barrier (fsync): it closes the epoch and makes every write
+// acknowledged before it durable.
+func (d *Disk) Flush() error {
+	if _, err := d.j.Barrier(); err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	d.f.Kick()
+	return nil
+}
+
+// Drain waits until the blob holds everything written so far.
+func (d *Disk) Drain(ctx context.Context) error {
+	if err := d.Flush(); err != nil {
+		return err
+	}
+	return d.f.Drain(ctx)
+}
+
+// Stats is everything status shows about the write-back path.
+type Stats struct {
+	Journal JournalStats
+	Flusher FlusherStats
+	LeaseID string
+}
+
+// Stats returns the current counters.
+func (d *Disk) Stats() Stats {
+	return Stats{Journal: d.j.Stats(), Flusher: d.f.Stats(), LeaseID: d.lease}
+}
+
+// FlusherErr returns the error that stopped the flusher, if it stopped.
+func (d *Disk) FlusherErr() error {
+	select {
+	case <-d.runDone:
+		return d.runErr
+	default:
+		return nil
+	}
+}
+
+// Close stops the flusher and closes the journal and image. With drain,
+// it first waits until the blob holds everything (bounded by ctx) and then
+// releases the lease; without, or if the drain fails, the lease is kept so
+// no other writer can get ahead of the journal's unsent records.
+func (d *Disk) Close(ctx context.Context, drain bool) error {
+	d.closeMu.Lock()
+	defer d.closeMu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	var errs []error
+	drained := false
+	if drain {
+		if err := d.Drain(ctx); err != nil {
+			errs = append(errs, err)
+		} else {
+			drained = true
+		}
+	}
+	d.cancel()
+	<-d.runDone
+	if err := d.j.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.img.Sync(); err != nil {
+		errs = append(errs, fmt.Errorf("sync local image: %w", err))
+	}
+	if err := d.img.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close local image: %w", err))
+	}
+	if drained {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err := d.o.Remote.ReleaseLease(rctx, d.lease); err != nil {
+			errs = append(errs, fmt.Errorf("release lease: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,98 @@
+package writeback
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// newTestDisk makes an image of size bytes in a temp dir and opens a Disk
+// on it with remote r.
+func newTestDisk(t *testing.T, dir string, size int64, r Remote, o DiskOptions) *Disk {
+	t.Helper()
+	img := filepath.Join(dir, "disk.img")
+	if _, err := os.Stat(img); os.IsNotExist(err) {
+		f, err := os.Create(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(size); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	o.ImagePath = img
+	o.JournalDir = filepath.Join(dir, "journal")
+	o.VirtualSize = size
+	o.Remote = r
+	if o.Flusher.Linger == 0 {
+		o.Flusher.Linger = 5 * time.Millisecond
+	}
+	o.Flusher.RetryMin = time.Millisecond
+	o.Flusher.RetryMax = 5 * time.Millisecond
+	d, err := Open(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func readImage(t *testing.T, dir string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "disk.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestDiskConvergesSmoke(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	const size = 8 << 20
+	r := NewMemRemote(size + 512)
+	d := newTestDisk(t, dir, size, r, DiskOptions{})
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 300; i++ {
+		off := rng.Int64N(size - 70000)
+		n := 1 + rng.IntN(70000)
+		switch rng.IntN(6) {
+		case 0:
+			if err := d.Zero(ctx, off, int64(n), rng.IntN(2) == 0); err != nil {
+				t.Fatal(err)
+			}
+		case 1:
+			if err := d.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		default:
+			p := make([]byte, n)
+			for k := range p {
+				p[k] = byte(rng.IntN(4)) // some zeros, mostly not
+			}
+			if err := d.WriteAt(ctx, p, off); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	img := readImage(t, dir)
+	blob := r.Bytes()
+	if !bytes.Equal(img, blob[:size]) {
+		t.Fatal("blob differs from the local image after drain")
+	}
+	if r.Lease() != "" {
+		t.Fatal("lease not released after a clean close")
+	}
+	seq, _ := r.Sequence(ctx)
+	if seq%2 != 0 || seq == 0 {
+		t.Fatalf("sequence number after drain: %d", seq)
+	}
+	t.Logf("calls %v, final sequence %d", r.Calls, seq)
+}

@@ -1,0 +1,5 @@
+package writeback
+
+import "io"
+
+var errUnexpectedEOF = io.ErrUnexpectedEOF

@@ -1,0 +1,120 @@
+package writeback
+
+import (
+	"encoding/binary"
+	"fmt"
+	"time"
+)
+
+// Kind is what a journal record does to its range.
+type Kind uint8
+
+// Record kinds. Zero and Discard both read back as zeros and are sent as
+// Clear Pages; they differ only in what the local image does (discard
+// punches a hole, zero writes zeros without necessarily freeing space).
+const (
+	KindData    Kind = 1
+	KindZero    Kind = 2
+	KindDiscard Kind = 3
+)
+
+// String names the kind.
+func (k Kind) String() string {
+	switch k {
+	case KindData:
+		return "data"
+	case KindZero:
+		return "zero"
+	case KindDiscard:
+		return "discard"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// SectorSize is the journal's alignment: every record covers whole
+// 512-byte sectors.
+const SectorSize = 512
+
+// Record is one journaled change to the disk.
+type Record struct {
+	Seq    uint64
+	Epoch  uint64
+	Offset int64
+	Length int64
+	Kind   Kind
+	// Time is when the write was journaled (for the replica-lag metric).
+	Time time.Time
+	// Data holds Length bytes for KindData, nothing otherwise.
+	Data []byte
+}
+
+// End is Offset+Length.
+func (r *Record) End() int64 { return r.Offset + r.Length }
+
+const recordHeaderSize = 8 + 8 + 8 + 1 + 8 // epoch, offset, length, kind, time
+
+// encode serialises the record's value (the seq is the key).
+func (r *Record) encode() []byte {
+	b := make([]byte, recordHeaderSize+len(r.Data))
+	be := binary.BigEndian
+	be.PutUint64(b[0:], r.Epoch)
+	be.PutUint64(b[8:], uint64(r.Offset))
+	be.PutUint64(b[16:], uint64(r.Length))
+	b[24] = byte(r.Kind)
+	be.PutUint64(b[25:], uint64(r.Time.UnixNano()))
+	copy(b[recordHeaderSize:], r.Data)
+	return b
+}
+
+// decodeRecord parses a record value; data is copied so the result
+// outlives the badger transaction.
+func decodeRecord(seq uint64, b []byte, withData bool) (Record, error) {
+	if len(b) < recordHeaderSize {
+		return Record{}, fmt.Errorf("journal record %d: %d bytes, shorter than its header", seq, len(b))
+	}
+	be := binary.BigEndian
+	r := Record{
+		Seq:    seq,
+		Epoch:  be.Uint64(b[0:]),
+		Offset: int64(be.Uint64(b[8:])),
+		Length: int64(be.Uint64(b[16:])),
+		Kind:   Kind(b[24]),
+		Time:   time.Unix(0, int64(be.Uint64(b[25:]))),
+	}
+	if err := r.check(); err != nil {
+		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
+	}
+	data := b[recordHeaderSize:]
+	if r.Kind == KindData {
+		if int64(len(data)) != r.Length {
+			return Record{}, fmt.Errorf("journal record %d: %d data bytes for a %d-byte write", seq, len(data), r.Length)
+		}
+		if withData {
+			r.Data = append([]byte(nil), data...)
+		}
+	} else if len(data) != 0 {
+		return Record{}, fmt.Errorf("journal record %d: %s record carries %d data bytes", seq, r.Kind, len(data))
+	}
+	return r, nil
+}
+
+func (r *Record) check() error {
+	switch {
+	case r.Kind != KindData && r.Kind != KindZero && r.Kind != KindDiscard:
+		return fmt.Errorf("unknown kind %d", r.Kind)
+	case r.Offset < 0 || r.Length <= 0:
+		return fmt.Errorf("bad range %d+%d", r.Offset, r.Length)
+	case r.Offset%SectorSize != 0 || r.Length%SectorSize != 0:
+		return fmt.Errorf("range %d+%d is not 512-byte aligned", r.Offset, r.Length)
+	}
+	return nil
+}
+
+// payloadSize is the number of journal bytes the record accounts for in
+// the backpressure cap.
+func (r *Record) payloadSize() int64 {
+	if r.Kind == KindData {
+		return int64(len(r.Data)) + recordHeaderSize
+	}
+	return recordHeaderSize
+}
