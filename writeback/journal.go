@@ -79,8 +79,8 @@ type Journal struct {
 	epochsClosed  atomic.Uint64
 	epochBytes    atomic.Int64 // bytes in the open epoch
 	maxEpochBytes int64
-	stopGC       chan struct{}
-	gcDone       chan struct{}
+	stopGC        chan struct{}
+	gcDone        chan struct{}
 }
 
 // badgerOptions are chosen for a small, write-heavy queue: records are
