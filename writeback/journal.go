@@ -453,7 +453,7 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 			}
 			out = append(out, r)
 			size += item.ValueSize()
-			if size > maxBytes && epochStart > 0 && r.Epoch >= minLastEpoch {
+			if size > maxBytes && epochStart > 0 && out[epochStart-1].Epoch >= minLastEpoch {
 				// This epoch does not fit: leave it whole for the next batch.
 				out = out[:epochStart]
 				return nil

@@ -1,0 +1,198 @@
+package writeback
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+func appendData(t *testing.T, j *Journal, off int64, fill byte, n int) Record {
+	t.Helper()
+	r := Record{Offset: off, Length: int64(n), Kind: KindData, Data: bytes.Repeat([]byte{fill}, n)}
+	if err := j.Append(context.Background(), &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestJournalRecoversCounters(t *testing.T) {
+	dir := t.TempDir()
+	j, err := OpenJournal(dir, JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := appendData(t, j, 0, 1, 512)
+	b := appendData(t, j, 512, 2, 1024)
+	if a.Seq != 1 || b.Seq != 2 || a.Epoch != b.Epoch {
+		t.Fatalf("seqs %d %d epochs %d %d", a.Seq, b.Seq, a.Epoch, b.Epoch)
+	}
+	closed, err := j.Barrier()
+	if err != nil || closed != a.Epoch {
+		t.Fatalf("barrier closed %d, want %d (%v)", closed, a.Epoch, err)
+	}
+	c := appendData(t, j, 0, 3, 512)
+	if c.Epoch != a.Epoch+1 {
+		t.Fatalf("epoch after barrier %d", c.Epoch)
+	}
+	// A barrier with nothing new does not open an empty epoch.
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	d := appendData(t, j, 0, 4, 512)
+	if d.Epoch != c.Epoch+1 {
+		t.Fatalf("empty barriers advanced the epoch: %d after %d", d.Epoch, c.Epoch)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	j, err = OpenJournal(dir, JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	st := j.Stats()
+	if st.PendingRecords != 4 || st.Oldest.IsZero() {
+		t.Fatalf("recovered stats %+v", st)
+	}
+	var got []Record
+	if err := j.ReadAll(func(r Record) error { got = append(got, r); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 4 || !bytes.Equal(got[1].Data, b.Data) || got[3].Epoch != d.Epoch {
+		t.Fatalf("recovered records %+v", got)
+	}
+	// The open epoch at the crash counts as closed; new writes go after it.
+	if j.ClosedEpoch() != d.Epoch {
+		t.Fatalf("closed epoch after reopen %d, want %d", j.ClosedEpoch(), d.Epoch)
+	}
+	e := appendData(t, j, 0, 5, 512)
+	if e.Seq != 5 || e.Epoch != d.Epoch+1 {
+		t.Fatalf("after reopen: seq %d epoch %d", e.Seq, e.Epoch)
+	}
+}
+
+func TestJournalReadBatchWholeEpochs(t *testing.T) {
+	j, err := OpenJournal(t.TempDir(), JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	// Three epochs of 4 records x 4 KiB.
+	for e := 0; e < 3; e++ {
+		for i := 0; i < 4; i++ {
+			appendData(t, j, int64(i)*4096, byte(e), 4096)
+		}
+		if _, err := j.Barrier(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	appendData(t, j, 0, 9, 512) // open epoch: never read
+	// A limit inside the first epoch still returns it whole.
+	recs, err := j.ReadBatch(1, 100, 0)
+	if err != nil || len(recs) != 4 {
+		t.Fatalf("small limit: %d records, %v", len(recs), err)
+	}
+	// A limit of 1.5 epochs returns exactly one epoch.
+	recs, _ = j.ReadBatch(1, 6*4096, 0)
+	if len(recs) != 4 {
+		t.Fatalf("1.5 epochs: %d records", len(recs))
+	}
+	// minLastEpoch forces the batch up to that epoch.
+	recs, _ = j.ReadBatch(1, 100, recs[0].Epoch+1)
+	if len(recs) != 8 {
+		t.Fatalf("minLast: %d records", len(recs))
+	}
+	// A large limit stops before the open epoch.
+	recs, _ = j.ReadBatch(1, 1<<30, 0)
+	if len(recs) != 12 || recs[11].Epoch != j.ClosedEpoch() {
+		t.Fatalf("all closed: %d records", len(recs))
+	}
+	if err := j.Delete(recs[:4], recs[3].Epoch); err != nil {
+		t.Fatal(err)
+	}
+	if st := j.Stats(); st.PendingRecords != 9 {
+		t.Fatalf("pending after delete: %d", st.PendingRecords)
+	}
+	recs, _ = j.ReadBatch(recs[3].Seq+1, 1, 0)
+	if len(recs) != 4 || recs[0].Seq != 5 {
+		t.Fatalf("after delete: %d records from seq %d", len(recs), recs[0].Seq)
+	}
+}
+
+func TestJournalMaxEpochBytesClosesEpochs(t *testing.T) {
+	j, err := OpenJournal(t.TempDir(), JournalOptions{MaxEpochBytes: 10000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	var last uint64
+	epochs := 0
+	for i := 0; i < 20; i++ {
+		r := appendData(t, j, 0, byte(i), 4096)
+		if r.Epoch != last {
+			epochs++
+			last = r.Epoch
+		}
+	}
+	// 20 x ~4 KiB with a 10000-byte cap: an epoch closes every 3 records.
+	if epochs < 6 || epochs > 8 {
+		t.Fatalf("%d epochs for 20 records of 4 KiB with a 10000-byte cap", epochs)
+	}
+}
+
+func TestJournalBackpressureCancel(t *testing.T) {
+	j, err := OpenJournal(t.TempDir(), JournalOptions{MaxPendingBytes: 8192})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	appendData(t, j, 0, 1, 4096)
+	appendData(t, j, 0, 1, 3584)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() {
+		r := Record{Offset: 0, Length: 4096, Kind: KindData, Data: make([]byte, 4096)}
+		errc <- j.Append(ctx, &r)
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for j.Stats().BlockedWriters == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the writer over the cap did not block")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled writer: %v", err)
+	}
+	if st := j.Stats(); st.PendingRecords != 2 {
+		t.Fatalf("a cancelled append was journaled: %+v", st)
+	}
+}
+
+func TestRecordValidation(t *testing.T) {
+	j, err := OpenJournal(t.TempDir(), JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	for _, r := range []Record{
+		{Offset: 1, Length: 512, Kind: KindData, Data: make([]byte, 512)},
+		{Offset: 0, Length: 100, Kind: KindZero},
+		{Offset: 0, Length: 512, Kind: 9},
+		{Offset: 0, Length: 1024, Kind: KindData, Data: make([]byte, 512)},
+	} {
+		if err := j.Append(context.Background(), &r); err == nil {
+			t.Errorf("bad record accepted: %+v", r)
+		}
+	}
+	if _, err := decodeRecord(1, []byte{1, 2, 3}, true); err == nil {
+		t.Error("short record decoded")
+	}
+}
