@@ -79,6 +79,8 @@ type Journal struct {
 	epochsClosed  atomic.Uint64
 	epochBytes    atomic.Int64 // bytes in the open epoch
 	maxEpochBytes int64
+	closeMu       sync.RWMutex // Close vs. Stats reading badger's sizes
+	isClosed      bool
 	stopGC        chan struct{}
 	gcDone        chan struct{}
 }
@@ -590,8 +592,12 @@ func (j *Journal) Stats() JournalStats {
 	j.barrierMu.RUnlock()
 	s.ClosedEpoch = j.closed.Load()
 	s.EpochsClosed = j.epochsClosed.Load()
-	lsm, vlog := j.db.Size()
-	s.DiskBytes = lsm + vlog
+	j.closeMu.RLock()
+	if !j.isClosed {
+		lsm, vlog := j.db.Size()
+		s.DiskBytes = lsm + vlog
+	}
+	j.closeMu.RUnlock()
 	return s
 }
 
@@ -619,12 +625,16 @@ func (j *Journal) gcLoop(every time.Duration) {
 	}
 }
 
-// Close syncs and closes the journal.
+// Close syncs and closes the journal. Stats stays usable afterwards.
 func (j *Journal) Close() error {
 	close(j.stopGC)
 	<-j.gcDone
 	serr := j.Sync()
-	if err := j.db.Close(); err != nil {
+	j.closeMu.Lock()
+	j.isClosed = true
+	err := j.db.Close()
+	j.closeMu.Unlock()
+	if err != nil {
 		return fmt.Errorf("close journal: %w", err)
 	}
 	return serr

@@ -12,16 +12,18 @@ import (
 // Exit codes: one per class of failure, so scripts can react without
 // parsing messages. The table is part of the user interface (README).
 const (
-	ExitOK          = 0 // success
-	ExitFailure     = 1 // any other failure; for verify: the blob differs
-	ExitUsage       = 2 // bad command line or flag value
-	ExitAuth        = 3 // authentication or authorization failed
-	ExitNotFound    = 4 // container or blob does not exist
-	ExitExists      = 5 // blob exists and --overwrite was not given
-	ExitNotVHD      = 6 // not a page blob, not a (valid fixed) VHD, corrupt footer
-	ExitBadSize     = 7 // size unparseable or not acceptable to Azure
-	ExitState       = 8 // state directory missing, damaged, not empty or of another blob
-	ExitLeased      = 9 // blob leased by another writer
+	ExitOK          = 0  // success
+	ExitFailure     = 1  // any other failure; for verify: the blob differs
+	ExitUsage       = 2  // bad command line or flag value
+	ExitAuth        = 3  // authentication or authorization failed
+	ExitNotFound    = 4  // container or blob does not exist
+	ExitExists      = 5  // blob exists and --overwrite was not given
+	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
+	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
+	ExitState       = 8  // state directory missing, damaged, not empty or of another blob
+	ExitLeased      = 9  // blob leased by another writer
+	ExitBusy        = 10 // state directory or mountpoint in use, mount busy
+	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
 	ExitInterrupted = 130
 )
 
@@ -34,9 +36,18 @@ func (e usageError) Unwrap() error { return e.error }
 // wraps several classes: the most specific cause wins.
 func exitCode(err error) int {
 	var ue usageError
+	var ee exitError
 	switch {
 	case err == nil:
 		return ExitOK
+	case errors.As(err, &ee):
+		return ee.code
+	case errors.Is(err, errBusy), errors.Is(err, statedir.ErrBusy):
+		return ExitBusy
+	case errors.Is(err, errNotDrained):
+		return ExitNotDrained
+	case errors.Is(err, errWrongBlob):
+		return ExitState
 	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL):
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):

@@ -508,3 +508,26 @@ func (c *Client) ReleaseLease(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// Range is a byte range [Off, Off+Len) of the blob.
+type Range struct{ Off, Len int64 }
+
+// PageRanges lists the blob's valid (written, not cleared) page ranges in
+// [off, off+n); n == 0 means to the end of the blob.
+func (c *Client) PageRanges(ctx context.Context, off, n int64) ([]Range, error) {
+	pager := c.pb.NewGetPageRangesPager(&pageblob.GetPageRangesOptions{Range: blob.HTTPRange{Offset: off, Count: n}})
+	var out []Range
+	for pager.More() {
+		page, err := pager.NextPage(ctx)
+		if err != nil {
+			return nil, c.classify("list page ranges", err)
+		}
+		for _, r := range page.PageRange {
+			if r.Start == nil || r.End == nil {
+				continue
+			}
+			out = append(out, Range{Off: *r.Start, Len: *r.End - *r.Start + 1})
+		}
+	}
+	return out, nil
+}

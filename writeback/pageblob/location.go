@@ -53,6 +53,9 @@ func ParseLocation(raw string) (Location, error) {
 		}
 		l.Container, l.Blob = parts[0], parts[1]
 	}
+	if err := checkContainerName(l.Container); err != nil {
+		return Location{}, fmt.Errorf("%w: %q: %v", ErrBadURL, Redact(raw), err)
+	}
 	if q := u.Query(); q.Get("sig") != "" {
 		l.SAS = u.RawQuery
 	} else if u.RawQuery != "" {
@@ -129,4 +132,19 @@ func redactErr(err error) string {
 		return ue.Op + " " + Redact(ue.URL) + ": " + ue.Err.Error()
 	}
 	return err.Error()
+}
+
+// checkContainerName applies Azure's container naming rules, which the
+// service reports only as an opaque 400.
+func checkContainerName(c string) error {
+	if len(c) < 3 || len(c) > 63 {
+		return fmt.Errorf("container name %q must be 3 to 63 characters long", c)
+	}
+	for i, r := range c {
+		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' && i > 0 && i < len(c)-1 && c[i-1] != '-'
+		if !ok {
+			return fmt.Errorf("container name %q may hold only lowercase letters, digits and single hyphens, starting and ending with a letter or digit", c)
+		}
+	}
+	return nil
 }

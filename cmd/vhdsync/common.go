@@ -1,0 +1,164 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/writeback/pageblob"
+)
+
+// errWrongBlob: the blob's footer is not the one the state directory
+// recorded, so the two describe different disks.
+var errWrongBlob = errors.New("state directory belongs to another blob")
+
+// errBusy: a mountpoint or state directory is in use.
+var errBusy = errors.New("busy")
+
+// busyError is a busy condition whose message stands on its own.
+type busyError struct{ msg string }
+
+func (e busyError) Error() string        { return e.msg }
+func (e busyError) Is(target error) bool { return target == errBusy }
+
+func busyf(format string, args ...any) error { return busyError{fmt.Sprintf(format, args...)} }
+
+// blobFlags are the flags of every command that reaches the blob of an
+// existing state directory.
+type blobFlags struct {
+	sas string
+}
+
+func (b *blobFlags) register(cmdFlags interface {
+	StringVar(p *string, name, value, usage string)
+}) {
+	cmdFlags.StringVar(&b.sas, "sas", "", "SAS token for the blob (the state directory never stores one); also read from $VHDSYNC_SAS")
+}
+
+// connect opens the state directory's blob with the usual credential
+// chain plus an optional SAS. flusher selects the client settings the
+// flusher wants: no SDK retries (the flusher retries forever itself) and
+// a bounded time per attempt.
+func connect(g *globals, d *statedir.Dir, bf blobFlags, flusher bool) (*pageblob.Client, error) {
+	url := d.State.BlobURL
+	sas := bf.sas
+	if sas == "" {
+		sas = g.env("VHDSYNC_SAS")
+	}
+	if sas != "" {
+		url += "?" + strings.TrimPrefix(sas, "?")
+	}
+	o := &pageblob.Options{Env: g.env}
+	if flusher {
+		o.MaxRetries = -1
+		o.TryTimeout = 2 * time.Minute
+	}
+	return pageblob.Open(url, o)
+}
+
+// checkBlob verifies that the blob is a valid fixed VHD and the very disk
+// the state directory describes (same footer, so same size and disk id).
+func checkBlob(ctx context.Context, c *pageblob.Client, d *statedir.Dir) error {
+	info, err := c.OpenVHD(ctx)
+	if err != nil {
+		return err
+	}
+	if info.Raw != d.FooterBytes() {
+		return fmt.Errorf("%w: the blob %s has disk id %s and %d bytes, but %s records disk id %s and %d bytes; use the state directory made for this blob",
+			errWrongBlob, c.Location().URL(), info.Footer.UniqueID, info.Footer.CurrentSize, d.Path, d.State.DiskID, d.State.VirtualSize)
+	}
+	return nil
+}
+
+// vhdsyncMount is a vhdsync FUSE mount found in /proc/self/mountinfo.
+type vhdsyncMount struct {
+	Mountpoint string
+	StateDir   string
+}
+
+// findMount returns the vhdsync mount at mp, if any.
+func findMount(mp string) (vhdsyncMount, bool, error) {
+	abs, err := filepath.Abs(mp)
+	if err != nil {
+		return vhdsyncMount{}, false, err
+	}
+	mounts, err := vhdsyncMounts()
+	if err != nil {
+		return vhdsyncMount{}, false, err
+	}
+	for _, m := range mounts {
+		if m.Mountpoint == abs {
+			return m, true, nil
+		}
+	}
+	return vhdsyncMount{}, false, nil
+}
+
+// vhdsyncMounts lists the mounts of type fuse.vhdsync; their source is the
+// state directory (fusefs.Options.FsName).
+func vhdsyncMounts() ([]vhdsyncMount, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read mounts: %w", err)
+	}
+	defer f.Close()
+	var out []vhdsyncMount
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		pf, qf := strings.Fields(pre), strings.Fields(post)
+		if len(pf) < 5 || len(qf) < 2 || qf[0] != "fuse.vhdsync" {
+			continue
+		}
+		out = append(out, vhdsyncMount{Mountpoint: unescapeMount(pf[4]), StateDir: unescapeMount(qf[1])})
+	}
+	return out, sc.Err()
+}
+
+// unescapeMount undoes the octal escapes (\040 for space) of mountinfo.
+func unescapeMount(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var v int
+			if _, err := fmt.Sscanf(s[i+1:i+4], "%03o", &v); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// loopDevicesOn lists loop devices whose backing file is under dir.
+func loopDevicesOn(dir string) []string {
+	var out []string
+	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, p := range entries {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		backing := strings.TrimSpace(string(b))
+		if strings.HasPrefix(backing, dir+"/") {
+			dev := filepath.Base(filepath.Dir(filepath.Dir(p)))
+			out = append(out, "/dev/"+dev+" ("+backing+")")
+		}
+	}
+	return out
+}
+
+// errNotDrained: a stop or unmount ended with writes still in the journal.
+var errNotDrained = errors.New("not drained")

@@ -1,0 +1,474 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vhdsync/vhdsync/fusefs"
+	"github.com/vhdsync/vhdsync/internal/control"
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/vhdlayer"
+	"github.com/vhdsync/vhdsync/writeback"
+)
+
+// readyFDEnv names the descriptor on which a background daemon tells the
+// `vhdsync mount` that started it whether the mount is up.
+const readyFDEnv = "VHDSYNC_READY_FD"
+
+// lastStopFile records how the daemon last stopped (read by unmount).
+const lastStopFile = "last-stop.json"
+
+type mountFlags struct {
+	blob       blobFlags
+	state      string
+	foreground bool
+	breakLease bool
+	allowOther bool
+	journalCap string
+	workers    int
+	linger     time.Duration
+	fuseDebug  bool
+}
+
+func newMountCmd(g *globals) *cobra.Command {
+	var f mountFlags
+	cmd := &cobra.Command{
+		Use:   "mount --state DIR MOUNTPOINT",
+		Short: "Mount the disk: MOUNTPOINT/<name>.vhd and <name>.img, replicated live to the blob",
+		Long: `Mount the disk of state directory DIR at MOUNTPOINT, which then holds two
+views of the same disk:
+
+  MOUNTPOINT/<name>.img  the raw disk (virtual size), for losetup
+  MOUNTPOINT/<name>.vhd  the whole fixed VHD (data + footer), for qemu-nbd -f vpc;
+                         writes that would change the footer are refused (EPERM)
+
+Every write is journaled in DIR before it is acknowledged and replicated in
+order to the page blob; fsync (a flush from the loop device) is a barrier.
+Discards (fstrim, mkfs) become Clear Pages. The blob is leased while mounted.
+
+A journal left by a crash is replayed first. The command returns once the
+mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
+(--foreground keeps it attached and logs to standard error). Unmount with
+` + "`vhdsync unmount MOUNTPOINT`" + ` (or umount, or SIGTERM): the journal is drained first.`,
+		Example: `  vhdsync mount --state /var/lib/vhdsync/data /mnt/vhd
+  losetup --find --show /mnt/vhd/data.img
+  qemu-nbd -f vpc --socket /tmp/nbd.sock /mnt/vhd/data.vhd`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !f.foreground && g.env(readyFDEnv) == "" {
+				return startDaemon(cmd, g, f, args[0])
+			}
+			return runDaemon(cmd.Context(), g, f, args[0])
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.state, "state", "", "state directory made by `vhdsync create` (required)")
+	f.blob.register(fl)
+	fl.BoolVar(&f.foreground, "foreground", false, "stay in the foreground and log to standard error")
+	fl.BoolVar(&f.breakLease, "break-lease", false, "break another writer's lease on the blob (only if you are sure it is gone)")
+	fl.BoolVar(&f.allowOther, "allow-other", false, "let other users reach the mount (the files stay mode 0600)")
+	fl.StringVar(&f.journalCap, "journal-cap", "", "most journal bytes pending before writers wait, e.g. 8GiB (default: half the free space of the state directory's filesystem, at most 64 GiB)")
+	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests")
+	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
+	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
+	_ = cmd.MarkFlagRequired("state")
+	return cmd
+}
+
+// startDaemon re-runs this command in the background and waits until the
+// daemon reports the mount ready, or its failure.
+func startDaemon(cmd *cobra.Command, g *globals, f mountFlags, mp string) error {
+	d, err := statedir.Open(f.state)
+	if err != nil {
+		return err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find own executable: %w", err)
+	}
+	logPath := filepath.Join(d.Path, statedir.LogFile)
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("open log: %w", err)
+	}
+	defer logf.Close()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	c := exec.Command(exe, rebuildMountArgs(g, f, mp)...)
+	c.Env = append(os.Environ(), readyFDEnv+"=3")
+	c.ExtraFiles = []*os.File{pw}
+	c.Stdout, c.Stderr = logf, logf
+	c.Stdin = nil
+	c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := c.Start(); err != nil {
+		return fmt.Errorf("start daemon: %w", err)
+	}
+	pw.Close()
+	line, rerr := bufio.NewReader(pr).ReadString('\n')
+	pr.Close()
+	line = strings.TrimSpace(line)
+	if strings.HasPrefix(line, "OK") {
+		pid := c.Process.Pid
+		_ = c.Process.Release()
+		fmt.Fprintf(g.stdout, "mounted %s at %s (daemon pid %d, log %s)\n  %s/%s.img  raw disk for losetup\n  %s/%s.vhd  fixed VHD for qemu-nbd -f vpc\n",
+			d.State.BlobURL, mp, pid, logPath, mp, d.State.Name, mp, d.State.Name)
+		return nil
+	}
+	_ = c.Wait()
+	if code, msg, ok := strings.Cut(strings.TrimPrefix(line, "ERR "), " "); ok && strings.HasPrefix(line, "ERR ") {
+		n, _ := strconv.Atoi(code)
+		return exitError{code: n, msg: msg}
+	}
+	return fmt.Errorf("the daemon exited before the mount was ready (%v); see %s", rerr, logPath)
+}
+
+func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
+	a := []string{"mount", "--state", f.state, "--log-level", g.logLevel}
+	if g.logJSON {
+		a = append(a, "--log-json")
+	}
+	if f.breakLease {
+		a = append(a, "--break-lease")
+	}
+	if f.allowOther {
+		a = append(a, "--allow-other")
+	}
+	if f.journalCap != "" {
+		a = append(a, "--journal-cap", f.journalCap)
+	}
+	if f.blob.sas != "" {
+		a = append(a, "--sas", f.blob.sas)
+	}
+	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String())
+	return append(a, mp)
+}
+
+// exitError carries a daemon's failure, with its exit code, to the parent.
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e exitError) Error() string { return e.msg }
+
+// lastStop is what the daemon writes when it stops.
+type lastStop struct {
+	Time           time.Time `json:"time"`
+	Drained        bool      `json:"drained"`
+	Error          string    `json:"error,omitempty"`
+	PendingRecords int64     `json:"pending_records"`
+	PendingBytes   int64     `json:"pending_bytes"`
+}
+
+// runDaemon is the mount itself.
+func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err error) {
+	log := g.logger()
+	var ready *os.File
+	if fd := g.env(readyFDEnv); fd != "" {
+		n, _ := strconv.Atoi(fd)
+		ready = os.NewFile(uintptr(n), "ready")
+		defer func() {
+			if ready != nil { // failed before the mount was ready
+				msg := "unknown failure"
+				if err != nil {
+					msg = strings.ReplaceAll(err.Error(), "\n", " ")
+				}
+				fmt.Fprintf(ready, "ERR %d %s\n", exitCode(err), msg)
+				ready.Close()
+			}
+		}()
+	}
+	d, err := statedir.Open(f.state)
+	if err != nil {
+		return err
+	}
+	absMP, err := filepath.Abs(mp)
+	if err != nil {
+		return err
+	}
+	if err := checkMountpoint(absMP); err != nil {
+		return err
+	}
+	lock, err := d.TryLock("mounted at " + absMP)
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+	_ = os.Remove(filepath.Join(d.Path, lastStopFile))
+
+	client, err := connect(g, d, f.blob, true)
+	if err != nil {
+		return err
+	}
+	if err := checkBlob(ctx, client, d); err != nil {
+		return err
+	}
+	capBytes, err := journalCap(f.journalCap, d.Path)
+	if err != nil {
+		return err
+	}
+	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		ImagePath:   d.ImagePath(),
+		JournalDir:  d.JournalPath(),
+		VirtualSize: int64(d.State.VirtualSize),
+		Remote:      writeback.AzureRemote{C: client},
+		LeaseID:     d.State.LeaseID,
+		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
+		BreakLease:  f.breakLease,
+		Journal:     writeback.JournalOptions{MaxPendingBytes: capBytes},
+		Flusher:     writeback.FlusherOptions{Workers: f.workers, Linger: f.linger},
+		Logger:      log,
+	})
+	if err != nil {
+		return err
+	}
+	server, counters, err := fusefs.Mount(absMP, disk, fusefs.Options{
+		Name:       d.State.Name,
+		FsName:     d.Path,
+		Footer:     d.FooterBytes(),
+		AllowOther: f.allowOther,
+		Debug:      f.fuseDebug,
+		Logger:     log,
+	})
+	if err != nil {
+		cerr := disk.Close(ctx, false)
+		return errors.Join(fmt.Errorf("%w (is %s a directory you may mount on? as a user, fusermount3 must be installed)", err, absMP), cerr)
+	}
+	started := time.Now()
+	var phaseMu sync.Mutex
+	phase, note := "serving", ""
+	setPhase := func(p, n string) { phaseMu.Lock(); phase, note = p, n; phaseMu.Unlock() }
+	rate := newRateMeter()
+	ctl, err := control.Serve(d.Path, func() control.Status {
+		s := disk.Stats()
+		phaseMu.Lock()
+		p, n := phase, note
+		phaseMu.Unlock()
+		return buildStatus(s, counters, rate, control.Status{
+			PID: os.Getpid(), Mountpoint: absMP, StateDir: d.Path, BlobURL: d.State.BlobURL,
+			Started: started, Phase: p, Note: n,
+		})
+	})
+	if err != nil {
+		_ = server.Unmount()
+		return errors.Join(err, disk.Close(ctx, false))
+	}
+	defer ctl.Close()
+	log.Info("mounted", "mountpoint", absMP, "blob", d.State.BlobURL, "replayed_records", disk.Replay().Records, "journal_cap", capBytes)
+	if ready != nil {
+		fmt.Fprintln(ready, "OK")
+		ready.Close()
+		ready = nil
+	}
+
+	// Serve until the mount goes away (umount, vhdsync unmount) or a signal.
+	gone := make(chan struct{})
+	go func() { server.Wait(); close(gone) }()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	forced := false
+wait:
+	for {
+		select {
+		case <-gone:
+			break wait
+		case s := <-sigs:
+			log.Info("signal: draining the journal, then unmounting", "signal", s.String())
+			setPhase("draining", "signal "+s.String())
+			dctx, cancel := context.WithCancel(context.Background())
+			go func() {
+				select {
+				case <-sigs:
+					log.Warn("second signal: stopping without draining; the journal is kept and replayed at the next mount")
+					forced = true
+					cancel()
+				case <-dctx.Done():
+				}
+			}()
+			derr := disk.Drain(dctx)
+			cancel()
+			if forced {
+				_ = server.Unmount()
+				<-gone
+				break wait
+			}
+			if derr != nil {
+				log.Error("drain failed; still serving", "err", derr)
+				setPhase("serving", "drain failed: "+derr.Error())
+				continue
+			}
+			if uerr := server.Unmount(); uerr != nil {
+				msg := fmt.Sprintf("cannot unmount %s (%v); still serving. Detach what uses it first", absMP, uerr)
+				if loops := loopDevicesOn(absMP); len(loops) > 0 {
+					msg += ": loop device " + strings.Join(loops, ", ") + " (losetup -d)"
+				}
+				log.Warn(msg)
+				setPhase("serving", msg)
+				continue
+			}
+			<-gone
+			break wait
+		}
+	}
+	setPhase("draining", "unmounted")
+	log.Info("unmounted; draining the journal", "pending_bytes", disk.Stats().Journal.PendingBytes)
+	stop := lastStop{Time: time.Now()}
+	var cerr error
+	if forced {
+		cerr = disk.Close(context.Background(), false)
+	} else {
+		dctx, cancel := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case s := <-sigs:
+				log.Warn("signal during the final drain: stopping; the journal is kept", "signal", s.String())
+				cancel()
+			case <-dctx.Done():
+			}
+		}()
+		cerr = disk.Close(dctx, true)
+		stop.Drained = cerr == nil
+		cancel()
+	}
+	st := disk.Stats()
+	stop.PendingRecords, stop.PendingBytes = st.Journal.PendingRecords, st.Journal.PendingBytes
+	if cerr != nil {
+		stop.Error = cerr.Error()
+	} else if forced {
+		stop.Error = "stopped by a second signal before the journal was drained"
+	}
+	writeLastStop(d.Path, stop)
+	setPhase("stopped", "")
+	if stop.Drained {
+		log.Info("journal drained, lease released; the blob holds every write")
+		return nil
+	}
+	return fmt.Errorf("%w: stopped with %d records (%d bytes) not yet on the blob: %s; they are kept and sent by the next mount or `vhdsync replay`", errNotDrained, stop.PendingRecords, stop.PendingBytes, stop.Error)
+}
+
+func writeLastStop(dir string, s lastStop) {
+	b, _ := json.MarshalIndent(s, "", "  ")
+	_ = os.WriteFile(filepath.Join(dir, lastStopFile), append(b, '\n'), 0o600)
+}
+
+// checkMountpoint refuses a missing mountpoint, a non-directory, a dead
+// FUSE mount and anything already mounted there.
+func checkMountpoint(mp string) error {
+	st, err := os.Stat(mp)
+	if errors.Is(err, syscall.ENOTCONN) {
+		return busyf("%s is a dead FUSE mount (its daemon died): detach loop devices on it (losetup -d), run `umount -l %s`, then mount again; the journal is replayed", mp, mp)
+	}
+	if err != nil {
+		return fmt.Errorf("mountpoint: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("mountpoint %s is not a directory", mp)
+	}
+	if m, ok, _ := findMount(mp); ok {
+		return busyf("%s is already a vhdsync mount (state %s)", mp, m.StateDir)
+	}
+	parent, err := os.Stat(filepath.Dir(mp))
+	if err == nil && mp != "/" {
+		if st.Sys().(*syscall.Stat_t).Dev != parent.Sys().(*syscall.Stat_t).Dev {
+			return busyf("something is already mounted on %s; choose an empty directory", mp)
+		}
+	}
+	return nil
+}
+
+// journalCap parses --journal-cap or sizes the default from the free space
+// of the state directory's filesystem.
+func journalCap(flag, dir string) (int64, error) {
+	if flag != "" {
+		n, err := vhdlayer.ParseSize(flag)
+		if err != nil {
+			return 0, usageError{fmt.Errorf("--journal-cap: %w", err)}
+		}
+		if n < 1<<20 {
+			return 0, usageError{fmt.Errorf("--journal-cap %s: at least 1 MiB", flag)}
+		}
+		return int64(n), nil
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return 0, fmt.Errorf("size the journal cap: %w", err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	c := min(free/2, 64<<30)
+	return max(c, 64<<20), nil
+}
+
+// rateMeter turns a byte counter into a recent rate.
+type rateMeter struct {
+	mu        sync.Mutex
+	lastBytes uint64
+	lastTime  time.Time
+	rate      float64
+}
+
+func newRateMeter() *rateMeter { return &rateMeter{lastTime: time.Now()} }
+
+func (r *rateMeter) update(total uint64) float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if dt := now.Sub(r.lastTime).Seconds(); dt >= 1 {
+		r.rate = float64(total-r.lastBytes) / dt
+		r.lastBytes, r.lastTime = total, now
+	}
+	return r.rate
+}
+
+func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base control.Status) control.Status {
+	out := base
+	out.JournalRecords = s.Journal.PendingRecords
+	out.JournalBytes = s.Journal.PendingBytes
+	out.JournalCapBytes = s.Journal.MaxBytes
+	out.JournalDisk = s.Journal.DiskBytes
+	if !s.Journal.Oldest.IsZero() {
+		out.OldestPending = s.Journal.Oldest
+		out.LagSeconds = time.Since(s.Journal.Oldest).Seconds()
+	}
+	out.BlockedWriters = s.Journal.BlockedWriters
+	out.OpenEpoch = s.Journal.OpenEpoch
+	out.EpochsClosed = s.Journal.EpochsClosed
+	out.RemoteEpoch = s.Flusher.RemoteEpoch
+	out.RemoteSequence = s.Flusher.RemoteSequence
+	out.LeaseID = s.LeaseID
+	out.FlusherState = string(s.Flusher.State)
+	out.LastError = s.Flusher.LastError
+	out.Batches = s.Flusher.Batches
+	out.PutCalls = s.Flusher.PutCalls
+	out.ClearCalls = s.Flusher.ClearCalls
+	out.SequenceCalls = s.Flusher.SequenceCalls
+	out.BytesSent = s.Flusher.BytesSent
+	out.BytesCleared = s.Flusher.BytesCleared
+	out.Retries = s.Flusher.Retries
+	out.SendRate = rate.update(s.Flusher.BytesSent)
+	if c != nil {
+		out.FuseWrites = c.Writes.Load()
+		out.FuseBytesWritten = c.BytesWritten.Load()
+		out.FuseReads = c.Reads.Load()
+		out.FuseFsyncs = c.Fsyncs.Load()
+		out.FuseDiscards = c.Discards.Load()
+		out.FuseRefused = c.Refused.Load()
+	}
+	return out
+}

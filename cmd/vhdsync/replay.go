@@ -1,0 +1,92 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/writeback"
+)
+
+func newReplayCmd(g *globals) *cobra.Command {
+	var state string
+	var breakLease bool
+	var bf blobFlags
+	cmd := &cobra.Command{
+		Use:   "replay --state DIR",
+		Short: "After a crash: re-apply the journal, send it to the blob, release the lease",
+		Long: `Recover a disk whose daemon died, without mounting it: re-apply every
+journaled write to the local image, send what the blob lacks, wait until the
+blob holds everything, and release the lease. Mounting does the same by
+itself; replay is for when the disk should stay unmounted.
+
+If the dead mount is still attached, clean it up first: detach loop devices
+on it (losetup -d) and run umount -l MOUNTPOINT.`,
+		Example: `  vhdsync replay --state /var/lib/vhdsync/data`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runReplay(cmd.Context(), g, state, breakLease, bf)
+		},
+	}
+	cmd.Flags().StringVar(&state, "state", "", "state directory (required)")
+	cmd.Flags().BoolVar(&breakLease, "break-lease", false, "break another writer's lease (only if you are sure it is gone)")
+	bf.register(cmd.Flags())
+	_ = cmd.MarkFlagRequired("state")
+	return cmd
+}
+
+func runReplay(ctx context.Context, g *globals, state string, breakLease bool, bf blobFlags) error {
+	d, err := statedir.Open(state)
+	if err != nil {
+		return err
+	}
+	lock, err := d.TryLock("replaying")
+	if err != nil {
+		return err
+	}
+	defer lock.Unlock()
+	c, err := connect(g, d, bf, true)
+	if err != nil {
+		return err
+	}
+	if err := checkBlob(ctx, c, d); err != nil {
+		return err
+	}
+	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		ImagePath: d.ImagePath(), JournalDir: d.JournalPath(), VirtualSize: int64(d.State.VirtualSize),
+		Remote: writeback.AzureRemote{C: c}, LeaseID: d.State.LeaseID,
+		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
+		BreakLease:  breakLease, Logger: g.logger(),
+	})
+	if err != nil {
+		return err
+	}
+	rs := disk.Replay()
+	pending := disk.Stats().Journal.PendingBytes
+	prog := newDrainProgress(g.stderr, pending)
+	done := make(chan error, 1)
+	go func() { done <- disk.Close(ctx, true) }()
+	var cerr error
+	for waiting := true; waiting; {
+		select {
+		case cerr = <-done:
+			waiting = false
+		case <-ctx.Done():
+			cerr = <-done
+			waiting = false
+		case <-tickAfter():
+			s := disk.Stats()
+			prog.update(s.Journal.PendingBytes, 0)
+		}
+	}
+	prog.finish(cerr == nil)
+	if cerr != nil {
+		return fmt.Errorf("%w: %v; the journal is kept, run replay again", errNotDrained, cerr)
+	}
+	s := disk.Stats()
+	fmt.Fprintf(g.stdout, "replayed %d journal records (%s); %d were already on the blob; sent %s in %d Put Page and %d Clear Pages; the blob holds every write, lease released\n",
+		rs.Records, humanBytes(rs.Bytes), rs.AlreadyRemote, humanBytes(int64(s.Flusher.BytesSent)), s.Flusher.PutCalls, s.Flusher.ClearCalls)
+	return nil
+}

@@ -1,0 +1,96 @@
+package fusefs
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vhdsync/vhdsync/vhdlayer"
+)
+
+// Options configure Mount.
+type Options struct {
+	// Name is the base name of the two files (NAME.vhd, NAME.img).
+	Name string
+	// FsName appears as the mount's source in /proc/mounts; vhdsync puts
+	// the state directory there so `vhdsync unmount MOUNTPOINT` finds it.
+	FsName string
+	// Footer is the VHD footer shown at the end of NAME.vhd.
+	Footer [vhdlayer.FooterSize]byte
+	// AllowOther lets other users than the mounting one reach the files
+	// (their mode still applies). Off by default.
+	AllowOther bool
+	// Mode is the files' permission bits (default 0600).
+	Mode uint32
+	// MaxWrite is the largest write the kernel sends (default 1 MiB).
+	MaxWrite int
+	// Debug logs every FUSE request.
+	Debug  bool
+	Logger *slog.Logger
+}
+
+// Mount serves disk at dir and returns once the kernel has the mount.
+// Counters count the FUSE operations. Unmount with server.Unmount (or
+// umount); server.Wait returns when the mount is gone.
+func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Mode == 0 {
+		o.Mode = 0o600
+	}
+	if o.MaxWrite == 0 {
+		o.MaxWrite = 1 << 20
+	}
+	cnt := &Counters{}
+	now := time.Now()
+	uid, gid := uint32(os.Getuid()), uint32(os.Getgid())
+	layout := vhdlayer.Layout{VirtualSize: disk.Size()}
+	footer := o.Footer
+	newFile := func(withFooter bool) *diskFile {
+		f := &diskFile{disk: disk, layout: layout, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt}
+		if withFooter {
+			f.footer = &footer
+		}
+		return f
+	}
+	root := &fs.Inode{}
+	long := time.Hour
+	opts := &fs.Options{
+		// Sizes and names never change while mounted: cache them.
+		EntryTimeout: &long,
+		AttrTimeout:  &long,
+		UID:          uid,
+		GID:          gid,
+		OnAdd: func(ctx context.Context) {
+			vhd := root.NewPersistentInode(ctx, newFile(true), fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
+			img := root.NewPersistentInode(ctx, newFile(false), fs.StableAttr{Mode: syscall.S_IFREG, Ino: 3})
+			root.AddChild(o.Name+".vhd", vhd, true)
+			root.AddChild(o.Name+".img", img, true)
+		},
+		MountOptions: fuse.MountOptions{
+			FsName:        o.FsName,
+			Name:          "vhdsync",
+			AllowOther:    o.AllowOther,
+			MaxWrite:      o.MaxWrite,
+			MaxBackground: 64,
+			DisableXAttrs: true,
+			// As root, mount(2) directly: no fusermount binary needed.
+			DirectMount:       os.Geteuid() == 0,
+			DirectMountStrict: os.Geteuid() == 0,
+			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
+			Debug:             o.Debug,
+		},
+	}
+	server, err := fs.Mount(dir, root, opts)
+	if err != nil {
+		return nil, nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	return server, cnt, nil
+}

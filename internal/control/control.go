@@ -1,0 +1,111 @@
+// Package control is the mounted daemon's local control channel: a unix
+// socket in the state directory (mode 0600, so only the owner reaches it)
+// serving the daemon's status as JSON over HTTP. `vhdsync status` and
+// `vhdsync unmount` are its clients.
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// SocketName is the socket's file name inside the state directory.
+const SocketName = "control.sock"
+
+// Status is what the daemon reports.
+type Status struct {
+	PID        int       `json:"pid"`
+	Mountpoint string    `json:"mountpoint"`
+	StateDir   string    `json:"state_dir"`
+	BlobURL    string    `json:"blob_url"`
+	Started    time.Time `json:"started"`
+	Phase      string    `json:"phase"` // serving, draining, unmounting, stopped
+	Note       string    `json:"note,omitempty"`
+
+	JournalRecords  int64     `json:"journal_records"`
+	JournalBytes    int64     `json:"journal_bytes"`
+	JournalCapBytes int64     `json:"journal_cap_bytes"`
+	JournalDisk     int64     `json:"journal_disk_bytes"`
+	OldestPending   time.Time `json:"oldest_pending,omitempty"`
+	LagSeconds      float64   `json:"lag_seconds"`
+	BlockedWriters  int       `json:"blocked_writers"`
+	OpenEpoch       uint64    `json:"open_epoch"`
+	EpochsClosed    uint64    `json:"epochs_closed"`
+
+	RemoteEpoch    uint64  `json:"remote_epoch"`
+	RemoteSequence int64   `json:"remote_sequence"`
+	LeaseID        string  `json:"lease_id"`
+	FlusherState   string  `json:"flusher_state"`
+	LastError      string  `json:"last_error,omitempty"`
+	Batches        uint64  `json:"batches"`
+	PutCalls       uint64  `json:"put_calls"`
+	ClearCalls     uint64  `json:"clear_calls"`
+	SequenceCalls  uint64  `json:"sequence_calls"`
+	BytesSent      uint64  `json:"bytes_sent"`
+	BytesCleared   uint64  `json:"bytes_cleared"`
+	Retries        uint64  `json:"retries"`
+	SendRate       float64 `json:"send_bytes_per_second"`
+
+	FuseWrites       uint64 `json:"fuse_writes"`
+	FuseBytesWritten uint64 `json:"fuse_bytes_written"`
+	FuseReads        uint64 `json:"fuse_reads"`
+	FuseFsyncs       uint64 `json:"fuse_fsyncs"`
+	FuseDiscards     uint64 `json:"fuse_discards"`
+	FuseRefused      uint64 `json:"fuse_refused"`
+}
+
+// Serve listens on the state directory's socket and answers GET /status
+// with status(). It returns the server; Close it on exit.
+func Serve(stateDir string, status func() Status) (*http.Server, error) {
+	path := filepath.Join(stateDir, SocketName)
+	_ = os.Remove(path) // a stale socket of a dead daemon (the state lock is ours)
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(status())
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	return srv, nil
+}
+
+// ErrNotRunning means no daemon answers on the state directory's socket.
+var ErrNotRunning = errors.New("no vhdsync daemon is running for this state directory")
+
+// Get asks the daemon of stateDir for its status.
+func Get(ctx context.Context, stateDir string) (Status, error) {
+	path := filepath.Join(stateDir, SocketName)
+	c := &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}},
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://vhdsync/status", nil)
+	resp, err := c.Do(req)
+	if err != nil {
+		return Status{}, fmt.Errorf("%w (%v)", ErrNotRunning, err)
+	}
+	defer resp.Body.Close()
+	var s Status
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		return Status{}, fmt.Errorf("read daemon status: %w", err)
+	}
+	return s, nil
+}
