@@ -30,7 +30,7 @@ var _ Disk = (*writeback.Disk)(nil)
 // Counters are the FUSE-level operation counts (status and benchmarks).
 type Counters struct {
 	Reads, Writes, Fsyncs, Discards, ZeroRanges, Refused atomic.Uint64
-	BytesRead, BytesWritten                               atomic.Uint64
+	BytesRead, BytesWritten                              atomic.Uint64
 }
 
 // diskFile is one view of the disk. With footer set it is the .vhd view:
