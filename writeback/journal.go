@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
@@ -79,8 +80,6 @@ type Journal struct {
 	epochsClosed  atomic.Uint64
 	epochBytes    atomic.Int64 // bytes in the open epoch
 	maxEpochBytes int64
-	closeMu       sync.RWMutex // Close vs. Stats reading badger's sizes
-	isClosed      bool
 	stopGC        chan struct{}
 	gcDone        chan struct{}
 }
@@ -592,13 +591,31 @@ func (j *Journal) Stats() JournalStats {
 	j.barrierMu.RUnlock()
 	s.ClosedEpoch = j.closed.Load()
 	s.EpochsClosed = j.epochsClosed.Load()
-	j.closeMu.RLock()
-	if !j.isClosed {
-		lsm, vlog := j.db.Size()
-		s.DiskBytes = lsm + vlog
-	}
-	j.closeMu.RUnlock()
+	s.DiskBytes = dirBytes(j.dir)
 	return s
+}
+
+// dirBytes is the disk space the journal's files take (allocated blocks,
+// so sparse or preallocated files count for what they really use; badger's
+// own Size is refreshed only once a minute).
+func dirBytes(dir string) int64 {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			n += st.Blocks * 512
+		} else {
+			n += fi.Size()
+		}
+	}
+	return n
 }
 
 // gcLoop reclaims value-log space: a queue writes once and deletes soon,
@@ -630,11 +647,7 @@ func (j *Journal) Close() error {
 	close(j.stopGC)
 	<-j.gcDone
 	serr := j.Sync()
-	j.closeMu.Lock()
-	j.isClosed = true
-	err := j.db.Close()
-	j.closeMu.Unlock()
-	if err != nil {
+	if err := j.db.Close(); err != nil {
 		return fmt.Errorf("close journal: %w", err)
 	}
 	return serr
