@@ -108,6 +108,10 @@ func (f *diskFile) Setattr(_ context.Context, _ fs.FileHandle, in *fuse.SetAttrI
 // parallel direct writes (the range lock orders overlapping ones).
 func (f *diskFile) Open(_ context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if flags&syscall.O_TRUNC != 0 {
+		// A disk cannot be truncated. Accepting O_TRUNC as a no-op is not
+		// an option: the kernel would then take the file's size as 0.
+		f.cnt.Refused.Add(1)
+		f.log.Warn("refused an open with O_TRUNC: a disk cannot be truncated (with dd, add conv=notrunc)", "file", f.Path(nil))
 		return nil, 0, syscall.EPERM
 	}
 	return nil, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
