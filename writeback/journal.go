@@ -46,6 +46,9 @@ type JournalOptions struct {
 	// as if the writer had issued a barrier, so that one epoch always fits
 	// in a flusher batch (and in memory). 0 means 32 MiB.
 	MaxEpochBytes int64
+	// SegmentBytes is the size of the payload segment files (default
+	// 64 MiB); a segment is deleted once all its records are drained.
+	SegmentBytes int64
 }
 
 // Journal is the durable, ordered log of writes not yet on the remote.
@@ -57,8 +60,9 @@ type JournalOptions struct {
 // of the next epoch. The flusher reads closed epochs only, so it never sees
 // a seq gap left by an Append still in flight.
 type Journal struct {
-	db  *badger.DB
-	dir string
+	db   *badger.DB
+	segs *segments
+	dir  string
 	log *slog.Logger
 	max int64
 
@@ -93,12 +97,11 @@ func badgerOptions(dir string, log *slog.Logger) badger.Options {
 		// per write. Unsynced commits survive kill -9 (they are in the
 		// page cache through mmap), only power loss needs the barrier.
 		WithSyncWrites(false).
-		// Payloads of any size go to the value log, keeping the LSM tree
-		// tiny (keys and 33-byte headers), so compaction is cheap.
-		WithValueThreshold(64).
-		// Small value-log files: GC can only rewrite or drop whole files
-		// and never the newest, so smaller files free space sooner.
-		WithValueLogFileSize(64 << 20).
+		// Badger holds only the index (53-byte entries; payloads are in
+		// segment files, see segment.go): they stay in the LSM tree and
+		// its WAL, and the value log stays empty.
+		WithValueThreshold(1 << 10).
+		WithValueLogFileSize(16 << 20).
 		// Small memtables: less memory, and records deleted soon rarely
 		// reach L1 anyway.
 		WithMemTableSize(8 << 20).
@@ -135,13 +138,19 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open journal %s: %w (if another vhdsync uses this state directory, stop it first; if the journal is damaged see `vhdsync replay --help`)", dir, err)
 	}
-	j := &Journal{db: db, dir: dir, log: log, max: o.MaxPendingBytes, stopGC: make(chan struct{}), gcDone: make(chan struct{})}
+	segs, err := openSegments(dir, o.SegmentBytes)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	j := &Journal{db: db, segs: segs, dir: dir, log: log, max: o.MaxPendingBytes, stopGC: make(chan struct{}), gcDone: make(chan struct{})}
 	j.space = sync.NewCond(&j.mu)
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
 	}
 	if err := j.recover(); err != nil {
+		segs.close()
 		db.Close()
 		return nil, err
 	}
@@ -188,19 +197,28 @@ func (j *Journal) recover() error {
 			seq := binary.BigEndian.Uint64(item.Key()[1:])
 			var hdr Record
 			err := item.Value(func(v []byte) error {
-				r, err := decodeRecord(seq, v, false)
+				r, err := decodeRecord(seq, v)
 				hdr = r
 				return err
 			})
 			if err != nil {
 				return err
 			}
+			if hdr.Kind == KindData {
+				seg, err := j.segs.get(hdr.seg)
+				if err != nil {
+					return fmt.Errorf("journal record %d: %w (the journal is damaged)", seq, err)
+				}
+				if seg.lastSeq.Load() < seq {
+					seg.lastSeq.Store(seq)
+				}
+			}
 			if first {
 				j.oldest = hdr.Time
 				first = false
 			}
 			j.pendingRecords++
-			j.pendingBytes += item.ValueSize()
+			j.pendingBytes += hdr.payloadSize()
 			if seq > lastSeq {
 				lastSeq = seq
 			}
@@ -212,6 +230,29 @@ func (j *Journal) recover() error {
 	})
 	if err != nil {
 		return fmt.Errorf("recover journal %s: %w", j.dir, err)
+	}
+	// Segments no pending record refers to (drained, or written by an
+	// append that died before its index entry) are deleted.
+	drained := lastSeq
+	if j.pendingRecords > 0 {
+		drained = 0
+		if err := j.db.View(func(txn *badger.Txn) error {
+			opts := badger.DefaultIteratorOptions
+			opts.PrefetchValues = false
+			opts.Prefix = recPrefix
+			it := txn.NewIterator(opts)
+			defer it.Close()
+			it.Rewind()
+			if it.Valid() {
+				drained = binary.BigEndian.Uint64(it.Item().Key()[1:]) - 1
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("recover journal %s: %w", j.dir, err)
+		}
+	}
+	if _, err := j.segs.reclaim(drained, nil); err != nil {
+		return err
 	}
 	j.nextSeq.Store(lastSeq + 1)
 	// Records of the highest epoch may belong to an epoch that was open at
@@ -253,6 +294,24 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 	if err := j.waitForSpace(ctx, size); err != nil {
 		return err
 	}
+	// The payload goes to a segment file first, outside any lock; the
+	// index entry, committed after it, is what makes the record exist.
+	var seg *segment
+	if r.Kind == KindData {
+		var err error
+		seg, r.segOff, err = j.segs.reserve(r.Length)
+		if err != nil {
+			j.release(size)
+			return err
+		}
+		r.seg, r.crc = seg.id, crc32c(r.Data)
+		if _, err := seg.f.WriteAt(r.Data, r.segOff); err != nil {
+			seg.inflight.Add(-1)
+			j.release(size)
+			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+		}
+		seg.dirty.Store(true)
+	}
 	j.barrierMu.RLock()
 	r.Seq = j.nextSeq.Add(1) - 1
 	r.Epoch = j.epoch
@@ -261,8 +320,19 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 	if err == nil {
 		j.epochUsed.Store(true)
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
+		if seg != nil {
+			for {
+				last := seg.lastSeq.Load()
+				if last >= r.Seq || seg.lastSeq.CompareAndSwap(last, r.Seq) {
+					break
+				}
+			}
+		}
 	}
 	j.barrierMu.RUnlock()
+	if seg != nil {
+		seg.inflight.Add(-1)
+	}
 	if err != nil {
 		j.release(size)
 		return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
@@ -365,7 +435,8 @@ func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
 // OpenEpochHasRecords reports whether the open epoch holds records.
 func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
 
-// Sync makes every committed record durable. badger's DB.Sync only syncs
+// Sync makes every committed record durable: the segment files written
+// since the last sync, then the index. badger's DB.Sync only syncs
 // the newest value-log file and the active memtable's WAL; records in a
 // value-log file or memtable WAL rotated since the last sync would not be
 // covered, so every .vlog and .mem file is fsync'ed too (fsync on Linux
@@ -374,6 +445,9 @@ func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
 func (j *Journal) Sync() error {
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
+	if err := j.segs.sync(); err != nil {
+		return err
+	}
 	if err := j.db.Sync(); err != nil {
 		return fmt.Errorf("sync journal: %w", err)
 	}
@@ -436,7 +510,7 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 			var r Record
 			err := item.Value(func(v []byte) error {
 				var err error
-				r, err = decodeRecord(seq, v, true)
+				r, err = decodeRecord(seq, v)
 				return err
 			})
 			if err != nil {
@@ -444,6 +518,11 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 			}
 			if r.Epoch > closed {
 				return nil
+			}
+			if r.Kind == KindData {
+				if r.Data, err = j.segs.read(&r); err != nil {
+					return err
+				}
 			}
 			if len(out) > 0 && r.Epoch != out[len(out)-1].Epoch {
 				// An epoch boundary: stop here if the batch is big enough.
@@ -453,7 +532,7 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 				epochStart = len(out)
 			}
 			out = append(out, r)
-			size += item.ValueSize()
+			size += r.payloadSize()
 			if size > maxBytes && epochStart > 0 && out[epochStart-1].Epoch >= minLastEpoch {
 				// This epoch does not fit: leave it whole for the next batch.
 				out = out[:epochStart]
@@ -482,11 +561,16 @@ func (j *Journal) ReadAll(fn func(Record) error) error {
 			var r Record
 			err := item.Value(func(v []byte) error {
 				var err error
-				r, err = decodeRecord(seq, v, true)
+				r, err = decodeRecord(seq, v)
 				return err
 			})
 			if err != nil {
 				return err
+			}
+			if r.Kind == KindData {
+				if r.Data, err = j.segs.read(&r); err != nil {
+					return err
+				}
 			}
 			if err := fn(r); err != nil {
 				return err
@@ -523,6 +607,12 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
+	// Whole segments whose records are all drained are deleted, after the
+	// index deletions are durable (so no index entry can outlive its
+	// payload).
+	if _, err := j.segs.reclaim(recs[len(recs)-1].Seq, func() error { return j.Sync() }); err != nil {
+		return err
+	}
 	next, err := j.firstPendingTime(recs[len(recs)-1].Seq + 1)
 	if err != nil {
 		return err
@@ -554,7 +644,7 @@ func (j *Journal) firstPendingTime(from uint64) (time.Time, error) {
 			return nil
 		}
 		return it.Item().Value(func(v []byte) error {
-			r, err := decodeRecord(binary.BigEndian.Uint64(it.Item().Key()[1:]), v, false)
+			r, err := decodeRecord(binary.BigEndian.Uint64(it.Item().Key()[1:]), v)
 			t = r.Time
 			return err
 		})
@@ -647,6 +737,7 @@ func (j *Journal) Close() error {
 	close(j.stopGC)
 	<-j.gcDone
 	serr := j.Sync()
+	defer j.segs.close()
 	if err := j.db.Close(); err != nil {
 		return fmt.Errorf("close journal: %w", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 )
@@ -192,7 +193,71 @@ func TestRecordValidation(t *testing.T) {
 			t.Errorf("bad record accepted: %+v", r)
 		}
 	}
-	if _, err := decodeRecord(1, []byte{1, 2, 3}, true); err == nil {
+	if _, err := decodeRecord(1, []byte{1, 2, 3}); err == nil {
 		t.Error("short record decoded")
+	}
+}
+
+// TestJournalReclaimsDrainedSegments is the regression test for the
+// unbounded journal: after writing and draining far more than a segment,
+// the journal's disk use falls back to about one segment.
+func TestJournalReclaimsDrainedSegments(t *testing.T) {
+	dir := t.TempDir()
+	j, err := OpenJournal(dir, JournalOptions{SegmentBytes: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	for i := 0; i < 40; i++ {
+		appendData(t, j, int64(i%8)*(256<<10), byte(i), 256<<10)
+	}
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	peak := j.Stats().DiskBytes
+	if peak < 10<<20 {
+		t.Fatalf("10 MiB written but the journal holds %d bytes", peak)
+	}
+	recs, err := j.ReadBatch(1, 1<<30, 0)
+	if err != nil || len(recs) != 40 {
+		t.Fatalf("read %d records: %v", len(recs), err)
+	}
+	for i := range recs {
+		if recs[i].Data[0] != byte(i) || len(recs[i].Data) != 256<<10 {
+			t.Fatalf("record %d payload wrong", i)
+		}
+	}
+	if err := j.Delete(recs, recs[39].Epoch); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(j.segs.ids()); n != 1 {
+		t.Fatalf("%d segments left after draining everything, want only the current one", n)
+	}
+	after := j.Stats().DiskBytes
+	t.Logf("journal disk bytes: %d at peak, %d after the drain", peak, after)
+	if after > 4<<20+peak/10 {
+		t.Fatalf("journal still takes %d bytes after the drain (peak %d)", after, peak)
+	}
+}
+
+// TestJournalDetectsCorruptPayload: a payload that changed under the index
+// is refused with both CRCs named, never sent.
+func TestJournalDetectsCorruptPayload(t *testing.T) {
+	dir := t.TempDir()
+	j, err := OpenJournal(dir, JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	r := appendData(t, j, 0, 7, 4096)
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	seg, _ := j.segs.get(r.seg)
+	if _, err := seg.f.WriteAt([]byte{8}, r.segOff+100); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := j.ReadBatch(1, 1<<20, 0); err == nil || !strings.Contains(err.Error(), "CRC-32C") {
+		t.Fatalf("corrupt payload read without error: %v", err)
 	}
 }

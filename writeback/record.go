@@ -46,31 +46,40 @@ type Record struct {
 	Time time.Time
 	// Data holds Length bytes for KindData, nothing otherwise.
 	Data []byte
+
+	// Where the payload of a data record lives: segment file, offset in
+	// it, and the CRC-32C of the payload (checked on every read).
+	seg    uint64
+	segOff int64
+	crc    uint32
 }
 
 // End is Offset+Length.
 func (r *Record) End() int64 { return r.Offset + r.Length }
 
-const recordHeaderSize = 8 + 8 + 8 + 1 + 8 // epoch, offset, length, kind, time
+// indexSize is the size of a record's index entry in badger.
+const indexSize = 8 + 8 + 8 + 1 + 8 + 8 + 8 + 4 // epoch, offset, length, kind, time, seg, segOff, crc
 
-// encode serialises the record's value (the seq is the key).
+// encode serialises the record's index entry (the seq is the key; the
+// payload lives in a segment file).
 func (r *Record) encode() []byte {
-	b := make([]byte, recordHeaderSize+len(r.Data))
+	b := make([]byte, indexSize)
 	be := binary.BigEndian
 	be.PutUint64(b[0:], r.Epoch)
 	be.PutUint64(b[8:], uint64(r.Offset))
 	be.PutUint64(b[16:], uint64(r.Length))
 	b[24] = byte(r.Kind)
 	be.PutUint64(b[25:], uint64(r.Time.UnixNano()))
-	copy(b[recordHeaderSize:], r.Data)
+	be.PutUint64(b[33:], r.seg)
+	be.PutUint64(b[41:], uint64(r.segOff))
+	be.PutUint32(b[49:], r.crc)
 	return b
 }
 
-// decodeRecord parses a record value; data is copied so the result
-// outlives the badger transaction.
-func decodeRecord(seq uint64, b []byte, withData bool) (Record, error) {
-	if len(b) < recordHeaderSize {
-		return Record{}, fmt.Errorf("journal record %d: %d bytes, shorter than its header", seq, len(b))
+// decodeRecord parses an index entry (without the payload).
+func decodeRecord(seq uint64, b []byte) (Record, error) {
+	if len(b) != indexSize {
+		return Record{}, fmt.Errorf("journal record %d: index entry of %d bytes, want %d", seq, len(b), indexSize)
 	}
 	be := binary.BigEndian
 	r := Record{
@@ -80,20 +89,12 @@ func decodeRecord(seq uint64, b []byte, withData bool) (Record, error) {
 		Length: int64(be.Uint64(b[16:])),
 		Kind:   Kind(b[24]),
 		Time:   time.Unix(0, int64(be.Uint64(b[25:]))),
+		seg:    be.Uint64(b[33:]),
+		segOff: int64(be.Uint64(b[41:])),
+		crc:    be.Uint32(b[49:]),
 	}
 	if err := r.check(); err != nil {
 		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
-	}
-	data := b[recordHeaderSize:]
-	if r.Kind == KindData {
-		if int64(len(data)) != r.Length {
-			return Record{}, fmt.Errorf("journal record %d: %d data bytes for a %d-byte write", seq, len(data), r.Length)
-		}
-		if withData {
-			r.Data = append([]byte(nil), data...)
-		}
-	} else if len(data) != 0 {
-		return Record{}, fmt.Errorf("journal record %d: %s record carries %d data bytes", seq, r.Kind, len(data))
 	}
 	return r, nil
 }
@@ -111,10 +112,10 @@ func (r *Record) check() error {
 }
 
 // payloadSize is the number of journal bytes the record accounts for in
-// the backpressure cap.
+// the backpressure cap (from Length, so it is right with or without Data).
 func (r *Record) payloadSize() int64 {
 	if r.Kind == KindData {
-		return int64(len(r.Data)) + recordHeaderSize
+		return r.Length + indexSize
 	}
-	return recordHeaderSize
+	return indexSize
 }
