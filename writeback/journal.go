@@ -63,8 +63,8 @@ type Journal struct {
 	db   *badger.DB
 	segs *segments
 	dir  string
-	log *slog.Logger
-	max int64
+	log  *slog.Logger
+	max  int64
 
 	barrierMu sync.RWMutex
 	nextSeq   atomic.Uint64

@@ -48,10 +48,10 @@ type segment struct {
 type segments struct {
 	dir     string
 	maxSize int64
-	mu   sync.Mutex
-	cur  *segment
-	all  map[uint64]*segment
-	next uint64
+	mu      sync.Mutex
+	cur     *segment
+	all     map[uint64]*segment
+	next    uint64
 }
 
 func segName(id uint64) string { return fmt.Sprintf("seg-%016x.dat", id) }
