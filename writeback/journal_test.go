@@ -230,8 +230,12 @@ func TestJournalReclaimsDrainedSegments(t *testing.T) {
 	if err := j.Delete(recs, recs[39].Epoch); err != nil {
 		t.Fatal(err)
 	}
+	if n := len(j.segs.ids()); n != 0 {
+		t.Fatalf("%d segments left after draining everything", n)
+	}
+	appendData(t, j, 0, 1, 512) // a new segment starts
 	if n := len(j.segs.ids()); n != 1 {
-		t.Fatalf("%d segments left after draining everything, want only the current one", n)
+		t.Fatalf("%d segments after a new append, want 1", n)
 	}
 	after := j.Stats().DiskBytes
 	t.Logf("journal disk bytes: %d at peak, %d after the drain", peak, after)

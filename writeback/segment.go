@@ -164,15 +164,21 @@ func (s *segments) sync() error {
 	return nil
 }
 
-// reclaim deletes the segments (other than the current one) whose records
-// are all drained, i.e. every seq in them is <= drained. before, if not
+// reclaim deletes the segments whose records are all drained (the current
+// one too, once it is fully drained: the next append starts a new one), i.e. every seq in them is <= drained. before, if not
 // nil, runs first when there is anything to delete.
 func (s *segments) reclaim(drained uint64, before func() error) (int, error) {
 	s.mu.Lock()
 	var victims []*segment
 	for id, seg := range s.all {
-		if seg == s.cur || seg.inflight.Load() != 0 || seg.lastSeq.Load() > drained {
+		if seg.inflight.Load() != 0 || seg.lastSeq.Load() > drained {
 			continue
+		}
+		if seg == s.cur {
+			if seg.lastSeq.Load() == 0 {
+				continue // fresh, nothing committed in it yet
+			}
+			s.cur = nil // the next append starts a new segment
 		}
 		victims = append(victims, seg)
 		delete(s.all, id)

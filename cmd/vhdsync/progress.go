@@ -58,7 +58,7 @@ func (d *drainProgress) update(left int64, rate float64) {
 	if now.Sub(d.lastLine) >= 2*time.Second || left == 0 && d.lastLeft != 0 {
 		eta := "?"
 		if rate > 0 {
-			eta = (time.Duration(float64(left)/rate) * time.Second / time.Second).Round(time.Second).String()
+			eta = time.Duration(float64(left) / rate * float64(time.Second)).Round(time.Second).String()
 		}
 		fmt.Fprintf(d.w, "draining: %s left, %.1f MiB/s, ETA %s\n", humanBytes(left), rate/(1<<20), eta)
 		d.lastLine = now
