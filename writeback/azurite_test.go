@@ -3,16 +3,19 @@ package writeback
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/google/uuid"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/vhdlayer"
@@ -332,4 +335,446 @@ func TestAzuritePutPageRules(t *testing.T) {
 	if p.LeaseState != "available" {
 		t.Errorf("lease state after a clean close: %q", p.LeaseState)
 	}
+}
+
+// azWaitFor polls cond until it holds or the deadline passes.
+func azWaitFor(t *testing.T, what string, limit time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", limit, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestAzuriteTransientClassification sends real requests through the
+// pageblob client with each injected failure and checks how IsTransient
+// classifies what comes back: throttling, server errors, timeouts (also
+// the per-try deadline), resets and refused connections are retried;
+// a refused sequence condition and a foreign lease are final.
+func TestAzuriteTransientClassification(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, _ := azBlob(t, s, "classify.vhd", size)
+	tr := newWireTransport()
+	c := azClient(t, url, tr, 300*time.Millisecond)
+	r := AzureRemote{C: c}
+	lease, err := r.AcquireLease(ctx, uuid.NewString())
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq := int64(0)
+	page := bytes.Repeat([]byte{7}, 4096)
+	for _, f := range []wireFault{wire503, wire500, wireTimeout, wireHang, wireLost, wireRefused} {
+		tr.setChoose(func(*wireReq) wireFault { return f })
+		errs := map[string]error{
+			"put":   r.PutPages(ctx, 0, page, Cond{LeaseID: lease, IfSequenceEq: &seq}),
+			"clear": r.ClearPages(ctx, 8192, 4096, Cond{LeaseID: lease, IfSequenceEq: &seq}),
+			"seq":   r.RaiseSequence(ctx, 0, lease),
+		}
+		for op, err := range errs {
+			if err == nil {
+				t.Errorf("%s with fault %v: no error", op, f)
+			} else if !IsTransient(err) {
+				t.Errorf("%s with fault %v: classified permanent: %v", op, f, err)
+			}
+		}
+	}
+	tr.setChoose(nil)
+	// Real refusals from Azurite are final.
+	wrong := int64(5)
+	err = r.PutPages(ctx, 0, page, Cond{LeaseID: lease, IfSequenceEq: &wrong})
+	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrConditionNotMet) {
+		t.Errorf("put with a sequence condition not met: %v (transient %v)", err, IsTransient(err))
+	}
+	err = r.PutPages(ctx, 0, page, Cond{LeaseID: uuid.NewString(), IfSequenceEq: &seq})
+	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
+		t.Errorf("put with a foreign lease id: %v (transient %v)", err, IsTransient(err))
+	}
+	err = r.RaiseSequence(ctx, 10, "")
+	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
+		t.Errorf("sequence update without the lease: %v (transient %v)", err, IsTransient(err))
+	}
+	// And a clean request goes through.
+	if err := r.PutPages(ctx, 0, page, Cond{LeaseID: lease, IfSequenceEq: &seq}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAzuriteLeaseSecondWriter: a second writer (another state directory,
+// another lease id) is refused with ErrLeased and advice; with BreakLease
+// it takes the blob over, and the first Disk's next write to the remote is
+// refused by the service, which stops its flusher with a lease error.
+func TestAzuriteLeaseSecondWriter(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, footer := azBlob(t, s, "lease.vhd", size)
+	tr1 := newWireTransport()
+	c1 := azClient(t, url, tr1, 0)
+	dir1 := t.TempDir()
+	fo := FlusherOptions{Linger: 10 * time.Millisecond}
+	d1 := azMustOpenDisk(t, dir1, size, c1, DiskOptions{Flusher: fo})
+	rng := rand.New(rand.NewPCG(2, 2))
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := d1.WriteAt(dctx, azRandBytes(rng, 64<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d1.Drain(dctx); err != nil {
+		t.Fatal(err)
+	}
+	lease1 := d1.Stats().LeaseID
+
+	// A second writer is refused, and says how to proceed.
+	c2 := azClient(t, url, newWireTransport(), 0)
+	dir2 := t.TempDir()
+	_, err := azOpenDisk(t, dir2, size, c2, DiskOptions{LeaseID: uuid.NewString(), Flusher: fo})
+	if !errors.Is(err, pageblob.ErrLeased) || !strings.Contains(err.Error(), "--break-lease") {
+		t.Fatalf("second writer: want ErrLeased naming --break-lease, got %v", err)
+	}
+	t.Logf("second writer refused: %v", err)
+	// The first writer is not disturbed by the attempt.
+	if err := d1.WriteAt(dctx, azRandBytes(rng, 64<<10), azMiB); err != nil {
+		t.Fatal(err)
+	}
+	if err := d1.Drain(dctx); err != nil {
+		t.Fatalf("first writer after a refused second one: %v", err)
+	}
+
+	// The second writer's state starts from the blob as it is now.
+	blobNow := azDownload(t, url, size)
+	if err := os.WriteFile(filepath.Join(dir2, "disk.img"), blobNow[:size], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var saved string
+	d2, err := azOpenDisk(t, dir2, size, c2, DiskOptions{BreakLease: true, Flusher: fo, SaveLeaseID: func(id string) error { saved = id; return nil }})
+	if err != nil {
+		t.Fatalf("second writer with BreakLease: %v", err)
+	}
+	lease2 := d2.Stats().LeaseID
+	if lease2 == "" || lease2 == lease1 || saved != lease2 {
+		t.Fatalf("lease ids: first %q, second %q, saved %q", lease1, lease2, saved)
+	}
+
+	// The first Disk still acknowledges writes (they go to its journal and
+	// image), but its flusher's next request is refused by the service.
+	n1 := len(tr1.requests())
+	if err := d1.WriteAt(dctx, azRandBytes(rng, 64<<10), 2*azMiB); err != nil {
+		t.Fatalf("a write to the first Disk after the takeover: %v", err)
+	}
+	err = d1.Drain(dctx)
+	if !errors.Is(err, pageblob.ErrLeased) {
+		t.Fatalf("first Disk's drain after the takeover: want ErrLeased, got %v", err)
+	}
+	st := d1.Stats()
+	if st.Flusher.State != StateFailed || !strings.Contains(st.Flusher.LastError, "lease") {
+		t.Fatalf("first flusher: state %q, last error %q", st.Flusher.State, st.Flusher.LastError)
+	}
+	azWaitFor(t, "the first flusher to stop", 10*time.Second, func() bool { return d1.FlusherErr() != nil })
+	if !errors.Is(d1.FlusherErr(), pageblob.ErrLeased) {
+		t.Fatalf("FlusherErr: %v", d1.FlusherErr())
+	}
+	refused := 0
+	for _, r := range tr1.requests()[n1:] {
+		if r.applied() && (r.kind() == "put" || r.kind() == "clear" || r.kind() == "seq") {
+			t.Errorf("request %d (%s %s) of the first writer was applied after the takeover", r.N, r.kind(), r.Range)
+		}
+		if r.Status == 412 {
+			refused++
+			t.Logf("first writer refused: %s %s -> %d %s", r.kind(), r.Range, r.Status, r.ErrCode)
+		}
+	}
+	if refused == 0 {
+		t.Error("no 412 seen for the first writer")
+	}
+	// Later writes are still accepted locally: the journal keeps them
+	// (nothing reaches the blob while the flusher is stopped).
+	if err := d1.WriteAt(dctx, azRandBytes(rng, 4096), 3*azMiB); err != nil {
+		t.Fatalf("write after the flusher failed: %v", err)
+	}
+	if p := d1.Stats().Journal.PendingRecords; p < 2 {
+		t.Fatalf("first Disk's journal holds %d records, want its unsent writes", p)
+	}
+	// Closing the first Disk with drain fails and must not touch the
+	// second writer's lease.
+	if err := d1.Close(ctx, true); err == nil {
+		t.Fatal("closing the fenced-off Disk with drain succeeded")
+	}
+	if p, err := c2.Properties(ctx); err != nil || p.LeaseState != "leased" {
+		t.Fatalf("after the first Disk closed: lease state %q (%v)", p.LeaseState, err)
+	}
+
+	// The second writer works and converges; the first writer's refused
+	// write is not on the blob.
+	if err := d2.WriteAt(dctx, azRandBytes(rng, 128<<10), 5*azMiB+512); err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Close(dctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir2, size, footer)
+}
+
+// TestAzuriteSequenceOnlyRises records every sequence number the service
+// reports (responses to the flusher's requests, and a poller reading the
+// blob's properties while the workload runs) and checks it never falls,
+// that a merged batch is marked odd while in flight, and that it ends
+// even after a clean drain.
+func TestAzuriteSequenceOnlyRises(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, footer := azBlob(t, s, "seq.vhd", size)
+	tr := newWireTransport()
+	c := azClient(t, url, tr, 0)
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour}})
+	poll := azClient(t, url, nil, 0)
+	rng := rand.New(rand.NewPCG(3, 3))
+	dctx, cancel := context.WithTimeout(ctx, 40*time.Second)
+	defer cancel()
+
+	// Poll the blob's sequence number until the workload ends.
+	var polled []int64
+	var pollErr error
+	stop := make(chan struct{})
+	pollDone := make(chan struct{})
+	go func() {
+		defer close(pollDone)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			v, err := poll.Sequence(dctx)
+			if err != nil {
+				pollErr = err
+				return
+			}
+			polled = append(polled, v)
+			if len(polled) > 5000 {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		<-pollDone
+	})
+
+	write := func(n int) {
+		t.Helper()
+		if err := d.WriteAt(dctx, azRandBytes(rng, n), rng.Int64N(size-int64(n))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Hold the writes of the first batch, so that epochs 2..6 pile up
+	// behind it and the flusher merges them into one batch.
+	tr.setHold(isWrite)
+	write(32 << 10)
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	first := d.Stats().Journal.ClosedEpoch
+	azWaitFor(t, "the first batch to reach the transport", 10*time.Second, func() bool { return tr.waitingCount(nil) > 0 })
+	for range 5 {
+		write(16 << 10)
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := d.Stats().Journal.ClosedEpoch
+	// Let everything through except the merged batch's pages (they carry
+	// the odd in-progress mark as their condition).
+	oddFence := func(r *wireReq) bool {
+		if r.kind() != "put" && r.kind() != "clear" {
+			return false
+		}
+		v, err := strconv.ParseInt(r.IfSeqEq, 10, 64)
+		return err == nil && v%2 == 1
+	}
+	tr.setHold(oddFence)
+	azWaitFor(t, "the merged batch's pages to reach the transport", 10*time.Second, func() bool { return tr.waitingCount(oddFence) > 0 })
+	mark, err := poll.Sequence(dctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := int64(2*last - 1); mark != want {
+		t.Fatalf("while epochs %d..%d are in flight the blob's sequence number is %d, want %d (odd: in progress)", first+1, last, mark, want)
+	}
+	tr.setHold(nil)
+
+	// Then a free-running workload with barriers.
+	for i := range 60 {
+		write(4096 * (1 + rng.IntN(16)))
+		if i%4 == 3 {
+			if err := d.Flush(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := d.Drain(dctx); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	<-pollDone
+	if pollErr != nil {
+		t.Fatal(pollErr)
+	}
+	st := d.Stats().Flusher
+
+	// Every value the service reported to the flusher, in the order the
+	// responses arrived (the flusher waits for a batch's pages before it
+	// moves the sequence number, so this order is the service's order).
+	var wire []int64
+	odd := 0
+	for _, r := range tr.requests() {
+		if r.RespSeq >= 0 && r.Status < 300 {
+			wire = append(wire, r.RespSeq)
+			if r.kind() == "seq" && r.RespSeq%2 == 1 {
+				odd++
+			}
+		}
+	}
+	for name, vals := range map[string][]int64{"wire": wire, "poll": polled} {
+		for i := 1; i < len(vals); i++ {
+			if vals[i] < vals[i-1] {
+				t.Errorf("%s: sequence number fell from %d to %d (value %d of %d)", name, vals[i-1], vals[i], i, len(vals))
+			}
+		}
+	}
+	if len(wire) == 0 || len(polled) == 0 {
+		t.Fatalf("%d wire values, %d polled", len(wire), len(polled))
+	}
+	if odd == 0 {
+		t.Error("no sequence update reported an odd (in-progress) number")
+	}
+	final, err := poll.Sequence(dctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if final%2 != 0 || final != st.RemoteSequence || final != int64(2*st.RemoteEpoch) || final != wire[len(wire)-1] {
+		t.Errorf("after drain: blob sequence %d, flusher %d (epoch %d), last on the wire %d", final, st.RemoteSequence, st.RemoteEpoch, wire[len(wire)-1])
+	}
+	t.Logf("sequence numbers: %d reported on the wire (%d odd marks), %d polled, %d..%d; final %d after %d batches",
+		len(wire), odd, len(polled), polled[0], polled[len(polled)-1], final, st.Batches)
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir, size, footer)
+}
+
+// TestAzuriteConverges64MiB runs a mixed workload over a 64 MiB disk
+// (large sequential writes, a 9 MiB write, random 4 KiB writes from two
+// goroutines, unaligned overlapping rewrites, zero ranges and discards,
+// barriers) and requires the blob, downloaded with the official SDK, to
+// equal the local image after a clean close, footer included.
+func TestAzuriteConverges64MiB(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 64 * azMiB
+	url, footer := azBlob(t, s, "big.vhd", size)
+	tr := newWireTransport()
+	c := azClient(t, url, tr, 0)
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: 20 * time.Millisecond}})
+	dctx, cancel := context.WithTimeout(ctx, 50*time.Second)
+	defer cancel()
+	start := time.Now()
+	rng := rand.New(rand.NewPCG(4, 4))
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Sequential 1 MiB writes over the first 40 MiB, a barrier every 8.
+	for i := range 40 {
+		must(d.WriteAt(dctx, azRandBytes(rng, azMiB), int64(i)*azMiB))
+		if i%8 == 7 {
+			must(d.Flush())
+		}
+	}
+	// One 9 MiB write, sector aligned but not MiB aligned.
+	must(d.WriteAt(dctx, azRandBytes(rng, 9*azMiB), 44*azMiB+512))
+	// Random 4 KiB writes from two goroutines on the two halves, with
+	// barriers, while unaligned rewrites overlap a hot region.
+	var wg sync.WaitGroup
+	errs := make(chan error, 3)
+	for g := range 2 {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(40, uint64(g)))
+			for i := range 150 {
+				off := int64(g)*(size/2) + r.Int64N(size/2-4096)
+				if err := d.WriteAt(dctx, azRandBytes(r, 4096), off&^4095); err != nil {
+					errs <- err
+					return
+				}
+				if i%30 == 29 {
+					if err := d.Flush(); err != nil {
+						errs <- err
+						return
+					}
+				}
+			}
+		}(g)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		r := rand.New(rand.NewPCG(41, 0))
+		for i := range 80 {
+			n := 1 + r.IntN(256<<10)
+			off := 10*azMiB + r.Int64N(2*azMiB)
+			if err := d.WriteAt(dctx, azRandBytes(r, n), off); err != nil {
+				errs <- err
+				return
+			}
+			if i%20 == 19 {
+				if err := d.Flush(); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	// Zero ranges and discards, some over written data, some unaligned,
+	// one large, then writes on top of part of a cleared range.
+	must(d.Zero(dctx, 20*azMiB+100, 3*azMiB+1000, false))
+	must(d.Zero(dctx, 30*azMiB, 8*azMiB, true))
+	for range 8 {
+		must(d.Zero(dctx, rng.Int64N(size-azMiB), 1+rng.Int64N(azMiB), rng.IntN(2) == 0))
+	}
+	must(d.Flush())
+	must(d.WriteAt(dctx, azRandBytes(rng, 300000), 31*azMiB+77))
+	must(d.Zero(dctx, 0, 64<<10, false))
+	must(d.Drain(dctx))
+	st := d.Stats()
+	wrote := time.Since(start)
+	must(d.Close(dctx, true))
+
+	azCheckConverged(t, url, dir, size, footer)
+	n := azCountApplied(tr.requests())
+	if uint64(n["put"]) != st.Flusher.PutCalls || uint64(n["clear"]) != st.Flusher.ClearCalls {
+		t.Errorf("wire counts %v, flusher stats %+v", n, st.Flusher)
+	}
+	t.Logf("64 MiB workload in %v: %d batches, %d Put Page (%.1f MiB), %d Clear Pages (%.1f MiB), %d sequence updates, %d retries; %d epochs closed",
+		wrote.Round(time.Millisecond), st.Flusher.Batches, st.Flusher.PutCalls, float64(st.Flusher.BytesSent)/azMiB,
+		st.Flusher.ClearCalls, float64(st.Flusher.BytesCleared)/azMiB, st.Flusher.SequenceCalls, st.Flusher.Retries, st.Journal.EpochsClosed)
 }

@@ -35,10 +35,11 @@ const (
 	wireLost              // forward, then drop the response: connection reset
 	wireRefused           // return connection refused without forwarding
 	wireHold              // keep the request for a later re-send, answer a timeout
+	wire500               // answer 500 OperationTimedOut without forwarding
 )
 
 func (f wireFault) String() string {
-	return [...]string{"none", "503", "timeout", "hang", "lost", "refused", "hold"}[f]
+	return [...]string{"none", "503", "timeout", "hang", "lost", "refused", "hold", "500"}[f]
 }
 
 // wireReq is what the transport saw of one request.
@@ -146,13 +147,17 @@ type wireTransport struct {
 	// onSeq, when set, is called (under mu) after every applied sequence
 	// update, with the shadow and the new sequence number.
 	onSeq func(shadow []byte, seq int64)
-	// paused, when not nil, holds writes until it is closed.
-	paused  chan struct{}
-	waiting int
+	// hold, when set, keeps matching requests waiting (see setHold).
+	hold    func(r *wireReq) bool
+	cond    *sync.Cond
+	waiting map[*wireReq]bool
 }
 
 func newWireTransport() *wireTransport {
-	return &wireTransport{client: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}}
+	t := &wireTransport{client: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}}
+	t.cond = sync.NewCond(&t.mu)
+	t.waiting = map[*wireReq]bool{}
+	return t
 }
 
 // withShadow makes the transport keep a model of a blob of n bytes.
@@ -225,16 +230,18 @@ func (t *wireTransport) Do(req *http.Request) (*http.Response, error) {
 	if info.Fault == wireHold {
 		t.held = append(t.held, wireHeld{info: info, req: req.Clone(context.Background()), body: body})
 	}
-	paused := t.paused
-	if k := info.kind(); paused != nil && (k == "put" || k == "clear" || k == "seq") {
-		t.waiting++
-		t.mu.Unlock()
-		select {
-		case <-paused:
-		case <-req.Context().Done():
+	if t.hold != nil && t.hold(&info) {
+		stop := context.AfterFunc(req.Context(), func() {
+			t.mu.Lock()
+			t.cond.Broadcast()
+			t.mu.Unlock()
+		})
+		t.waiting[&info] = true
+		for t.hold != nil && t.hold(&info) && req.Context().Err() == nil {
+			t.cond.Wait()
 		}
-		t.mu.Lock()
-		t.waiting--
+		delete(t.waiting, &info)
+		stop()
 	}
 	t.mu.Unlock()
 
@@ -242,13 +249,9 @@ func (t *wireTransport) Do(req *http.Request) (*http.Response, error) {
 	var err error
 	switch info.Fault {
 	case wire503:
-		resp = &http.Response{
-			StatusCode: http.StatusServiceUnavailable, Status: "503 Server Busy",
-			Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-			Header:  http.Header{"X-Ms-Error-Code": {"ServerBusy"}, "Content-Type": {"application/xml"}},
-			Body:    io.NopCloser(strings.NewReader(`<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code><Message>injected</Message></Error>`)),
-			Request: req,
-		}
+		resp = serviceError(req, http.StatusServiceUnavailable, "ServerBusy")
+	case wire500:
+		resp = serviceError(req, http.StatusInternalServerError, "OperationTimedOut")
 	case wireTimeout, wireHold:
 		err = &net.OpError{Op: "read", Net: "tcp", Err: wireTimeoutErr{}}
 	case wireHang:
@@ -343,6 +346,17 @@ func (t *wireTransport) resendHeld(ctx context.Context) ([]wireReq, error) {
 	return out, nil
 }
 
+// serviceError is a storage error response made up by the transport.
+func serviceError(req *http.Request, status int, code string) *http.Response {
+	return &http.Response{
+		StatusCode: status, Status: fmt.Sprintf("%d %s", status, code),
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header:  http.Header{"X-Ms-Error-Code": {code}, "Content-Type": {"application/xml"}},
+		Body:    io.NopCloser(strings.NewReader(`<?xml version="1.0" encoding="utf-8"?><Error><Code>` + code + `</Code><Message>injected</Message></Error>`)),
+		Request: req,
+	}
+}
+
 // wireTimeoutErr is a network timeout (net.Error with Timeout() true).
 type wireTimeoutErr struct{}
 
@@ -350,26 +364,31 @@ func (wireTimeoutErr) Error() string   { return "i/o timeout (injected)" }
 func (wireTimeoutErr) Timeout() bool   { return true }
 func (wireTimeoutErr) Temporary() bool { return true }
 
-// pause makes writes (put, clear, sequence updates) wait until resume.
-func (t *wireTransport) pause() {
+// setHold makes requests for which hold returns true wait until a later
+// setHold no longer holds them (nil lets everything through).
+func (t *wireTransport) setHold(hold func(r *wireReq) bool) {
 	t.mu.Lock()
-	t.paused = make(chan struct{})
+	t.hold = hold
+	t.cond.Broadcast()
 	t.mu.Unlock()
 }
 
-// resume lets paused and later writes through.
-func (t *wireTransport) resume() {
-	t.mu.Lock()
-	if t.paused != nil {
-		close(t.paused)
-		t.paused = nil
-	}
-	t.mu.Unlock()
-}
-
-// waitingCount is how many writes wait in pause.
-func (t *wireTransport) waitingCount() int {
+// waitingCount is how many requests wait in setHold and match pred (all
+// when pred is nil).
+func (t *wireTransport) waitingCount(pred func(r *wireReq) bool) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.waiting
+	n := 0
+	for r := range t.waiting {
+		if pred == nil || pred(r) {
+			n++
+		}
+	}
+	return n
+}
+
+// isWrite is a hold predicate: put, clear and sequence updates.
+func isWrite(r *wireReq) bool {
+	k := r.kind()
+	return k == "put" || k == "clear" || k == "seq"
 }
