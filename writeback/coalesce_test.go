@@ -1,0 +1,278 @@
+package writeback
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"pgregory.net/rapid"
+)
+
+// coalesceCase is a batch of records over a space of sectors.
+type coalesceCase struct {
+	sectors int64
+	recs    []Record
+}
+
+func genCoalesceCase(t *rapid.T) coalesceCase {
+	c := coalesceCase{sectors: rapid.Int64Range(1, 4096).Draw(t, "sectors")}
+	n := rapid.IntRange(1, 30).Draw(t, "records")
+	for i := 0; i < n; i++ {
+		var secs int64
+		if rapid.IntRange(0, 3).Draw(t, "big") == 0 {
+			secs = rapid.Int64Range(1, 1024).Draw(t, "bigLen")
+		} else {
+			secs = rapid.Int64Range(1, 16).Draw(t, "smallLen")
+		}
+		secs = min(secs, c.sectors)
+		off := rapid.Int64Range(0, c.sectors-secs).Draw(t, "off")
+		r := Record{Offset: off * SectorSize, Length: secs * SectorSize}
+		switch rapid.IntRange(0, 5).Draw(t, "kind") {
+		case 0:
+			r.Kind = KindZero
+		case 1:
+			r.Kind = KindDiscard
+		default:
+			r.Kind = KindData
+			r.Data = fillData(int(r.Length), rapid.IntRange(0, 3).Draw(t, "fill"), rapid.Uint64().Draw(t, "seed"), uint64(i))
+		}
+		c.recs = append(c.recs, r)
+	}
+	return c
+}
+
+// fillData makes n bytes: 0 random, 1 all zero, 2 random with a zero run
+// of at least minZeroRun in the middle when n allows, 3 random with every
+// third sector zero.
+func fillData(n, fill int, seed, salt uint64) []byte {
+	p := make([]byte, n)
+	if fill == 1 {
+		return p
+	}
+	rng := rand.New(rand.NewPCG(seed, salt+1))
+	for k := range p {
+		p[k] = byte(rng.Uint32() | 1) // never zero: zero runs are only where put
+	}
+	switch fill {
+	case 2:
+		z := max(int64(n)/2, minZeroRun) &^ (SectorSize - 1)
+		if int64(n) > z {
+			start := (int64(n)/4 + int64(rng.IntN(SectorSize))) &^ (SectorSize - 1)
+			start = min(start, int64(n)-z)
+			clear(p[start : start+z])
+		} else {
+			clear(p[n/2:])
+		}
+	case 3:
+		for k := 0; k+SectorSize <= n; k += 3 * SectorSize {
+			clear(p[k : k+SectorSize])
+		}
+	}
+	return p
+}
+
+// checkSpans checks the spans of a coalesced batch against a brute-force
+// model of the sectors.
+func checkSpans(c coalesceCase, spans []span, maxPut int64) error {
+	size := c.sectors * SectorSize
+	// The model: bytes start as a pattern no record writes; each sector
+	// remembers the last record that wrote it.
+	model := bytes.Repeat([]byte{0xEE}, int(size))
+	last := make([]int, c.sectors)
+	for i := range last {
+		last[i] = -1
+	}
+	for i, r := range c.recs {
+		if r.Kind == KindData {
+			copy(model[r.Offset:], r.Data)
+		} else {
+			clear(model[r.Offset:r.End()])
+		}
+		for s := r.Offset / SectorSize; s < r.End()/SectorSize; s++ {
+			last[s] = i
+		}
+	}
+	got := bytes.Repeat([]byte{0xEE}, int(size))
+	cleared := make([]bool, c.sectors)
+	covered := make([]bool, c.sectors)
+	for k, s := range spans {
+		switch {
+		case s.off < 0 || s.end > size || s.end <= s.off:
+			return fmt.Errorf("span %d: bad range %d-%d", k, s.off, s.end)
+		case s.off%SectorSize != 0 || s.end%SectorSize != 0:
+			return fmt.Errorf("span %d: %d-%d not 512-aligned", k, s.off, s.end)
+		case k > 0 && spans[k-1].end > s.off:
+			return fmt.Errorf("spans %d and %d overlap or are out of order: %d-%d, %d-%d", k-1, k, spans[k-1].off, spans[k-1].end, s.off, s.end)
+		}
+		if s.clear {
+			if s.data != nil {
+				return fmt.Errorf("span %d: clear with data", k)
+			}
+			clear(got[s.off:s.end])
+		} else {
+			if int64(len(s.data)) != s.end-s.off {
+				return fmt.Errorf("span %d: %d data bytes for %d-%d", k, len(s.data), s.off, s.end)
+			}
+			if s.end-s.off > maxPut || s.end-s.off > MaxPutPage {
+				return fmt.Errorf("span %d: Put Page of %d bytes, cap %d", k, s.end-s.off, maxPut)
+			}
+			copy(got[s.off:], s.data)
+		}
+		for x := s.off / SectorSize; x < s.end/SectorSize; x++ {
+			covered[x] = true
+			cleared[x] = s.clear
+		}
+	}
+	for x := int64(0); x < c.sectors; x++ {
+		if covered[x] != (last[x] >= 0) {
+			return fmt.Errorf("sector %d: covered by a span %v, written by a record %v", x, covered[x], last[x] >= 0)
+		}
+		if last[x] >= 0 && c.recs[last[x]].Kind != KindData && !cleared[x] {
+			return fmt.Errorf("sector %d: last written by a %s record but sent as data", x, c.recs[last[x]].Kind)
+		}
+	}
+	if i := propFirstDiff(got, model); i >= 0 {
+		return fmt.Errorf("spans applied to the blob differ from last-write-wins at byte %d (sector %d, last written by record %d)", i, i/SectorSize, last[i/SectorSize])
+	}
+	// Runs of sectors with the same last writer are the coalescer's data
+	// extents: all-zero ones must be cleared, and in ones of at least
+	// 2*minZeroRun bytes every sector-aligned zero run of minZeroRun or
+	// more must be cleared.
+	for x := int64(0); x < c.sectors; {
+		w := last[x]
+		end := x + 1
+		for end < c.sectors && last[end] == w {
+			end++
+		}
+		if w >= 0 && c.recs[w].Kind == KindData {
+			ext := model[x*SectorSize : end*SectorSize]
+			if isZero(ext) {
+				for y := x; y < end; y++ {
+					if !cleared[y] {
+						return fmt.Errorf("sector %d: all-zero data extent %d-%d sent as data", y, x*SectorSize, end*SectorSize)
+					}
+				}
+			} else if (end-x)*SectorSize >= 2*minZeroRun {
+				for y := x; y < end; {
+					z := y
+					for z < end && isZero(model[z*SectorSize:(z+1)*SectorSize]) {
+						z++
+					}
+					if (z-y)*SectorSize >= minZeroRun {
+						for q := y; q < z; q++ {
+							if !cleared[q] {
+								return fmt.Errorf("sector %d: in a zero run %d-%d of %d bytes inside data, sent as data", q, y*SectorSize, z*SectorSize, (z-y)*SectorSize)
+							}
+						}
+					}
+					y = z + 1
+				}
+			}
+		}
+		x = end
+	}
+	return nil
+}
+
+func coalesce(recs []Record, maxPut int64) []span {
+	var c coalescer
+	for i := range recs {
+		c.add(&recs[i])
+	}
+	return c.spans(maxPut)
+}
+
+// TestCoalesceProperty: random overlapping data, zero and discard records
+// against a brute-force per-sector model: last write wins, spans are
+// sorted, disjoint, 512-aligned and cover exactly the written sectors,
+// Put Pages respect the cap, zero and discard become Clear Pages, all-zero
+// data is cleared, long zero runs inside data are cleared, and the spans
+// applied to the blob reproduce the model.
+func TestCoalesceProperty(t *testing.T) {
+	spans, clears := 0, 0
+	rapid.Check(t, func(t *rapid.T) {
+		c := genCoalesceCase(t)
+		maxPut := rapid.SampledFrom([]int64{SectorSize, 4 << 10, 64 << 10, MaxPutPage}).Draw(t, "maxPut")
+		out := coalesce(c.recs, maxPut)
+		if err := checkSpans(c, out, maxPut); err != nil {
+			t.Fatal(err)
+		}
+		spans += len(out)
+		for _, s := range out {
+			if s.clear {
+				clears++
+			}
+		}
+	})
+	t.Logf("coalesce: %d spans checked, %d of them Clear Pages", spans, clears)
+}
+
+// TestCoalesceSplitsAtMaxPutPage: one write larger than 4 MiB, and
+// adjacent writes adding up to more, are cut into Put Pages of at most
+// MaxPutPage; adjacent zero and discard ranges become one Clear Pages.
+func TestCoalesceSplitsAtMaxPutPage(t *testing.T) {
+	big := int64(MaxPutPage*2 + 3*SectorSize)
+	c := coalesceCase{sectors: (big + 24<<20) / SectorSize}
+	c.recs = []Record{
+		{Offset: SectorSize, Length: big, Kind: KindData, Data: fillData(int(big), 0, 1, 1)},
+		// Three adjacent 3 MiB writes: 9 MiB of data in a row.
+		{Offset: 10 << 20, Length: 3 << 20, Kind: KindData, Data: fillData(3<<20, 0, 2, 2)},
+		{Offset: 13 << 20, Length: 3 << 20, Kind: KindData, Data: fillData(3<<20, 0, 3, 3)},
+		{Offset: 16 << 20, Length: 3 << 20, Kind: KindData, Data: fillData(3<<20, 0, 4, 4)},
+		// A zero range and a discard next to each other.
+		{Offset: 20 << 20, Length: 1 << 20, Kind: KindZero},
+		{Offset: 21 << 20, Length: 3 << 20, Kind: KindDiscard},
+	}
+	out := coalesce(c.recs, MaxPutPage)
+	if err := checkSpans(c, out, MaxPutPage); err != nil {
+		t.Fatal(err)
+	}
+	puts, clears := 0, 0
+	for _, s := range out {
+		if s.clear {
+			clears++
+		} else {
+			puts++
+		}
+	}
+	// 8 MiB+1.5 KiB -> 3 puts; 9 MiB -> 3 puts; 4 MiB of zeros -> 1 clear.
+	if puts != 6 || clears != 1 {
+		t.Fatalf("%d puts and %d clears, want 6 and 1: %v", puts, clears, spanList(out))
+	}
+}
+
+// TestCoalesceZeroRunsInData: a write of data with a long zero run in the
+// middle becomes put, clear, put; a write entirely of zeros becomes a
+// clear; a short zero run stays inside the put.
+func TestCoalesceZeroRunsInData(t *testing.T) {
+	p := fillData(512<<10, 0, 5, 5)
+	clear(p[100<<10 : 300<<10])
+	q := fillData(64<<10, 0, 6, 6)
+	clear(q[8<<10 : 16<<10])
+	recs := []Record{
+		{Offset: 0, Length: int64(len(p)), Kind: KindData, Data: p},
+		{Offset: 1 << 20, Length: 256 << 10, Kind: KindData, Data: make([]byte, 256<<10)},
+		{Offset: 2 << 20, Length: int64(len(q)), Kind: KindData, Data: q},
+	}
+	out := coalesce(recs, MaxPutPage)
+	want := "put 0-102400 clear 102400-307200 put 307200-524288 clear 1048576-1310720 put 2097152-2162688"
+	if got := spanList(out); got != want {
+		t.Fatalf("spans\n got %s\nwant %s", got, want)
+	}
+}
+
+func spanList(spans []span) string {
+	var b bytes.Buffer
+	for i, s := range spans {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		kind := "put"
+		if s.clear {
+			kind = "clear"
+		}
+		fmt.Fprintf(&b, "%s %d-%d", kind, s.off, s.end)
+	}
+	return b.String()
+}
