@@ -3,13 +3,16 @@ package writeback
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -777,4 +780,367 @@ func TestAzuriteConverges64MiB(t *testing.T) {
 	t.Logf("64 MiB workload in %v: %d batches, %d Put Page (%.1f MiB), %d Clear Pages (%.1f MiB), %d sequence updates, %d retries; %d epochs closed",
 		wrote.Round(time.Millisecond), st.Flusher.Batches, st.Flusher.PutCalls, float64(st.Flusher.BytesSent)/azMiB,
 		st.Flusher.ClearCalls, float64(st.Flusher.BytesCleared)/azMiB, st.Flusher.SequenceCalls, st.Flusher.Retries, st.Journal.EpochsClosed)
+}
+
+// TestAzuriteFaults injects failures between the flusher and Azurite.
+func TestAzuriteFaults(t *testing.T) {
+	s := azurite.Start(t)
+	t.Run("Random", func(t *testing.T) { azFaultsRandom(t, s) })
+	t.Run("DelayedDuplicate", func(t *testing.T) { azDelayedDuplicate(t, s) })
+}
+
+// azFaultsRandom: with a seeded RNG the transport answers writes with
+// 503 ServerBusy or 500 OperationTimedOut, times them out (at once, or
+// by hanging past the per-try deadline) or forwards them and drops the
+// response ("applied, but the response was lost"). The writer sees no
+// error, the blob converges, and nothing lands out of order: every applied
+// write carried a condition equal to the blob's sequence number then, and
+// each time the blob's sequence number became even (2e: epoch e complete)
+// the blob, as rebuilt from the applied requests, was exactly the disk at
+// barrier e.
+func azFaultsRandom(t *testing.T, s *azurite.Server) {
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, footer := azBlob(t, s, "faults.vhd", size)
+	tr := newWireTransport().withShadow(size + vhdlayer.FooterSize)
+	copy(tr.shadow[size:], footer[:])
+	c := azClient(t, url, tr, time.Second)
+
+	var mu sync.Mutex
+	snaps := map[uint64][32]byte{} // epoch -> hash of the disk at its barrier
+	var orderErrs []string
+	checked := 0
+	tr.onSeq = func(shadow []byte, seq int64) {
+		if seq == 0 || seq%2 == 1 {
+			return
+		}
+		e := uint64(seq / 2)
+		mu.Lock()
+		defer mu.Unlock()
+		want, ok := snaps[e]
+		switch {
+		case !ok:
+			orderErrs = append(orderErrs, fmt.Sprintf("sequence %d: epoch %d complete, but no barrier closed epoch %d", seq, e, e))
+		case sha256.Sum256(shadow[:size]) != want:
+			orderErrs = append(orderErrs, fmt.Sprintf("sequence %d: the blob is not the disk at barrier %d", seq, e))
+		default:
+			checked++
+		}
+	}
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{
+		Linger: time.Hour, RetryMin: time.Millisecond, RetryMax: 10 * time.Millisecond, Workers: 4,
+	}})
+
+	frng := rand.New(rand.NewPCG(5, 5))
+	hangs := 0
+	tr.setChoose(func(r *wireReq) wireFault {
+		if !isWrite(r) {
+			return wireOK
+		}
+		switch x := frng.Float64(); {
+		case x < 0.08:
+			return wire503
+		case x < 0.12:
+			return wire500
+		case x < 0.20:
+			return wireTimeout
+		case x < 0.30:
+			return wireLost
+		case x < 0.33 && hangs < 2:
+			hangs++
+			return wireHang
+		}
+		return wireOK
+	})
+
+	dctx, cancel := context.WithTimeout(ctx, 40*time.Second)
+	defer cancel()
+	rng := rand.New(rand.NewPCG(6, 6))
+	img := make([]byte, size)
+	const region = 8 * azMiB
+	for round := range 40 {
+		if round%5 == 4 {
+			// Now and then wait for the blob, so that single-epoch
+			// batches are checked as well as merged ones.
+			if err := d.Drain(dctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ops := 1 + rng.IntN(5)
+		for k := range ops {
+			if k > 0 && rng.IntN(6) == 0 {
+				if err := d.Zero(dctx, rng.Int64N(region), 1+rng.Int64N(256<<10), rng.IntN(2) == 0); err != nil {
+					t.Fatal(err)
+				}
+				continue
+			}
+			n := 1 + rng.IntN(200<<10)
+			if err := d.WriteAt(dctx, azRandBytes(rng, n), rng.Int64N(region)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := d.ReadAt(img, 0); err != nil {
+			t.Fatal(err)
+		}
+		e := d.Stats().Journal.OpenEpoch
+		mu.Lock()
+		snaps[e] = sha256.Sum256(img)
+		mu.Unlock()
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Drain(dctx); err != nil {
+		t.Fatal(err)
+	}
+	tr.setChoose(nil)
+	st := d.Stats().Flusher
+	if err := d.Close(dctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir, size, footer)
+
+	tr.mu.Lock()
+	shadow := append([]byte(nil), tr.shadow...)
+	tr.mu.Unlock()
+	if i := azFirstDiff(shadow, azDownload(t, url, size)); i >= 0 {
+		t.Fatalf("the blob rebuilt from the applied requests differs from the real one at byte %d", i)
+	}
+	mu.Lock()
+	for _, e := range orderErrs {
+		t.Error(e)
+	}
+	if checked == 0 {
+		t.Error("no complete epoch was checked")
+	}
+	mu.Unlock()
+
+	injected := map[wireFault]int{}
+	var status412, lostApplied, appliedWrites int
+	for _, r := range tr.requests() {
+		if r.Fault != wireOK {
+			injected[r.Fault]++
+		}
+		if r.Status == 412 {
+			status412++
+			t.Errorf("request %d (%s %s) refused: %d %s", r.N, r.kind(), r.Range, r.Status, r.ErrCode)
+		}
+		if r.Fault == wireLost && r.applied() {
+			lostApplied++
+		}
+		if k := r.kind(); r.applied() && (k == "put" || k == "clear") {
+			appliedWrites++
+			v, err := strconv.ParseInt(r.IfSeqEq, 10, 64)
+			if err != nil || v != r.SeqAtApply || (r.RespSeq >= 0 && r.RespSeq != v) {
+				t.Errorf("request %d (%s %s) applied with condition %q while the blob's sequence number was %d (service says %d)", r.N, k, r.Range, r.IfSeqEq, r.SeqAtApply, r.RespSeq)
+			}
+		}
+	}
+	total := 0
+	for f, n := range injected {
+		total += n
+		_ = f
+	}
+	for _, f := range []wireFault{wire503, wire500, wireTimeout, wireLost, wireHang} {
+		if injected[f] == 0 {
+			t.Errorf("no %v fault was injected", f)
+		}
+	}
+	if lostApplied == 0 {
+		t.Error("no request was applied with its response lost")
+	}
+	if st.Retries < uint64(total) {
+		t.Errorf("%d retries for %d injected faults", st.Retries, total)
+	}
+	t.Logf("faults injected: %v (%d in all; %d applied with the response lost); %d retries; %d 412s; %d writes applied, %d complete epochs checked against the disk; flusher: %d batches, %d puts, %d clears, %d sequence updates, %d bytes",
+		injected, total, lostApplied, st.Retries, status412, appliedWrites, checked, st.Batches, st.PutCalls, st.ClearCalls, st.SequenceCalls, st.BytesSent)
+}
+
+// azDelayedDuplicate: the transport keeps a copy of a Put Page, answers
+// the flusher with a timeout (the flusher sends it again and moves on),
+// and re-sends the copy, exactly as signed, after a later batch rewrote
+// the same range. Azurite refuses it (412) and the blob keeps the newer
+// data.
+func azDelayedDuplicate(t *testing.T, s *azurite.Server) {
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, footer := azBlob(t, s, "dup.vhd", size)
+	tr := newWireTransport()
+	c := azClient(t, url, tr, 0)
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour}})
+	lease := d.Stats().LeaseID
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	const x = azMiB
+	held := false
+	tr.setChoose(func(r *wireReq) wireFault {
+		if !held && r.kind() == "put" && r.Off <= x && r.End >= x {
+			held = true
+			return wireHold
+		}
+		return wireOK
+	})
+	rng := rand.New(rand.NewPCG(7, 7))
+	a, b := azRandBytes(rng, 64<<10), azRandBytes(rng, 64<<10)
+	if err := d.WriteAt(dctx, a, x); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Drain(dctx); err != nil {
+		t.Fatal(err)
+	}
+	if !held {
+		t.Fatal("no Put Page was held")
+	}
+	if err := d.WriteAt(dctx, b, x); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Drain(dctx); err != nil {
+		t.Fatal(err)
+	}
+	st := d.Stats().Flusher
+	if st.Retries == 0 {
+		t.Error("the held Put Page was not retried")
+	}
+	out, err := tr.resendHeld(dctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 1 {
+		t.Fatalf("%d held requests re-sent, want 1", len(out))
+	}
+	dup := out[0]
+	t.Logf("delayed duplicate: put %s with lease and condition seq == %s, blob at %d: %d %s", dup.Range, dup.IfSeqEq, st.RemoteSequence, dup.Status, dup.ErrCode)
+	if dup.LeaseID != lease || dup.IfSeqEq == "" {
+		t.Errorf("held request: lease %q condition %q", dup.LeaseID, dup.IfSeqEq)
+	}
+	if dup.Status != 412 || dup.ErrCode != "SequenceNumberConditionNotMet" {
+		t.Fatalf("delayed duplicate answered %d %s, want 412 SequenceNumberConditionNotMet", dup.Status, dup.ErrCode)
+	}
+	got := azDownload(t, url, size)
+	if !bytes.Equal(got[x:x+len(b)], b) {
+		t.Fatal("the delayed duplicate changed the blob")
+	}
+	if err := d.Close(dctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir, size, footer)
+	// Control: the same old bytes sent without the sequence condition do
+	// land, so the check above would have seen it.
+	if err := c.PutPages(dctx, x, a, ""); err != nil {
+		t.Fatal(err)
+	}
+	if got := azDownload(t, url, size); !bytes.Equal(got[x:x+len(a)], a) {
+		t.Fatal("control: an unfenced Put Page did not land")
+	}
+}
+
+// TestAzuriteBackpressure: with a 1 MiB journal cap and every request
+// refused at the connection, several writers writing far more than the cap
+// block (no error), the flusher shows "retrying"; once requests go through
+// again every write completes and the blob converges.
+func TestAzuriteBackpressure(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, footer := azBlob(t, s, "bp.vhd", size)
+	tr := newWireTransport()
+	c := azClient(t, url, tr, 0)
+	dir := t.TempDir()
+	const limit = azMiB
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{
+		Journal: JournalOptions{MaxPendingBytes: limit},
+		Flusher: FlusherOptions{Linger: 10 * time.Millisecond, RetryMin: time.Millisecond, RetryMax: 20 * time.Millisecond},
+	})
+	var down atomic.Bool
+	down.Store(true)
+	tr.setChoose(func(*wireReq) wireFault {
+		if down.Load() {
+			return wireRefused
+		}
+		return wireOK
+	})
+
+	wctx, wcancel := context.WithCancel(ctx)
+	t.Cleanup(wcancel) // unblocks the writers if the test fails early
+	const writers, perWriter, chunk = 4, 24, 64 << 10
+	var done atomic.Int64
+	errs := make(chan error, writers)
+	var wg sync.WaitGroup
+	for g := range writers {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(8, uint64(g)))
+			for i := range perWriter {
+				off := int64(g)*4*azMiB + int64(i)*chunk + int64(r.IntN(512))
+				if err := d.WriteAt(wctx, azRandBytes(r, chunk), off); err != nil {
+					errs <- fmt.Errorf("writer %d, write %d: %w", g, i, err)
+					return
+				}
+				done.Add(1)
+			}
+		}(g)
+	}
+	allDone := make(chan struct{})
+	go func() { wg.Wait(); close(allDone) }()
+
+	azWaitFor(t, "writers blocked on the journal cap with the flusher retrying", 20*time.Second, func() bool {
+		st := d.Stats()
+		return st.Journal.BlockedWriters == writers && st.Flusher.State == StateRetrying
+	})
+	blockedAt := done.Load()
+	// They stay blocked while the flusher keeps failing.
+	retries0 := d.Stats().Flusher.Retries
+	azWaitFor(t, "ten more retries", 20*time.Second, func() bool { return d.Stats().Flusher.Retries >= retries0+10 })
+	st := d.Stats()
+	if n := done.Load(); n != blockedAt || st.Journal.BlockedWriters != writers {
+		t.Fatalf("while the remote was down, writes went from %d to %d done, %d writers blocked", blockedAt, n, st.Journal.BlockedWriters)
+	}
+	select {
+	case err := <-errs:
+		t.Fatalf("a writer got an error while the remote was down: %v", err)
+	default:
+	}
+	if n := done.Load(); n >= writers*perWriter {
+		t.Fatalf("all %d writes completed while the remote was down", n)
+	}
+	// A record may be admitted above the cap only when nothing is pending,
+	// and a widened write is at most chunk+1 KiB.
+	if st.Journal.PendingBytes > limit+chunk+2048 {
+		t.Errorf("journal holds %d pending bytes, cap %d", st.Journal.PendingBytes, limit)
+	}
+	if !strings.Contains(st.Flusher.LastError, "refused") {
+		t.Errorf("flusher's last error: %q", st.Flusher.LastError)
+	}
+	for _, r := range tr.requests() {
+		if r.Forwarded && isWrite(&r) {
+			t.Errorf("request %d (%s) reached Azurite while it was down", r.N, r.kind())
+		}
+	}
+	t.Logf("remote down: %d of %d writes done, %d writers blocked, %d bytes pending (cap %d), flusher %s after %d retries: %s",
+		blockedAt, writers*perWriter, st.Journal.BlockedWriters, st.Journal.PendingBytes, limit, st.Flusher.State, st.Flusher.Retries, st.Flusher.LastError)
+
+	down.Store(false)
+	select {
+	case <-allDone:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("writers still blocked 30 s after the remote came back (%d done)", done.Load())
+	}
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := d.Drain(dctx); err != nil {
+		t.Fatal(err)
+	}
+	st = d.Stats()
+	if err := d.Close(dctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir, size, footer)
+	t.Logf("remote back: %d writes done; flusher: %d batches, %d puts, %d bytes, %d retries in all", done.Load(), st.Flusher.Batches, st.Flusher.PutCalls, st.Flusher.BytesSent, st.Flusher.Retries)
 }
