@@ -2,6 +2,7 @@ package writeback
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"testing"
@@ -50,10 +51,11 @@ func fillData(n, fill int, seed, salt uint64) []byte {
 	if fill == 1 {
 		return p
 	}
+	var key [32]byte
+	binary.LittleEndian.PutUint64(key[:], seed)
+	binary.LittleEndian.PutUint64(key[8:], salt)
+	rand.NewChaCha8(key).Read(p)
 	rng := rand.New(rand.NewPCG(seed, salt+1))
-	for k := range p {
-		p[k] = byte(rng.Uint32() | 1) // never zero: zero runs are only where put
-	}
 	switch fill {
 	case 2:
 		z := max(int64(n)/2, minZeroRun) &^ (SectorSize - 1)

@@ -1,0 +1,333 @@
+package writeback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"pgregory.net/rapid"
+)
+
+// remoteFault is a MemRemote.Fault the test controls (MemRemote calls it
+// under its own lock; the test changes it under this one). It counts the
+// calls; from call crashAt on every call fails permanently, as if the
+// process had died (the crashAt-th call may land with its response lost);
+// with down set every call fails with a transient error.
+type remoteFault struct {
+	mu      sync.Mutex
+	calls   int
+	crashAt int // 0: no crash
+	lost    bool
+	down    bool
+	crashed chan struct{} // closed by call crashAt
+}
+
+var errProcessDead = errors.New("injected: the process is dead")
+
+func newRemoteFault() *remoteFault { return &remoteFault{crashed: make(chan struct{})} }
+
+func (f *remoteFault) fault(op string, off, n int64) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.down {
+		return false, &TransientError{Msg: "injected: remote unreachable"}
+	}
+	f.calls++
+	switch {
+	case f.crashAt == 0 || f.calls < f.crashAt:
+		return true, nil
+	case f.calls == f.crashAt:
+		close(f.crashed)
+		return f.lost, errProcessDead
+	default:
+		return false, errProcessDead
+	}
+}
+
+// crashNow makes every call from now on fail, if the crash has not
+// happened yet.
+func (f *remoteFault) crashNow() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.crashAt == 0 || f.crashAt > f.calls {
+		f.crashAt, f.lost = f.calls+1, false
+	}
+}
+
+func (f *remoteFault) heal() {
+	f.mu.Lock()
+	f.crashAt, f.down = 0, false
+	f.mu.Unlock()
+}
+
+func (f *remoteFault) setDown(down bool) {
+	f.mu.Lock()
+	f.down = down
+	f.mu.Unlock()
+}
+
+// TestCrashRecovery: a random workload with barriers runs until the
+// remote call chosen as the crash point; from that call on nothing reaches
+// the blob (the call itself may land with its response lost), and the
+// "process" stops: the writer stops, and Close(ctx, false) stops the
+// flusher and closes the journal without draining, keeping the lease. A
+// new Disk is opened on the same image, journal and blob with the same
+// lease id (as the state directory would give it), a few more writes may
+// follow, then a clean drain. Then the blob and the image must equal the
+// model of every acknowledged write, the journal must be empty, and every
+// state the blob went through, across the crash, must pass checkOrder.
+func TestCrashRecovery(t *testing.T) {
+	var total orderStats
+	points := map[string]int{}
+	base := propBaseDir(t)
+	cases, replayed, alreadyRemote := 0, 0, 0
+	rapid.Check(t, func(rt *rapid.T) {
+		ctx := context.Background()
+		size := rapid.SampledFrom([]int64{128 << 10, 256 << 10}).Draw(rt, "size")
+		nOps := rapid.IntRange(5, 40).Draw(rt, "nOps")
+		ops := rapid.SliceOfN(genOp(size, 96<<10, defaultKinds), nOps, nOps).Draw(rt, "ops")
+		crashAt := rapid.IntRange(1, 80).Draw(rt, "crashAt")
+		lost := rapid.Bool().Draw(rt, "responseLost")
+		after := rapid.SliceOfN(genOp(size, 96<<10, defaultKinds), 0, 6).Draw(rt, "opsAfterRestart")
+		o := DiskOptions{}
+		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 64<<10).Draw(rt, "maxEpochBytes")
+		o.Flusher.MaxBatchBytes = rapid.Int64Range(8<<10, 256<<10).Draw(rt, "maxBatchBytes")
+		o.Flusher.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
+		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
+
+		dir := propTempDir(base, rt)
+		tab := newSecTable()
+		m := newDiskModel(tab, size)
+		obs := newBlobObserver(tab, size)
+		r := NewMemRemote(size + 512)
+		r.Observe = obs.observe
+		f := newRemoteFault()
+		f.crashAt, f.lost = crashAt, lost
+		r.Fault = f.fault
+
+		d := propOpenDisk(rt, dir, size, r, o)
+		rt.Cleanup(func() { d.Close(ctx, false) })
+		lease := d.Stats().LeaseID
+	run:
+		for i, op := range ops {
+			select {
+			case <-f.crashed:
+				break run
+			default:
+			}
+			if err := m.apply(ctx, d, i, op); err != nil {
+				rt.Fatalf("op %d (%v): %v", i, op, err)
+			}
+		}
+		// The process dies here, if the chosen call has not come yet.
+		f.crashNow()
+		r.Sequence(ctx) // waits for a call holding the blob's lock
+		crash := len(obs.states)
+		if err := d.Close(ctx, false); err != nil {
+			rt.Fatalf("close without drain: %v", err)
+		}
+		if r.Lease() != lease {
+			rt.Fatalf("the lease %q was not kept (blob has %q)", lease, r.Lease())
+		}
+		if i := propFirstDiff(readImageAt(rt, dir), m.bytes); i >= 0 {
+			rt.Fatalf("the image lost an acknowledged write at byte %d", i)
+		}
+		points[crashKind(obs, crash)]++
+
+		f.heal()
+		o.LeaseID = lease
+		d2 := propOpenDisk(rt, dir, size, r, o)
+		rt.Cleanup(func() { d2.Close(ctx, false) })
+		rp := d2.Replay()
+		if i := propFirstDiff(readImageAt(rt, dir), m.bytes); i >= 0 {
+			rt.Fatalf("replay changed the image at byte %d", i)
+		}
+		for i, op := range after {
+			if err := m.apply(ctx, d2, len(ops)+i, op); err != nil {
+				rt.Fatalf("op %d after restart (%v): %v", i, op, err)
+			}
+		}
+		if err := m.apply(ctx, d2, len(ops)+len(after), diskOp{Kind: opFlush}); err != nil {
+			rt.Fatal(err)
+		}
+		closed := d2.j.ClosedEpoch()
+		if err := d2.Drain(ctx); err != nil {
+			rt.Fatal(err)
+		}
+		if st := d2.Stats().Journal; st.PendingRecords != 0 || st.PendingBytes != 0 {
+			rt.Fatalf("journal not empty after the drain: %d records, %d bytes pending", st.PendingRecords, st.PendingBytes)
+		}
+		if err := d2.Close(ctx, true); err != nil {
+			rt.Fatal(err)
+		}
+		states, errs := obs.snapshot()
+		if len(errs) > 0 {
+			rt.Fatal(errs[0])
+		}
+		ost, err := checkOrder(m, states, crash)
+		if err != nil {
+			rt.Fatalf("%v\ncrash after %d states (call %d, response lost %v), steps %d, barriers %v, replay %+v", err, crash, crashAt, lost, m.last(), m.barriers, rp)
+		}
+		propFinalCheck(rt, dir, r, m, closed)
+		cases++
+		total.add(ost)
+		replayed += rp.Records
+		alreadyRemote += rp.AlreadyRemote
+	})
+	t.Logf("crash: %d crash points %v; %d records replayed, %d of them already on the blob; %d states checked (%d in segments across a crash)",
+		cases, points, replayed, alreadyRemote, total.states, total.crashSegment)
+}
+
+// crashKind says where in the flusher's cycle the crash hit.
+func crashKind(obs *blobObserver, crash int) string {
+	states, _ := obs.snapshot()
+	states = states[:crash]
+	lastComplete, seq := -1, int64(0)
+	for i, s := range states {
+		if s.seq%2 == 0 && s.seq > seq {
+			lastComplete = i
+		}
+		seq = s.seq
+	}
+	switch {
+	case len(states) == 0:
+		return "before any change"
+	case lastComplete == len(states)-1:
+		return "between batches"
+	case seq%2 == 1:
+		return "inside a marked batch"
+	default:
+		return "inside an unmarked batch"
+	}
+}
+
+func readImageAt(t propT, dir string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "disk.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestBackpressureBlocksUntilRemoteReturns (invariant 6): with the remote
+// down (every call fails with a transient error) the journal fills to its
+// cap and writers block; none fails. When the remote returns, every write
+// completes and the blob converges.
+func TestBackpressureBlocksUntilRemoteReturns(t *testing.T) {
+	ctx := context.Background()
+	const size = 256 << 10
+	const writers, perWriter, chunk = 4, 32, 4096
+	dir := propBaseDir(t)
+	r := NewMemRemote(size + 512)
+	f := newRemoteFault()
+	f.setDown(true)
+	r.Fault = f.fault
+	o := DiskOptions{}
+	o.Journal.MaxPendingBytes = 64 << 10
+	o.Journal.MaxEpochBytes = 16 << 10
+	o.Flusher.MaxBatchBytes = 32 << 10
+	o.Flusher.Linger = 200 * time.Microsecond
+	d := propOpenDisk(t, dir, size, r, o)
+	defer d.Close(ctx, false)
+
+	var mu sync.Mutex
+	done := 0
+	errc := make(chan error, writers)
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < perWriter; i++ {
+				p := backpressurePayload(w, i)
+				if err := d.WriteAt(ctx, p, backpressureOffset(w, i)); err != nil {
+					errc <- fmt.Errorf("writer %d write %d: %w", w, i, err)
+					return
+				}
+				mu.Lock()
+				done++
+				mu.Unlock()
+			}
+		}()
+	}
+	// Wait until writers block on the cap.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st := d.Stats()
+		if st.Journal.PendingBytes > o.Journal.MaxPendingBytes {
+			t.Fatalf("pending %d bytes above the cap %d", st.Journal.PendingBytes, o.Journal.MaxPendingBytes)
+		}
+		if st.Journal.BlockedWriters > 0 && st.Flusher.Retries > 0 {
+			break
+		}
+		select {
+		case err := <-errc:
+			t.Fatalf("a writer failed while the remote was down: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("writers never blocked: %+v", st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	st := d.Stats()
+	mu.Lock()
+	accepted := done
+	mu.Unlock()
+	if st.Flusher.State != StateRetrying || st.Flusher.Batches != 0 {
+		t.Fatalf("flusher while the remote is down: %+v", st.Flusher)
+	}
+	if limit := int(o.Journal.MaxPendingBytes) / (chunk + indexSize); accepted > limit {
+		t.Fatalf("%d writes acknowledged with the remote down, the cap allows %d", accepted, limit)
+	}
+	if seq, _ := r.Sequence(ctx); seq != 0 || !isZero(r.Bytes()) {
+		t.Fatal("the blob changed while the remote was down")
+	}
+	t.Logf("remote down: %d of %d writes acknowledged, %d writers blocked, %d pending bytes (cap %d), %d retries",
+		accepted, writers*perWriter, st.Journal.BlockedWriters, st.Journal.PendingBytes, o.Journal.MaxPendingBytes, st.Flusher.Retries)
+
+	f.setDown(false)
+	all := make(chan struct{})
+	go func() { wg.Wait(); close(all) }()
+	select {
+	case <-all:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("writers still blocked after the remote returned: %+v", d.Stats())
+	}
+	close(errc)
+	for err := range errc {
+		t.Fatal(err)
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	for w := 0; w < writers; w++ {
+		for i := 0; i < perWriter; i++ {
+			copy(want[backpressureOffset(w, i):], backpressurePayload(w, i))
+		}
+	}
+	if i := propFirstDiff(r.Bytes()[:size], want); i >= 0 {
+		t.Fatalf("blob differs from the writes at byte %d", i)
+	}
+	if i := propFirstDiff(readImage(t, dir), want); i >= 0 {
+		t.Fatalf("image differs from the writes at byte %d", i)
+	}
+}
+
+// Each writer owns 64 KiB and overwrites its 4 KiB chunks in turn.
+func backpressureOffset(w, i int) int64 { return int64(w)*(64<<10) + int64(i%16)*4096 }
+
+func backpressurePayload(w, i int) []byte {
+	p := make([]byte, 4096)
+	for k := range p {
+		p[k] = byte(w*67 + i*13 + k%251 + 1)
+	}
+	return p
+}
