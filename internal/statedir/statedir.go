@@ -157,8 +157,13 @@ func syncDir(path string) error {
 
 // Open reads an existing state directory and checks that it is whole: the
 // state file parses, the footer in it is valid for the recorded size, and
-// the image has the recorded size.
+// the image has the recorded size. Path is made absolute: it is recorded
+// where other processes in other directories read it (the mount's source
+// in /proc/mounts, which `vhdsync unmount` follows to the control socket).
 func Open(path string) (*Dir, error) {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
 	b, err := os.ReadFile(filepath.Join(path, StateFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s has no %s; create one with `vhdsync create`", ErrNotState, path, StateFile)
