@@ -339,9 +339,19 @@ func (d *daemon) waitExit(timeout time.Duration) {
 	waitFor(d.e.t, timeout, fmt.Sprintf("daemon pid %d to exit", d.pid), func() (bool, error) { return !d.alive(), nil })
 }
 
-// log returns the daemon's log (the state directory's vhdsync.log).
+// logPath is the daemon's log, the state directory's vhdsync.log (a
+// relative state directory is relative to the work directory, where the
+// binary runs).
+func (d *daemon) logPath() string {
+	if filepath.IsAbs(d.state) {
+		return filepath.Join(d.state, "vhdsync.log")
+	}
+	return filepath.Join(d.e.dir, d.state, "vhdsync.log")
+}
+
+// log returns the daemon's log.
 func (d *daemon) log() string {
-	b, _ := os.ReadFile(filepath.Join(d.state, "vhdsync.log"))
+	b, _ := os.ReadFile(d.logPath())
 	return string(b)
 }
 
@@ -375,11 +385,11 @@ func (d *daemon) cleanup() {
 	log := d.log()
 	for _, bad := range []string{"WARNING: DATA RACE", "panic:", "fatal error:"} {
 		if strings.Contains(log, bad) {
-			t.Errorf("the daemon's log (%s) shows %q", filepath.Join(d.state, "vhdsync.log"), bad)
+			t.Errorf("the daemon's log (%s) shows %q", d.logPath(), bad)
 		}
 	}
 	if t.Failed() {
-		t.Logf("daemon log %s:\n%s", filepath.Join(d.state, "vhdsync.log"), tail(log, 60))
+		t.Logf("daemon log %s:\n%s", d.logPath(), tail(log, 60))
 	}
 }
 
@@ -392,9 +402,12 @@ func tail(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// mountpoints lists the mountpoints of /proc/self/mountinfo.
-func mountpoints() map[string]string {
-	out := map[string]string{}
+// mountInfo is one line of /proc/self/mountinfo.
+type mountInfo struct{ fstype, source string }
+
+// mountpoints lists the mounts of /proc/self/mountinfo by mountpoint.
+func mountpoints() map[string]mountInfo {
+	out := map[string]mountInfo{}
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return out
@@ -402,12 +415,13 @@ func mountpoints() map[string]string {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
+		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
 		pre, post, ok := strings.Cut(sc.Text(), " - ")
 		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(pf) < 5 || len(qf) < 1 {
+		if !ok || len(pf) < 5 || len(qf) < 2 {
 			continue
 		}
-		out[unescapeMount(pf[4])] = qf[0]
+		out[unescapeMount(pf[4])] = mountInfo{fstype: qf[0], source: unescapeMount(qf[1])}
 	}
 	return out
 }

@@ -656,8 +656,17 @@ func TestE2ESigtermDrains(t *testing.T) {
 	}
 
 	// With a loop device attached, SIGTERM drains but cannot unmount: the
-	// daemon keeps serving and status names the loop device.
-	d = e.mount(state, mp, "--linger", "10m")
+	// daemon keeps serving and status names the loop device. (This mount
+	// names its state directory relative to the working directory, as a
+	// user may; unmount runs from elsewhere.)
+	rel, err := filepath.Rel(e.dir, state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d = e.mount(rel, mp, "--linger", "10m")
+	if m := mountpoints()[mp]; m.fstype != "fuse.vhdsync" || m.source != state {
+		t.Errorf("the mount's source is %q (%s), want the absolute state directory %s", m.source, m.fstype, state)
+	}
 	loop := e.losetup(img)
 	more := map[int64][]byte{8 << 20: pattern("term-3", 1<<20)}
 	writeAtSync(t, loop, more)
@@ -696,7 +705,9 @@ func TestE2ESigtermDrains(t *testing.T) {
 	}
 
 	e.must("losetup", "-d", loop)
-	e.mustVhdsync("unmount", mp)
+	if r := execTimeout(t, "/", 2*time.Minute, e.bin, "unmount", mp); r.code != 0 {
+		t.Fatalf("vhdsync unmount, run from /: %s", r)
+	}
 	d.waitExit(30 * time.Second)
 	checkBlobHas(t, url, more)
 	checkBlobHas(t, url, evenMore)
