@@ -430,6 +430,7 @@ func (c *Client) ClearPages(ctx context.Context, off, length int64, leaseID stri
 // chain, so the flusher can tell transient failures from final ones.
 func (c *Client) wrapWrite(what string, err error) error {
 	code, status := serviceCode(err)
+	err = redacted{err}
 	if status == 0 || status == 408 || status == 429 || status >= 500 {
 		return fmt.Errorf("%s %s: %w", what, c.loc.URL(), err)
 	}

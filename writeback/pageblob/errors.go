@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"regexp"
 	"strings"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
@@ -86,5 +87,21 @@ func describe(err error) string {
 	if i := strings.IndexByte(msg, '\n'); i >= 0 {
 		msg = msg[:i]
 	}
-	return Redact(msg)
+	return redactText(msg)
 }
+
+// sigParam matches a SAS signature anywhere in a text, such as an error
+// that quotes a request URL.
+var sigParam = regexp.MustCompile(`(?i)([?&]sig=)[^&"'\s]*`)
+
+// redactText replaces every SAS signature in s. Redact cannot do it for an
+// error message: the HTTP client's *url.Error quotes the whole request URL,
+// query and all, inside its text.
+func redactText(s string) string { return sigParam.ReplaceAllString(s, "${1}REDACTED") }
+
+// redacted keeps err in the chain, so errors.Is and errors.As (IsTransient)
+// still see the cause, but prints it without SAS signatures.
+type redacted struct{ err error }
+
+func (r redacted) Error() string { return redactText(r.err.Error()) }
+func (r redacted) Unwrap() error { return r.err }
