@@ -6,7 +6,10 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand/v2"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -18,6 +21,7 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
 	"github.com/google/uuid"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
@@ -1143,4 +1147,88 @@ func TestAzuriteBackpressure(t *testing.T) {
 	}
 	azCheckConverged(t, url, dir, size, footer)
 	t.Logf("remote back: %d writes done; flusher: %d batches, %d puts, %d bytes, %d retries in all", done.Load(), st.Flusher.Batches, st.Flusher.PutCalls, st.Flusher.BytesSent, st.Flusher.Retries)
+}
+
+// TestAzuriteNoSASInErrors opens the Disk with a SAS URL and makes the
+// connection fail for real (the request goes to a port nobody listens
+// on): the flusher retries, and neither its last error (what status
+// shows) nor its log may hold the SAS signature.
+func TestAzuriteNoSASInErrors(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 20 * azMiB
+	url, footer := azBlob(t, s, "sas.vhd", size)
+	cred, err := blob.NewSharedKeyCredential(azurite.DevAccount, azurite.DevKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	perms := sas.BlobPermissions{Read: true, Add: true, Create: true, Write: true}
+	qp, err := sas.BlobSignatureValues{
+		Protocol: sas.ProtocolHTTPSandHTTP, ExpiryTime: time.Now().Add(time.Hour),
+		ContainerName: "disks", BlobName: "sas.vhd", Permissions: perms.String(),
+	}.SignWithSharedKey(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig := qp.Signature()
+	tr := newWireTransport()
+	c := azClient(t, url+"?"+qp.Encode(), tr, 0)
+	if !strings.Contains(c.AuthMethod(), "SAS") {
+		t.Fatalf("auth method %q", c.AuthMethod())
+	}
+	var logMu sync.Mutex
+	var logBuf bytes.Buffer
+	logger := slog.New(slog.NewTextHandler(lockedWriter{&logMu, &logBuf}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Logger: logger, Flusher: FlusherOptions{Linger: 10 * time.Millisecond}})
+	var down atomic.Bool
+	down.Store(true)
+	tr.setChoose(func(r *wireReq) wireFault {
+		if down.Load() && isWrite(r) {
+			return wireDeadPort
+		}
+		return wireOK
+	})
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := d.WriteAt(dctx, bytes.Repeat([]byte{9}, 8192), 4096); err != nil {
+		t.Fatal(err)
+	}
+	azWaitFor(t, "the flusher to retry a refused connection", 20*time.Second, func() bool {
+		st := d.Stats().Flusher
+		return st.State == StateRetrying && st.Retries >= 2
+	})
+	st := d.Stats().Flusher
+	leaks := func(what, text string) {
+		t.Helper()
+		for _, v := range []string{sig, neturl.QueryEscape(sig)} {
+			if strings.Contains(text, v) {
+				t.Errorf("%s holds the SAS signature: %s", what, text)
+				return
+			}
+		}
+	}
+	leaks("the flusher's last error", st.LastError)
+	logMu.Lock()
+	leaks("the log", logBuf.String())
+	logMu.Unlock()
+	t.Logf("last error while the connection is refused: %s", st.LastError)
+
+	down.Store(false)
+	if err := d.Close(dctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir, size, footer)
+}
+
+// lockedWriter serializes writes to w.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

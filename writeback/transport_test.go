@@ -28,18 +28,19 @@ import (
 type wireFault int
 
 const (
-	wireOK      wireFault = iota
-	wire503               // answer 503 ServerBusy without forwarding
-	wireTimeout           // return a net timeout error without forwarding
-	wireHang              // wait until the per-try deadline fires, without forwarding
-	wireLost              // forward, then drop the response: connection reset
-	wireRefused           // return connection refused without forwarding
-	wireHold              // keep the request for a later re-send, answer a timeout
-	wire500               // answer 500 OperationTimedOut without forwarding
+	wireOK       wireFault = iota
+	wire503                // answer 503 ServerBusy without forwarding
+	wireTimeout            // return a net timeout error without forwarding
+	wireHang               // wait until the per-try deadline fires, without forwarding
+	wireLost               // forward, then drop the response: connection reset
+	wireRefused            // return connection refused without forwarding
+	wireHold               // keep the request for a later re-send, answer a timeout
+	wire500                // answer 500 OperationTimedOut without forwarding
+	wireDeadPort           // forward to a loopback port nobody listens on
 )
 
 func (f wireFault) String() string {
-	return [...]string{"none", "503", "timeout", "hang", "lost", "refused", "hold", "500"}[f]
+	return [...]string{"none", "503", "timeout", "hang", "lost", "refused", "hold", "500", "deadport"}[f]
 }
 
 // wireReq is what the transport saw of one request.
@@ -147,6 +148,8 @@ type wireTransport struct {
 	// onSeq, when set, is called (under mu) after every applied sequence
 	// update, with the shadow and the new sequence number.
 	onSeq func(shadow []byte, seq int64)
+	// deadAddr is a loopback address nobody listens on (wireDeadPort).
+	deadAddr string
 	// hold, when set, keeps matching requests waiting (see setHold).
 	hold    func(r *wireReq) bool
 	cond    *sync.Cond
@@ -157,6 +160,10 @@ func newWireTransport() *wireTransport {
 	t := &wireTransport{client: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}}
 	t.cond = sync.NewCond(&t.mu)
 	t.waiting = map[*wireReq]bool{}
+	if l, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
+		t.deadAddr = l.Addr().String()
+		l.Close()
+	}
 	return t
 }
 
@@ -257,6 +264,11 @@ func (t *wireTransport) Do(req *http.Request) (*http.Response, error) {
 	case wireHang:
 		<-req.Context().Done()
 		err = req.Context().Err()
+	case wireDeadPort:
+		// The real HTTP client fails to connect: its error (a *url.Error)
+		// names the request URL, query and all.
+		out.URL.Host = t.deadAddr
+		resp, err = t.client.Do(out)
 	case wireRefused:
 		err = &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
 	default:
