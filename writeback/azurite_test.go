@@ -838,9 +838,20 @@ func azFaultsRandom(t *testing.T, s *azurite.Server) {
 
 	frng := rand.New(rand.NewPCG(5, 5))
 	hangs := 0
+	// The first writes get one fault of each kind, so every kind is
+	// certainly seen; after that the RNG decides.
+	first := []wireFault{wire503, wireLost, wire500, wireTimeout, wireHang, wireLost}
 	tr.setChoose(func(r *wireReq) wireFault {
 		if !isWrite(r) {
 			return wireOK
+		}
+		if len(first) > 0 {
+			f := first[0]
+			first = first[1:]
+			if f == wireHang {
+				hangs++
+			}
+			return f
 		}
 		switch x := frng.Float64(); {
 		case x < 0.08:
@@ -978,10 +989,10 @@ func azDelayedDuplicate(t *testing.T, s *azurite.Server) {
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	const x = azMiB
-	held := false
+	var held atomic.Bool
 	tr.setChoose(func(r *wireReq) wireFault {
-		if !held && r.kind() == "put" && r.Off <= x && r.End >= x {
-			held = true
+		if !held.Load() && r.kind() == "put" && r.Off <= x && r.End >= x {
+			held.Store(true)
 			return wireHold
 		}
 		return wireOK
@@ -994,7 +1005,7 @@ func azDelayedDuplicate(t *testing.T, s *azurite.Server) {
 	if err := d.Drain(dctx); err != nil {
 		t.Fatal(err)
 	}
-	if !held {
+	if !held.Load() {
 		t.Fatal("no Put Page was held")
 	}
 	if err := d.WriteAt(dctx, b, x); err != nil {
