@@ -135,8 +135,9 @@ type wireHeld struct {
 type wireTransport struct {
 	client *http.Client
 
-	mu   sync.Mutex
-	reqs []wireReq
+	mu      sync.Mutex
+	reqs    []wireReq // in the order they completed
+	arrived int       // requests seen so far (numbers them)
 	// choose, when set, picks the wireFault for a request (called under mu,
 	// so it may use an unsynchronized RNG).
 	choose func(r *wireReq) wireFault
@@ -230,7 +231,8 @@ func (t *wireTransport) Do(req *http.Request) (*http.Response, error) {
 	}
 
 	t.mu.Lock()
-	info.N = len(t.reqs)
+	info.N = t.arrived
+	t.arrived++
 	if t.choose != nil {
 		info.Fault = t.choose(&info)
 	}
@@ -349,7 +351,8 @@ func (t *wireTransport) resendHeld(ctx context.Context) ([]wireReq, error) {
 		info.Status = resp.StatusCode
 		info.ErrCode = resp.Header.Get("x-ms-error-code")
 		t.mu.Lock()
-		info.N = len(t.reqs)
+		info.N = t.arrived
+		t.arrived++
 		t.track(&info, h.body)
 		t.reqs = append(t.reqs, info)
 		t.mu.Unlock()
