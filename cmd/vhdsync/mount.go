@@ -293,7 +293,9 @@ wait:
 			log.Info("signal: draining the journal, then unmounting", "signal", s.String())
 			setPhase("draining", "signal "+s.String())
 			dctx, cancel := context.WithCancel(context.Background())
+			watched := make(chan struct{})
 			go func() {
+				defer close(watched)
 				select {
 				case <-sigs:
 					log.Warn("second signal: stopping without draining; the journal is kept and replayed at the next mount")
@@ -304,23 +306,22 @@ wait:
 			}()
 			derr := disk.Drain(dctx)
 			cancel()
-			if forced {
-				_ = server.Unmount()
-				<-gone
-				break wait
-			}
-			if derr != nil {
+			<-watched // forced is settled
+			if derr != nil && !forced {
 				log.Error("drain failed; still serving", "err", derr)
 				setPhase("serving", "drain failed: "+derr.Error())
 				continue
 			}
 			if uerr := server.Unmount(); uerr != nil {
+				// Busy (a loop device, qemu-nbd): keep serving, say why. A
+				// later unmount drains as usual, even after a second signal.
 				msg := fmt.Sprintf("cannot unmount %s (%v); still serving. Detach what uses it first", absMP, uerr)
 				if loops := loopDevicesOn(absMP); len(loops) > 0 {
 					msg += ": loop device " + strings.Join(loops, ", ") + " (losetup -d)"
 				}
 				log.Warn(msg)
 				setPhase("serving", msg)
+				forced = false
 				continue
 			}
 			<-gone
