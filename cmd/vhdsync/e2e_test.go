@@ -714,3 +714,74 @@ func TestE2ESigtermDrains(t *testing.T) {
 	checkBlobHas(t, url, data)
 	e.checkBlobIsImage(url, state, size)
 }
+
+// TestE2ESecondSignalWhileBusy: the remote is gone, so a SIGTERM's drain
+// cannot finish; a second SIGTERM stops the drain, but a loop device keeps
+// the mount busy: the daemon keeps serving and says why (it used to block,
+// deaf to signals, with status stuck at "draining"). Detached and
+// unmounted, it keeps the journal for the next mount.
+func TestE2ESecondSignalWhileBusy(t *testing.T) {
+	e := newE2E(t)
+	_, state := e.createDisk("busy", 64)
+	mp := e.path("mnt")
+	d := e.mount(state, mp)
+	img := filepath.Join(mp, "busy.img")
+	loop := e.losetup(img)
+	e.az.Stop()
+	data := map[int64][]byte{5 << 20: pattern("busy", 256<<10)}
+	writeAtSync(t, loop, data)
+
+	phase := func(want, note string) {
+		t.Helper()
+		waitFor(t, 30*time.Second, fmt.Sprintf("phase %q with a note naming %q", want, note), func() (bool, error) {
+			s, err := e.status(state)
+			if err == nil && s.Phase == want && strings.Contains(s.Note, note) {
+				return true, nil
+			}
+			return false, fmt.Errorf("%v: phase %q, note %q", err, s.Phase, s.Note)
+		})
+	}
+	if err := syscall.Kill(d.pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	phase("draining", "signal")
+	if err := syscall.Kill(d.pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	phase("serving", loop)
+	if !d.alive() || !isMounted(mp) {
+		t.Fatal("the daemon stopped although the loop device is attached")
+	}
+	lf, err := os.Open(loop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 256<<10)
+	_, err = lf.ReadAt(got, 5<<20)
+	lf.Close()
+	if err != nil || !bytes.Equal(got, data[5<<20]) {
+		t.Errorf("reading through the loop device after two signals: %v", err)
+	}
+
+	// Detached, unmount cannot drain (no remote): it gives up after its
+	// timeout, the daemon keeps trying until a signal stops it with the
+	// journal kept.
+	e.must("losetup", "-d", loop)
+	if r := e.vhdsync("unmount", "--timeout", "1s", mp); r.code != ExitNotDrained || !strings.Contains(r.stderr, "keeps draining") {
+		t.Errorf("unmount without a remote: want exit %d: %s", ExitNotDrained, r)
+	}
+	if isMounted(mp) {
+		t.Fatal("still mounted after vhdsync unmount")
+	}
+	if err := syscall.Kill(d.pid, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	d.waitExit(30 * time.Second)
+	ls := readLastStop(t, state)
+	if ls.Drained || ls.PendingRecords == 0 || ls.Error == "" {
+		t.Errorf("last stop should keep the undrained journal: %+v", ls)
+	}
+	if s := e.mustStatus(state); s.Mounted || s.JournalRecords != ls.PendingRecords || !strings.Contains(s.Note, "replay") {
+		t.Errorf("status after the stop: mounted %v, %d records (last stop: %d), note %q", s.Mounted, s.JournalRecords, ls.PendingRecords, s.Note)
+	}
+}
