@@ -53,6 +53,11 @@ func runUnmount(ctx context.Context, g *globals, mp string, timeout time.Duratio
 	}
 	st, err := control.Get(ctx, m.StateDir)
 	if err != nil {
+		// A dead daemon's mount stays listed (as fuse.vhdsync) until it is
+		// unmounted, so it is found above: give the same advice.
+		if _, serr := os.Stat(m.Mountpoint); errors.Is(serr, syscall.ENOTCONN) {
+			return fmt.Errorf("%s is a dead mount (the daemon died): detach loop devices on it (losetup -d), run `umount -l %s`, then `vhdsync replay --state %s` or mount again", m.Mountpoint, m.Mountpoint, m.StateDir)
+		}
 		return fmt.Errorf("%s is mounted but its daemon does not answer: %w", m.Mountpoint, err)
 	}
 	if err := unmountFS(m.Mountpoint); err != nil {
