@@ -398,6 +398,9 @@ func TestE2EKill9Replay(t *testing.T) {
 	if r := e.mountAttempt(state, mp); r.code != ExitBusy || !strings.Contains(r.stderr, "umount -l") {
 		t.Errorf("mount on the dead mount: want exit %d with the cleanup advice: %s", ExitBusy, r)
 	}
+	if r := e.vhdsync("unmount", mp); r.code == 0 || !strings.Contains(r.stderr, "umount -l") || !strings.Contains(r.stderr, "losetup -d") {
+		t.Errorf("unmount of the dead mount: want a failure with the cleanup advice: %s", r)
+	}
 	e.must("losetup", "-d", loop)
 	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
 		t.Fatalf("umount -l %s: %v", mp, err)
@@ -505,7 +508,12 @@ func TestE2ESecondMount(t *testing.T) {
 		}
 	}
 
-	// The same state directory twice.
+	// The same state directory twice, and the commands that need it alone.
+	for _, cmd := range [][]string{{"verify", "--state", state}, {"replay", "--state", state}} {
+		if r := e.vhdsync(cmd...); r.code != ExitBusy || !strings.Contains(r.stderr, mpA) {
+			t.Errorf("%s while mounted: want exit %d naming %s: %s", cmd[0], ExitBusy, mpA, r)
+		}
+	}
 	mpC := e.path("mntC")
 	if r := e.mountAttempt(state, mpC); r.code != ExitBusy || !strings.Contains(r.stderr, "in use") || !strings.Contains(r.stderr, mpA) {
 		t.Errorf("same state directory twice: want exit %d naming %s: %s", ExitBusy, mpA, r)
