@@ -1,6 +1,7 @@
 package writeback
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -330,4 +331,89 @@ func backpressurePayload(w, i int) []byte {
 		p[k] = byte(w*67 + i*13 + k%251 + 1)
 	}
 	return p
+}
+
+// TestFlusherWaitsForImageWrites: a record the flusher has sent must be in
+// the local image before the flusher syncs the image and deletes the
+// record, even when the writer's image write comes late (the writer
+// goroutine descheduled between its journal append and its pwrite).
+// Otherwise a kill -9 right then, or a power loss before the next image
+// sync, leaves the write on the blob but in neither the journal nor the
+// image: the image and the blob never converge. The writer here applies its
+// record only once the blob holds the whole batch, and then waits a little
+// more for the flusher's image sync, which must not come before it.
+func TestFlusherWaitsForImageWrites(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	j, err := OpenJournal(propBaseDir(t), JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewMemRemote(64 << 10)
+	onBlob := make(chan struct{})
+	r.Observe = func(_ []byte, seq int64) {
+		if seq == 2 {
+			close(onBlob)
+		}
+	}
+	var mu sync.Mutex
+	image := make([]byte, 4096)
+	synced := make(chan bool, 1) // whether the image held the write at the sync
+	f := NewFlusher(j, r, "", 0, FlusherOptions{Linger: time.Millisecond, SyncImage: func() error {
+		mu.Lock()
+		ok := image[0] == 0xAB
+		mu.Unlock()
+		select {
+		case synced <- ok:
+		default:
+		}
+		return nil
+	}})
+	runErr := make(chan error, 1)
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		runErr <- f.Run(ctx)
+	}()
+	defer func() {
+		cancel()
+		<-stopped
+		j.Close()
+	}()
+
+	rec := Record{Offset: 0, Length: 4096, Kind: KindData, Data: bytes.Repeat([]byte{0xAB}, 4096)}
+	applyErr := make(chan error, 1)
+	go func() {
+		applyErr <- j.appendApply(ctx, &rec, func() error {
+			f.Kick() // the record is committed
+			select {
+			case <-onBlob:
+			case <-time.After(20 * time.Second):
+				return errors.New("the record never reached the blob")
+			}
+			// An image sync now would be too early; give it the chance
+			// to happen (it must not).
+			select {
+			case ok := <-synced:
+				synced <- ok
+			case <-time.After(100 * time.Millisecond):
+			}
+			mu.Lock()
+			copy(image, rec.Data)
+			mu.Unlock()
+			return nil
+		})
+	}()
+	if err := <-applyErr; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ok := <-synced:
+		if !ok {
+			t.Fatal("the flusher synced the image (and went on to delete the record) before the record was written to it")
+		}
+	case err := <-runErr:
+		t.Fatalf("flusher stopped: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("the flusher never synced the image")
+	}
 }

@@ -263,11 +263,13 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 		copy(buf[off-aoff:], p)
 	}
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
-	if err := d.j.Append(ctx, &rec); err != nil {
+	if err := d.j.appendApply(ctx, &rec, func() error {
+		if _, err := d.img.WriteAt(buf, aoff); err != nil {
+			return fmt.Errorf("write local image %d+%d: %w", aoff, len(buf), err)
+		}
+		return nil
+	}); err != nil {
 		return err
-	}
-	if _, err := d.img.WriteAt(buf, aoff); err != nil {
-		return fmt.Errorf("write local image %d+%d: %w", aoff, len(buf), err)
 	}
 	d.f.Kick()
 	return nil
@@ -308,11 +310,13 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 		kind = KindDiscard
 	}
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: kind}
-	if err := d.j.Append(ctx, &rec); err != nil {
+	if err := d.j.appendApply(ctx, &rec, func() error {
+		if err := punch(d.img, aoff, aend-aoff); err != nil {
+			return fmt.Errorf("zero local image %d+%d: %w", aoff, aend-aoff, err)
+		}
+		return nil
+	}); err != nil {
 		return err
-	}
-	if err := punch(d.img, aoff, aend-aoff); err != nil {
-		return fmt.Errorf("zero local image %d+%d: %w", aoff, aend-aoff, err)
 	}
 	d.f.Kick()
 	return nil

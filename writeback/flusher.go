@@ -299,6 +299,9 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	f.seqCalls.Add(1)
 	f.seq.Store(max(done, f.seq.Load()))
 	f.epoch.Store(last)
+	// Every record of the batch must be in the image before the image is
+	// synced and the records deleted (see Journal.appendApply).
+	f.j.waitApplied()
 	if f.o.SyncImage != nil {
 		if err := f.o.SyncImage(); err != nil {
 			return fmt.Errorf("sync local image: %w", err)

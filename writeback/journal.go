@@ -67,6 +67,7 @@ type Journal struct {
 	max  int64
 
 	barrierMu sync.RWMutex
+	applyMu   sync.RWMutex // held for reading from commit to applied, see appendApply
 	nextSeq   atomic.Uint64
 	epoch     uint64      // open epoch; guarded by barrierMu
 	epochUsed atomic.Bool // the open epoch has records
@@ -281,6 +282,18 @@ func (j *Journal) RaiseEpoch(e uint64) {
 // until the flusher drains or ctx ends; it never fails for lack of space
 // in the cap.
 func (j *Journal) Append(ctx context.Context, r *Record) error {
+	return j.appendApply(ctx, r, nil)
+}
+
+// appendApply is Append, then apply (the caller's write of r to the local
+// image), run before the record counts as applied: waitApplied, which the
+// flusher calls before it syncs the image and deletes drained records,
+// waits for every record committed so far to be applied. Without it a
+// batch could be sent, the image synced and the record deleted between the
+// commit and the image write; a crash then, or a power loss before the
+// next image sync, leaves the write on the blob and in neither the journal
+// nor the image.
+func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error) error {
 	if err := r.check(); err != nil {
 		return fmt.Errorf("append: %w", err)
 	}
@@ -312,6 +325,7 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 		}
 		seg.dirty.Store(true)
 	}
+	j.applyMu.RLock()
 	j.barrierMu.RLock()
 	r.Seq = j.nextSeq.Add(1) - 1
 	r.Epoch = j.epoch
@@ -334,13 +348,25 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 		seg.inflight.Add(-1)
 	}
 	if err != nil {
+		j.applyMu.RUnlock()
 		j.release(size)
 		return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
 	}
+	if apply != nil {
+		err = apply()
+	}
+	j.applyMu.RUnlock()
 	if full {
 		j.closeEpoch(r.Epoch)
 	}
-	return nil
+	return err
+}
+
+// waitApplied waits until every record committed so far has been applied
+// (see appendApply).
+func (j *Journal) waitApplied() {
+	j.applyMu.Lock()
+	j.applyMu.Unlock() //nolint:staticcheck // the empty critical section is the wait
 }
 
 // closeEpoch closes epoch e if it is still the open one. Closing an epoch
