@@ -396,8 +396,20 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 	if drained {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		if err := d.o.Remote.ReleaseLease(rctx, d.lease); err != nil {
-			errs = append(errs, fmt.Errorf("release lease: %w", err))
+		// A few tries: a lost response must not leave the lease held (the
+		// same state directory would take it back, but nobody else could).
+		var rerr error
+		for attempt := 0; attempt < 4; attempt++ {
+			if rerr = d.o.Remote.ReleaseLease(rctx, d.lease); rerr == nil || !IsTransient(rerr) {
+				break
+			}
+			select {
+			case <-rctx.Done():
+			case <-time.After(time.Duration(attempt+1) * 500 * time.Millisecond):
+			}
+		}
+		if rerr != nil {
+			errs = append(errs, fmt.Errorf("release lease: %w", rerr))
 		}
 	}
 	return errors.Join(errs...)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -146,7 +147,8 @@ func (f *Flusher) Stats() FlusherStats {
 	f.mu.Lock()
 	s := FlusherStats{State: f.state}
 	if f.lastErr != nil {
-		s.LastError = f.lastErr.Error()
+		// The first line only: the SDK's error text repeats the request.
+		s.LastError, _, _ = strings.Cut(f.lastErr.Error(), "\n")
 	}
 	f.mu.Unlock()
 	s.RemoteEpoch = f.epoch.Load()

@@ -31,11 +31,12 @@ func TestParseLocation(t *testing.T) {
 	if r := Redact("https://acct.blob.core.windows.net/c/b?sv=1&sig=SECRET"); strings.Contains(r, "SECRET") {
 		t.Fatalf("Redact leaks: %s", r)
 	}
-	l, err = ParseLocation("http://127.0.0.1:10000/devstoreaccount1/c/disk.vhd")
-	if err != nil || !l.IsEmulator() || l.Account != "devstoreaccount1" || l.URL() != "http://127.0.0.1:10000/devstoreaccount1/c/disk.vhd" {
+	l, err = ParseLocation("http://127.0.0.1:10000/devstoreaccount1/disks/disk.vhd")
+	if err != nil || !l.IsEmulator() || l.Account != "devstoreaccount1" || l.URL() != "http://127.0.0.1:10000/devstoreaccount1/disks/disk.vhd" {
 		t.Fatalf("%+v %v", l, err)
 	}
-	for _, bad := range []string{"ftp://x/y/z", "https://acct.blob.core.windows.net/onlycontainer", "http://127.0.0.1:1/acct/c", "https://a.blob.core.windows.net/c/b?foo=bar"} {
+	for _, bad := range []string{"ftp://x/y/z", "https://acct.blob.core.windows.net/onlycontainer", "http://127.0.0.1:1/acct/c", "https://a.blob.core.windows.net/disks/b?foo=bar",
+		"https://a.blob.core.windows.net/c/b", "https://a.blob.core.windows.net/Disks/b", "https://a.blob.core.windows.net/di--sks/b", "https://a.blob.core.windows.net/-disks/b"} {
 		if _, err := ParseLocation(bad); !errors.Is(err, ErrBadURL) {
 			t.Errorf("%q: want ErrBadURL, got %v", bad, err)
 		}
