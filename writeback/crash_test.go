@@ -417,3 +417,107 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 		t.Fatal("the flusher never synced the image")
 	}
 }
+
+// delayingRemote holds back some Put Page and Clear Pages requests, as a
+// network that delays a request after the client gave up on it: the
+// caller sees a transient error, and the request can be delivered later.
+type delayingRemote struct {
+	*MemRemote
+	mu    sync.Mutex
+	calls int
+	held  []func() error
+}
+
+func (d *delayingRemote) hold(deliver func() error) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.calls++
+	if d.calls%3 != 0 {
+		return false
+	}
+	d.held = append(d.held, deliver)
+	return true
+}
+
+func copyCond(c Cond) Cond {
+	if c.IfSequenceEq != nil {
+		v := *c.IfSequenceEq
+		c.IfSequenceEq = &v
+	}
+	return c
+}
+
+func (d *delayingRemote) PutPages(ctx context.Context, off int64, data []byte, c Cond) error {
+	data2, c2 := bytes.Clone(data), copyCond(c)
+	if d.hold(func() error { return d.MemRemote.PutPages(ctx, off, data2, c2) }) {
+		return &TransientError{Msg: "injected: timed out (the request is still in the network)"}
+	}
+	return d.MemRemote.PutPages(ctx, off, data, c)
+}
+
+func (d *delayingRemote) ClearPages(ctx context.Context, off, n int64, c Cond) error {
+	c2 := copyCond(c)
+	if d.hold(func() error { return d.MemRemote.ClearPages(ctx, off, n, c2) }) {
+		return &TransientError{Msg: "injected: timed out (the request is still in the network)"}
+	}
+	return d.MemRemote.ClearPages(ctx, off, n, c)
+}
+
+// TestDelayedRequestsAreFenced: every Put Page and Clear Pages carries the
+// lease and a sequence-number fence, so a request delayed in the network
+// and delivered after its batch completed is refused and cannot overwrite
+// newer data.
+func TestDelayedRequestsAreFenced(t *testing.T) {
+	ctx := context.Background()
+	const size = 128 << 10
+	dir := propBaseDir(t)
+	r := &delayingRemote{MemRemote: NewMemRemote(size + 512)}
+	o := DiskOptions{}
+	o.Journal.MaxEpochBytes = 8 << 10
+	o.Flusher.MaxBatchBytes = 32 << 10
+	o.Flusher.Linger = 200 * time.Microsecond
+	d := propOpenDisk(t, dir, size, r, o)
+	defer d.Close(ctx, false)
+	for i := 0; i < 120; i++ {
+		// Rewrite the same 16 KiB over and over, so a late request would
+		// put old data over new.
+		off := int64(i%8) * 2048
+		var err error
+		switch i % 10 {
+		case 3:
+			err = d.Zero(ctx, off, 4096, i%20 == 3)
+		case 7:
+			err = d.Flush()
+		default:
+			err = d.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 1)}, 4096), off)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := r.Bytes()
+	r.mu.Lock()
+	held := r.held
+	r.mu.Unlock()
+	if len(held) == 0 {
+		t.Fatal("no request was delayed")
+	}
+	for k, deliver := range held {
+		if err := deliver(); !errors.Is(err, ErrMemCondition) {
+			t.Fatalf("delayed request %d of %d delivered after its batch: %v, want the fence to refuse it", k, len(held), err)
+		}
+	}
+	if !bytes.Equal(r.Bytes(), want) {
+		t.Fatal("a delayed request changed the blob")
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if i := propFirstDiff(readImage(t, dir), want[:size]); i >= 0 {
+		t.Fatalf("blob and image differ at byte %d", i)
+	}
+	t.Logf("%d delayed requests refused", len(held))
+}
