@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -520,4 +521,41 @@ func TestDelayedRequestsAreFenced(t *testing.T) {
 		t.Fatalf("blob and image differ at byte %d", i)
 	}
 	t.Logf("%d delayed requests refused", len(held))
+}
+
+// TestWriteZerosChunked: the fallback of punch for file systems without
+// hole punching zeroes exactly the range, with a bounded buffer.
+func TestWriteZerosChunked(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "img")
+	const size = 5<<20 + 3*SectorSize
+	want := bytes.Repeat([]byte{0x5A}, size)
+	if err := os.WriteFile(path, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	off, n := int64(SectorSize), int64(3<<20+SectorSize)
+	if err := writeZeros(f, off, n); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[off : off+n])
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := propFirstDiff(got, want); i >= 0 {
+		t.Fatalf("differs at byte %d", i)
+	}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if err := writeZeros(f, 0, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	if d := after.TotalAlloc - before.TotalAlloc; d > 4<<20 {
+		t.Fatalf("zeroing 16 MiB allocated %d bytes", d)
+	}
 }

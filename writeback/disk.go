@@ -207,9 +207,24 @@ func (d *Disk) applyToImage(r *Record) error {
 func punch(f *os.File, off, n int64) error {
 	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 	if errors.Is(err, unix.EOPNOTSUPP) {
-		_, err = f.WriteAt(make([]byte, n), off)
+		err = writeZeros(f, off, n)
 	}
 	return err
+}
+
+// writeZeros writes n zero bytes at off, 1 MiB at a time: a discard of the
+// whole disk (mkfs does one) must not allocate a buffer the size of the
+// disk.
+func writeZeros(f *os.File, off, n int64) error {
+	zeros := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if _, err := f.WriteAt(zeros[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
 }
 
 // Size is the virtual size.
