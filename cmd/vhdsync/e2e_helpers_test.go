@@ -171,10 +171,21 @@ func e2eEnv() []string {
 	return append(env, "GORACE="+gorace)
 }
 
-// exec runs a command to its end, bounded by timeout, and returns its exit
-// code and output. A command that cannot start or times out fails the test.
+// execTimeout runs a command to its end, bounded by timeout, and returns
+// its exit code and output. A command that cannot start or times out
+// fails the test.
 func execTimeout(t *testing.T, dir string, timeout time.Duration, name string, args ...string) result {
 	t.Helper()
+	r, err := runTimeout(dir, timeout, name, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// runTimeout is execTimeout returning the failure to run instead (for
+// cleanups, which must go on).
+func runTimeout(dir string, timeout time.Duration, name string, args ...string) (result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
@@ -188,13 +199,13 @@ func execTimeout(t *testing.T, dir string, timeout time.Duration, name string, a
 	var ee *exec.ExitError
 	switch {
 	case ctx.Err() != nil:
-		t.Fatalf("%s %s: no answer within %v\nstdout: %s\nstderr: %s", name, strings.Join(args, " "), timeout, r.stdout, r.stderr)
+		return r, fmt.Errorf("%s %s: no answer within %v\nstdout: %s\nstderr: %s", name, strings.Join(args, " "), timeout, r.stdout, r.stderr)
 	case errors.As(err, &ee):
 		r.code = ee.ExitCode()
 	case err != nil:
-		t.Fatalf("%s %s: %v", name, strings.Join(args, " "), err)
+		return r, fmt.Errorf("%s %s: %v", name, strings.Join(args, " "), err)
 	}
-	return r
+	return r, nil
 }
 
 // vhdsync runs the binary (timeout 2 minutes) and returns its result.
@@ -358,29 +369,35 @@ func (d *daemon) log() string {
 func (d *daemon) cleanup() {
 	t := d.e.t
 	if isMounted(d.mp) {
-		r := execTimeout(t, d.e.dir, 2*time.Minute, d.e.bin, "unmount", d.mp)
-		if r.code != 0 && isMounted(d.mp) {
-			if !t.Failed() {
-				t.Errorf("cleanup: vhdsync unmount %s: %s", d.mp, r)
-			}
+		// A bounded drain: with the remote gone it would never end.
+		r, err := runTimeout(d.e.dir, time.Minute, d.e.bin, "unmount", "--timeout", "15s", d.mp)
+		if (err != nil || r.code != 0) && !t.Failed() {
+			t.Errorf("cleanup: vhdsync unmount %s: %v %s", d.mp, err, r)
+		}
+		if isMounted(d.mp) {
 			if err := syscall.Unmount(d.mp, syscall.MNT_DETACH); err != nil {
 				t.Errorf("cleanup: umount -l %s: %v", d.mp, err)
 			}
 		}
 	}
-	if d.alive() {
-		// Give a draining daemon a moment, then stop it hard.
-		deadline := time.Now().Add(30 * time.Second)
-		for d.alive() && time.Now().Before(deadline) {
+	// A daemon still alive is draining: let it finish, then stop its drain
+	// with SIGTERM (the journal is kept), then SIGKILL.
+	for _, sig := range []syscall.Signal{0, syscall.SIGTERM, syscall.SIGKILL} {
+		if !d.alive() {
+			break
+		}
+		if sig != 0 {
+			if !t.Failed() {
+				t.Errorf("cleanup: daemon pid %d still alive; sending %v", d.pid, sig)
+			}
+			_ = syscall.Kill(d.pid, sig)
+		}
+		for deadline := time.Now().Add(5 * time.Second); d.alive() && time.Now().Before(deadline); {
 			time.Sleep(20 * time.Millisecond)
 		}
-		if d.alive() {
-			t.Errorf("cleanup: daemon pid %d still alive 30 s after its unmount; killing it", d.pid)
-			_ = syscall.Kill(d.pid, syscall.SIGKILL)
-			for deadline = time.Now().Add(10 * time.Second); d.alive() && time.Now().Before(deadline); {
-				time.Sleep(20 * time.Millisecond)
-			}
-		}
+	}
+	if d.alive() {
+		t.Errorf("cleanup: daemon pid %d survived SIGKILL", d.pid)
 	}
 	log := d.log()
 	for _, bad := range []string{"WARNING: DATA RACE", "panic:", "fatal error:"} {
