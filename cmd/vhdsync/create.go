@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"path"
 	"strings"
@@ -20,6 +21,7 @@ type createFlags struct {
 	name            string
 	overwrite       bool
 	createContainer bool
+	fromBlob        string
 }
 
 func newCreateCmd(g *globals) *cobra.Command {
@@ -37,9 +39,14 @@ and a sparse local image of SIZE bytes; mount it with ` + "`vhdsync mount`" + `.
 An existing blob is never touched unless --overwrite is given, and DIR must
 be new or empty.
 
+With --from-blob URL instead of --blob and --size: make the state directory
+for an existing page-blob VHD (uploaded by another tool, say), downloading
+its data into the local image, so it can be mounted and kept in sync.
+
 ` + vhdlayer.SizeHelp,
 		Example: `  vhdsync create --blob https://acct.blob.core.windows.net/disks/data.vhd --size 20GiB --state /var/lib/vhdsync/data
-  vhdsync create --blob http://127.0.0.1:10000/devstoreaccount1/disks/test.vhd --size 1GiB --state ./test --create-container`,
+  vhdsync create --blob http://127.0.0.1:10000/devstoreaccount1/disks/test.vhd --size 1GiB --state ./test --create-container
+  vhdsync create --from-blob https://acct.blob.core.windows.net/disks/uploaded.vhd --state /var/lib/vhdsync/uploaded`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runCreate(cmd, g, f) },
 	}
@@ -50,15 +57,20 @@ be new or empty.
 	fl.StringVar(&f.name, "name", "", "name of the disk files in the mount (<name>.vhd, <name>.img); default: the blob name without .vhd")
 	fl.BoolVar(&f.overwrite, "overwrite", false, "replace an existing blob of that name (its data is lost)")
 	fl.BoolVar(&f.createContainer, "create-container", false, "create the container if it does not exist")
-	for _, req := range []string{"blob", "size", "state"} {
-		_ = cmd.MarkFlagRequired(req)
-	}
+	_ = cmd.MarkFlagRequired("state")
+	registerFromBlob(cmd, &f)
 	return cmd
 }
 
 func runCreate(cmd *cobra.Command, g *globals, f createFlags) error {
 	ctx := cmd.Context()
 	log := g.logger()
+	if f.fromBlob != "" {
+		return runCreateFromBlob(ctx, g, f)
+	}
+	if f.size == "" {
+		return usageError{errors.New(`required flag(s) "size" not set`)}
+	}
 	size, err := vhdlayer.ParseSize(f.size)
 	if err != nil {
 		return fmt.Errorf("--size: %w", err)

@@ -5,6 +5,7 @@ import (
 	"strings"
 
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
@@ -17,13 +18,14 @@ const (
 	ExitUsage       = 2  // bad command line or flag value
 	ExitAuth        = 3  // authentication or authorization failed
 	ExitNotFound    = 4  // container or blob does not exist
-	ExitExists      = 5  // blob exists and --overwrite was not given
+	ExitExists      = 5  // blob (or download's output file) exists and --overwrite was not given
 	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
 	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
 	ExitState       = 8  // state directory missing, damaged, not empty or of another blob
 	ExitLeased      = 9  // blob leased by another writer
 	ExitBusy        = 10 // state directory or mountpoint in use, mount busy
 	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
+	ExitSrcChanged  = 12 // import resume refused: the source file changed since the import began
 	ExitInterrupted = 130
 )
 
@@ -46,15 +48,17 @@ func exitCode(err error) int {
 		return ExitBusy
 	case errors.Is(err, errNotDrained):
 		return ExitNotDrained
-	case errors.Is(err, errWrongBlob):
+	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced):
 		return ExitState
+	case errors.Is(err, transfer.ErrSourceChanged):
+		return ExitSrcChanged
 	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL):
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):
 		return ExitAuth
 	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound):
 		return ExitNotFound
-	case errors.Is(err, pageblob.ErrBlobExists):
+	case errors.Is(err, pageblob.ErrBlobExists), errors.Is(err, transfer.ErrFileExists):
 		return ExitExists
 	case errors.Is(err, pageblob.ErrLeased):
 		return ExitLeased
@@ -84,7 +88,8 @@ var errInvalidVHD = errors.New("invalid VHD")
 // plain errors without a type.
 func isCobraUsage(err error) bool {
 	m := err.Error()
-	for _, p := range []string{"unknown flag", "unknown shorthand flag", "unknown command", "required flag", "accepts ", "requires at least", "invalid argument", "flag needs an argument", "bad flag syntax"} {
+	for _, p := range []string{"unknown flag", "unknown shorthand flag", "unknown command", "required flag", "accepts ", "requires at least", "invalid argument", "flag needs an argument", "bad flag syntax",
+		"at least one of the flags in the group", "none of the others can be"} {
 		if strings.Contains(m, p) {
 			return true
 		}
