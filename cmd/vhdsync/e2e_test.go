@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"sort"
@@ -187,7 +188,10 @@ func TestE2EQemuNBD(t *testing.T) {
 			b, _ := os.ReadFile(e.path("qemu-nbd.log"))
 			t.Fatalf("qemu-nbd exited: %v\n%s", nbd.err, b)
 		}
-		_, err := os.Stat(sock)
+		c, err := net.Dial("unix", sock) // --persistent: a probe costs nothing
+		if err == nil {
+			c.Close()
+		}
 		return err == nil, err
 	})
 	nbdURL := "nbd+unix:///?socket=" + sock
@@ -604,8 +608,10 @@ func (e *e2e) unsyncedWrites(state, url, file string, chunks map[int64][]byte) {
 	e.t.Logf("pending before the stop: %d records, %d bytes", s.JournalRecords, s.JournalBytes)
 }
 
-// TestE2EPlainUmountDrains: writes acknowledged but never fsync'ed, then a
-// plain umount(2): the daemon drains the journal before it exits.
+// TestE2EPlainUmountDrains: writes through the .img with a plain os.File,
+// one batch fsync'ed, the rest acknowledged but never fsync'ed (a long
+// --linger keeps them in the journal's open epoch), then a plain
+// umount(2): the daemon drains the journal before it exits.
 func TestE2EPlainUmountDrains(t *testing.T) {
 	e := newE2E(t)
 	const size = 64 << 20
@@ -619,6 +625,8 @@ func TestE2EPlainUmountDrains(t *testing.T) {
 		17<<20 + 4096*3:  pattern("plain-4", 4096*5),
 		23<<20 + 123*512: pattern("plain-5", 512),
 	}
+	synced := map[int64][]byte{30 << 20: pattern("plain-synced", 2<<20)}
+	writeAtSync(t, filepath.Join(mp, "plain.img"), synced)
 	e.unsyncedWrites(state, url, filepath.Join(mp, "plain.img"), data)
 
 	if err := syscall.Unmount(mp, 0); err != nil {
@@ -629,6 +637,7 @@ func TestE2EPlainUmountDrains(t *testing.T) {
 		t.Errorf("last stop: %+v", ls)
 	}
 	checkBlobHas(t, url, data)
+	checkBlobHas(t, url, synced)
 	e.checkBlobIsImage(url, state, size)
 	if s := getBlobState(t, url); s.lease != "available" || s.seq%2 != 0 {
 		t.Errorf("blob after the drain: %+v", s)
