@@ -33,7 +33,7 @@ type Status struct {
 	JournalBytes    int64     `json:"journal_bytes"`
 	JournalCapBytes int64     `json:"journal_cap_bytes"`
 	JournalDisk     int64     `json:"journal_disk_bytes"`
-	OldestPending   time.Time `json:"oldest_pending,omitempty"`
+	OldestPending   time.Time `json:"oldest_pending,omitzero"`
 	LagSeconds      float64   `json:"lag_seconds"`
 	BlockedWriters  int       `json:"blocked_writers"`
 	OpenEpoch       uint64    `json:"open_epoch"`
