@@ -71,6 +71,9 @@ func TestE2EExt4RoundTrip(t *testing.T) {
 	if s.Mounted || s.JournalRecords != 0 || s.LeaseState != "available" || s.RemoteSequence%2 != 0 {
 		t.Errorf("status after unmount: mounted %v, %d records, lease %q, sequence %d", s.Mounted, s.JournalRecords, s.LeaseState, s.RemoteSequence)
 	}
+	if r := e.mustVhdsync("status", "--state", state, "--json"); strings.Contains(r.stdout, "oldest_pending") {
+		t.Errorf("status --json of a drained disk shows an oldest pending write: %s", r.stdout)
+	}
 	if r := e.mustVhdsync("verify", "--state", state); !strings.Contains(r.stdout, "identical") {
 		t.Errorf("verify: %s", r)
 	}
