@@ -135,7 +135,12 @@ func printStatus(w io.Writer, r statusReport) {
 	if r.RemoteSequence%2 == 1 {
 		parity = "odd: a batch is being applied"
 	}
-	fmt.Fprintf(tw, "blob sequence:\t%d (%s; epoch %d complete)\n", r.RemoteSequence, parity, r.RemoteEpoch)
+	if !r.Mounted && r.LastError != "" {
+		// The blob could not be asked: its sequence number is not known.
+		fmt.Fprintf(tw, "blob sequence:\tunknown (the blob could not be read, see last error)\n")
+	} else {
+		fmt.Fprintf(tw, "blob sequence:\t%d (%s; epoch %d complete)\n", r.RemoteSequence, parity, r.RemoteEpoch)
+	}
 	if r.Mounted {
 		fmt.Fprintf(tw, "epochs:\t%d closed, open epoch %d\n", r.EpochsClosed, r.OpenEpoch)
 		fmt.Fprintf(tw, "lease:\t%s\n", r.LeaseID)
