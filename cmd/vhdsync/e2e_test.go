@@ -25,11 +25,11 @@ import (
 )
 
 // TestE2EExt4RoundTrip: create, mount, losetup, mkfs.ext4, a tree of files,
-// unmount everything; the blob, downloaded with the SDK, is a fixed VHD
+// a file deleted and fstrim, unmount everything; the blob, downloaded with the SDK, is a fixed VHD
 // that qemu-img reads as the local image, whose ext4 is clean and holds
 // the files.
 func TestE2EExt4RoundTrip(t *testing.T) {
-	e := newE2E(t, "mkfs.ext4", "e2fsck", "qemu-img")
+	e := newE2E(t, "mkfs.ext4", "e2fsck", "fstrim", "qemu-img")
 	const size = 128 << 20
 	url, state := e.createDisk("ext4", 128)
 	mp := e.path("mnt")
@@ -47,7 +47,17 @@ func TestE2EExt4RoundTrip(t *testing.T) {
 	e.mountFS(loop, fsDir)
 	hashes := writeTree(t, fsDir)
 	syscall.Sync()
+	// A deleted file and fstrim: discards through the loop device.
+	if err := os.Remove(filepath.Join(fsDir, "big/large")); err != nil {
+		t.Fatal(err)
+	}
+	delete(hashes, "big/large")
+	discards := e.mustStatus(state).FuseDiscards
+	e.must("fstrim", fsDir)
 	s := e.mustStatus(state)
+	if s.FuseDiscards <= discards {
+		t.Errorf("fstrim sent no discard (%d before, %d after)", discards, s.FuseDiscards)
+	}
 	t.Logf("while mounted: %d fuse writes (%d bytes), %d fsyncs, %d discards; %d Put Page, %d Clear Pages, journal %d records",
 		s.FuseWrites, s.FuseBytesWritten, s.FuseFsyncs, s.FuseDiscards, s.PutCalls, s.ClearCalls, s.JournalRecords)
 	if s.FuseDiscards == 0 || s.FuseFsyncs == 0 {
