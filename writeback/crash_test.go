@@ -20,6 +20,11 @@ import (
 // calls; from call crashAt on every call fails permanently, as if the
 // process had died (the crashAt-th call may land with its response lost);
 // with down set every call fails with a transient error.
+//
+// With pace > 0 it also paces the flusher: each call waits until the
+// writer has done pace more operations (or stopped), so that epochs pile up
+// behind a batch as they do when the network is slower than the writer,
+// and the flusher merges them into marked multi-epoch batches.
 type remoteFault struct {
 	mu      sync.Mutex
 	calls   int
@@ -27,15 +32,45 @@ type remoteFault struct {
 	lost    bool
 	down    bool
 	crashed chan struct{} // closed by call crashAt
+
+	pace           int
+	ops, opsAtCall int
+	writing        bool
+	progress       *sync.Cond
+
+	onMark int // if > 0: crash at this many calls after the next odd mark
 }
 
 var errProcessDead = errors.New("injected: the process is dead")
 
-func newRemoteFault() *remoteFault { return &remoteFault{crashed: make(chan struct{})} }
+func newRemoteFault() *remoteFault {
+	f := &remoteFault{crashed: make(chan struct{}), writing: true}
+	f.progress = sync.NewCond(&f.mu)
+	return f
+}
+
+// writerStep and writerDone report the writer's progress for pacing.
+func (f *remoteFault) writerStep() {
+	f.mu.Lock()
+	f.ops++
+	f.progress.Broadcast()
+	f.mu.Unlock()
+}
+
+func (f *remoteFault) writerDone() {
+	f.mu.Lock()
+	f.writing = false
+	f.progress.Broadcast()
+	f.mu.Unlock()
+}
 
 func (f *remoteFault) fault(op string, off, n int64) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	for f.pace > 0 && f.writing && f.ops < f.opsAtCall+f.pace {
+		f.progress.Wait()
+	}
+	f.opsAtCall = f.ops
 	if f.down {
 		return false, &TransientError{Msg: "injected: remote unreachable"}
 	}
@@ -51,6 +86,35 @@ func (f *remoteFault) fault(op string, off, n int64) (bool, error) {
 	}
 }
 
+// arm sets the crash at the k-th call from now; with onMark, at the k-th
+// call after the next odd mark (a crash inside a multi-epoch batch).
+func (f *remoteFault) arm(k int, onMark bool) {
+	f.mu.Lock()
+	if onMark {
+		f.onMark = k
+	} else {
+		f.crashAt = f.calls + k
+	}
+	f.mu.Unlock()
+}
+
+// observed sees each state of the blob (MemRemote.Observe, under the
+// blob's lock, as fault is).
+func (f *remoteFault) observed(seq int64) {
+	f.mu.Lock()
+	if f.onMark > 0 && seq%2 == 1 && f.crashAt == 0 {
+		f.crashAt = f.calls + f.onMark
+		f.onMark = 0
+	}
+	f.mu.Unlock()
+}
+
+func (f *remoteFault) crashCall() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.crashAt
+}
+
 // crashNow makes every call from now on fail, if the crash has not
 // happened yet.
 func (f *remoteFault) crashNow() {
@@ -59,11 +123,12 @@ func (f *remoteFault) crashNow() {
 	if f.crashAt == 0 || f.crashAt > f.calls {
 		f.crashAt, f.lost = f.calls+1, false
 	}
+	f.onMark = 0
 }
 
 func (f *remoteFault) heal() {
 	f.mu.Lock()
-	f.crashAt, f.down = 0, false
+	f.crashAt, f.down, f.onMark = 0, false, 0
 	f.mu.Unlock()
 }
 
@@ -91,14 +156,22 @@ func TestCrashRecovery(t *testing.T) {
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
 		size := rapid.SampledFrom([]int64{128 << 10, 256 << 10}).Draw(rt, "size")
-		nOps := rapid.IntRange(5, 40).Draw(rt, "nOps")
+		nOps := rapid.IntRange(5, 30).Draw(rt, "nOps")
 		ops := rapid.SliceOfN(genOp(size, 96<<10, defaultKinds), nOps, nOps).Draw(rt, "ops")
-		crashAt := rapid.IntRange(1, 80).Draw(rt, "crashAt")
+		// The crash: the k-th remote call after the writer's op armAt.
+		armAt := rapid.IntRange(0, nOps-1).Draw(rt, "armAt")
+		onMark := rapid.Bool().Draw(rt, "inMarkedBatch")
+		crashK := rapid.IntRange(1, 8).Draw(rt, "crashK")
+		if onMark {
+			// The mark itself is call 0: calls 1..3 hit the spans and the
+			// complete mark of a small batch.
+			crashK = rapid.IntRange(1, 3).Draw(rt, "crashKInBatch")
+		}
 		lost := rapid.Bool().Draw(rt, "responseLost")
 		after := rapid.SliceOfN(genOp(size, 96<<10, defaultKinds), 0, 6).Draw(rt, "opsAfterRestart")
 		o := DiskOptions{}
 		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 64<<10).Draw(rt, "maxEpochBytes")
-		o.Flusher.MaxBatchBytes = rapid.Int64Range(8<<10, 256<<10).Draw(rt, "maxBatchBytes")
+		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
 		o.Flusher.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
 
@@ -107,9 +180,13 @@ func TestCrashRecovery(t *testing.T) {
 		m := newDiskModel(tab, size)
 		obs := newBlobObserver(tab, size)
 		r := NewMemRemote(size + 512)
-		r.Observe = obs.observe
 		f := newRemoteFault()
-		f.crashAt, f.lost = crashAt, lost
+		r.Observe = func(data []byte, seq int64) {
+			obs.observe(data, seq)
+			f.observed(seq)
+		}
+		f.lost = lost
+		f.pace = 3 - rapid.IntRange(0, 3).Draw(rt, "paceBelow3")
 		r.Fault = f.fault
 
 		d := propOpenDisk(rt, dir, size, r, o)
@@ -122,14 +199,19 @@ func TestCrashRecovery(t *testing.T) {
 				break run
 			default:
 			}
+			if i == armAt {
+				f.arm(crashK, onMark)
+			}
 			if err := m.apply(ctx, d, i, op); err != nil {
 				rt.Fatalf("op %d (%v): %v", i, op, err)
 			}
+			f.writerStep()
 		}
 		// The process dies here, if the chosen call has not come yet.
+		f.writerDone()
 		f.crashNow()
 		r.Sequence(ctx) // waits for a call holding the blob's lock
-		crash := len(obs.states)
+		crash, crashCall := len(obs.states), f.crashCall()
 		if err := d.Close(ctx, false); err != nil {
 			rt.Fatalf("close without drain: %v", err)
 		}
@@ -173,7 +255,7 @@ func TestCrashRecovery(t *testing.T) {
 		}
 		ost, err := checkOrder(m, states, crash)
 		if err != nil {
-			rt.Fatalf("%v\ncrash after %d states (call %d, response lost %v), steps %d, barriers %v, replay %+v", err, crash, crashAt, lost, m.last(), m.barriers, rp)
+			rt.Fatalf("%v\ncrash after %d states (call %d, response lost %v), steps %d, barriers %v, replay %+v", err, crash, crashCall, lost, m.last(), m.barriers, rp)
 		}
 		propFinalCheck(rt, dir, r, m, closed)
 		cases++

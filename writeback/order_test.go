@@ -653,11 +653,13 @@ func TestOrderProperty(t *testing.T) {
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
 		size := rapid.SampledFrom([]int64{128 << 10, 256 << 10, 512 << 10}).Draw(rt, "size")
-		nOps := rapid.IntRange(10, 80).Draw(rt, "nOps")
+		nOps := rapid.IntRange(10, 60).Draw(rt, "nOps")
 		ops := rapid.SliceOfN(genOp(size, min(size, 320<<10), defaultKinds), nOps, nOps).Draw(rt, "ops")
 		o := DiskOptions{}
 		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 128<<10).Draw(rt, "maxEpochBytes")
-		o.Flusher.MaxBatchBytes = rapid.Int64Range(8<<10, 512<<10).Draw(rt, "maxBatchBytes")
+		// rapid favours small numbers: count down from the large end, so that
+		// batches often have room for several epochs.
+		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
 		o.Flusher.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
 
@@ -667,13 +669,18 @@ func TestOrderProperty(t *testing.T) {
 		obs := newBlobObserver(tab, size)
 		r := NewMemRemote(size + 512)
 		r.Observe = obs.observe
+		pacer := newRemoteFault()
+		pacer.pace = 3 - rapid.IntRange(0, 3).Draw(rt, "paceBelow3")
+		r.Fault = pacer.fault
 		d := propOpenDisk(rt, dir, size, r, o)
-		rt.Cleanup(func() { d.Close(ctx, false) })
+		rt.Cleanup(func() { pacer.writerDone(); d.Close(ctx, false) })
 		for i, op := range ops {
 			if err := m.apply(ctx, d, i, op); err != nil {
 				rt.Fatalf("op %d (%v): %v", i, op, err)
 			}
+			pacer.writerStep()
 		}
+		pacer.writerDone()
 		if err := m.apply(ctx, d, len(ops), diskOp{Kind: opFlush}); err != nil {
 			rt.Fatal(err)
 		}
