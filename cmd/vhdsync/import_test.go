@@ -179,9 +179,9 @@ func TestCreateFromBlob(t *testing.T) {
 // putProxy is a reverse proxy in front of Azurite that records every Put
 // Page and can kill the client process around the k-th one.
 type putProxy struct {
-	mu    sync.Mutex
-	puts  []putSeen
-	n     int
+	mu   sync.Mutex
+	puts []putSeen
+	n    int
 	// onPut runs before the n-th Put Page is forwarded (after false) and
 	// once the service answered it (after true); before forwarding, true
 	// drops the request.
