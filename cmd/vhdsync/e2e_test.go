@@ -25,9 +25,9 @@ import (
 )
 
 // TestE2EExt4RoundTrip: create, mount, losetup, mkfs.ext4, a tree of files,
-// a file deleted and fstrim, unmount everything; the blob, downloaded with the SDK, is a fixed VHD
-// that qemu-img reads as the local image, whose ext4 is clean and holds
-// the files.
+// a file deleted and fstrim, unmount everything; the blob, downloaded with
+// the SDK, is a fixed VHD that qemu-img reads as the local image, whose
+// ext4 is clean and holds the files.
 func TestE2EExt4RoundTrip(t *testing.T) {
 	e := newE2E(t, "mkfs.ext4", "e2fsck", "fstrim", "qemu-img")
 	const size = 128 << 20
