@@ -147,11 +147,14 @@ func runImport(ctx context.Context, g *globals, f importFlags, file string) erro
 	}
 	fmt.Fprintf(out, "  virtual size %s (%d bytes), blob %d bytes, geometry %s, disk id %s\n",
 		vhdlayer.FormatSize(uint64(p.VirtualSize)), p.VirtualSize, p.VirtualSize+vhdlayer.FooterSize, p.Footer.Geometry, p.Footer.UniqueID)
-	fmt.Fprintf(out, "  non-zero data %s (%d bytes) in %s allocated; sent %d bytes in %d Put Page requests with CRC64 over all runs\n",
-		humanBytes(res.NonZeroTotal), res.NonZeroTotal, humanBytes(p.ScanTotal), res.SentTotal, res.PutsTotal)
+	fmt.Fprintf(out, "  non-zero data %s (%d bytes) in %s allocated; the blob holds %d bytes of Put Page ranges (%d of them zero gaps shorter than --zero-gap %s)\n",
+		humanBytes(res.NonZeroTotal), res.NonZeroTotal, humanBytes(p.ScanTotal), res.BlobBytes, res.BlobBytes-res.NonZeroTotal, f.zeroGap)
 	if !res.AlreadyDone {
-		fmt.Fprintf(out, "  this run: read %s, sent %d bytes in %d requests (%d of them zero gaps shorter than --zero-gap %s), %s already on the blob; %s, %s\n",
-			humanBytes(res.Scanned), res.Sent, res.Puts, res.GapBytes, f.zeroGap, humanBytes(res.Held), res.Duration.Round(time.Millisecond), rate(res.Sent, res.Duration))
+		fmt.Fprintf(out, "  sent %d bytes in %d Put Page requests with CRC64 (%s, %s)", res.Sent, res.Puts, res.Duration.Round(time.Millisecond), rate(res.Sent, res.Duration))
+		if p.Resumed {
+			fmt.Fprintf(out, "; %d bytes found on the blob already, not sent again; all runs: %d bytes in %d requests acknowledged", res.Held, res.SentTotal, res.PutsTotal)
+		}
+		fmt.Fprintln(out)
 	}
 	fmt.Fprintf(out, "  state directory %s (mount with: vhdsync mount --state %s MOUNTPOINT)\n", p.StateDir, p.StateDir)
 	return nil

@@ -104,9 +104,13 @@ type ImportResult struct {
 	Plan
 	Stats
 	// NonZeroTotal is the non-zero data of the whole source (all runs);
-	// SentTotal and PutsTotal what all runs sent.
-	NonZeroTotal, SentTotal, PutsTotal int64
-	Duration                           time.Duration
+	// BlobBytes the size of all its Put Page ranges (the non-zero data
+	// plus the short zero gaps sent with it): what the blob holds.
+	// SentTotal and PutsTotal are what all runs saw acknowledged; a
+	// request cut off by an interruption may have landed unacknowledged,
+	// and a resumed run then finds it on the blob instead of sending it.
+	NonZeroTotal, BlobBytes, SentTotal, PutsTotal int64
+	Duration                                      time.Duration
 	// AlreadyDone: a previous run had finished; nothing was sent.
 	AlreadyDone bool
 }
@@ -351,11 +355,20 @@ func (im *Import) ensureBlob(ctx context.Context) error {
 	}
 	if create {
 		im.log.Info("creating page blob", "blob", c.Location().URL(), "virtual_size", p.VirtualSize, "auth", c.AuthMethod())
-		err := c.Create(ctx, uint64(p.VirtualSize), raw, pageblob.CreateOptions{
+		co := pageblob.CreateOptions{
 			Overwrite:       im.o.Overwrite || p.Overwrite,
 			CreateContainer: im.o.CreateContainer,
 			Metadata:        map[string]string{"vhdsync_disk_id": im.plan.Footer.UniqueID.String()},
-		})
+		}
+		err := c.Create(ctx, uint64(p.VirtualSize), raw, co)
+		if errors.Is(err, pageblob.ErrLeased) && co.Overwrite && im.o.BreakLease {
+			// The blob to replace is leased (an abandoned import, a dead
+			// mount): break the lease, then replace it.
+			im.log.Warn("breaking the lease on the blob to replace", "blob", c.Location().URL())
+			if err = c.BreakLease(ctx); err == nil {
+				err = c.Create(ctx, uint64(p.VirtualSize), raw, co)
+			}
+		}
 		if err != nil {
 			return err
 		}
@@ -413,7 +426,7 @@ func (im *Import) Run(ctx context.Context) (ImportResult, error) {
 	res := ImportResult{Plan: im.plan}
 	if im.final {
 		res.AlreadyDone = true
-		res.NonZeroTotal, res.SentTotal, res.PutsTotal = im.prog.NonZeroDone, im.prog.SentTotal, im.prog.PutsTotal
+		res.NonZeroTotal, res.BlobBytes, res.SentTotal, res.PutsTotal = im.prog.NonZeroDone, im.prog.BlobBytesDone, im.prog.SentTotal, im.prog.PutsTotal
 		return res, im.finish(ctx)
 	}
 	p := im.prog
@@ -501,7 +514,7 @@ dispatch:
 	runErr := context.Cause(ctx)
 	saveErr := save(true)
 	res.Stats = im.Stats()
-	res.NonZeroTotal, res.SentTotal, res.PutsTotal = p.NonZeroDone, p.SentTotal, p.PutsTotal
+	res.NonZeroTotal, res.BlobBytes, res.SentTotal, res.PutsTotal = p.NonZeroDone, p.BlobBytesDone, p.SentTotal, p.PutsTotal
 	res.Duration = time.Since(start)
 	if runErr != nil {
 		if saveErr != nil {
