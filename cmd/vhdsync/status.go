@@ -32,7 +32,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Long: `Show the state of a disk: mounted or not, journal records and bytes, the
 age of the oldest write not yet on the blob (how far the replica lags: the
 live recovery point), epochs, the blob's sequence number (even: the blob is
-exactly the disk at a barrier; odd: a batch is being applied), the lease,
+crash-consistent; odd: a batch merging several epochs is being applied),
+the lease,
 bytes and calls sent, retries, the flusher's state and throughput.
 
 For a mounted disk the daemon answers; otherwise the journal is read
@@ -131,9 +132,9 @@ func printStatus(w io.Writer, r statusReport) {
 	if r.BlockedWriters > 0 {
 		fmt.Fprintf(tw, "blocked writers:\t%d (the journal is at its cap; they resume as the flusher drains)\n", r.BlockedWriters)
 	}
-	parity := "even: the blob is the disk at a barrier"
+	parity := "even: crash-consistent"
 	if r.RemoteSequence%2 == 1 {
-		parity = "odd: a batch is being applied"
+		parity = "odd: a merged batch is being applied"
 	}
 	if !r.Mounted && r.LastError != "" {
 		// The blob could not be asked: its sequence number is not known.
