@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/vbauerster/mpb/v8"
@@ -19,7 +20,7 @@ type transferProgress struct {
 	total    int64
 	bar      *mpb.Bar
 	p        *mpb.Progress
-	note     string
+	note     atomic.Pointer[string] // read by mpb's render goroutine
 	start    time.Time
 	last     time.Time
 	lastLine time.Time
@@ -33,7 +34,12 @@ func newTransferProgress(w io.Writer, verb string, total int64) *transferProgres
 		t.bar = t.p.AddBar(total,
 			mpb.PrependDecorators(decor.Name(verb+" "), decor.CountersKibiByte("% .1f / % .1f")),
 			mpb.AppendDecorators(decor.EwmaSpeed(decor.SizeB1024(0), " % .1f", 30), decor.Name("  ETA "), decor.EwmaETA(decor.ET_STYLE_GO, 30),
-				decor.Any(func(decor.Statistics) string { return t.note })),
+				decor.Any(func(decor.Statistics) string {
+					if n := t.note.Load(); n != nil {
+						return *n
+					}
+					return ""
+				})),
 		)
 	}
 	return t
@@ -44,7 +50,8 @@ func newTransferProgress(w io.Writer, verb string, total int64) *transferProgres
 func (t *transferProgress) update(done int64, note string) {
 	now := time.Now()
 	if t.bar != nil {
-		t.note = "  " + note
+		n := "  " + note
+		t.note.Store(&n)
 		t.bar.EwmaSetCurrent(done, now.Sub(t.last))
 		t.last = now
 		return
