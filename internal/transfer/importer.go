@@ -220,7 +220,10 @@ func PrepareImport(ctx context.Context, o ImportOptions) (im *Import, err error)
 	defer func() {
 		if err != nil {
 			self.Close()
-			if !resuming {
+			// A first run that failed before it made the blob leaves
+			// nothing; once the blob exists, the progress stays so that a
+			// rerun resumes instead of finding the blob in its way.
+			if !resuming && (self.prog == nil || !self.prog.BlobCreated) {
 				cleanNewDir(dir, madeDir)
 			}
 		}
