@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"sync/atomic"
 	"time"
 
 	"github.com/vbauerster/mpb/v8"
 	"github.com/vbauerster/mpb/v8/decor"
+	"golang.org/x/term"
 )
 
 // transferProgress shows an import or a download: on a terminal an mpb bar
@@ -29,7 +31,7 @@ type transferProgress struct {
 
 func newTransferProgress(w io.Writer, verb string, total int64) *transferProgress {
 	t := &transferProgress{w: w, verb: verb, total: total, start: time.Now(), last: time.Now(), lastLine: time.Now(), every: 5 * time.Second}
-	if isTerminal(w) && total > 0 {
+	if isTerminal(w) && termWidth(w) > 0 && total > 0 {
 		t.p = mpb.New(mpb.WithOutput(w), mpb.WithWidth(40))
 		t.bar = t.p.AddBar(total,
 			mpb.PrependDecorators(decor.Name(verb+" "), decor.CountersKibiByte("% .1f / % .1f")),
@@ -84,6 +86,21 @@ func (t *transferProgress) finish(ok bool) {
 		}
 		t.p.Wait()
 	}
+}
+
+// termWidth is the terminal's width; 0 for a terminal that has none (a
+// pty made without a size, as `script` makes one under a non-terminal),
+// where mpb draws nothing at all: plain lines are shown there instead.
+func termWidth(w io.Writer) int {
+	f, ok := w.(*os.File)
+	if !ok {
+		return 0
+	}
+	cols, _, err := term.GetSize(int(f.Fd()))
+	if err != nil {
+		return 0
+	}
+	return cols
 }
 
 // watch calls poll every 250 ms until ctx ends, and once more at the end.
