@@ -54,7 +54,9 @@ func connect(g *globals, d *statedir.Dir, bf blobFlags, flusher bool) (*pageblob
 	if sas != "" {
 		url += "?" + strings.TrimPrefix(sas, "?")
 	}
-	o := &pageblob.Options{Env: g.env}
+	// Interactive commands give up after one retry, so an unreachable
+	// remote is reported in seconds, not after the SDK's long backoff.
+	o := &pageblob.Options{Env: g.env, MaxRetries: 1, TryTimeout: 30 * time.Second}
 	if flusher {
 		o.MaxRetries = -1
 		o.TryTimeout = 2 * time.Minute

@@ -128,6 +128,10 @@ func startDaemon(cmd *cobra.Command, g *globals, f mountFlags, mp string) error 
 		_ = c.Process.Release()
 		fmt.Fprintf(g.stdout, "mounted %s at %s (daemon pid %d, log %s)\n  %s/%s.img  raw disk for losetup\n  %s/%s.vhd  fixed VHD for qemu-nbd -f vpc\n",
 			d.State.BlobURL, mp, pid, logPath, mp, d.State.Name, mp, d.State.Name)
+		var recs, bytes, remote int64
+		if n, _ := fmt.Sscanf(line, "OK %d %d %d", &recs, &bytes, &remote); n == 3 && recs > 0 {
+			fmt.Fprintf(g.stdout, "  replayed %d journal records (%s) left by a crash; %d were already on the blob, the rest are being sent\n", recs, humanBytes(bytes), remote)
+		}
 		return nil
 	}
 	_ = c.Wait()
@@ -272,7 +276,8 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	defer ctl.Close()
 	log.Info("mounted", "mountpoint", absMP, "blob", d.State.BlobURL, "replayed_records", disk.Replay().Records, "journal_cap", capBytes)
 	if ready != nil {
-		fmt.Fprintln(ready, "OK")
+		rs := disk.Replay()
+		fmt.Fprintf(ready, "OK %d %d %d\n", rs.Records, rs.Bytes, rs.AlreadyRemote)
 		ready.Close()
 		ready = nil
 	}

@@ -24,9 +24,15 @@ type drainProgress struct {
 	lastLeft int64
 }
 
+// isTerminal reports whether w is a terminal wide enough for a bar (a
+// pseudo-terminal of 0 columns makes mpb draw nothing at all).
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
-	return ok && term.IsTerminal(int(f.Fd()))
+	if !ok || !term.IsTerminal(int(f.Fd())) {
+		return false
+	}
+	cols, _, err := term.GetSize(int(f.Fd()))
+	return err == nil && cols >= 40
 }
 
 func newDrainProgress(w io.Writer, pending int64) *drainProgress {
