@@ -524,48 +524,28 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 	var out []Record
 	var size int64
 	epochStart := 0 // index in out where the current epoch starts
-	err := j.db.View(func(txn *badger.Txn) error {
-		opts := badger.DefaultIteratorOptions
-		opts.PrefetchValues = false
-		opts.Prefix = recPrefix
-		it := txn.NewIterator(opts)
-		defer it.Close()
-		for it.Seek(recKey(from)); it.Valid(); it.Next() {
-			item := it.Item()
-			seq := binary.BigEndian.Uint64(item.Key()[1:])
-			var r Record
-			err := item.Value(func(v []byte) error {
-				var err error
-				r, err = decodeRecord(seq, v)
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			if r.Epoch > closed {
-				return nil
-			}
-			if r.Kind == KindData {
-				if r.Data, err = j.segs.read(&r); err != nil {
-					return err
-				}
-			}
-			if len(out) > 0 && r.Epoch != out[len(out)-1].Epoch {
-				// An epoch boundary: stop here if the batch is big enough.
-				if size >= maxBytes && out[len(out)-1].Epoch >= minLastEpoch {
-					return nil
-				}
-				epochStart = len(out)
-			}
-			out = append(out, r)
-			size += r.payloadSize()
-			if size > maxBytes && epochStart > 0 && out[epochStart-1].Epoch >= minLastEpoch {
-				// This epoch does not fit: leave it whole for the next batch.
-				out = out[:epochStart]
-				return nil
-			}
+	err := j.scan(from, func(r Record) (bool, error) {
+		if r.Epoch > closed {
+			return true, nil
 		}
-		return nil
+		if len(out) > 0 && r.Epoch != out[len(out)-1].Epoch {
+			// An epoch boundary: stop here if the batch is big enough.
+			if size >= maxBytes && out[len(out)-1].Epoch >= minLastEpoch {
+				return true, nil
+			}
+			epochStart = len(out)
+		}
+		if err := j.load(&r); err != nil {
+			return true, err
+		}
+		out = append(out, r)
+		size += r.payloadSize()
+		if size > maxBytes && epochStart > 0 && out[epochStart-1].Epoch >= minLastEpoch {
+			// This epoch does not fit: leave it whole for the next batch.
+			out = out[:epochStart]
+			return true, nil
+		}
+		return false, nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read journal from seq %d: %w", from, err)
@@ -575,35 +555,51 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 
 // ReadAll returns every pending record in seq order (replay uses it).
 func (j *Journal) ReadAll(fn func(Record) error) error {
+	return j.scan(0, func(r Record) (bool, error) {
+		if err := j.load(&r); err != nil {
+			return true, err
+		}
+		return false, fn(r)
+	})
+}
+
+// scan calls fn with the index entry (no payload) of every record with
+// seq >= from, in seq order, until fn asks to stop or fails.
+func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) error {
 	return j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
 		opts.Prefix = recPrefix
 		it := txn.NewIterator(opts)
 		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
+		for it.Seek(recKey(from)); it.Valid(); it.Next() {
 			item := it.Item()
 			seq := binary.BigEndian.Uint64(item.Key()[1:])
 			var r Record
-			err := item.Value(func(v []byte) error {
+			if err := item.Value(func(v []byte) error {
 				var err error
 				r, err = decodeRecord(seq, v)
 				return err
-			})
-			if err != nil {
+			}); err != nil {
 				return err
 			}
-			if r.Kind == KindData {
-				if r.Data, err = j.segs.read(&r); err != nil {
-					return err
-				}
-			}
-			if err := fn(r); err != nil {
+			stop, err := fn(r)
+			if err != nil || stop {
 				return err
 			}
 		}
 		return nil
 	})
+}
+
+// load reads a data record's payload from its segment.
+func (j *Journal) load(r *Record) error {
+	if r.Kind != KindData {
+		return nil
+	}
+	var err error
+	r.Data, err = j.segs.read(r)
+	return err
 }
 
 // Delete removes recs (drained, or already on the remote) and records
@@ -659,21 +655,9 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 
 func (j *Journal) firstPendingTime(from uint64) (time.Time, error) {
 	var t time.Time
-	err := j.db.View(func(txn *badger.Txn) error {
-		opts := badger.DefaultIteratorOptions
-		opts.PrefetchValues = false
-		opts.Prefix = recPrefix
-		it := txn.NewIterator(opts)
-		defer it.Close()
-		it.Seek(recKey(from))
-		if !it.Valid() {
-			return nil
-		}
-		return it.Item().Value(func(v []byte) error {
-			r, err := decodeRecord(binary.BigEndian.Uint64(it.Item().Key()[1:]), v)
-			t = r.Time
-			return err
-		})
+	err := j.scan(from, func(r Record) (bool, error) {
+		t = r.Time
+		return true, nil
 	})
 	if err != nil {
 		return t, fmt.Errorf("read journal head: %w", err)

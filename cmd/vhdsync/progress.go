@@ -72,15 +72,20 @@ func (d *drainProgress) update(left int64, rate float64) {
 	d.lastLeft = left
 }
 
-func (d *drainProgress) finish(ok bool) {
-	if d.bar != nil {
-		if ok {
-			d.bar.SetTotal(-1, true)
-		} else {
-			d.bar.Abort(false)
-		}
-		d.p.Wait()
+func (d *drainProgress) finish(ok bool) { finishBar(d.p, d.bar, ok) }
+
+// finishBar completes (or, on failure, aborts) a bar and waits for its last
+// redraw; nothing when there is no bar (not a terminal).
+func finishBar(p *mpb.Progress, bar *mpb.Bar, ok bool) {
+	if bar == nil {
+		return
 	}
+	if ok {
+		bar.SetTotal(-1, true)
+	} else {
+		bar.Abort(false)
+	}
+	p.Wait()
 }
 
 func humanBytes(n int64) string {

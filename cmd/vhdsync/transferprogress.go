@@ -77,16 +77,7 @@ func (t *transferProgress) update(done int64, note string) {
 	fmt.Fprintf(t.w, "%s: %s of %s (%.0f%%)%s, %.1f MiB/s, ETA %s\n", t.verb, humanBytes(done), humanBytes(t.total), pct, note, rate/(1<<20), eta)
 }
 
-func (t *transferProgress) finish(ok bool) {
-	if t.bar != nil {
-		if ok {
-			t.bar.SetTotal(-1, true)
-		} else {
-			t.bar.Abort(false)
-		}
-		t.p.Wait()
-	}
-}
+func (t *transferProgress) finish(ok bool) { finishBar(t.p, t.bar, ok) }
 
 // termWidth is the terminal's width; 0 for a terminal that has none (a
 // pty made without a size, as `script` makes one under a non-terminal),

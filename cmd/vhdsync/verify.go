@@ -12,9 +12,9 @@ import (
 	"sync"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
@@ -80,11 +80,14 @@ func runVerify(ctx context.Context, g *globals, state string, workers int, bf bl
 	if err != nil {
 		return err
 	}
-	local, err := dataExtents(img, size)
+	local, err := transfer.FileExtents(img, size)
 	if err != nil {
 		return err
 	}
-	chunks := chunksTouching(append(remote, local...), size)
+	for _, e := range local {
+		remote = append(remote, pageblob.Range{Off: e.Offset, Len: e.Length})
+	}
+	chunks := chunksTouching(remote, size)
 	res := compareChunks(ctx, c, img, chunks, size, workers)
 	if res.err != nil {
 		return res.err
@@ -96,29 +99,6 @@ func runVerify(ctx context.Context, g *globals, state string, workers int, bf bl
 	fmt.Fprintf(g.stdout, "identical: %d of %d chunks of 4 MiB compared (%s), the rest empty on both sides; footer matches\n",
 		res.compared, (size+verifyChunk-1)/verifyChunk, humanBytes(res.bytes))
 	return nil
-}
-
-// dataExtents lists the image's data ranges with SEEK_DATA/SEEK_HOLE.
-func dataExtents(f *os.File, size int64) ([]pageblob.Range, error) {
-	var out []pageblob.Range
-	fd := int(f.Fd())
-	for off := int64(0); off < size; {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			break
-		}
-		if err != nil {
-			// No SEEK_DATA: treat the whole image as data.
-			return []pageblob.Range{{Off: 0, Len: size}}, nil
-		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil {
-			hole = size
-		}
-		out = append(out, pageblob.Range{Off: data, Len: min(hole, size) - data})
-		off = hole
-	}
-	return out, nil
 }
 
 // chunksTouching returns the sorted 4 MiB chunk offsets any range touches.

@@ -99,7 +99,7 @@ func TestDownloadSparse8GiB(t *testing.T) {
 				t.Fatalf("data at %d differs (%v)", p.off, err)
 			}
 		}
-		ext, err := fileExtents(f, want)
+		ext, err := FileExtents(f, want)
 		if err != nil {
 			t.Fatal(err)
 		}

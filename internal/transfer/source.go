@@ -224,10 +224,12 @@ func (s *Source) Extents() ([]vhdlayer.Extent, error) {
 	if s.dyn != nil {
 		return s.dyn.Extents()
 	}
-	return fileExtents(s.f, s.DataSize)
+	return FileExtents(s.f, s.DataSize)
 }
 
-func fileExtents(f *os.File, size int64) ([]vhdlayer.Extent, error) {
+// FileExtents lists the data ranges of the first size bytes of f with
+// SEEK_DATA/SEEK_HOLE (the whole range where the filesystem cannot tell).
+func FileExtents(f *os.File, size int64) ([]vhdlayer.Extent, error) {
 	var out []vhdlayer.Extent
 	fd := int(f.Fd())
 	for off := int64(0); off < size; {
