@@ -28,8 +28,22 @@ type Options struct {
 	AllowOther bool
 	// Mode is the files' permission bits (default 0600).
 	Mode uint32
-	// MaxWrite is the largest write the kernel sends (default 1 MiB).
+	// MaxWrite is the largest write the kernel sends (default 256 KiB,
+	// chosen by measurement: with fio on the .img view, remote detached,
+	// 256 KiB gave 1.1-1.4 GiB/s for 1 MiB sequential writes and 22-24k
+	// IOPS for 4 KiB random writes, against 0.45-1.0 GiB/s and 16-17k at
+	// 1 MiB and 0.42-0.45 GiB/s at 512 KiB: go-fuse sizes its request
+	// buffers by MaxWrite, and a 1 MiB write split into four runs in
+	// parallel with FOPEN_PARALLEL_DIRECT_WRITES).
 	MaxWrite int
+	// NoDirectIO serves files through the kernel page cache instead of
+	// FOPEN_DIRECT_IO; NoParallelWrites drops FOPEN_PARALLEL_DIRECT_WRITES.
+	// Both exist to measure the defaults against.
+	NoDirectIO       bool
+	NoParallelWrites bool
+	// MaxBackground is the kernel's limit of outstanding async requests
+	// (default 64).
+	MaxBackground int
 	// Debug logs every FUSE request.
 	Debug  bool
 	Logger *slog.Logger
@@ -46,15 +60,25 @@ func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
 		o.Mode = 0o600
 	}
 	if o.MaxWrite == 0 {
-		o.MaxWrite = 1 << 20
+		o.MaxWrite = 256 << 10
 	}
 	cnt := &Counters{}
 	now := time.Now()
 	uid, gid := uint32(os.Getuid()), uint32(os.Getgid())
 	layout := vhdlayer.Layout{VirtualSize: disk.Size()}
 	footer := o.Footer
+	if o.MaxBackground == 0 {
+		o.MaxBackground = 64
+	}
+	var openFlags uint32
+	if !o.NoDirectIO {
+		openFlags |= fuse.FOPEN_DIRECT_IO
+		if !o.NoParallelWrites {
+			openFlags |= fuse.FOPEN_PARALLEL_DIRECT_WRITES
+		}
+	}
 	newFile := func(withFooter bool) *diskFile {
-		f := &diskFile{disk: disk, layout: layout, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt}
+		f := &diskFile{disk: disk, layout: layout, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt, openFlags: openFlags}
 		if withFooter {
 			f.footer = &footer
 		}
@@ -79,7 +103,7 @@ func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
 			Name:          "vhdsync",
 			AllowOther:    o.AllowOther,
 			MaxWrite:      o.MaxWrite,
-			MaxBackground: 64,
+			MaxBackground: o.MaxBackground,
 			DisableXAttrs: true,
 			// As root, mount(2) directly: no fusermount binary needed.
 			DirectMount:       os.Geteuid() == 0,

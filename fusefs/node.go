@@ -46,6 +46,8 @@ type diskFile struct {
 	mtime  time.Time
 	log    *slog.Logger
 	cnt    *Counters
+	// openFlags are the FOPEN_* flags every handle gets.
+	openFlags uint32
 }
 
 var (
@@ -114,7 +116,7 @@ func (f *diskFile) Open(_ context.Context, flags uint32) (fs.FileHandle, uint32,
 		f.log.Warn("refused an open with O_TRUNC: a disk cannot be truncated (with dd, add conv=notrunc)", "file", f.Path(nil))
 		return nil, 0, syscall.EPERM
 	}
-	return nil, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
+	return nil, f.openFlags, 0
 }
 
 // Read reads the data region from the disk and the footer from memory.

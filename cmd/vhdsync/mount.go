@@ -42,6 +42,11 @@ type mountFlags struct {
 	workers    int
 	linger     time.Duration
 	fuseDebug  bool
+	// Hidden knobs, for measuring the FUSE defaults against alternatives.
+	fuseNoDirectIO bool
+	fuseNoParallel bool
+	fuseMaxWrite   int
+	fuseMaxBg      int
 }
 
 func newMountCmd(g *globals) *cobra.Command {
@@ -85,6 +90,13 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests")
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
+	fl.BoolVar(&f.fuseNoDirectIO, "fuse-no-direct-io", false, "serve through the kernel page cache (measurement only)")
+	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
+	fl.IntVar(&f.fuseMaxWrite, "fuse-max-write", 256<<10, "largest FUSE write request (measurement only)")
+	fl.IntVar(&f.fuseMaxBg, "fuse-max-background", 64, "kernel limit of outstanding async FUSE requests (measurement only)")
+	for _, h := range []string{"fuse-no-direct-io", "fuse-no-parallel-writes", "fuse-max-write", "fuse-max-background"} {
+		_ = fl.MarkHidden(h)
+	}
 	_ = cmd.MarkFlagRequired("state")
 	return cmd
 }
@@ -159,7 +171,17 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	if f.blob.sas != "" {
 		a = append(a, "--sas", f.blob.sas)
 	}
-	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String())
+	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String(),
+		"--fuse-max-write", strconv.Itoa(f.fuseMaxWrite), "--fuse-max-background", strconv.Itoa(f.fuseMaxBg))
+	if f.fuseNoDirectIO {
+		a = append(a, "--fuse-no-direct-io")
+	}
+	if f.fuseNoParallel {
+		a = append(a, "--fuse-no-parallel-writes")
+	}
+	if f.fuseDebug {
+		a = append(a, "--fuse-debug")
+	}
 	return append(a, mp)
 }
 
@@ -243,12 +265,16 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		return err
 	}
 	server, counters, err := fusefs.Mount(absMP, disk, fusefs.Options{
-		Name:       d.State.Name,
-		FsName:     d.Path,
-		Footer:     d.FooterBytes(),
-		AllowOther: f.allowOther,
-		Debug:      f.fuseDebug,
-		Logger:     log,
+		Name:             d.State.Name,
+		FsName:           d.Path,
+		Footer:           d.FooterBytes(),
+		AllowOther:       f.allowOther,
+		Debug:            f.fuseDebug,
+		NoDirectIO:       f.fuseNoDirectIO,
+		NoParallelWrites: f.fuseNoParallel,
+		MaxWrite:         f.fuseMaxWrite,
+		MaxBackground:    f.fuseMaxBg,
+		Logger:           log,
 	})
 	if err != nil {
 		cerr := disk.Close(ctx, false)
