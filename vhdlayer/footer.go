@@ -242,6 +242,7 @@ func DecodeFooterUnchecked(b []byte) (Footer, error) {
 // CookieError reports a footer whose first 8 bytes are not "conectix".
 type CookieError struct{ Got [8]byte }
 
+// Error implements error.
 func (e *CookieError) Error() string {
 	if bytes.Equal(e.Got[:], make([]byte, 8)) {
 		return "not a VHD: the last 512 bytes are zero, where the footer cookie \"conectix\" should be (is this a raw image? use import)"
@@ -256,6 +257,7 @@ func (e *CookieError) Is(target error) bool { return target == ErrNotVHD }
 // contents.
 type ChecksumError struct{ Stored, Computed uint32 }
 
+// Error implements error.
 func (e *ChecksumError) Error() string {
 	return fmt.Sprintf("corrupt VHD footer: checksum is 0x%08x, expected 0x%08x from its contents", e.Stored, e.Computed)
 }

@@ -158,7 +158,10 @@ type sizeError struct {
 	rules []error
 }
 
-func (e *sizeError) Error() string   { return e.msg }
+// Error implements error.
+func (e *sizeError) Error() string { return e.msg }
+
+// Unwrap returns the wrapped error(s).
 func (e *sizeError) Unwrap() []error { return e.rules }
 
 // ValidateVirtualSize checks size against Azure's rules for a disk: a whole

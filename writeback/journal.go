@@ -758,11 +758,18 @@ func (j *Journal) Close() error {
 // is dropped.
 type badgerLogger struct{ l *slog.Logger }
 
+// Errorf logs badger errors.
 func (b badgerLogger) Errorf(f string, a ...any) {
 	b.l.Error("badger: " + strings.TrimSpace(fmt.Sprintf(f, a...)))
 }
+
+// Warningf logs badger warnings.
 func (b badgerLogger) Warningf(f string, a ...any) {
 	b.l.Warn("badger: " + strings.TrimSpace(fmt.Sprintf(f, a...)))
 }
-func (b badgerLogger) Infof(string, ...any)  {}
+
+// Infof drops badger chatter.
+func (b badgerLogger) Infof(string, ...any) {}
+
+// Debugf drops badger chatter.
 func (b badgerLogger) Debugf(string, ...any) {}

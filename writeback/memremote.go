@@ -35,7 +35,10 @@ func NewMemRemote(size int64) *MemRemote {
 // TransientError is a retryable failure injected by tests.
 type TransientError struct{ Msg string }
 
-func (e *TransientError) Error() string   { return e.Msg }
+// Error implements error.
+func (e *TransientError) Error() string { return e.Msg }
+
+// Transient marks the error retryable.
 func (e *TransientError) Transient() bool { return true }
 
 // ErrMemCondition is the in-memory 412.

@@ -24,7 +24,10 @@ var errBusy = errors.New("busy")
 // busyError is a busy condition whose message stands on its own.
 type busyError struct{ msg string }
 
-func (e busyError) Error() string        { return e.msg }
+// Error implements error.
+func (e busyError) Error() string { return e.msg }
+
+// Is matches the sentinel it stands for.
 func (e busyError) Is(target error) bool { return target == errBusy }
 
 func busyf(format string, args ...any) error { return busyError{fmt.Sprintf(format, args...)} }

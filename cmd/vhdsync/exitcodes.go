@@ -32,6 +32,7 @@ const (
 // usageError marks errors in the command line itself.
 type usageError struct{ error }
 
+// Unwrap returns the wrapped error(s).
 func (e usageError) Unwrap() error { return e.error }
 
 // exitCode maps an error to its exit code. The order matters where an error

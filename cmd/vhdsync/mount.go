@@ -191,6 +191,7 @@ type exitError struct {
 	msg  string
 }
 
+// Error implements error.
 func (e exitError) Error() string { return e.msg }
 
 // lastStop is what the daemon writes when it stops.

@@ -252,6 +252,7 @@ func (c *Client) putPages(ctx context.Context, off int64, data []byte, leaseID s
 
 type nopCloser struct{ io.ReadSeeker }
 
+// Close does nothing: the body is a bytes.Reader.
 func (nopCloser) Close() error { return nil }
 
 // Properties are the blob facts vhdsync checks.

@@ -103,5 +103,8 @@ func redactText(s string) string { return sigParam.ReplaceAllString(s, "${1}REDA
 // still see the cause, but prints it without SAS signatures.
 type redacted struct{ err error }
 
+// Error implements error.
 func (r redacted) Error() string { return redactText(r.err.Error()) }
+
+// Unwrap returns the wrapped error(s).
 func (r redacted) Unwrap() error { return r.err }
