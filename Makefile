@@ -23,7 +23,9 @@ deps: $(AZURITE)
 	fi
 
 $(AZURITE): tools/azurite/package.json tools/azurite/package-lock.json
-	@command -v npm >/dev/null || { echo "npm is missing: apt-get install npm (or nodejs)"; exit 1; }
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing: nodejs npm"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+	  else echo "npm is missing: apt-get install nodejs npm (as root)"; exit 1; fi; }
 	cd tools/azurite && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(AZURITE)
 
