@@ -12,7 +12,7 @@ import (
 
 // newTestDisk makes an image of size bytes in a temp dir and opens a Disk
 // on it with remote r.
-func newTestDisk(t *testing.T, dir string, size int64, r Remote, o DiskOptions) *Disk {
+func newTestDisk(t testing.TB, dir string, size int64, r Remote, o DiskOptions) *Disk {
 	t.Helper()
 	img := filepath.Join(dir, "disk.img")
 	if _, err := os.Stat(img); os.IsNotExist(err) {
@@ -41,7 +41,7 @@ func newTestDisk(t *testing.T, dir string, size int64, r Remote, o DiskOptions) 
 	return d
 }
 
-func readImage(t *testing.T, dir string) []byte {
+func readImage(t testing.TB, dir string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, "disk.img"))
 	if err != nil {
