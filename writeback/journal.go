@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -127,6 +128,9 @@ func badgerOptions(dir string, log *slog.Logger) badger.Options {
 // OpenJournal opens (creating if needed) the journal in dir and recovers
 // its counters: seq continues after the highest record, the open epoch
 // after the highest epoch seen.
+// damagedAdvice follows every ErrJournalDamaged message.
+const damagedAdvice = "vhdsync neither replays nor deletes a damaged journal: keep the state directory as it is (its disk.img holds the newest data) and compare it with the blob using `vhdsync verify`"
+
 func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	log := o.Logger
 	if log == nil {
@@ -137,7 +141,10 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	}
 	db, err := badger.Open(badgerOptions(dir, log))
 	if err != nil {
-		return nil, fmt.Errorf("open journal %s: %w (if another vhdsync uses this state directory, stop it first; if the journal is damaged see `vhdsync replay --help`)", dir, err)
+		if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
+			return nil, fmt.Errorf("open journal %s: %w", dir, err)
+		}
+		return nil, fmt.Errorf("open journal %s: %w: %v; %s", dir, ErrJournalDamaged, err, damagedAdvice)
 	}
 	segs, err := openSegments(dir, o.SegmentBytes)
 	if err != nil {
@@ -208,7 +215,7 @@ func (j *Journal) recover() error {
 			if hdr.Kind == KindData {
 				seg, err := j.segs.get(hdr.seg)
 				if err != nil {
-					return fmt.Errorf("journal record %d: %w (the journal is damaged)", seq, err)
+					return fmt.Errorf("journal record %d: %w", seq, err)
 				}
 				if seg.lastSeq.Load() < seq {
 					seg.lastSeq.Store(seq)
@@ -230,7 +237,7 @@ func (j *Journal) recover() error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("recover journal %s: %w", j.dir, err)
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 	}
 	// Segments no pending record refers to (drained, or written by an
 	// append that died before its index entry) are deleted.
@@ -249,7 +256,7 @@ func (j *Journal) recover() error {
 			}
 			return nil
 		}); err != nil {
-			return fmt.Errorf("recover journal %s: %w", j.dir, err)
+			return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 		}
 	}
 	if _, err := j.segs.reclaim(drained, nil); err != nil {

@@ -7,6 +7,7 @@ import (
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
+	"github.com/vhdsync/vhdsync/writeback"
 	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
@@ -21,7 +22,7 @@ const (
 	ExitExists      = 5  // blob (or download's output file) exists and --overwrite was not given
 	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
 	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
-	ExitState       = 8  // state directory missing, damaged, not empty or of another blob
+	ExitState       = 8  // state directory missing, damaged (journal included), not writable, not empty or of another blob
 	ExitLeased      = 9  // blob leased by another writer
 	ExitBusy        = 10 // state directory or mountpoint in use, mount busy
 	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
@@ -63,7 +64,8 @@ func exitCode(err error) int {
 		return ExitExists
 	case errors.Is(err, pageblob.ErrLeased):
 		return ExitLeased
-	case errors.Is(err, statedir.ErrExists), errors.Is(err, statedir.ErrNotState):
+	case errors.Is(err, statedir.ErrExists), errors.Is(err, statedir.ErrNotState), errors.Is(err, statedir.ErrNotWritable),
+		errors.Is(err, writeback.ErrJournalDamaged):
 		return ExitState
 	case errors.Is(err, pageblob.ErrNotPageBlob), errors.Is(err, pageblob.ErrNotFixedVHD), errors.Is(err, errInvalidVHD),
 		errors.Is(err, vhdlayer.ErrNotVHD), errors.Is(err, vhdlayer.ErrBadChecksum), errors.Is(err, vhdlayer.ErrNotFixed),

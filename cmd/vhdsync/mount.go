@@ -108,6 +108,9 @@ func startDaemon(cmd *cobra.Command, g *globals, f mountFlags, mp string) error 
 	if err != nil {
 		return err
 	}
+	if err := d.CheckWritable(); err != nil {
+		return err
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("find own executable: %w", err)
@@ -223,6 +226,9 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	}
 	d, err := statedir.Open(f.state)
 	if err != nil {
+		return err
+	}
+	if err := d.CheckWritable(); err != nil {
 		return err
 	}
 	absMP, err := filepath.Abs(mp)

@@ -42,6 +42,9 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	if err != nil {
 		return err
 	}
+	if err := d.CheckWritable(); err != nil {
+		return err
+	}
 	lock, err := d.TryLock("replaying")
 	if err != nil {
 		return err

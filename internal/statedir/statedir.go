@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/vhdsync/vhdsync/vhdlayer"
@@ -34,6 +35,19 @@ var ErrExists = errors.New("state directory is not empty")
 
 // ErrNotState: the directory is not a vhdsync state directory, or is damaged.
 var ErrNotState = errors.New("not a vhdsync state directory")
+
+// ErrNotWritable: the directory cannot be written (read-only file system,
+// permissions), so the journal cannot be kept there.
+var ErrNotWritable = errors.New("state directory is not writable")
+
+// CheckWritable refuses a state directory this process cannot write to,
+// before anything (the log, the lock, the journal) tries to.
+func (d *Dir) CheckWritable() error {
+	if err := syscall.Access(d.Path, 2 /* W_OK */); err != nil {
+		return fmt.Errorf("%w: %s: %v; vhdsync keeps the journal, the image and its log there, so it must be writable (a read-only mount or missing permissions?)", ErrNotWritable, d.Path, err)
+	}
+	return nil
+}
 
 // State is the content of vhdsync.json.
 type State struct {
