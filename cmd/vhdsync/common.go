@@ -41,7 +41,7 @@ type blobFlags struct {
 func (b *blobFlags) register(cmdFlags interface {
 	StringVar(p *string, name, value, usage string)
 }) {
-	cmdFlags.StringVar(&b.sas, "sas", "", "SAS token for the blob (the state directory never stores one); also read from $VHDSYNC_SAS")
+	cmdFlags.StringVar(&b.sas, "sas", "", "SAS token for the blob (never stored, never logged); other users can read a command line in ps, so prefer $VHDSYNC_SAS")
 }
 
 // connect opens the state directory's blob with the usual credential

@@ -67,7 +67,21 @@ for an Azurite URL; Entra ID (az login, managed identity, AZURE_CLIENT_* vars).`
 }
 
 func main() {
+	privateFiles(os.Args[1:])
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+}
+
+// privateFiles sets the umask to 077 for every command but download (whose
+// output file follows the user's umask), so that whatever vhdsync or its
+// libraries create is private to the user: badger creates its journal
+// files 0644 itself, and they hold the disk's data. Only the real binary
+// does this (the umask is process-wide; the in-process tests keep theirs).
+func privateFiles(args []string) {
+	c, _, err := newRootCmd(&globals{stdout: io.Discard, stderr: io.Discard, env: os.Getenv}).Find(args)
+	if err == nil && c.Name() == "download" {
+		return
+	}
+	syscall.Umask(0o077)
 }
 
 // run executes one vhdsync command line and returns its exit code.

@@ -126,7 +126,12 @@ func startDaemon(cmd *cobra.Command, g *globals, f mountFlags, mp string) error 
 		return err
 	}
 	c := exec.Command(exe, rebuildMountArgs(g, f, mp)...)
+	// A SAS goes to the daemon in its environment, never on its command
+	// line, which every user can read in /proc/PID/cmdline (ps).
 	c.Env = append(os.Environ(), readyFDEnv+"=3")
+	if f.blob.sas != "" {
+		c.Env = append(c.Env, "VHDSYNC_SAS="+f.blob.sas)
+	}
 	c.ExtraFiles = []*os.File{pw}
 	c.Stdout, c.Stderr = logf, logf
 	c.Stdin = nil
@@ -170,9 +175,6 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	}
 	if f.journalCap != "" {
 		a = append(a, "--journal-cap", f.journalCap)
-	}
-	if f.blob.sas != "" {
-		a = append(a, "--sas", f.blob.sas)
 	}
 	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String(),
 		"--fuse-max-write", strconv.Itoa(f.fuseMaxWrite), "--fuse-max-background", strconv.Itoa(f.fuseMaxBg))
