@@ -123,4 +123,3 @@ func superOpts(t *testing.T, mp string) string {
 	t.Fatalf("%s is not in mountinfo", mp)
 	return ""
 }
-
