@@ -277,6 +277,14 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 		}
 		copy(buf[off-aoff:], p)
 	}
+	// Allocate the image's blocks first: a write the image cannot take
+	// (its filesystem full) must fail before it is journaled. Otherwise
+	// the journal sends it to the blob while the image keeps the old data,
+	// and the two differ for good.
+	if err := unix.Fallocate(int(d.img.Fd()), 0, aoff, aend-aoff); err != nil &&
+		!errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return fmt.Errorf("allocate local image %d+%d: %w", aoff, aend-aoff, err)
+	}
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
 	if err := d.j.appendApply(ctx, &rec, func() error {
 		if _, err := d.img.WriteAt(buf, aoff); err != nil {
