@@ -341,6 +341,11 @@ func (d *daemon) alive() bool {
 	if err != nil {
 		return false
 	}
+	if len(b) == 0 {
+		// Exiting: its memory (and so its command line) is gone, but not
+		// yet its files, the state directory's lock among them.
+		return true
+	}
 	return strings.Contains(string(b), "\x00mount\x00--state\x00"+d.state+"\x00")
 }
 

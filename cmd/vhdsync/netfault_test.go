@@ -82,8 +82,41 @@ func TestE2ENetworkFaults(t *testing.T) {
 		{"timeout (no data, closed after 2 s)", `{"name":"f","type":"timeout","stream":"upstream","attributes":{"timeout":2000}}`},
 		{"proxy down", ""},
 	}
+	// The soak repeats the faults for half of VHDSYNC_SOAK_DURATION (the
+	// kill -9 loop takes the other half).
+	soak := soakDuration(t) / 2
+	start := time.Now()
+	var rows []string
+	for round := 0; round == 0 || time.Since(start) < soak; round++ {
+		rows = append(rows, faultRound(t, e, proxy, faults, window, round, state, img, directURL, sizeMiB)...)
+	}
+	e.mustVhdsync("unmount", mp)
+	d.waitExit(30 * time.Second)
+	e.mustVhdsync("verify", "--state", state)
+	t.Logf("network faults:\n| fault | lasted | writes+fsyncs during it | journal records at its end | failed to the user | converged after its end | bytes differing |\n|---|---|---|---|---|---|---|\n%s", strings.Join(rows, "\n"))
+}
+
+// soakDuration is VHDSYNC_SOAK_DURATION (0 outside `make soak`).
+func soakDuration(t *testing.T) time.Duration {
+	t.Helper()
+	s := os.Getenv("VHDSYNC_SOAK_DURATION")
+	if s == "" {
+		return 0
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		t.Fatalf("VHDSYNC_SOAK_DURATION: %v", err)
+	}
+	return d
+}
+
+// faultRound runs every fault once, a writer busy during each, and returns
+// a table row per fault.
+func faultRound(t *testing.T, e *e2e, proxy *toxiproxy.Proxy, faults []netFault, window time.Duration, round int, state, img, directURL string, sizeMiB int64) []string {
+	t.Helper()
 	var rows []string
 	for i, f := range faults {
+		i := i + 100*round
 		// A writer: 64 KiB at random sectors, an fsync after each.
 		var failed, writes atomic.Int64
 		var wmu sync.Mutex
@@ -158,10 +191,7 @@ func TestE2ENetworkFaults(t *testing.T) {
 			t.Errorf("%s: blob and image differ in %d bytes after the drain", f.name, diff)
 		}
 	}
-	e.mustVhdsync("unmount", mp)
-	d.waitExit(30 * time.Second)
-	e.mustVhdsync("verify", "--state", state)
-	t.Logf("network faults:\n| fault | lasted | writes+fsyncs during it | journal records at its end | failed to the user | converged after its end | bytes differing |\n|---|---|---|---|---|---|---|\n%s", strings.Join(rows, "\n"))
+	return rows
 }
 
 // blobImageDiff downloads the blob directly (not through the proxy) and

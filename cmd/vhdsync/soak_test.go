@@ -23,14 +23,7 @@ import (
 
 func TestE2EKill9Loop(t *testing.T) {
 	e := newE2E(t)
-	var soak time.Duration
-	if s := os.Getenv("VHDSYNC_SOAK_DURATION"); s != "" {
-		d, err := time.ParseDuration(s)
-		if err != nil {
-			t.Fatalf("VHDSYNC_SOAK_DURATION: %v", err)
-		}
-		soak = d
-	}
+	soak := soakDuration(t) / 2 // the fault loop takes the other half
 	const sizeMiB, slot = 32, 64 << 10
 	const slots = sizeMiB << 20 / slot
 	url, state := e.createDisk("loop", sizeMiB)
