@@ -130,7 +130,23 @@ func TestE2EKill9Loop(t *testing.T) {
 		if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
 			t.Fatalf("umount -l %s: %v", mp, err)
 		}
-		s := e.mustStatus(state)
+		// The state lock goes with the killed daemon's last file; say how
+		// long that took if status did not answer at once.
+		var s statusReport
+		first, waited := "", time.Now()
+		waitFor(t, 60*time.Second, "the killed daemon's state lock to go", func() (bool, error) {
+			var err error
+			s, err = e.status(state)
+			if err != nil && first == "" {
+				st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", d.pid))
+				wchan, _ := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", d.pid))
+				first = fmt.Sprintf("%v; /proc/%d/stat %q wchan %q", err, d.pid, st, wchan)
+			}
+			return err == nil, err
+		})
+		if first != "" {
+			t.Logf("cycle %d: the state lock went %v after the kill was seen: %s", cycles, time.Since(waited).Round(time.Millisecond), first)
+		}
 		replayed += int(s.JournalRecords)
 	}
 	d := e.mount(state, mp)
