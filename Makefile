@@ -44,8 +44,14 @@ test: deps vet
 demo: deps build
 	./scripts/demo.sh
 
+## bench: issue 5's measurements (root; fio and s3backer installed where
+## missing); writes bench/results.json and bench/results.md. Knobs:
+## BENCH_REPS, BENCH_RUNTIME, BENCH_SKIP, BENCH_RTT, BENCH_FLUSH_SIZE (bench/run.sh).
 bench: deps build
-	@echo "benchmarks arrive with the performance issue"; exit 1
+	@command -v s3backer >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install s3backer"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq s3backer >/dev/null; }
+	./bench/run.sh
 
 ## soak: issue 6's long form, about DURATION in all (default 10m): half a
 ## kill -9 loop, half rounds of network faults each lasting FAULT_WINDOW

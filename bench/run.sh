@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# make bench: the measurements of issue 5, each against baselines measured in
+# the same run, in alternating repetitions; medians go to bench/results.json
+# and bench/results.md (bench/report.py). Everything started here (Azurite,
+# daemons, FUSE mounts, loop devices, ext4 mounts) is undone on exit.
+#
+# Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
+# BENCH_SKIP (space-separated stages to skip: write fsync flush wire lag),
+# BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
+# BENCH_LAG_RATE (MiB/s; default half the measured server ceiling).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "make bench needs root (FUSE mounts, losetup, mount)"; exit 1; }
+REPS=${BENCH_REPS:-3}
+RT=${BENCH_RUNTIME:-5}
+SKIP=" ${BENCH_SKIP:-} "
+SIZE=64GiB
+repo=$PWD
+bin=$repo/bin/vhdsync
+work=$(mktemp -d /var/tmp/vhdsync-bench.XXXXXX)
+res=$work/res; mkdir -p "$res"
+pids=() loops=() fsmounts=() fusemounts=() vpids=()
+cleanup() {
+  set +e
+  for m in "${fsmounts[@]}"; do mountpoint -q "$m" && umount "$m"; done
+  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+  for p in "${vpids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  sleep 0.5
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  for m in "${fusemounts[@]}"; do grep -q " $m " /proc/mounts && umount -l "$m"; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+log() { printf '[%s] %s\n' "$(date -u +%T)" "$*" >&2; }
+skip() { [[ "$SKIP" == *" $1 "* ]]; }
+
+go build -o "$work/nullfuse" ./bench/cmd/nullfuse
+go build -o "$work/flushbench" ./bench/cmd/flushbench
+go build -o "$work/azurite-run" ./internal/azurite/cmd/azurite-run
+
+# start_azurite DIR: sets AZPID and EP
+start_azurite() {
+  local d=$1; mkdir -p "$d"
+  "$work/azurite-run" --location "$d/az" --endpoint-file "$d/ep" --log "$d/az.log" >/dev/null 2>&1 &
+  AZPID=$!; pids+=("$AZPID")
+  for _ in $(seq 1 600); do [ -s "$d/ep" ] && break; kill -0 "$AZPID" || { echo "azurite died"; exit 1; }; sleep 0.1; done
+  EP=$(cat "$d/ep")
+}
+stop_azurite() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+vstatus() { "$bin" status --state "$1" --json; }
+vpid() { vstatus "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'; }
+# mount_vhdsync NAME [mount flags]: sets VST (state), VMNT, VPID, VAZ
+mount_vhdsync() {
+  local name=$1; shift
+  local d=$work/$name; mkdir -p "$d/mnt"
+  start_azurite "$d"; VAZ=$AZPID
+  "$bin" create --blob "$EP/bench/$name.vhd" --size "$VSIZE" --state "$d/st" --create-container >/dev/null
+  "$bin" mount --state "$d/st" "$@" "$d/mnt" >/dev/null
+  fusemounts+=("$d/mnt")
+  VST=$d/st VMNT=$d/mnt VPID=$(vpid "$d/st"); vpids+=("$VPID")
+}
+# attach FILE OFFSET SIZE MNT: loop (direct I/O) + ext4, sets LOOPDEV
+attach_ext4() {
+  local f=$1 off=$2 sz=$3 m=$4
+  LOOPDEV=$(losetup --find --show --direct-io=on --offset "$off" --sizelimit "$sz" "$f"); loops+=("$LOOPDEV")
+  mkfs.ext4 -q -F -E nodiscard "$LOOPDEV"
+  mkdir -p "$m"; mount -o noinit_itable "$LOOPDEV" "$m"; fsmounts+=("$m")
+}
+fio_run() { # out name file size extra...
+  local out=$1 file=$2 size=$3; shift 3
+  fio --name=j --filename="$file" --size="$size" --ioengine=libaio --direct=1 --runtime="$RT" --time_based=1 \
+      --group_reporting --output-format=json "$@" > "$out" 2>"$out.err" || { log "fio failed: $out"; cat "$out.err" >&2; }
+}
+machine() {
+  python3 - "$@" <<PY
+import json,subprocess,platform,os
+def sh(c): return subprocess.run(c,shell=True,capture_output=True,text=True).stdout.strip()
+print(json.dumps({"nproc":int(sh("nproc")),"mem":sh("free -g | sed -n 2p"),"kernel":platform.release(),
+ "cpu":sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip(),
+ "disk":sh("df -h $work | tail -1")+" / "+sh("lsblk -dno NAME,SIZE,ROTA,MODEL \$(df --output=source $work | tail -1) 2>/dev/null"),
+ "fio":sh("fio --version"),"s3backer":sh("s3backer --version 2>&1 | head -1"),"go":sh("go version"),
+ "commit":sh("git describe --always --dirty"),"date":sh("date -u +%FT%TZ"),"reps":$REPS,"runtime_s":$RT}))
+PY
+}
+machine > "$res/machine.json"
+log "machine: $(cat "$res/machine.json")"
+
+############ 1, 2, 5: write path, fsync, memory (64 GiB virtual size)
+VSIZE=$SIZE
+if ! skip write; then
+  log "write path: setting up local file, null FUSE, vhdsync (remote detached), s3backer --test"
+  # local file
+  truncate -s 64G "$work/local.img"
+  # null FUSE
+  mkdir -p "$work/null"; "$work/nullfuse" --size 64GiB --name null "$work/null" > "$work/null.log" 2>&1 &
+  pids+=("$!"); fusemounts+=("$work/null")
+  for _ in $(seq 100); do [ -e "$work/null/null.img" ] && break; sleep 0.1; done
+  # vhdsync: the remote is taken away after the mount, so the flusher only
+  # retries and the write path is measured alone (the journal keeps all).
+  mount_vhdsync v --journal-cap 48GiB
+  stop_azurite "$VAZ"
+  VPID_W=$VPID VST_W=$VST
+  # s3backer, local-directory test mode, tuned (flags listed in the results):
+  # 4 KiB blocks for 4 KiB writes and ext4 (a larger block makes every 4 KiB
+  # write a read-modify-write: 10 IOPS at 64 KiB), 128 KiB blocks for 1 MiB
+  # sequential writes (4 KiB blocks give ~26 MiB/s there); no MD5 cache (and
+  # so no minimum write delay), a large write-back cache, direct I/O.
+  S3COMMON="--test --size=64G --blockCacheSize=20000 --blockCacheThreads=8 --blockCacheWriteDelay=250 --md5CacheSize=0 --md5CacheTime=0 --minWriteDelay=0 --directIO"
+  for v in s3backer:4K s3b128k:128K; do
+    n=${v%%:*} bs=${v##*:}
+    mkdir -p "$work/$n-dir" "$work/$n-mnt"
+    s3backer -f $S3COMMON --blockSize=$bs "$work/$n-dir" "$work/$n-mnt" > "$work/$n.log" 2>&1 &
+    pids+=("$!"); fusemounts+=("$work/$n-mnt")
+    for _ in $(seq 100); do [ -e "$work/$n-mnt/file" ] && break; sleep 0.1; done
+    [ -e "$work/$n-mnt/file" ] || { cat "$work/$n.log"; exit 1; }
+    echo "$n: $S3COMMON --blockSize=$bs" >> "$res/s3backer_flags"
+  done
+  declare -A FILE=([local]=$work/local.img [null]=$work/null/null.img [vhdsync]=$VMNT/v.img [s3backer]=$work/s3backer-mnt/file [s3b128k]=$work/s3b128k-mnt/file)
+  # ext4 on loop on the second half of each file; raw fio uses the first 2 GiB
+  declare -A FS
+  for t in local null vhdsync s3backer; do
+    attach_ext4 "${FILE[$t]}" $((32<<30)) $((32<<30)) "$work/fs-$t"; FS[$t]=$work/fs-$t
+    losetup --list -O NAME,DIO "$LOOPDEV" | tail -1 >&2
+  done
+  targets=(local null vhdsync s3backer)
+  for rep in $(seq 1 "$REPS"); do
+    # rotate the order every repetition
+    order=("${targets[@]:$(( (rep-1) % 4 ))}" "${targets[@]:0:$(( (rep-1) % 4 ))}")
+    for t in "${order[@]}"; do
+      log "rep $rep: $t"
+      fio_run "$res/w-$t-raw-seq-$rep.json" "${FILE[$t]}" 2G --rw=write --bs=1M --iodepth=8
+      if [ "$t" = s3backer ]; then fio_run "$res/w-s3b128k-raw-seq-$rep.json" "${FILE[s3b128k]}" 2G --rw=write --bs=1M --iodepth=8; fi
+      fio_run "$res/w-$t-raw-rand-$rep.json" "${FILE[$t]}" 2G --rw=randwrite --bs=4k --iodepth=32
+      fio_run "$res/w-$t-ext4-seq-$rep.json" "${FS[$t]}/fio.dat" 1G --rw=write --bs=1M --iodepth=8
+      fio_run "$res/w-$t-ext4-rand-$rep.json" "${FS[$t]}/fio.dat" 1G --rw=randwrite --bs=4k --iodepth=32
+      if ! skip fsync; then
+        fio_run "$res/f-$t-raw-fsync-$rep.json" "${FILE[$t]}" 2G --rw=randwrite --bs=4k --iodepth=1 --ioengine=psync --fsync=1
+      fi
+      if [ "$t" = vhdsync ]; then vstatus "$VST_W" > "$res/vstatus-write-$rep.json"; fi
+    done
+  done
+  grep -E 'VmHWM|VmRSS' /proc/"$VPID_W"/status > "$res/mem-write.txt"
+  vstatus "$VST_W" > "$res/vstatus-write.json"
+  du -sb "$VST_W" > "$res/state-du-write.txt"
+  # tear down now (the remote is gone: no drain)
+  for m in "${fsmounts[@]}"; do umount "$m"; done; fsmounts=()
+  for l in "${loops[@]}"; do losetup -d "$l"; done; loops=()
+  kill -9 "$VPID_W"; sleep 0.5; umount -l "$VMNT"
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
+  fusemounts=() pids=()
+  rm -rf "$work/local.img" "$work"/s3b*-dir "$work/v" || true
+fi
+
+############ 3: flush path (journal -> Azurite), workers 1..16, baselines
+if ! skip flush; then
+  log "flush path"
+  "$work/flushbench" --dir "$work/flush" --size "${BENCH_FLUSH_SIZE:-1GiB}" --workers 1,2,4,8,16 --raw 8,16,32 --reps "${BENCH_FLUSH_REPS:-$REPS}" \
+    --rtt "${BENCH_RTT:-0,20ms}" --out "$res/flush.json" >&2 &
+  fbpid=$!; pids+=("$fbpid"); wait "$fbpid" || log "flushbench failed"
+fi
+
+############ 4: wire efficiency (mkfs, copy Go's src, delete half, fstrim)
+if ! skip wire; then
+  log "wire efficiency"
+  VSIZE=4GiB
+  mount_vhdsync wire
+  LOOPDEV=$(losetup --find --show "$VMNT/wire.img"); loops+=("$LOOPDEV")
+  mkfs.ext4 -q -F "$LOOPDEV"
+  mkdir -p "$work/wirefs"; mount "$LOOPDEV" "$work/wirefs"; fsmounts+=("$work/wirefs")
+  src=$(go env GOROOT)/src
+  cp -r "$src" "$work/wirefs/src"
+  sync
+  # the ideal: every distinct non-zero sector the workload wrote (the disk
+  # started empty; deleting and trimming only zeroes), scanned now
+  "$work/flushbench" --scan "$VST/disk.img" > "$res/wire-scan.json" || true
+  (cd "$work/wirefs/src" && find . -type f | awk 'NR%2==0' | xargs -d '\n' rm -f)
+  sync
+  fstrim -v "$work/wirefs" >&2 || true
+  umount "$work/wirefs"; fsmounts=()
+  losetup -d "$LOOPDEV"; loops=()
+  python3 - "$VST" "$bin" > "$res/wire-drain.txt" <<'PY' || true
+import json,subprocess,sys,time
+st,b=sys.argv[1],sys.argv[2]
+t0=time.time()
+while time.time()-t0<600:
+    j=json.loads(subprocess.run([b,"status","--state",st,"--json"],capture_output=True,text=True).stdout)
+    if j.get("journal_records",1)==0: break
+    time.sleep(0.5)
+PY
+  vstatus "$VST" > "$res/vstatus-wire.json"
+  # the blob's final written ranges (ideal: distinct non-zero bytes)
+  "$bin" unmount "$VMNT" >&2; fusemounts=()
+  stop_azurite "$VAZ"
+fi
+
+############ 6: replica lag under a steady, rate-limited write load
+if ! skip lag; then
+  log "replica lag"
+  VSIZE=$SIZE
+  mount_vhdsync lag
+  rate=${BENCH_LAG_RATE:-$(python3 -c "import json;j=json.load(open('$res/flush.json'));print(max(1,int(max(x['median_mibs'] for x in j['results'] if x['rtt']=='0' and x['config'].startswith('raw-'))/2)))" 2>/dev/null || echo 50)}
+  echo "$rate" > "$res/lag-rate.txt"
+  fio --name=lag --filename="$VMNT/lag.img" --size=4G --rw=randwrite --bs=64k --iodepth=4 --ioengine=libaio --direct=1 \
+      --rate="${rate}m" --runtime=$((RT*6)) --time_based=1 --output-format=json > "$res/lag-fio.json" 2>/dev/null &
+  fp=$!; pids+=("$fp")
+  : > "$res/lag.txt"
+  while kill -0 "$fp" 2>/dev/null; do
+    vstatus "$VST" | python3 -c 'import json,sys;j=json.load(sys.stdin);print(j.get("lag_seconds",0), j.get("journal_disk_bytes",0))' >> "$res/lag.txt" || true
+    sleep 1
+  done
+  grep VmHWM /proc/"$VPID"/status > "$res/mem-lag.txt"
+  kill -9 "$VPID"; sleep 0.5; umount -l "$VMNT"; fusemounts=()
+  stop_azurite "$VAZ"
+fi
+
+python3 bench/report.py "$res" bench/results.json bench/results.md
+cat bench/results.md
