@@ -180,6 +180,11 @@ func (f *diskFile) errno(op string, off, n int64, err error) syscall.Errno {
 		return syscall.EINTR
 	}
 	f.log.Error(op+" failed", "off", off, "len", n, "err", err)
+	if errors.Is(err, syscall.ENOSPC) {
+		// The state directory's filesystem is full: the journal or the
+		// image could not grow (the daemon's log says which).
+		return syscall.ENOSPC
+	}
 	return syscall.EIO
 }
 
