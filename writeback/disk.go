@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -50,6 +51,7 @@ type Disk struct {
 	closeMu sync.Mutex
 	closed  bool
 	replay  ReplayStats
+	alloc   imageAlloc
 }
 
 // ReplayStats says what Open found in the journal.
@@ -81,6 +83,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		return nil, fmt.Errorf("local image %s: size %d, want %d (%v)", o.ImagePath, st.Size(), o.VirtualSize, err)
 	}
 	d := &Disk{o: o, img: img, locks: newRangeLock(), log: log}
+	d.alloc.init(o.VirtualSize)
 	ok := false
 	defer func() {
 		if !ok {
@@ -281,8 +284,7 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	// (its filesystem full) must fail before it is journaled. Otherwise
 	// the journal sends it to the blob while the image keeps the old data,
 	// and the two differ for good.
-	if err := unix.Fallocate(int(d.img.Fd()), 0, aoff, aend-aoff); err != nil &&
-		!errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+	if err := d.alloc.ensure(d.img, aoff, aend); err != nil {
 		return fmt.Errorf("allocate local image %d+%d: %w", aoff, aend-aoff, err)
 	}
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
@@ -334,7 +336,7 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 	}
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: kind}
 	if err := d.j.appendApply(ctx, &rec, func() error {
-		if err := punch(d.img, aoff, aend-aoff); err != nil {
+		if err := d.alloc.punch(d.img, aoff, aend); err != nil {
 			return fmt.Errorf("zero local image %d+%d: %w", aoff, aend-aoff, err)
 		}
 		return nil
@@ -436,4 +438,70 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// allocChunk is the unit in which imageAlloc allocates and remembers.
+const allocChunk = 1 << 20
+
+// imageAlloc remembers which 1 MiB chunks of the image are known to be
+// allocated, so that a write needs a fallocate only where a chunk was never
+// allocated or was punched since (a discard). Allocating before journaling
+// makes a full state filesystem fail the write before it is journaled.
+// Misses and punches are serialised by mu, so a punch never leaves a chunk
+// marked allocated with a hole in it; hits only read the bitmap.
+type imageAlloc struct {
+	mu    sync.Mutex
+	bits  []atomic.Uint64
+	size  int64
+	unsup atomic.Bool // the filesystem cannot fallocate: nothing to do
+}
+
+func (a *imageAlloc) init(size int64) {
+	a.size = size
+	a.bits = make([]atomic.Uint64, (size/allocChunk+64)/64)
+}
+
+func (a *imageAlloc) has(c int64) bool { return a.bits[c/64].Load()&(1<<(c%64)) != 0 }
+
+// ensure allocates [off, end) of f, in whole chunks, unless known done.
+func (a *imageAlloc) ensure(f *os.File, off, end int64) error {
+	if a.unsup.Load() {
+		return nil
+	}
+	first, last := off/allocChunk, (end-1)/allocChunk
+	missing := false
+	for c := first; c <= last; c++ {
+		if !a.has(c) {
+			missing = true
+			break
+		}
+	}
+	if !missing {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	start, stop := first*allocChunk, min((last+1)*allocChunk, a.size)
+	if err := unix.Fallocate(int(f.Fd()), 0, start, stop-start); err != nil {
+		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+			a.unsup.Store(true)
+			return nil
+		}
+		return err
+	}
+	for c := first; c <= last; c++ {
+		a.bits[c/64].Or(1 << (c % 64))
+	}
+	return nil
+}
+
+// punch frees [off, end) of f and forgets the chunks it touches.
+func (a *imageAlloc) punch(f *os.File, off, end int64) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	err := punch(f, off, end-off)
+	for c := off / allocChunk; c <= (end-1)/allocChunk; c++ {
+		a.bits[c/64].And(^uint64(1 << (c % 64)))
+	}
+	return err
 }
