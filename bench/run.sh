@@ -7,7 +7,8 @@
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
 # BENCH_SKIP (space-separated stages to skip: write fsync flush wire lag),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
-# BENCH_LAG_RATE (MiB/s; default half the measured server ceiling).
+# BENCH_LAG_RATE (MiB/s; default half the measured server ceiling), BENCH_SYNC
+# (1: sync before every fio run), BENCH_OUT (directory of the results, bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "make bench needs root (FUSE mounts, losetup, mount)"; exit 1; }
@@ -67,8 +68,10 @@ attach_ext4() {
   mkfs.ext4 -q -F -E nodiscard "$LOOPDEV"
   mkdir -p "$m"; mount -o noinit_itable "$LOOPDEV" "$m"; fsmounts+=("$m")
 }
-fio_run() { # out name file size extra...
+fio_run() { # out file size extra...
   local out=$1 file=$2 size=$3; shift 3
+  # BENCH_SYNC=1: write back every target's dirty pages before each run
+  if [ -n "${BENCH_SYNC:-}" ]; then sync; fi
   fio --name=j --filename="$file" --size="$size" --ioengine=libaio --direct=1 --runtime="$RT" --time_based=1 \
       --group_reporting --output-format=json "$@" > "$out" 2>"$out.err" || { log "fio failed: $out"; cat "$out.err" >&2; }
 }
@@ -215,5 +218,6 @@ if ! skip lag; then
   stop_azurite "$VAZ"
 fi
 
-python3 bench/report.py "$res" bench/results.json bench/results.md
-cat bench/results.md
+out=${BENCH_OUT:-bench}; mkdir -p "$out"
+python3 bench/report.py "$res" "$out/results.json" "$out/results.md"
+cat "$out/results.md"
