@@ -14,31 +14,12 @@ import (
 // on it with remote r.
 func newTestDisk(t testing.TB, dir string, size int64, r Remote, o DiskOptions) *Disk {
 	t.Helper()
-	img := filepath.Join(dir, "disk.img")
-	if _, err := os.Stat(img); os.IsNotExist(err) {
-		f, err := os.Create(img)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := f.Truncate(size); err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
-	}
-	o.ImagePath = img
-	o.JournalDir = filepath.Join(dir, "journal")
-	o.VirtualSize = size
-	o.Remote = r
 	if o.Flusher.Linger == 0 {
 		o.Flusher.Linger = 5 * time.Millisecond
 	}
 	o.Flusher.RetryMin = time.Millisecond
 	o.Flusher.RetryMax = 5 * time.Millisecond
-	d, err := Open(context.Background(), o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d
+	return propOpenDisk(t, dir, size, r, o)
 }
 
 func readImage(t testing.TB, dir string) []byte {
