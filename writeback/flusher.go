@@ -170,15 +170,25 @@ func (f *Flusher) Run(ctx context.Context) error {
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	lingering := false
+	// emptyAt is the closed epoch at the last scan that found nothing.
+	// Appends only ever go to the open epoch, so until another epoch
+	// closes a new scan would find nothing either: every write kicks the
+	// flusher, and skipping the scan keeps badger off the write path.
+	emptyAt, scanned := uint64(0), false
 	for {
 		if ctx.Err() != nil {
 			f.setState(StateStopped, nil)
 			return nil
 		}
-		recs, err := f.j.ReadBatch(f.next, f.o.MaxBatchBytes, f.minLast)
-		if err != nil {
-			f.setState(StateFailed, err)
-			return err
+		var recs []Record
+		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
+			var err error
+			recs, err = f.j.ReadBatch(f.next, f.o.MaxBatchBytes, f.minLast)
+			if err != nil {
+				f.setState(StateFailed, err)
+				return err
+			}
+			scanned, emptyAt = len(recs) == 0, closed
 		}
 		if len(recs) > 0 {
 			lingering = false
