@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -267,26 +266,12 @@ func firstLine(s string) string {
 // VHDSYNC_ variables).
 func (e *e2e) runEnv(env map[string]string, args ...string) result {
 	e.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, e.bin, args...)
-	cmd.Dir = e.dir
-	cmd.Env = e2eEnv()
+	var extra []string
 	for k, v := range env {
-		cmd.Env = append(cmd.Env, k+"="+v)
+		extra = append(extra, k+"="+v)
 	}
-	cmd.WaitDelay = 5 * time.Second
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	r := result{stdout: out.String(), stderr: errb.String()}
-	var ee *exec.ExitError
-	switch {
-	case ctx.Err() != nil:
-		e.t.Fatalf("vhdsync %s: no answer within 2 minutes: %s", strings.Join(args, " "), r)
-	case errors.As(err, &ee):
-		r.code = ee.ExitCode()
-	case err != nil:
+	r, err := runTimeoutEnv(e.dir, 2*time.Minute, extra, e.bin, args...)
+	if err != nil {
 		e.t.Fatal(err)
 	}
 	return r

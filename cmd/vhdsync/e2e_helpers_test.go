@@ -186,11 +186,17 @@ func execTimeout(t *testing.T, dir string, timeout time.Duration, name string, a
 // runTimeout is execTimeout returning the failure to run instead (for
 // cleanups, which must go on).
 func runTimeout(dir string, timeout time.Duration, name string, args ...string) (result, error) {
+	return runTimeoutEnv(dir, timeout, nil, name, args...)
+}
+
+// runTimeoutEnv is runTimeout with extra KEY=VALUE environment variables
+// on top of e2eEnv's.
+func runTimeoutEnv(dir string, timeout time.Duration, extra []string, name string, args ...string) (result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Dir = dir
-	cmd.Env = e2eEnv()
+	cmd.Env = append(e2eEnv(), extra...)
 	cmd.WaitDelay = 5 * time.Second
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
