@@ -30,6 +30,12 @@ type DiskOptions struct {
 	SaveLeaseID func(string) error
 	// BreakLease breaks another holder's lease instead of failing.
 	BreakLease bool
+	// Staging selects the staged transfer: batches go to this segment
+	// store as compressed segments, and an apply worker (which holds the
+	// blob's lease) writes the blob. Remote is then only read (its
+	// sequence number). DiskID names the disk in every segment.
+	Staging SegmentStore
+	DiskID  string
 	Journal    JournalOptions
 	Flusher    FlusherOptions
 	Logger     *slog.Logger
@@ -93,18 +99,32 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	if d.j, err = OpenJournal(o.JournalDir, o.Journal); err != nil {
 		return nil, err
 	}
-	if err := d.acquireLease(ctx); err != nil {
-		return nil, err
+	if o.Staging == nil {
+		if err := d.acquireLease(ctx); err != nil {
+			return nil, err
+		}
 	}
 	seq, err := o.Remote.Sequence(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("read the blob's sequence number: %w", err)
 	}
-	if err := d.replayJournal(seq); err != nil {
+	if err := d.replayJournal(seq, o.Staging != nil); err != nil {
 		return nil, err
 	}
 	// New epochs must be above anything the blob has seen.
-	d.j.RaiseEpoch(uint64(seq+1)/2 + 1)
+	above := uint64(seq+1) / 2
+	if o.Staging != nil {
+		staged, err := MaxStagedEpoch(ctx, o.Staging)
+		if err != nil {
+			return nil, err
+		}
+		// ... and above every staged segment, which the next segment
+		// must follow.
+		above = max(above, staged)
+		o.Flusher.Staging, o.Flusher.DiskID = o.Staging, o.DiskID
+		o.Flusher.StagedEpoch = max(d.j.DrainedEpoch(), staged)
+	}
+	d.j.RaiseEpoch(above + 1)
 	o.Flusher.SyncImage = d.img.Sync
 	d.f = NewFlusher(d.j, o.Remote, d.lease, seq, o.Flusher)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -155,8 +175,10 @@ func (d *Disk) acquireLease(ctx context.Context) error {
 // idempotent), makes the image durable, then drops the records the blob
 // already holds completely: with an even sequence number 2e, every record
 // of an epoch <= e. With an odd one a batch was cut short and nothing is
-// dropped: the flusher sends that batch again.
-func (d *Disk) replayJournal(seq int64) error {
+// dropped: the flusher sends that batch again. With the staged transfer
+// (keepAll) nothing is dropped either: the blob's progress is the worker's
+// and the records go through the staging container again.
+func (d *Disk) replayJournal(seq int64, keepAll bool) error {
 	d.replay.RemoteSequence = seq
 	remoteEpoch := RemoteEpochFromSequence(seq)
 	var onRemote []Record
@@ -166,7 +188,7 @@ func (d *Disk) replayJournal(seq int64) error {
 		}
 		d.replay.Records++
 		d.replay.Bytes += int64(len(r.Data))
-		if seq%2 == 0 && r.Epoch <= remoteEpoch {
+		if !keepAll && seq%2 == 0 && r.Epoch <= remoteEpoch {
 			r.Data = nil
 			onRemote = append(onRemote, r)
 		}
@@ -418,7 +440,7 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 	if err := d.img.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close local image: %w", err))
 	}
-	if drained {
+	if drained && d.lease != "" {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		// A few tries: a lost response must not leave the lease held (the

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // MaxPutPage is the largest Put Page Azure accepts.
@@ -34,6 +36,14 @@ type FlusherOptions struct {
 	SyncImage func() error
 	// Logger receives progress and retry messages.
 	Logger *slog.Logger
+	// Staging, when set, selects the staged transfer: batches become
+	// compressed segments in this store instead of Put Page calls (see
+	// stageBatch). DiskID names the disk in every segment, and
+	// StagedEpoch is the last epoch delivered before this run (the first
+	// segment's PrevEpoch).
+	Staging     SegmentStore
+	DiskID      string
+	StagedEpoch uint64
 }
 
 // FlusherState is what the flusher is doing.
@@ -61,6 +71,10 @@ type FlusherStats struct {
 	BytesSent      uint64
 	BytesCleared   uint64
 	Retries        uint64
+	// Staged transfer: segments stored and the data bytes they carry
+	// (BytesSent is then the compressed bytes uploaded).
+	Segments        uint64
+	StagedDataBytes uint64
 }
 
 // Flusher drains the journal to the remote in order. See sendBatch for the
@@ -85,6 +99,8 @@ type Flusher struct {
 	done    chan struct{} // closed and replaced after every batch
 
 	batches, puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
+	segments, stagedData                                    atomic.Uint64
+	enc                                                     *zstd.Encoder // staged transfer only
 }
 
 // NewFlusher prepares a flusher for journal j and remote r, whose sequence
@@ -111,7 +127,11 @@ func NewFlusher(j *Journal, r Remote, lease string, remoteSeq int64, o FlusherOp
 	f := &Flusher{j: j, r: r, lease: lease, o: o, log: o.Logger, kick: make(chan struct{}, 1), state: StateIdle, done: make(chan struct{})}
 	f.seq.Store(remoteSeq)
 	f.epoch.Store(uint64(remoteSeq / 2))
-	if remoteSeq%2 == 1 {
+	if o.Staging != nil {
+		// Progress is what was staged; the worker owns the blob's
+		// sequence number.
+		f.epoch.Store(o.StagedEpoch)
+	} else if remoteSeq%2 == 1 {
 		// A batch ending at epoch (remoteSeq+1)/2 was in progress when the
 		// last writer stopped: the first batch must cover it again.
 		f.minLast = uint64(remoteSeq+1) / 2
@@ -160,6 +180,8 @@ func (f *Flusher) Stats() FlusherStats {
 	s.BytesSent = f.sent.Load()
 	s.BytesCleared = f.cleared.Load()
 	s.Retries = f.retries.Load()
+	s.Segments = f.segments.Load()
+	s.StagedDataBytes = f.stagedData.Load()
 	return s
 }
 
@@ -193,7 +215,11 @@ func (f *Flusher) Run(ctx context.Context) error {
 		if len(recs) > 0 {
 			lingering = false
 			f.setState(StateDraining, nil)
-			if err := f.sendBatch(ctx, recs); err != nil {
+			send := f.sendBatch
+			if f.o.Staging != nil {
+				send = f.stageBatch
+			}
+			if err := send(ctx, recs); err != nil {
 				if ctx.Err() != nil {
 					f.setState(StateStopped, nil)
 					return nil
@@ -311,6 +337,13 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	f.seqCalls.Add(1)
 	f.seq.Store(max(done, f.seq.Load()))
 	f.epoch.Store(last)
+	return f.commitBatch(recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
+}
+
+// commitBatch ends a batch the remote (blob or staging) holds: the image
+// is made durable, then the batch's records are deleted from the journal.
+func (f *Flusher) commitBatch(recs []Record, what string) error {
+	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
 	// Every record of the batch must be in the image before the image is
 	// synced and the records deleted (see Journal.appendApply).
 	f.j.waitApplied()
@@ -325,7 +358,7 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	f.next = recs[len(recs)-1].Seq + 1
 	f.minLast = 0
 	f.batches.Add(1)
-	f.log.Debug("batch committed", "epochs", fmt.Sprintf("%d-%d", first, last), "records", len(recs), "spans", len(spans), "sequence", done)
+	f.log.Debug("batch committed", "epochs", fmt.Sprintf("%d-%d", first, last), "records", len(recs), "delivered", what)
 	f.mu.Lock()
 	close(f.done)
 	f.done = make(chan struct{})

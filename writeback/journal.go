@@ -84,7 +84,8 @@ type Journal struct {
 	blocked        int       // writers waiting for space
 
 	epochsClosed  atomic.Uint64
-	epochBytes    atomic.Int64 // bytes in the open epoch
+	drainedEpoch  atomic.Uint64 // the last epoch Delete recorded as delivered
+	epochBytes    atomic.Int64  // bytes in the open epoch
 	maxEpochBytes int64
 	stopGC        chan struct{}
 	gcDone        chan struct{}
@@ -192,6 +193,7 @@ func (j *Journal) recover() error {
 				lastSeq = binary.BigEndian.Uint64(v)
 			} else {
 				maxEpoch = binary.BigEndian.Uint64(v)
+				j.drainedEpoch.Store(maxEpoch)
 			}
 		}
 		opts := badger.DefaultIteratorOptions
@@ -462,6 +464,10 @@ func (j *Journal) Barrier() (uint64, error) {
 	return closed, nil
 }
 
+// DrainedEpoch is the last epoch whose records were all delivered and
+// deleted (to the blob, or to the staging container).
+func (j *Journal) DrainedEpoch() uint64 { return j.drainedEpoch.Load() }
+
 // ClosedEpoch is the highest closed epoch.
 func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
 
@@ -636,6 +642,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
+	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
 	// Whole segments whose records are all drained are deleted, after the
 	// index deletions are durable (so no index entry can outlive its
 	// payload).
