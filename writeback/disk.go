@@ -36,9 +36,9 @@ type DiskOptions struct {
 	// sequence number). DiskID names the disk in every segment.
 	Staging SegmentStore
 	DiskID  string
-	Journal    JournalOptions
-	Flusher    FlusherOptions
-	Logger     *slog.Logger
+	Journal JournalOptions
+	Flusher FlusherOptions
+	Logger  *slog.Logger
 }
 
 // Disk is one virtual disk: the local image, the journal in front of it,
