@@ -9,6 +9,7 @@ import (
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
 	"github.com/vhdsync/vhdsync/writeback/pageblob"
+	"github.com/vhdsync/vhdsync/writeback/staging"
 )
 
 // Exit codes: one per class of failure, so scripts can react without
@@ -27,6 +28,7 @@ const (
 	ExitBusy        = 10 // state directory or mountpoint in use, mount busy
 	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
 	ExitSrcChanged  = 12 // import resume refused: the source file changed since the import began
+	ExitBadSegment  = 13 // apply: a staged segment is corrupt or of another disk; nothing after it was applied
 	ExitInterrupted = 130
 )
 
@@ -50,7 +52,11 @@ func exitCode(err error) int {
 		return ExitBusy
 	case errors.Is(err, errNotDrained):
 		return ExitNotDrained
-	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced):
+	case errors.Is(err, writeback.ErrBadSegment):
+		return ExitBadSegment
+	case errors.Is(err, staging.ErrLocked):
+		return ExitLeased
+	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending):
 		return ExitState
 	case errors.Is(err, transfer.ErrSourceChanged):
 		return ExitSrcChanged

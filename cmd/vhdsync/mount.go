@@ -47,6 +47,7 @@ type mountFlags struct {
 	fuseNoParallel bool
 	fuseMaxWrite   int
 	fuseMaxBg      int
+	staged         stagingFlags
 }
 
 func newMountCmd(g *globals) *cobra.Command {
@@ -89,6 +90,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.StringVar(&f.journalCap, "journal-cap", "", "most journal bytes pending before writers wait, e.g. 8GiB (default: half the free space of the state directory's filesystem, at most 64 GiB)")
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests")
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
+	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
 	fl.BoolVar(&f.fuseNoDirectIO, "fuse-no-direct-io", false, "serve through the kernel page cache (measurement only)")
 	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
@@ -131,6 +133,9 @@ func startDaemon(cmd *cobra.Command, g *globals, f mountFlags, mp string) error 
 	c.Env = append(os.Environ(), readyFDEnv+"=3")
 	if f.blob.sas != "" {
 		c.Env = append(c.Env, "VHDSYNC_SAS="+f.blob.sas)
+	}
+	if f.staged.staging != "" {
+		c.Env = append(c.Env, stagingEnv+"="+f.staged.staging)
 	}
 	c.ExtraFiles = []*os.File{pw}
 	c.Stdout, c.Stderr = logf, logf
@@ -175,6 +180,9 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	}
 	if f.journalCap != "" {
 		a = append(a, "--journal-cap", f.journalCap)
+	}
+	if f.staged.transfer != "" {
+		a = append(a, "--transfer", f.staged.transfer)
 	}
 	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String(),
 		"--fuse-max-write", strconv.Itoa(f.fuseMaxWrite), "--fuse-max-background", strconv.Itoa(f.fuseMaxBg))
@@ -258,7 +266,17 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
+	store, releaseStaging, err := setupTransfer(ctx, g, d, f.staged, f.breakLease, log)
+	if err != nil {
+		return err
+	}
+	var segStore writeback.SegmentStore
+	if store != nil {
+		segStore = store
+	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		Staging:     segStore,
+		DiskID:      d.State.DiskID,
 		ImagePath:   d.ImagePath(),
 		JournalDir:  d.JournalPath(),
 		VirtualSize: int64(d.State.VirtualSize),
@@ -299,10 +317,14 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		phaseMu.Lock()
 		p, n := phase, note
 		phaseMu.Unlock()
-		return buildStatus(s, counters, rate, control.Status{
+		out := buildStatus(s, counters, rate, control.Status{
 			PID: os.Getpid(), Mountpoint: absMP, StateDir: d.Path, BlobURL: d.State.BlobURL,
 			Started: started, Phase: p, Note: n,
 		})
+		if store != nil {
+			stagedStatus(ctx, &out, store.URL(), writeback.AzureRemote{C: client}, s.Flusher)
+		}
+		return out
 	})
 	if err != nil {
 		_ = server.Unmount()
@@ -398,6 +420,11 @@ wait:
 	writeLastStop(d.Path, stop)
 	setPhase("stopped", "")
 	if stop.Drained {
+		if store != nil {
+			releaseStaging()
+			log.Info("journal drained into the staging container; `vhdsync apply` brings the blob up to date", "staging", store.URL())
+			return nil
+		}
 		log.Info("journal drained, lease released; the blob holds every write")
 		return nil
 	}

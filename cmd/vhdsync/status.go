@@ -142,6 +142,15 @@ func printStatus(w io.Writer, r statusReport) {
 	} else {
 		fmt.Fprintf(tw, "blob sequence:\t%d (%s; epoch %d complete)\n", r.RemoteSequence, parity, r.RemoteEpoch)
 	}
+	if r.Transfer == transferStaged {
+		fmt.Fprintf(tw, "transfer:\tstaged via %s\n", r.StagingURL)
+		fmt.Fprintf(tw, "staged:\tepoch %d (%d segments, %s of data as %s compressed)\n", r.StagedEpoch, r.Segments, humanBytes(int64(r.StagedDataBytes)), humanBytes(int64(r.BytesSent)))
+		if r.AppliedError != "" {
+			fmt.Fprintf(tw, "applied:\tunknown (%s)\n", r.AppliedError)
+		} else {
+			fmt.Fprintf(tw, "applied:\tepoch %d by the apply worker (%d epochs behind the staging container)\n", r.AppliedEpoch, max(int64(r.StagedEpoch)-int64(r.AppliedEpoch), 0))
+		}
+	}
 	if r.Mounted {
 		fmt.Fprintf(tw, "epochs:\t%d closed, open epoch %d\n", r.EpochsClosed, r.OpenEpoch)
 		fmt.Fprintf(tw, "lease:\t%s\n", r.LeaseID)

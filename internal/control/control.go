@@ -53,6 +53,17 @@ type Status struct {
 	Retries        uint64  `json:"retries"`
 	SendRate       float64 `json:"send_bytes_per_second"`
 
+	// The staged transfer (Transfer "staged"): StagedEpoch is what the
+	// daemon has stored in StagingURL, AppliedEpoch what the worker has
+	// applied to the blob (RemoteEpoch is then the same).
+	Transfer        string `json:"transfer,omitempty"`
+	StagingURL      string `json:"staging_url,omitempty"`
+	StagedEpoch     uint64 `json:"staged_epoch,omitempty"`
+	AppliedEpoch    uint64 `json:"applied_epoch,omitempty"`
+	AppliedError    string `json:"applied_error,omitempty"`
+	Segments        uint64 `json:"segments,omitempty"`
+	StagedDataBytes uint64 `json:"staged_data_bytes,omitempty"`
+
 	FuseWrites       uint64 `json:"fuse_writes"`
 	FuseBytesWritten uint64 `json:"fuse_bytes_written"`
 	FuseReads        uint64 `json:"fuse_reads"`

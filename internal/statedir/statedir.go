@@ -62,6 +62,11 @@ type State struct {
 	// LeaseID is the Azure lease this state directory holds on the blob,
 	// kept so that the same host re-acquires it after a crash.
 	LeaseID string `json:"lease_id,omitempty"`
+	// Transfer is how the last mount replicated: "" or "direct" (Put Page
+	// to the blob) or "staged" (segments in StagingURL, applied by
+	// `vhdsync apply`). StagingURL is kept without any SAS.
+	Transfer   string `json:"transfer,omitempty"`
+	StagingURL string `json:"staging_url,omitempty"`
 }
 
 // Dir is an open state directory.

@@ -108,3 +108,12 @@ func (r redacted) Error() string { return redactText(r.err.Error()) }
 
 // Unwrap returns the wrapped error(s).
 func (r redacted) Unwrap() error { return r.err }
+
+// RedactErr wraps err so that its text never shows a SAS signature, while
+// errors.As still finds the service's response error inside.
+func RedactErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return redacted{err}
+}
