@@ -57,7 +57,18 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	if err := checkBlob(ctx, c, d); err != nil {
 		return err
 	}
+	// The transfer the last mount used: a staged disk replays into the
+	// staging container, never around it.
+	store, releaseStaging, err := setupTransfer(ctx, g, d, stagingFlags{}, breakLease, g.logger())
+	if err != nil {
+		return err
+	}
+	var segStore writeback.SegmentStore
+	if store != nil {
+		segStore = store
+	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		Staging: segStore, DiskID: d.State.DiskID,
 		ImagePath: d.ImagePath(), JournalDir: d.JournalPath(), VirtualSize: int64(d.State.VirtualSize),
 		Remote: writeback.AzureRemote{C: c}, LeaseID: d.State.LeaseID,
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
@@ -89,6 +100,12 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 		return fmt.Errorf("%w: %v; the journal is kept, run replay again", errNotDrained, cerr)
 	}
 	s := disk.Stats()
+	if store != nil {
+		releaseStaging()
+		fmt.Fprintf(g.stdout, "replayed %d journal records (%s) into the staging container %s (%d segments, %s compressed); `vhdsync apply` brings the blob up to date\n",
+			rs.Records, humanBytes(rs.Bytes), store.URL(), s.Flusher.Segments, humanBytes(int64(s.Flusher.BytesSent)))
+		return nil
+	}
 	fmt.Fprintf(g.stdout, "replayed %d journal records (%s); %d were already on the blob; sent %s in %d Put Page and %d Clear Pages; the blob holds every write, lease released\n",
 		rs.Records, humanBytes(rs.Bytes), rs.AlreadyRemote, humanBytes(int64(s.Flusher.BytesSent)), s.Flusher.PutCalls, s.Flusher.ClearCalls)
 	return nil

@@ -107,6 +107,10 @@ func runUnmount(ctx context.Context, g *globals, mp string, timeout time.Duratio
 	if !ls.Drained {
 		return fmt.Errorf("%w: the daemon stopped with %d records not on the blob: %s; run `vhdsync replay --state %s`", errNotDrained, ls.PendingRecords, ls.Error, m.StateDir)
 	}
+	if st.Transfer == transferStaged {
+		fmt.Fprintf(g.stdout, "the staging container %s holds every write; `vhdsync apply --staging %s --blob %s` brings the blob up to date\n", st.StagingURL, st.StagingURL, st.BlobURL)
+		return nil
+	}
 	fmt.Fprintf(g.stdout, "the blob %s holds every write; lease released\n", st.BlobURL)
 	return nil
 }
