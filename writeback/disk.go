@@ -68,6 +68,10 @@ type ReplayStats struct {
 	RemoteSequence int64
 }
 
+// ErrStagingAhead: the staging store holds segments this state directory
+// did not write and the blob does not hold yet.
+var ErrStagingAhead = errors.New("the staging container is ahead of this state directory")
+
 // ErrOutOfRange is returned for I/O beyond the disk's end.
 var ErrOutOfRange = errors.New("beyond the end of the disk")
 
@@ -118,11 +122,18 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		if err != nil {
 			return nil, err
 		}
-		// ... and above every staged segment, which the next segment
-		// must follow.
+		// Segments this journal did not write (its records of those
+		// epochs would still be here, as they are deleted only once
+		// stored): another state directory staged them, and they wait to
+		// be applied. Segments from here would race them.
+		if staged > d.j.ClosedEpoch() && staged > d.j.DrainedEpoch() && staged > uint64(seq/2) {
+			return nil, fmt.Errorf("%w: the staging store holds segments up to epoch %d, beyond anything this state directory wrote (epoch %d) or the blob holds (epoch %d); apply them first (`vhdsync apply --once`), or mount the state directory that staged them", ErrStagingAhead, staged, max(d.j.ClosedEpoch(), d.j.DrainedEpoch()), seq/2)
+		}
+		// New epochs above every staged segment keep names unique; the
+		// chain starts at the last epoch this journal deleted.
 		above = max(above, staged)
 		o.Flusher.Staging, o.Flusher.DiskID = o.Staging, o.DiskID
-		o.Flusher.StagedEpoch = max(d.j.DrainedEpoch(), staged)
+		o.Flusher.StagedEpoch = d.j.DrainedEpoch()
 	}
 	d.j.RaiseEpoch(above + 1)
 	o.Flusher.SyncImage = d.img.Sync

@@ -44,6 +44,9 @@ type FlusherOptions struct {
 	Staging     SegmentStore
 	DiskID      string
 	StagedEpoch uint64
+	// StagedUploads is how many segments upload in parallel (default 2);
+	// each holds its compressed batch in memory meanwhile.
+	StagedUploads int
 }
 
 // FlusherState is what the flusher is doing.
@@ -100,7 +103,12 @@ type Flusher struct {
 
 	batches, puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
 	segments, stagedData                                    atomic.Uint64
-	enc                                                     *zstd.Encoder // staged transfer only
+	// Staged transfer only: the encoder, the segments uploading (oldest
+	// first), the last epoch handed to an upload, and the uploads' goroutines.
+	enc       *zstd.Encoder
+	pending   []*stagedUpload
+	stagePrev uint64
+	uploads   sync.WaitGroup
 }
 
 // NewFlusher prepares a flusher for journal j and remote r, whose sequence
@@ -127,10 +135,15 @@ func NewFlusher(j *Journal, r Remote, lease string, remoteSeq int64, o FlusherOp
 	f := &Flusher{j: j, r: r, lease: lease, o: o, log: o.Logger, kick: make(chan struct{}, 1), state: StateIdle, done: make(chan struct{})}
 	f.seq.Store(remoteSeq)
 	f.epoch.Store(uint64(remoteSeq / 2))
+	if o.StagedUploads <= 0 {
+		o.StagedUploads = 2
+		f.o.StagedUploads = 2
+	}
 	if o.Staging != nil {
 		// Progress is what was staged; the worker owns the blob's
 		// sequence number.
 		f.epoch.Store(o.StagedEpoch)
+		f.stagePrev = o.StagedEpoch
 	} else if remoteSeq%2 == 1 {
 		// A batch ending at epoch (remoteSeq+1)/2 was in progress when the
 		// last writer stopped: the first batch must cover it again.
@@ -189,6 +202,10 @@ func (f *Flusher) Stats() FlusherStats {
 // authentication, a fence that fired) stops it; that error is returned and
 // stays visible in Stats. Transient errors are retried forever.
 func (f *Flusher) Run(ctx context.Context) error {
+	// Uploads still running when Run returns end with ctx; wait for them
+	// so none touches the store after the flusher stopped.
+	ctx, cancel := context.WithCancel(ctx)
+	defer func() { cancel(); f.uploads.Wait() }()
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	lingering := false
@@ -220,6 +237,20 @@ func (f *Flusher) Run(ctx context.Context) error {
 				send = f.stageBatch
 			}
 			if err := send(ctx, recs); err != nil {
+				if ctx.Err() != nil {
+					f.setState(StateStopped, nil)
+					return nil
+				}
+				f.setState(StateFailed, err)
+				f.log.Error("flusher stopped", "err", err)
+				return err
+			}
+			continue
+		}
+		if len(f.pending) > 0 {
+			// Nothing more to read: commit the segments still uploading
+			// (Drain waits for an empty journal).
+			if err := f.commitStaged(ctx, true); err != nil {
 				if ctx.Err() != nil {
 					f.setState(StateStopped, nil)
 					return nil
@@ -355,7 +386,7 @@ func (f *Flusher) commitBatch(recs []Record, what string) error {
 	if err := f.j.Delete(recs, last); err != nil {
 		return err
 	}
-	f.next = recs[len(recs)-1].Seq + 1
+	f.next = max(f.next, recs[len(recs)-1].Seq+1)
 	f.minLast = 0
 	f.batches.Add(1)
 	f.log.Debug("batch committed", "epochs", fmt.Sprintf("%d-%d", first, last), "records", len(recs), "delivered", what)

@@ -41,27 +41,37 @@ func MaxStagedEpoch(ctx context.Context, s SegmentStore) (uint64, error) {
 	return m, nil
 }
 
+// stagedUpload is one segment being stored while the flusher goes on.
+type stagedUpload struct {
+	recs   []Record // payloads dropped once encoded
+	last   uint64
+	name   string
+	size   int
+	ranges []segfile.Range // Data dropped; for the counters
+	done   chan struct{}
+	err    error
+}
+
 // stageBatch is sendBatch for the staged transfer: the coalesced batch is
-// packed into one compressed segment and stored in the staging container;
-// the apply worker turns it into Put Page and Clear Pages calls later.
+// packed into one compressed segment, whose upload to the staging store
+// starts at once; up to StagedUploads segments upload in parallel, and
+// they are committed (image synced, records deleted) strictly in order,
+// each only once the service has acknowledged it.
 //
-// Ordering: the segment's PrevEpoch is the last epoch delivered before it
-// (f.epoch: staged, or already on the blob), and the worker applies a
-// segment only once the blob holds PrevEpoch (segfile's rule), so segments
-// reach the blob in journal order even if a later one is stored first.
-// After a crash between the store and the journal delete, the same epochs
-// (perhaps with more) are staged again under the same PrevEpoch: the worker
-// either skips the copy it already applied or applies the superset, which
-// ends in the same state.
+// Ordering: a segment's PrevEpoch is the last epoch of the segment before
+// it (or, for the first one of a run, the last epoch the journal deleted),
+// and it holds every record of the journal in epochs (PrevEpoch,
+// LastEpoch]. The worker applies a segment only once the blob holds
+// PrevEpoch (segfile's rule), so segments reach the blob in journal order
+// even when a later one is stored first. After a crash, the epochs not yet
+// deleted are staged again from the same PrevEpoch (perhaps with more
+// epochs): the worker either skips a copy it already applied or applies
+// one that ends in the same state.
 func (f *Flusher) stageBatch(ctx context.Context, recs []Record) error {
 	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
-	prev := f.epoch.Load()
+	prev := f.stagePrev
 	if last <= prev {
-		// Only after a crash between storing a segment and deleting its
-		// records: the store already holds these epochs (Open puts the
-		// staged epoch above every stored segment and new epochs above it).
-		f.log.Info("records already staged before a restart; dropping them from the journal", "epochs", fmt.Sprintf("%d-%d", first, last), "staged_epoch", prev)
-		return f.commitBatch(recs, "already staged")
+		return fmt.Errorf("stage epochs %d-%d: not after the staged epoch %d (a bug: please report it with the log)", first, last, prev)
 	}
 	if err := f.j.Sync(); err != nil {
 		return err
@@ -88,21 +98,75 @@ func (f *Flusher) stageBatch(ctx context.Context, recs []Record) error {
 	if err != nil {
 		return err
 	}
-	name := segfile.Name(prev, last)
-	if err := f.retry(ctx, "stage segment "+name, func(ctx context.Context) error {
-		return f.o.Staging.PutSegment(ctx, name, seg)
-	}); err != nil {
+	// Only the segment is kept in memory while it uploads.
+	for i := range recs {
+		recs[i].Data = nil
+	}
+	for i := range ranges {
+		ranges[i].Data = nil
+	}
+	u := &stagedUpload{recs: recs, last: last, name: segfile.Name(prev, last), size: len(seg), ranges: ranges, done: make(chan struct{})}
+	f.uploads.Add(1)
+	go func() {
+		defer f.uploads.Done()
+		u.err = f.retry(ctx, "stage segment "+u.name, func(ctx context.Context) error {
+			return f.o.Staging.PutSegment(ctx, u.name, seg)
+		})
+		close(u.done)
+	}()
+	f.pending = append(f.pending, u)
+	f.stagePrev = last
+	f.next = recs[len(recs)-1].Seq + 1
+	if err := f.commitStaged(ctx, false); err != nil {
 		return err
 	}
+	for len(f.pending) >= f.o.StagedUploads {
+		if err := f.commitOldest(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// commitStaged commits the stored segments at the head of the queue; with
+// wait it waits for all of them.
+func (f *Flusher) commitStaged(ctx context.Context, wait bool) error {
+	for len(f.pending) > 0 {
+		if !wait {
+			select {
+			case <-f.pending[0].done:
+			default:
+				return nil
+			}
+		}
+		if err := f.commitOldest(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// commitOldest waits for the oldest upload and commits it.
+func (f *Flusher) commitOldest(ctx context.Context) error {
+	u := f.pending[0]
+	select {
+	case <-u.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if u.err != nil {
+		return u.err
+	}
+	f.pending = f.pending[1:]
 	f.segments.Add(1)
-	f.sent.Add(uint64(len(seg)))
-	for _, r := range ranges {
+	f.sent.Add(uint64(u.size))
+	for _, r := range u.ranges {
 		if r.Zero {
 			f.cleared.Add(uint64(r.Len))
 		} else {
 			f.stagedData.Add(uint64(r.Len))
 		}
 	}
-	f.epoch.Store(last)
-	return f.commitBatch(recs, fmt.Sprintf("segment %s, %d ranges, %d bytes", name, len(ranges), len(seg)))
+	f.epoch.Store(u.last)
+	return f.commitBatch(u.recs, fmt.Sprintf("segment %s, %d ranges, %d bytes", u.name, len(u.ranges), u.size))
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"sort"
 	"sync"
@@ -21,23 +22,34 @@ type memSegments struct {
 	mu   sync.Mutex
 	segs map[string][]byte
 	puts int
-	// afterPut, when set, runs after a segment is stored; its error is
-	// what PutSegment returns (stored, but the caller hears a failure).
-	afterPut func(name string) error
+	// beforePut, when set, decides each put: whether the segment is
+	// stored, and the error the caller hears (stored or not).
+	beforePut func(name string) (store bool, err error)
+	// latency, when set, is how long a put takes (uploads overlap and
+	// finish out of order).
+	latency func() time.Duration
 }
 
 func newMemSegments() *memSegments { return &memSegments{segs: map[string][]byte{}} }
 
 func (m *memSegments) PutSegment(_ context.Context, name string, data []byte) error {
-	m.mu.Lock()
-	m.segs[name] = slices.Clone(data)
-	m.puts++
-	hook := m.afterPut
-	m.mu.Unlock()
-	if hook != nil {
-		return hook(name)
+	if m.latency != nil {
+		time.Sleep(m.latency()) // the upload's duration, not a wait for a condition
 	}
-	return nil
+	m.mu.Lock()
+	m.puts++
+	hook := m.beforePut
+	m.mu.Unlock()
+	store, err := true, error(nil)
+	if hook != nil {
+		store, err = hook(name)
+	}
+	if store {
+		m.mu.Lock()
+		m.segs[name] = slices.Clone(data)
+		m.mu.Unlock()
+	}
+	return err
 }
 
 func (m *memSegments) ListSegments(context.Context) ([]string, error) {
@@ -177,13 +189,27 @@ func TestStagedOrderProperty(t *testing.T) {
 		w.killAt.Store(w.every)
 		r.Fault = w.fault
 		var crashed atomic.Bool
+		crashStores := rapid.Bool().Draw(rt, "crashedPutStores")
 		if crashDaemonAt >= 0 {
-			store.afterPut = func(string) error {
-				if store.puts > crashDaemonAt && crashed.CompareAndSwap(false, true) {
-					return errProcessDead // permanent: the flusher stops, as if dead
+			store.beforePut = func(string) (bool, error) {
+				store.mu.Lock()
+				n := store.puts
+				store.mu.Unlock()
+				if n > crashDaemonAt && crashed.CompareAndSwap(false, true) {
+					// Permanent: the flusher stops, as if dead. The segment
+					// is stored or lost; later uploads may be stored anyway.
+					return crashStores, errProcessDead
 				}
-				return nil
+				return true, nil
 			}
+		}
+		o.Flusher.StagedUploads = rapid.IntRange(1, 3).Draw(rt, "stagedUploads")
+		jitter := rand.New(rand.NewPCG(uint64(nOps), 3))
+		var jmu sync.Mutex
+		store.latency = func() time.Duration {
+			jmu.Lock()
+			defer jmu.Unlock()
+			return time.Duration(jitter.IntN(300)) * time.Microsecond
 		}
 		o.Staging = store
 		d := propOpenDisk(rt, dir, size, r, o)

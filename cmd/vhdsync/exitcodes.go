@@ -56,7 +56,7 @@ func exitCode(err error) int {
 		return ExitBadSegment
 	case errors.Is(err, staging.ErrLocked):
 		return ExitLeased
-	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending):
+	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending), errors.Is(err, writeback.ErrStagingAhead):
 		return ExitState
 	case errors.Is(err, transfer.ErrSourceChanged):
 		return ExitSrcChanged
