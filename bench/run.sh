@@ -5,7 +5,7 @@
 # daemons, FUSE mounts, loop devices, ext4 mounts) is undone on exit.
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
-# BENCH_SKIP (space-separated stages to skip: write fsync flush wire lag),
+# BENCH_SKIP (space-separated stages to skip: write fsync flush wire staged lag),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the measured server ceiling), BENCH_SYNC
 # (1: sync before every fio run), BENCH_OUT (directory of the results, bench).
@@ -57,7 +57,8 @@ mount_vhdsync() {
   local d=$work/$name; mkdir -p "$d/mnt"
   start_azurite "$d"; VAZ=$AZPID
   "$bin" create --blob "$EP/bench/$name.vhd" --size "$VSIZE" --state "$d/st" --create-container >/dev/null
-  "$bin" mount --state "$d/st" "$@" "$d/mnt" >/dev/null
+  # @EP@ in a flag stands for this Azurite's endpoint (e.g. --staging @EP@/staging)
+  "$bin" mount --state "$d/st" "${@//@EP@/$EP}" "$d/mnt" >/dev/null
   fusemounts+=("$d/mnt")
   VST=$d/st VMNT=$d/mnt VPID=$(vpid "$d/st"); vpids+=("$VPID")
 }
@@ -198,6 +199,62 @@ PY
   stop_azurite "$VAZ"
 fi
 
+############ 4b: staged transfer vs direct (issue 7): the wire workload again
+# through --transfer staged, and drain time through a shared-rate uplink
+if ! skip staged; then
+  log "staged transfer"
+  go build -o "$work/stagedbench" ./bench/cmd/stagedbench
+  "$work/stagedbench" --dir "$work/stagedbench-dir" --size-mib "${BENCH_STAGED_MIB:-128}" --rate "${BENCH_STAGED_RATE:-10}" \
+    --out "$res/staged-drain.json" > "$res/staged-drain.md" || log "stagedbench failed"
+  VSIZE=4GiB
+  mount_vhdsync wirestaged --transfer staged --staging @EP@/staging
+  LOOPDEV=$(losetup --find --show "$VMNT/wirestaged.img"); loops+=("$LOOPDEV")
+  mkfs.ext4 -q -F "$LOOPDEV"
+  mkdir -p "$work/wirefs2"; mount "$LOOPDEV" "$work/wirefs2"; fsmounts+=("$work/wirefs2")
+  cp -r "$(go env GOROOT)/src" "$work/wirefs2/src"
+  sync
+  (cd "$work/wirefs2/src" && find . -type f | awk 'NR%2==0' | xargs -d '\n' rm -f)
+  sync
+  fstrim "$work/wirefs2" >&2 || true
+  umount "$work/wirefs2"; fsmounts=()
+  losetup -d "$LOOPDEV"; loops=()
+  python3 - "$VST" "$bin" <<'PY' || true
+import json,subprocess,sys,time
+st,b=sys.argv[1],sys.argv[2]
+t0=time.time()
+while time.time()-t0<600:
+    j=json.loads(subprocess.run([b,"status","--state",st,"--json"],capture_output=True,text=True).stdout)
+    if j.get("journal_records",1)==0: break
+    time.sleep(0.5)
+PY
+  vstatus "$VST" > "$res/vstatus-wirestaged-before.json"
+  "$bin" unmount "$VMNT" >&2; fusemounts=()
+  t0=$(date +%s.%N)
+  "$bin" apply --once --staging "$EP/staging" --blob "$EP/bench/wirestaged.vhd" > "$res/staged-apply.txt"
+  python3 -c "print(round($(date +%s.%N) - $t0, 1))" > "$res/staged-apply-seconds.txt"
+  "$bin" verify --state "$VST" > "$res/staged-verify.txt" || log "staged verify failed"
+  stop_azurite "$VAZ"
+  python3 - "$res" > "$res/staged.md" <<'PY' || true
+import json,os,sys
+r=sys.argv[1]
+def load(n):
+    try: return json.load(open(os.path.join(r,n)))
+    except Exception: return {}
+d=load("vstatus-wire.json"); s=load("vstatus-wirestaged-before.json")
+print("### Staged vs direct: wire bytes (mkfs.ext4 4 GiB, copy Go's src, delete half, fstrim)\n")
+print("| transfer | bytes sent | Put Page / segments | bytes cleared | sent / direct |")
+print("|---|---|---|---|---|")
+db=d.get("bytes_sent",0)
+print(f"| direct | {db:,} | {d.get('put_calls',0)} Put Page | {d.get('bytes_cleared',0):,} | 1.00 |")
+sb=s.get("bytes_sent",0)
+print(f"| staged (zstd segments) | {sb:,} | {s.get('segments',0)} segments | {s.get('bytes_cleared',0):,} | {sb/db if db else 0:.2f} |")
+print()
+print(open(os.path.join(r,"staged-apply.txt")).read().strip())
+print()
+print(open(os.path.join(r,"staged-drain.md")).read())
+PY
+fi
+
 ############ 6: replica lag under a steady, rate-limited write load
 if ! skip lag; then
   log "replica lag"
@@ -221,3 +278,4 @@ fi
 out=${BENCH_OUT:-bench}; mkdir -p "$out"
 python3 bench/report.py "$res" "$out/results.json" "$out/results.md"
 cat "$out/results.md"
+if [ -s "$res/staged.md" ]; then cp "$res/staged.md" "$out/results-staged.md"; cat "$out/results-staged.md"; fi
