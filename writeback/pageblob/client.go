@@ -55,6 +55,8 @@ type Client struct {
 	auth string
 	pb   *pageblob.Client
 	cc   *container.Client
+	// snapshot is the snapshot this client reads (AtSnapshot), or "".
+	snapshot string
 }
 
 // Open prepares a client for the blob at rawURL. It sends no request:
@@ -272,6 +274,9 @@ type Properties struct {
 func (c *Client) Properties(ctx context.Context) (Properties, error) {
 	r, err := c.pb.GetProperties(ctx, nil)
 	if err != nil {
+		if _, status := serviceCode(err); status == 404 && c.snapshot != "" {
+			return Properties{}, fmt.Errorf("read snapshot %s of %s: %w; list the blob's snapshots with `vhdsync points --blob URL`", c.snapshot, c.loc.URL(), ErrSnapshotNotFound)
+		}
 		if _, status := serviceCode(err); status == 404 {
 			if _, cerr := c.cc.GetProperties(ctx, nil); cerr != nil {
 				if code, st := serviceCode(cerr); st == 404 || code == bloberror.ContainerNotFound {
