@@ -47,6 +47,14 @@ type FlusherOptions struct {
 	// StagedUploads is how many segments upload in parallel (default 2);
 	// each holds its compressed batch in memory meanwhile.
 	StagedUploads int
+	// AfterBatch, when set, is called each time a batch is complete on
+	// the blob (its sequence number raised to the even 2*epoch), before
+	// the next batch starts: the blob is then exactly the disk at the
+	// barrier that closed epoch. RecoveryPoints.AfterBatch fits here. It
+	// must not fail the flusher: it reports its own errors. Direct
+	// transfer only: with Staging the flusher never writes the blob (the
+	// apply worker calls RecoveryPoints.AfterBatch after each segment).
+	AfterBatch func(ctx context.Context, epoch uint64)
 }
 
 // FlusherState is what the flusher is doing.
@@ -368,6 +376,9 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	f.seqCalls.Add(1)
 	f.seq.Store(max(done, f.seq.Load()))
 	f.epoch.Store(last)
+	if f.o.AfterBatch != nil {
+		f.o.AfterBatch(ctx, last)
+	}
 	return f.commitBatch(recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
 }
 
