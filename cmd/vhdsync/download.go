@@ -18,12 +18,13 @@ type downloadFlags struct {
 	overwrite   bool
 	allowLeased bool
 	workers     int
+	point       string
 }
 
 func newDownloadCmd(g *globals) *cobra.Command {
 	var f downloadFlags
 	cmd := &cobra.Command{
-		Use:   "download --blob URL FILE",
+		Use:   "download --blob URL [--point ID] FILE",
 		Short: "Restore: download a page-blob VHD to a local sparse fixed VHD (or, with --raw, a raw image)",
 		Long: `Download the page blob at URL, a fixed VHD, to FILE: a sparse local fixed VHD
 (the disk followed by the blob's footer), or with --raw the data region alone,
@@ -39,10 +40,18 @@ A blob leased by a writer (a vhdsync mount, an attached VM) is refused, since
 it may change while it is read: unmount it first, or pass --allow-leased.
 If the blob was written to during the download anyway, the file is kept but
 the command fails (exit 1) saying so. An existing FILE is refused (exit 5)
-unless --overwrite is given.`,
+unless --overwrite is given.
+
+With --point ID, the recovery point ID (a snapshot id that ` + "`vhdsync points`" + `
+lists) is restored instead of the live blob: the disk exactly as of the
+epoch the point names. A snapshot never changes, so a point of a mounted
+disk needs no --allow-leased. An ID that is not a snapshot of the blob
+fails with exit 4 (not found); one that is not a snapshot id at all, exit 2.`,
 		Example: `  vhdsync download --blob https://acct.blob.core.windows.net/disks/data.vhd data-restored.vhd
   vhdsync download --raw --blob https://acct.blob.core.windows.net/disks/data.vhd data.img
-  qemu-img compare -f vpc -F raw data-restored.vhd data.img`,
+  qemu-img compare -f vpc -F raw data-restored.vhd data.img
+  vhdsync points --blob https://acct.blob.core.windows.net/disks/data.vhd
+  vhdsync download --blob https://acct.blob.core.windows.net/disks/data.vhd --point 2026-11-24T15:20:00.1234567Z data-at-point.vhd`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return runDownload(cmd.Context(), g, f, args[0]) },
 	}
@@ -52,6 +61,7 @@ unless --overwrite is given.`,
 	fl.BoolVar(&f.overwrite, "overwrite", false, "replace FILE if it exists")
 	fl.BoolVar(&f.allowLeased, "allow-leased", false, "read a blob that a writer holds leased (the copy may not be a consistent point)")
 	fl.IntVar(&f.workers, "workers", 8, "parallel range reads")
+	fl.StringVar(&f.point, "point", "", "restore this recovery point (a snapshot ID from `vhdsync points`) instead of the live blob")
 	_ = cmd.MarkFlagRequired("blob")
 	return cmd
 }
@@ -63,6 +73,11 @@ func runDownload(ctx context.Context, g *globals, f downloadFlags, file string) 
 	client, err := pageblob.Open(f.blob, &pageblob.Options{Env: g.env, TryTimeout: 2 * time.Minute, MaxRetries: 6})
 	if err != nil {
 		return err
+	}
+	if f.point != "" {
+		if client, err = openPoint(ctx, g, client, f.point); err != nil {
+			return interrupted(ctx, err)
+		}
 	}
 	dl, err := transfer.PrepareDownload(ctx, client, transfer.DownloadOptions{
 		Raw: f.raw, Overwrite: f.overwrite, Workers: f.workers, AllowLeased: f.allowLeased, Logger: g.logger(),

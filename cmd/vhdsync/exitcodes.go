@@ -19,7 +19,7 @@ const (
 	ExitFailure     = 1  // any other failure; for verify: the blob differs
 	ExitUsage       = 2  // bad command line or flag value
 	ExitAuth        = 3  // authentication or authorization failed
-	ExitNotFound    = 4  // container or blob does not exist
+	ExitNotFound    = 4  // container, blob or recovery point (snapshot) does not exist
 	ExitExists      = 5  // blob (or download's output file) exists and --overwrite was not given
 	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
 	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
@@ -64,7 +64,7 @@ func exitCode(err error) int {
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):
 		return ExitAuth
-	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound):
+	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound), errors.Is(err, pageblob.ErrSnapshotNotFound):
 		return ExitNotFound
 	case errors.Is(err, pageblob.ErrBlobExists), errors.Is(err, transfer.ErrFileExists):
 		return ExitExists

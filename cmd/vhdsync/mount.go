@@ -42,6 +42,9 @@ type mountFlags struct {
 	workers    int
 	linger     time.Duration
 	fuseDebug  bool
+	// Recovery points (points.go): interval (0: off) and how many to keep.
+	points time.Duration
+	keep   int
 	// Hidden knobs, for measuring the FUSE defaults against alternatives.
 	fuseNoDirectIO bool
 	fuseNoParallel bool
@@ -75,6 +78,9 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
   qemu-nbd -f vpc --socket /tmp/nbd.sock /mnt/vhd/data.vhd`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkPointFlags(cmd, f); err != nil {
+				return err
+			}
 			if !f.foreground && g.env(readyFDEnv) == "" {
 				return startDaemon(cmd, g, f, args[0])
 			}
@@ -92,6 +98,8 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
+	fl.DurationVar(&f.points, "recovery-points", 0, "take a recovery point (blob snapshot) at the first epoch boundary after each INTERVAL, at least 1s, e.g. 5m (default: none); list them with `vhdsync points`")
+	fl.IntVar(&f.keep, "keep", 24, "recovery points to keep; older ones vhdsync took are deleted (with --recovery-points)")
 	fl.BoolVar(&f.fuseNoDirectIO, "fuse-no-direct-io", false, "serve through the kernel page cache (measurement only)")
 	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
 	fl.IntVar(&f.fuseMaxWrite, "fuse-max-write", 256<<10, "largest FUSE write request (measurement only)")
@@ -195,6 +203,9 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	if f.fuseDebug {
 		a = append(a, "--fuse-debug")
 	}
+	if f.points > 0 {
+		a = append(a, "--recovery-points", f.points.String(), "--keep", strconv.Itoa(f.keep))
+	}
 	return append(a, mp)
 }
 
@@ -274,6 +285,10 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if store != nil {
 		segStore = store
 	}
+	points, err := startRecoveryPoints(g, d, f, log)
+	if err != nil {
+		return err
+	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
 		Staging:     segStore,
 		DiskID:      d.State.DiskID,
@@ -285,7 +300,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
 		BreakLease:  f.breakLease,
 		Journal:     writeback.JournalOptions{MaxPendingBytes: capBytes},
-		Flusher:     writeback.FlusherOptions{Workers: f.workers, Linger: f.linger},
+		Flusher:     writeback.FlusherOptions{Workers: f.workers, Linger: f.linger, AfterBatch: afterBatchHook(points)},
 		Logger:      log,
 	})
 	if err != nil {
@@ -324,6 +339,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		if store != nil {
 			stagedStatus(ctx, &out, store.URL(), writeback.AzureRemote{C: client}, s.Flusher)
 		}
+		out.RecoveryPoints = recoveryStatus(points)
 		return out
 	})
 	if err != nil {

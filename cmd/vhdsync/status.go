@@ -104,6 +104,7 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 	rep.RemoteSequence = p.SequenceNumber
 	rep.RemoteEpoch = writeback.RemoteEpochFromSequence(p.SequenceNumber)
 	rep.LeaseState = p.LeaseState
+	rep.RecoveryPoints = pointsOnBlob(ctx, c)
 	return rep, nil
 }
 
@@ -162,6 +163,7 @@ func printStatus(w io.Writer, r statusReport) {
 	} else if r.LeaseState != "" {
 		fmt.Fprintf(tw, "blob lease:\t%s\n", r.LeaseState)
 	}
+	printRecoveryStatus(tw, r.Mounted, r.RecoveryPoints)
 	if r.LastError != "" {
 		fmt.Fprintf(tw, "last error:\t%s\n", r.LastError)
 	}

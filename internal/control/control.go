@@ -70,6 +70,28 @@ type Status struct {
 	FuseFsyncs       uint64 `json:"fuse_fsyncs"`
 	FuseDiscards     uint64 `json:"fuse_discards"`
 	FuseRefused      uint64 `json:"fuse_refused"`
+
+	// RecoveryPoints is the recovery-point state (nil: not known).
+	RecoveryPoints *RecoveryPoints `json:"recovery_points,omitempty"`
+}
+
+// RecoveryPoints is the recovery-point part of Status.
+type RecoveryPoints struct {
+	// Enabled: the daemon takes points (mount --recovery-points).
+	Enabled  bool   `json:"enabled"`
+	Interval string `json:"interval,omitempty"`
+	Keep     int    `json:"keep,omitempty"`
+	// Count is the number of recovery points on the blob.
+	Count    int    `json:"count"`
+	Taken    uint64 `json:"taken"`
+	Deleted  uint64 `json:"deleted"`
+	Failures uint64 `json:"failures"`
+	// LastID, LastEpoch and LastTime describe the newest point.
+	LastID        string    `json:"last_id,omitempty"`
+	LastEpoch     uint64    `json:"last_epoch,omitempty"`
+	LastTime      time.Time `json:"last_time,omitzero"`
+	LastError     string    `json:"last_error,omitempty"`
+	LastErrorTime time.Time `json:"last_error_time,omitzero"`
 }
 
 // Serve listens on the state directory's socket and answers GET /status

@@ -84,7 +84,8 @@ func PrepareDownload(ctx context.Context, c *pageblob.Client, o DownloadOptions)
 	}
 	d := &Download{o: o, c: c, info: info}
 	size := int64(info.Footer.CurrentSize)
-	leased := strings.EqualFold(info.Props.LeaseState, "leased")
+	// A snapshot never changes, whatever the lease on its base blob.
+	leased := c.SnapshotID() == "" && strings.EqualFold(info.Props.LeaseState, "leased")
 	if leased && !o.AllowLeased {
 		return nil, fmt.Errorf("%w: %s is leased (mounted by vhdsync, or attached to a VM), so it may change while it is read; unmount it (vhdsync unmount) or detach it first, or pass --allow-leased to read it anyway",
 			pageblob.ErrLeased, c.Location().URL())
@@ -94,7 +95,7 @@ func PrepareDownload(ctx context.Context, c *pageblob.Client, o DownloadOptions)
 		return nil, err
 	}
 	d.ranges = ranges
-	d.plan = DownloadPlan{BlobURL: c.Location().URL(), VirtualSize: size, Footer: info.Footer, Ranges: len(ranges), Leased: leased}
+	d.plan = DownloadPlan{BlobURL: c.DisplayURL(), VirtualSize: size, Footer: info.Footer, Ranges: len(ranges), Leased: leased}
 	for _, r := range ranges {
 		d.plan.Bytes += r.Len
 	}

@@ -158,3 +158,12 @@ func (c *Client) AtSnapshot(id string) (*Client, error) {
 
 // SnapshotID is the snapshot this client reads ("" for the base blob).
 func (c *Client) SnapshotID() string { return c.snapshot }
+
+// DisplayURL is the blob's URL without any SAS, with ?snapshot=ID when the
+// client reads a snapshot.
+func (c *Client) DisplayURL() string {
+	if c.snapshot == "" {
+		return c.loc.URL()
+	}
+	return c.loc.URL() + "?snapshot=" + c.snapshot
+}

@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vhdsync/vhdsync/internal/control"
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/writeback"
+	"github.com/vhdsync/vhdsync/writeback/pageblob"
+)
+
+// pointsReport is what `vhdsync points --json` prints.
+type pointsReport struct {
+	Blob string `json:"blob"`
+	// Points are the recovery points, oldest first (newest last).
+	Points []writeback.Point `json:"points"`
+	// ForeignSnapshots counts the blob's other snapshots (not vhdsync's).
+	ForeignSnapshots int `json:"foreign_snapshots"`
+}
+
+func newPointsCmd(g *globals) *cobra.Command {
+	var blobURL string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "points --blob URL",
+		Short: "List the recovery points (blob snapshots at epoch boundaries) of a disk, newest last",
+		Long: `List the recovery points of the page blob at URL: the snapshots that
+` + "`vhdsync mount --recovery-points INTERVAL`" + ` took at epoch boundaries, oldest
+first, newest last. Each line gives:
+
+  ID          the snapshot's id (its timestamp): pass it to
+              ` + "`vhdsync download --blob URL --point ID FILE`" + ` to restore the point
+  EPOCH       the epoch the point holds: the disk exactly as of the fsync
+              (barrier) that closed that epoch
+  TAKEN       when vhdsync took it
+  CONSISTENT  yes when the snapshot's own blob sequence number is 2*EPOCH,
+              proving no batch was half applied when it was taken
+
+Other snapshots of the blob (taken by a user or another tool) are counted but
+not listed, and vhdsync never deletes them. Listing needs the right to list
+the container (a SAS scoped to the blob alone cannot list).`,
+		Example: `  vhdsync points --blob https://acct.blob.core.windows.net/disks/data.vhd
+  vhdsync points --blob https://acct.blob.core.windows.net/disks/data.vhd --json | jq -r '.points[-1].id'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runPoints(cmd.Context(), g, blobURL, asJSON) },
+	}
+	cmd.Flags().StringVar(&blobURL, "blob", "", "page blob URL (required); a SAS may be appended as ?sv=...&sig=...")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	_ = cmd.MarkFlagRequired("blob")
+	return cmd
+}
+
+func runPoints(ctx context.Context, g *globals, blobURL string, asJSON bool) error {
+	c, err := pageblob.Open(blobURL, &pageblob.Options{Env: g.env, MaxRetries: 1, TryTimeout: 30 * time.Second})
+	if err != nil {
+		return err
+	}
+	// A listing of a missing blob is empty: say that it is missing instead.
+	if _, err := c.Properties(ctx); err != nil {
+		return interrupted(ctx, err)
+	}
+	points, foreign, err := writeback.ListPoints(ctx, c)
+	if err != nil {
+		return interrupted(ctx, fmt.Errorf("list the recovery points of %s: %w", c.Location().URL(), err))
+	}
+	rep := pointsReport{Blob: c.Location().URL(), Points: points, ForeignSnapshots: foreign}
+	if rep.Points == nil {
+		rep.Points = []writeback.Point{}
+	}
+	if asJSON {
+		enc := json.NewEncoder(g.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	printPoints(g.stdout, rep)
+	return nil
+}
+
+func printPoints(w io.Writer, r pointsReport) {
+	others := ""
+	if r.ForeignSnapshots > 0 {
+		others = fmt.Sprintf("; %d other snapshot(s) of the blob, not taken by vhdsync, are not listed", r.ForeignSnapshots)
+	}
+	if len(r.Points) == 0 {
+		fmt.Fprintf(w, "no recovery points on %s (mount with --recovery-points INTERVAL to take them)%s\n", r.Blob, others)
+		return
+	}
+	fmt.Fprintf(w, "recovery points of %s, oldest first:\n", r.Blob)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tEPOCH\tTAKEN\tCONSISTENT")
+	for _, p := range r.Points {
+		ok := "yes"
+		if !p.Consistent {
+			ok = fmt.Sprintf("NO (sequence %d, not %d)", p.Sequence, 2*p.Epoch)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\n", p.ID, p.Epoch, p.Time.UTC().Format(time.RFC3339), ok)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "%d recovery point(s)%s; restore one with: vhdsync download --blob URL --point ID FILE\n", len(r.Points), others)
+}
+
+// checkPointFlags validates mount's --recovery-points and --keep.
+func checkPointFlags(cmd *cobra.Command, f mountFlags) error {
+	if f.points == 0 {
+		if cmd.Flags().Changed("keep") {
+			return usageError{fmt.Errorf("--keep %d: only with --recovery-points INTERVAL", f.keep)}
+		}
+		if cmd.Flags().Changed("recovery-points") {
+			return usageError{fmt.Errorf("--recovery-points 0: give an interval of at least 1s, or leave the flag out to take no recovery points")}
+		}
+		return nil
+	}
+	if f.points < time.Second {
+		return usageError{fmt.Errorf("--recovery-points %v: the interval must be at least 1s", f.points)}
+	}
+	if f.keep < 1 {
+		return usageError{fmt.Errorf("--keep %d: keep at least 1 recovery point", f.keep)}
+	}
+	return nil
+}
+
+// startRecoveryPoints returns the mount's RecoveryPoints (nil when
+// --recovery-points is not given), on a client of its own: interactive
+// retry settings, since a failed point is simply retried at the next
+// epoch boundary.
+func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Logger) (*writeback.RecoveryPoints, error) {
+	if f.points == 0 {
+		return nil, nil
+	}
+	c, err := connect(g, d, f.blob, false)
+	if err != nil {
+		return nil, err
+	}
+	rp, err := writeback.NewRecoveryPoints(c, writeback.RecoveryPointsOptions{Interval: f.points, Keep: f.keep, Logger: log})
+	if err != nil {
+		return nil, usageError{err}
+	}
+	log.Info("recovery points on", "interval", f.points.String(), "keep", f.keep)
+	return rp, nil
+}
+
+// afterBatchHook is rp.AfterBatch, or nil when recovery points are off.
+func afterBatchHook(rp *writeback.RecoveryPoints) func(context.Context, uint64) {
+	if rp == nil {
+		return nil
+	}
+	return rp.AfterBatch
+}
+
+// recoveryStatus is the status section of a mount's recovery points.
+func recoveryStatus(rp *writeback.RecoveryPoints) *control.RecoveryPoints {
+	if rp == nil {
+		return &control.RecoveryPoints{}
+	}
+	s := rp.Stats()
+	return &control.RecoveryPoints{
+		Enabled: true, Interval: s.Interval.String(), Keep: s.Keep, Count: s.Count,
+		Taken: s.Taken, Deleted: s.Deleted, Failures: s.Failures,
+		LastID: s.LastID, LastEpoch: s.LastEpoch, LastTime: s.LastTime,
+		LastError: s.LastError, LastErrorTime: s.LastErrorTime,
+	}
+}
+
+// pointsOnBlob is the status section of an unmounted disk: what the blob
+// holds.
+func pointsOnBlob(ctx context.Context, c *pageblob.Client) *control.RecoveryPoints {
+	points, _, err := writeback.ListPoints(ctx, c)
+	if err != nil {
+		return &control.RecoveryPoints{LastError: "list recovery points: " + err.Error()}
+	}
+	r := &control.RecoveryPoints{Count: len(points)}
+	if n := len(points); n > 0 {
+		r.LastID, r.LastEpoch, r.LastTime = points[n-1].ID, points[n-1].Epoch, points[n-1].Time
+	}
+	return r
+}
+
+// printRecoveryStatus adds the recovery-point lines to status.
+func printRecoveryStatus(tw io.Writer, mounted bool, r *control.RecoveryPoints) {
+	if r == nil {
+		return
+	}
+	newest := ""
+	if r.LastID != "" {
+		newest = fmt.Sprintf(", newest %s (epoch %d, taken %s)", r.LastID, r.LastEpoch, r.LastTime.UTC().Format(time.RFC3339))
+	}
+	switch {
+	case mounted && !r.Enabled:
+		fmt.Fprintf(tw, "recovery points:\toff (mount with --recovery-points INTERVAL to take them)\n")
+	case mounted:
+		fmt.Fprintf(tw, "recovery points:\tevery %s, keep %d: %d on the blob%s; %d taken, %d deleted, %d failures\n",
+			r.Interval, r.Keep, r.Count, newest, r.Taken, r.Deleted, r.Failures)
+	case r.LastError == "":
+		fmt.Fprintf(tw, "recovery points:\t%d on the blob%s\n", r.Count, newest)
+	}
+	if r.LastError != "" {
+		when := ""
+		if !r.LastErrorTime.IsZero() {
+			when = " at " + r.LastErrorTime.UTC().Format(time.RFC3339) + "; retried at the next epoch boundary"
+		}
+		fmt.Fprintf(tw, "points error:\t%s%s\n", r.LastError, when)
+	}
+}
+
+// openPoint returns a client reading the recovery point id of c's blob,
+// after saying what it is: a vhdsync point and its epoch, or a snapshot
+// vhdsync did not take.
+func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (*pageblob.Client, error) {
+	if _, err := pageblob.ParseSnapshotID(id); err != nil {
+		return nil, usageError{fmt.Errorf("--point: %w; list the recovery points with `vhdsync points --blob URL`", err)}
+	}
+	sc, err := c.AtSnapshot(id)
+	if err != nil {
+		return nil, err
+	}
+	props, err := sc.Properties(ctx)
+	if err != nil {
+		return nil, err
+	}
+	p, ok := writeback.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
+	switch {
+	case !ok:
+		fmt.Fprintf(g.stdout, "snapshot %s is not a vhdsync recovery point (no %s metadata): restoring it as it is\n", id, writeback.PointMetaEpoch)
+	case !p.Consistent:
+		fmt.Fprintf(g.stdout, "warning: recovery point %s names epoch %d but carries sequence number %d, not %d: it may not be a consistent disk\n", id, p.Epoch, p.Sequence, 2*p.Epoch)
+	default:
+		fmt.Fprintf(g.stdout, "recovery point %s: the disk as of epoch %d, taken %s (consistent: sequence number %d)\n", id, p.Epoch, p.Time.UTC().Format(time.RFC3339), p.Sequence)
+	}
+	return sc, nil
+}

@@ -1,0 +1,187 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/writeback"
+	"github.com/vhdsync/vhdsync/writeback/pageblob"
+)
+
+// TestPointsCLI: recovery points taken through writeback.Disk on a disk
+// made by `vhdsync create`; `vhdsync points` lists them (text and JSON),
+// `vhdsync download --point` restores each byte for byte as the disk was
+// at its epoch (one while the disk is still leased), status shows them,
+// and an unknown or malformed ID, a missing blob and bad mount flags fail
+// with their exit codes and a message saying what to do.
+func TestPointsCLI(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	url := s.BlobURL("disks", "pts.vhd")
+	state := filepath.Join(dir, "state")
+	if code, out, errOut := vhdsync(t, nil, "create", "--blob", url, "--size", "20MiB", "--state", state, "--create-container"); code != ExitOK {
+		t.Fatalf("create: exit %d\n%s%s", code, out, errOut)
+	}
+	sd, err := statedir.Open(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := int64(sd.State.VirtualSize)
+	c, err := pageblob.Open(url, &pageblob.Options{Env: func(string) string { return "" }, MaxRetries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, err := c.CreateSnapshot(ctx, nil) // someone else's snapshot
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp, err := writeback.NewRecoveryPoints(c, writeback.RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		ImagePath: sd.ImagePath(), JournalDir: sd.JournalPath(), VirtualSize: size,
+		Remote:  writeback.AzureRemote{C: c},
+		Flusher: writeback.FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			disk.Close(ctx, false)
+		}
+	})
+	// Three points, each after a round of writes and a flush; the image
+	// at each is what its point must restore.
+	type rec struct {
+		id    string
+		epoch uint64
+		image []byte
+	}
+	var recs []rec
+	for i := range 3 {
+		for k := range 4 {
+			p := bytes.Repeat([]byte(fmt.Sprintf("point %d chunk %d|", i, k)), 3000)
+			if err := disk.WriteAt(ctx, p, int64(k)*(3<<20)+int64(i)*12345); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if i == 2 {
+			if err := disk.Zero(ctx, 1<<20, 2<<20, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := disk.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for rp.Stats().Taken < uint64(i+1) {
+			if time.Now().After(deadline) {
+				t.Fatalf("point %d not taken: %+v", i, rp.Stats())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		img, err := os.ReadFile(sd.ImagePath())
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := rp.Stats()
+		recs = append(recs, rec{id: st.LastID, epoch: st.LastEpoch, image: img})
+	}
+	footer := sd.FooterBytes()
+	restore := func(r rec, name string) {
+		t.Helper()
+		out := filepath.Join(dir, name)
+		code, stdout, stderr := vhdsync(t, nil, "download", "--blob", url, "--point", r.id, out)
+		if code != ExitOK {
+			t.Fatalf("download --point %s: exit %d\n%s%s", r.id, code, stdout, stderr)
+		}
+		if !strings.Contains(stdout, fmt.Sprintf("the disk as of epoch %d", r.epoch)) || !strings.Contains(stdout, "?snapshot="+r.id) {
+			t.Errorf("download --point output does not name the point: %s", stdout)
+		}
+		got, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if int64(len(got)) != size+512 || !bytes.Equal(got[:size], r.image) || !bytes.Equal(got[size:], footer[:]) {
+			t.Errorf("point %s (epoch %d): the restored file differs from the disk at that epoch", r.id, r.epoch)
+		}
+	}
+	// While the disk is open its blob is leased: a point needs no --allow-leased.
+	restore(recs[1], "mid.vhd")
+	if err := disk.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	closed = true
+	restore(recs[0], "first.vhd")
+	restore(recs[2], "last.vhd")
+
+	code, out, errOut := vhdsync(t, nil, "points", "--blob", url)
+	if code != ExitOK {
+		t.Fatalf("points: exit %d %s", code, errOut)
+	}
+	t.Logf("vhdsync points:\n%s", out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 6 || !strings.HasPrefix(lines[1], "ID") || !strings.Contains(lines[5], "1 other snapshot") {
+		t.Fatalf("points output:\n%s", out)
+	}
+	for i, r := range recs {
+		if f := strings.Fields(lines[2+i]); len(f) != 4 || f[0] != r.id || f[1] != fmt.Sprint(r.epoch) || f[3] != "yes" {
+			t.Errorf("points line %d: %q, want %s epoch %d consistent (newest last)", i, lines[2+i], r.id, r.epoch)
+		}
+	}
+	if strings.Contains(out, foreign) {
+		t.Error("the foreign snapshot is listed as a point")
+	}
+	code, out, _ = vhdsync(t, nil, "points", "--blob", url, "--json")
+	var rep pointsReport
+	if err := json.Unmarshal([]byte(out), &rep); code != ExitOK || err != nil || len(rep.Points) != 3 || rep.ForeignSnapshots != 1 || rep.Points[2].ID != recs[2].id || !rep.Points[2].Consistent {
+		t.Fatalf("points --json: exit %d, %v: %s", code, err, out)
+	}
+
+	code, out, errOut = vhdsync(t, nil, "status", "--state", state)
+	if code != ExitOK || !strings.Contains(out, "recovery points:  3 on the blob, newest "+recs[2].id) {
+		t.Errorf("status: exit %d\n%s%s", code, out, errOut)
+	}
+
+	// Failures, each with its exit code and a way forward.
+	code, _, errOut = vhdsync(t, nil, "download", "--blob", url, "--point", "2020-01-02T03:04:05.0000000Z", filepath.Join(dir, "x.vhd"))
+	if code != ExitNotFound || !strings.Contains(errOut, "snapshot not found") || !strings.Contains(errOut, "vhdsync points") {
+		t.Errorf("unknown point: exit %d, %s", code, errOut)
+	}
+	code, _, errOut = vhdsync(t, nil, "download", "--blob", url, "--point", "yesterday", filepath.Join(dir, "x.vhd"))
+	if code != ExitUsage || !strings.Contains(errOut, "not a snapshot id") {
+		t.Errorf("malformed point: exit %d, %s", code, errOut)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x.vhd")); err == nil {
+		t.Error("a failed download left its file")
+	}
+	code, _, errOut = vhdsync(t, nil, "points", "--blob", s.BlobURL("disks", "nope.vhd"))
+	if code != ExitNotFound {
+		t.Errorf("points of a missing blob: exit %d, %s", code, errOut)
+	}
+	for _, bad := range [][]string{
+		{"--recovery-points", "500ms"},
+		{"--recovery-points", "0s"},
+		{"--recovery-points", "5m", "--keep", "0"},
+		{"--keep", "3"},
+	} {
+		args := append(append([]string{"mount", "--state", state}, bad...), filepath.Join(dir, "mnt"))
+		code, _, errOut = vhdsync(t, nil, args...)
+		if code != ExitUsage || !strings.Contains(errOut, bad[len(bad)-2]) {
+			t.Errorf("mount %v: exit %d, %s", bad, code, errOut)
+		}
+	}
+}
