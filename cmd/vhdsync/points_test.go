@@ -185,3 +185,73 @@ func TestPointsCLI(t *testing.T) {
 		}
 	}
 }
+
+// TestE2EMountRecoveryPoints: a real mount with --recovery-points 1s
+// --keep 2 and writes + fsync through FUSE, each round after the interval:
+// status shows every point as it is taken, retention leaves the newest two,
+// and each restores to the disk as of its epoch (read through the mount
+// right after the fsync that closed it: with --linger 1h only fsync closes
+// an epoch).
+func TestE2EMountRecoveryPoints(t *testing.T) {
+	e := newE2E(t)
+	const size = 20 << 20
+	url, state := e.createDisk("rp", 20)
+	mp := e.path("mnt")
+	e.mount(state, mp, "--linger", "1h", "--recovery-points", "1s", "--keep", "2")
+	img := filepath.Join(mp, "rp.img")
+	if s := e.mustStatus(state); s.RecoveryPoints == nil || !s.RecoveryPoints.Enabled || s.RecoveryPoints.Keep != 2 || s.RecoveryPoints.Interval != "1s" {
+		t.Fatalf("status after mount: %+v", s.RecoveryPoints)
+	}
+	images := map[uint64][]byte{}
+	for i := range 3 {
+		time.Sleep(1100 * time.Millisecond)
+		writeAtSync(t, img, map[int64][]byte{int64(i) * (5 << 20): pattern(fmt.Sprint("rp-", i), 3<<20+512)})
+		var rp *struct{ epoch uint64 }
+		waitFor(t, 30*time.Second, "recovery point taken", func() (bool, error) {
+			s, err := e.status(state)
+			if err != nil || s.RecoveryPoints == nil {
+				return false, err
+			}
+			if r := s.RecoveryPoints; r.Taken == uint64(i+1) {
+				rp = &struct{ epoch uint64 }{r.LastEpoch}
+				return true, nil
+			}
+			return false, nil
+		})
+		b, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		images[rp.epoch] = b
+	}
+	s := e.mustStatus(state)
+	if r := s.RecoveryPoints; r.Count != 2 || r.Deleted != 1 || r.Failures != 0 || r.LastError != "" {
+		t.Errorf("recovery points in status: %+v", r)
+	}
+	r := e.mustVhdsync("status", "--state", state)
+	if !strings.Contains(r.stdout, "recovery points:  every 1s, keep 2: 2 on the blob") {
+		t.Errorf("status text: %s", r.stdout)
+	}
+	e.mustVhdsync("unmount", mp)
+
+	r = e.mustVhdsync("points", "--blob", url, "--json")
+	var rep pointsReport
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil || len(rep.Points) != 2 {
+		t.Fatalf("points after unmount: %v %s", err, r.stdout)
+	}
+	for i, p := range rep.Points {
+		want, ok := images[p.Epoch]
+		if !ok || !p.Consistent {
+			t.Fatalf("point %+v: not one the test saw taken", p)
+		}
+		out := e.path(fmt.Sprintf("point-%d.img", i))
+		e.mustVhdsync("download", "--raw", "--blob", url, "--point", p.ID, out)
+		got, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("point %s (epoch %d) differs from the disk at that epoch", p.ID, p.Epoch)
+		}
+	}
+}
