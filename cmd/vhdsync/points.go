@@ -200,6 +200,11 @@ func printRecoveryStatus(tw io.Writer, mounted bool, r *control.RecoveryPoints) 
 			r.Interval, r.Keep, r.Count, newest, r.Taken, r.Deleted, r.Failures)
 	case r.LastError == "":
 		fmt.Fprintf(tw, "recovery points:\t%d on the blob%s\n", r.Count, newest)
+	default:
+		// Unmounted, and the blob's snapshots could not be listed (a SAS
+		// without the container's list right, say).
+		fmt.Fprintf(tw, "recovery points:\tunknown (%s)\n", r.LastError)
+		return
 	}
 	if r.LastError != "" {
 		when := ""
