@@ -142,14 +142,16 @@ type RecoveryPoints struct {
 	o   RecoveryPointsOptions
 	log *slog.Logger
 
-	mu       sync.Mutex // serialises AfterBatch; guards the fields below
+	run      sync.Mutex // serialises AfterBatch; guards the fields up to st
 	anchored bool       // the blob's existing points were looked at
 	due      bool       // take a point at the next boundary (a failure, or none yet)
 	last     time.Time  // when the newest point was taken
 	// taken and takenEpoch: the epoch of the newest point this process took.
 	taken      bool
 	takenEpoch uint64
-	st         RecoveryPointStats
+
+	mu sync.Mutex // guards st only: Stats never waits for a request
+	st RecoveryPointStats
 }
 
 // NewRecoveryPoints validates o and returns a RecoveryPoints for the blob
@@ -173,7 +175,14 @@ func NewRecoveryPoints(s Snapshotter, o RecoveryPointsOptions) (*RecoveryPoints,
 	return &RecoveryPoints{s: s, o: o, log: o.Logger, st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
 }
 
-// Stats returns the counters.
+// update changes the counters under their lock.
+func (p *RecoveryPoints) update(f func(*RecoveryPointStats)) {
+	p.mu.Lock()
+	f(&p.st)
+	p.mu.Unlock()
+}
+
+// Stats returns the counters; it never waits for a request in flight.
 func (p *RecoveryPoints) Stats() RecoveryPointStats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -193,8 +202,8 @@ func (p *RecoveryPoints) Stats() RecoveryPointStats {
 // goes on; they are counted, logged, kept in Stats, and the point is
 // attempted again at the next boundary.
 func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.run.Lock()
+	defer p.run.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, p.o.Timeout)
 	defer cancel()
 	if !p.anchored {
@@ -220,9 +229,11 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	p.due = false
 	p.last = now
 	p.taken, p.takenEpoch = true, epoch
-	p.st.Taken++
-	p.st.LastID, p.st.LastEpoch, p.st.LastTime = id, epoch, now
-	p.st.LastError, p.st.LastErrorTime = "", time.Time{}
+	p.update(func(st *RecoveryPointStats) {
+		st.Taken++
+		st.LastID, st.LastEpoch, st.LastTime = id, epoch, now
+		st.LastError, st.LastErrorTime = "", time.Time{}
+	})
 	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", 2*epoch)
 	p.retain(ctx, id, epoch)
 }
@@ -237,14 +248,16 @@ func (p *RecoveryPoints) anchor(ctx context.Context) {
 		p.fail(ctx, fmt.Errorf("list recovery points: %w", err))
 		return
 	}
-	p.st.Count = len(points)
 	if len(points) == 0 {
 		p.due = true
 		return
 	}
 	newest := points[len(points)-1]
 	p.last = newest.Time
-	p.st.LastID, p.st.LastEpoch, p.st.LastTime = newest.ID, newest.Epoch, newest.Time
+	p.update(func(st *RecoveryPointStats) {
+		st.Count = len(points)
+		st.LastID, st.LastEpoch, st.LastTime = newest.ID, newest.Epoch, newest.Time
+	})
 }
 
 // retain checks the new point id of epoch in a fresh listing and deletes
@@ -269,7 +282,7 @@ func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) {
 			} else {
 				points = append(points[:i:i], points[i+1:]...)
 			}
-			p.st.LastID, p.st.LastEpoch = "", 0
+			p.update(func(st *RecoveryPointStats) { st.LastID, st.LastEpoch, st.LastTime = "", 0, time.Time{} })
 			p.fail(ctx, err)
 		}
 		break
@@ -281,11 +294,11 @@ func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) {
 			errs = append(errs, fmt.Errorf("delete recovery point %s (epoch %d): %w", old.ID, old.Epoch, err))
 			break
 		}
-		p.st.Deleted++
+		p.update(func(st *RecoveryPointStats) { st.Deleted++ })
 		p.log.Info("recovery point deleted (retention)", "point", old.ID, "epoch", old.Epoch, "keep", p.o.Keep)
 		points = points[1:]
 	}
-	p.st.Count = len(points)
+	p.update(func(st *RecoveryPointStats) { st.Count = len(points) })
 	if err := errors.Join(errs...); err != nil {
 		p.failRetention(ctx, err)
 	}
@@ -305,8 +318,10 @@ func (p *RecoveryPoints) failRetention(ctx context.Context, err error) {
 		p.log.Debug("recovery points: stopped", "err", err)
 		return
 	}
-	p.st.Failures++
 	msg, _, _ := strings.Cut(err.Error(), "\n")
-	p.st.LastError, p.st.LastErrorTime = msg, p.o.Now()
+	p.update(func(st *RecoveryPointStats) {
+		st.Failures++
+		st.LastError, st.LastErrorTime = msg, p.o.Now()
+	})
 	p.log.Warn("recovery point failed; replication goes on, retrying at the next epoch boundary", "err", msg)
 }
