@@ -1,12 +1,14 @@
 package writeback
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -311,4 +313,61 @@ func TestAzuriteRecoveryPointsRetention(t *testing.T) {
 	if err := d.Close(ctx, true); err != nil && !errors.Is(err, context.Canceled) {
 		t.Fatal(err)
 	}
+}
+
+// failingSnaps fails its first n snapshots.
+type failingSnaps struct {
+	*pageblob.Client
+	mu sync.Mutex
+	n  int
+}
+
+func (f *failingSnaps) CreateSnapshot(ctx context.Context, md map[string]string) (string, error) {
+	f.mu.Lock()
+	fail := f.n > 0
+	f.n--
+	f.mu.Unlock()
+	if fail {
+		return "", errors.New("injected: snapshot refused")
+	}
+	return f.Client.CreateSnapshot(ctx, md)
+}
+
+// TestAzuriteRecoveryPointFailureKeepsReplicating: snapshots that fail do
+// not stop or slow the flusher: the blob converges, the failures are
+// counted with the last error shown, and the point is taken at the very
+// next boundary once snapshots work again.
+func TestAzuriteRecoveryPointFailureKeepsReplicating(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 4 * azMiB
+	url, footer := azBlob(t, s, "fail.vhd", size)
+	c := azClient(t, url, nil, 30*time.Second)
+	fs := &failingSnaps{Client: c, n: 2}
+	rp, err := NewRecoveryPoints(fs, RecoveryPointsOptions{Interval: time.Hour, Keep: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
+	for i := range 3 {
+		if err := d.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 1)}, 8192), int64(i)<<20); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		azWaitFor(t, "batch", 20*time.Second, func() bool { return d.Stats().Flusher.Batches == uint64(i+1) })
+		st := rp.Stats()
+		switch {
+		case i < 2 && (st.Failures != uint64(i+1) || !strings.Contains(st.LastError, "injected") || st.Taken != 0):
+			t.Fatalf("after boundary %d: %+v", i, st)
+		case i == 2 && (st.Taken != 1 || st.LastError != "" || st.Count != 1 || st.LastEpoch != d.j.ClosedEpoch()):
+			t.Fatalf("the point was not retried at the next boundary: %+v", st)
+		}
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	azCheckConverged(t, url, dir, size, footer)
 }
