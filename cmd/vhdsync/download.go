@@ -61,7 +61,7 @@ fails with exit 4 (not found); one that is not a snapshot id at all, exit 2.`,
 	fl.BoolVar(&f.overwrite, "overwrite", false, "replace FILE if it exists")
 	fl.BoolVar(&f.allowLeased, "allow-leased", false, "read a blob that a writer holds leased (the copy may not be a consistent point)")
 	fl.IntVar(&f.workers, "workers", 8, "parallel range reads")
-	fl.StringVar(&f.point, "point", "", "restore this recovery point (a snapshot ID from `vhdsync points`) instead of the live blob")
+	fl.StringVar(&f.point, "point", "", "restore the recovery point `ID` (a snapshot id that vhdsync points lists) instead of the live blob")
 	_ = cmd.MarkFlagRequired("blob")
 	return cmd
 }

@@ -98,7 +98,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
-	fl.DurationVar(&f.points, "recovery-points", 0, "take a recovery point (blob snapshot) at the first epoch boundary after each INTERVAL, at least 1s, e.g. 5m (default: none); list them with `vhdsync points`")
+	fl.DurationVar(&f.points, "recovery-points", 0, "take a recovery point (a blob snapshot) at the first epoch boundary after each `INTERVAL`, at least 1s, e.g. 5m (default: none); list them with vhdsync points")
 	fl.IntVar(&f.keep, "keep", 24, "recovery points to keep; older ones vhdsync took are deleted (with --recovery-points)")
 	fl.BoolVar(&f.fuseNoDirectIO, "fuse-no-direct-io", false, "serve through the kernel page cache (measurement only)")
 	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
