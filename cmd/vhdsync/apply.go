@@ -24,6 +24,8 @@ type applyFlags struct {
 	workers    int
 	breakLease bool
 	workerID   string
+	points     time.Duration // --recovery-points (points.go)
+	keep       int
 }
 
 func newApplyCmd(g *globals) *cobra.Command {
@@ -50,7 +52,12 @@ attach it (between runs: while segments wait, the blob lags the disk).`,
 		Example: `  vhdsync apply --staging https://acct.blob.core.windows.net/staging --blob https://acct.blob.core.windows.net/vhds/data.vhd
   vhdsync apply --once --staging http://127.0.0.1:10000/devstoreaccount1/staging --blob http://127.0.0.1:10000/devstoreaccount1/vhds/data.vhd`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runApply(cmd.Context(), g, f) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkPointFlags(cmd, f.points, f.keep); err != nil {
+				return err
+			}
+			return runApply(cmd.Context(), g, f)
+		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.staging, "staging", "", "staging container URL (required; a SAS may follow)")
@@ -60,6 +67,7 @@ attach it (between runs: while segments wait, the blob lags the disk).`,
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests within a segment")
 	fl.BoolVar(&f.breakLease, "break-lease", false, "break another holder's lease on the blob and the worker lock (only if you are sure it is gone)")
 	fl.StringVar(&f.workerID, "worker-id", "", "lease id of this worker (default: derived from the host name and the disk, so a restarted worker on the same host takes its leases back)")
+	registerPointFlags(fl, &f.points, &f.keep)
 	_ = cmd.MarkFlagRequired("staging")
 	_ = cmd.MarkFlagRequired("blob")
 	return cmd
@@ -125,9 +133,13 @@ func runApply(ctx context.Context, g *globals, f applyFlags) (err error) {
 		case <-runCtx.Done():
 		}
 	}()
+	points, err := newRecoveryPoints(client, f.points, f.keep, log)
+	if err != nil {
+		return err
+	}
 	a, err := writeback.NewApplier(remote, store, held, writeback.ApplierOptions{
 		DiskID: diskID, DiskSize: int64(info.Footer.CurrentSize), Workers: f.workers,
-		Poll: f.poll, Once: f.once, Logger: log,
+		Poll: f.poll, Once: f.once, Logger: log, AfterApply: afterBatchHook(points),
 	})
 	if err != nil {
 		return err

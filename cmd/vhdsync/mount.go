@@ -78,7 +78,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
   qemu-nbd -f vpc --socket /tmp/nbd.sock /mnt/vhd/data.vhd`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkPointFlags(cmd, f); err != nil {
+			if err := checkPointFlags(cmd, f.points, f.keep); err != nil {
 				return err
 			}
 			if !f.foreground && g.env(readyFDEnv) == "" {
@@ -98,8 +98,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
-	fl.DurationVar(&f.points, "recovery-points", 0, "take a recovery point (a blob snapshot) at the first epoch boundary after each `INTERVAL`, at least 1s, e.g. 5m (default: none); list them with vhdsync points")
-	fl.IntVar(&f.keep, "keep", 24, "recovery points to keep; older ones vhdsync took are deleted (with --recovery-points)")
+	registerPointFlags(fl, &f.points, &f.keep)
 	fl.BoolVar(&f.fuseNoDirectIO, "fuse-no-direct-io", false, "serve through the kernel page cache (measurement only)")
 	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
 	fl.IntVar(&f.fuseMaxWrite, "fuse-max-write", 256<<10, "largest FUSE write request (measurement only)")
@@ -277,6 +276,10 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
+	points, err := startRecoveryPoints(g, d, f, log)
+	if err != nil {
+		return err
+	}
 	store, releaseStaging, err := setupTransfer(ctx, g, d, f.staged, f.breakLease, log)
 	if err != nil {
 		return err
@@ -284,10 +287,6 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	var segStore writeback.SegmentStore
 	if store != nil {
 		segStore = store
-	}
-	points, err := startRecoveryPoints(g, d, f, log)
-	if err != nil {
-		return err
 	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
 		Staging:     segStore,

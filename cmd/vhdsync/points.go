@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
@@ -107,24 +109,32 @@ func printPoints(w io.Writer, r pointsReport) {
 	fmt.Fprintf(w, "%d recovery point(s)%s; restore one with: vhdsync download --blob URL --point ID FILE\n", len(r.Points), others)
 }
 
-// checkPointFlags validates mount's --recovery-points and --keep.
-func checkPointFlags(cmd *cobra.Command, f mountFlags) error {
-	if f.points == 0 {
+// checkPointFlags validates --recovery-points (points) and --keep of
+// mount and apply.
+func checkPointFlags(cmd *cobra.Command, points time.Duration, keep int) error {
+	if points == 0 {
 		if cmd.Flags().Changed("keep") {
-			return usageError{fmt.Errorf("--keep %d: only with --recovery-points INTERVAL", f.keep)}
+			return usageError{fmt.Errorf("--keep %d: only with --recovery-points INTERVAL", keep)}
 		}
 		if cmd.Flags().Changed("recovery-points") {
 			return usageError{fmt.Errorf("--recovery-points 0: give an interval of at least 1s, or leave the flag out to take no recovery points")}
 		}
 		return nil
 	}
-	if f.points < time.Second {
-		return usageError{fmt.Errorf("--recovery-points %v: the interval must be at least 1s", f.points)}
+	if points < time.Second {
+		return usageError{fmt.Errorf("--recovery-points %v: the interval must be at least 1s", points)}
 	}
-	if f.keep < 1 {
-		return usageError{fmt.Errorf("--keep %d: keep at least 1 recovery point", f.keep)}
+	if keep < 1 {
+		return usageError{fmt.Errorf("--keep %d: keep at least 1 recovery point", keep)}
 	}
 	return nil
+}
+
+// registerPointFlags adds --recovery-points and --keep to a command whose
+// process writes the blob (mount, apply).
+func registerPointFlags(fl *pflag.FlagSet, points *time.Duration, keep *int) {
+	fl.DurationVar(points, "recovery-points", 0, "take a recovery point (a blob snapshot) at the first epoch boundary after each `INTERVAL`, at least 1s, e.g. 5m (default: none); list them with vhdsync points")
+	fl.IntVar(keep, "keep", 24, "recovery points to keep; older ones vhdsync took are deleted (with --recovery-points)")
 }
 
 // startRecoveryPoints returns the mount's RecoveryPoints (nil when
@@ -135,15 +145,29 @@ func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Lo
 	if f.points == 0 {
 		return nil, nil
 	}
+	// Checked before the staging lock is taken; a bad --transfer is
+	// reported by setupTransfer.
+	if mode, err := f.staged.mode(d); err == nil && mode == transferStaged {
+		return nil, usageError{errors.New("--recovery-points: with --transfer staged the apply worker writes the blob, so it takes the recovery points: pass --recovery-points and --keep to `vhdsync apply`")}
+	}
 	c, err := connect(g, d, f.blob, false)
 	if err != nil {
 		return nil, err
 	}
-	rp, err := writeback.NewRecoveryPoints(c, writeback.RecoveryPointsOptions{Interval: f.points, Keep: f.keep, Logger: log})
+	return newRecoveryPoints(c, f.points, f.keep, log)
+}
+
+// newRecoveryPoints makes the RecoveryPoints of a process that writes the
+// blob c (nil when interval is 0: off).
+func newRecoveryPoints(c *pageblob.Client, interval time.Duration, keep int, log *slog.Logger) (*writeback.RecoveryPoints, error) {
+	if interval == 0 {
+		return nil, nil
+	}
+	rp, err := writeback.NewRecoveryPoints(c, writeback.RecoveryPointsOptions{Interval: interval, Keep: keep, Logger: log})
 	if err != nil {
 		return nil, usageError{err}
 	}
-	log.Info("recovery points on", "interval", f.points.String(), "keep", f.keep)
+	log.Info("recovery points on", "interval", interval.String(), "keep", keep)
 	return rp, nil
 }
 

@@ -255,3 +255,73 @@ func TestE2EMountRecoveryPoints(t *testing.T) {
 		}
 	}
 }
+
+// TestE2EStagedRecoveryPoints: with --transfer staged the apply worker
+// writes the blob, so `vhdsync apply --recovery-points` takes the points
+// (a mount refuses the flag then). Three rounds of writes + fsync, each
+// applied by its own `apply --once` run more than the interval after the
+// previous one: each run takes a point (a new worker finds the newest
+// point and counts the interval from it), retention keeps two, and each
+// restores to the disk as of its epoch.
+func TestE2EStagedRecoveryPoints(t *testing.T) {
+	e := newE2E(t)
+	url, state := e.createDisk("srp", 20)
+	stagingURL := e.az.ContainerURL("staging")
+	mp := e.mkdir("mnt")
+	r := e.vhdsync("mount", "--state", state, "--transfer", "staged", "--staging", stagingURL, "--recovery-points", "1s", mp)
+	if r.code != ExitUsage || !strings.Contains(r.stderr, "vhdsync apply") {
+		t.Fatalf("a staged mount with --recovery-points: %s", r)
+	}
+	e.mount(state, mp, "--transfer", "staged", "--staging", stagingURL, "--linger", "1h")
+	img := filepath.Join(mp, "srp.img")
+	images := map[uint64][]byte{}
+	var staged uint64
+	for i := range 3 {
+		time.Sleep(1100 * time.Millisecond)
+		writeAtSync(t, img, map[int64][]byte{int64(i) * (5 << 20): pattern(fmt.Sprint("srp-", i), 2<<20+512)})
+		waitFor(t, 30*time.Second, "segment staged", func() (bool, error) {
+			s, err := e.status(state)
+			if err != nil {
+				return false, err
+			}
+			if s.StagedEpoch > staged && s.JournalRecords == 0 {
+				staged = s.StagedEpoch
+				return true, nil
+			}
+			return false, nil
+		})
+		b, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		images[staged] = b
+		r := e.mustVhdsync("apply", "--once", "--staging", stagingURL, "--blob", url, "--recovery-points", "1s", "--keep", "2")
+		if !strings.Contains(r.stdout, "applied 1 segments") {
+			t.Fatalf("apply round %d: %s", i, r)
+		}
+	}
+	e.mustVhdsync("unmount", mp)
+	r = e.mustVhdsync("points", "--blob", url, "--json")
+	var rep pointsReport
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil || len(rep.Points) != 2 {
+		t.Fatalf("points: %v %s", err, r.stdout)
+	}
+	for i, p := range rep.Points {
+		want, ok := images[p.Epoch]
+		if !ok || !p.Consistent {
+			t.Fatalf("point %+v: not an epoch the test recorded (%d recorded)", p, len(images))
+		}
+		out := e.path(fmt.Sprintf("spoint-%d.img", i))
+		e.mustVhdsync("download", "--raw", "--blob", url, "--point", p.ID, out)
+		got, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("point %s (epoch %d) differs from the disk at that epoch", p.ID, p.Epoch)
+		}
+	}
+	if rep.Points[1].Epoch != staged {
+		t.Errorf("newest point holds epoch %d, want the last staged %d", rep.Points[1].Epoch, staged)
+	}
+}
