@@ -229,13 +229,17 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	p.due = false
 	p.last = now
 	p.taken, p.takenEpoch = true, epoch
+	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", 2*epoch)
+	p.update(func(st *RecoveryPointStats) { st.LastError, st.LastErrorTime = "", time.Time{} })
+	kept := p.retain(ctx, id, epoch)
+	// Taken last, so that whoever waits for it sees this point's
+	// retention (Count, Deleted) done too.
 	p.update(func(st *RecoveryPointStats) {
 		st.Taken++
-		st.LastID, st.LastEpoch, st.LastTime = id, epoch, now
-		st.LastError, st.LastErrorTime = "", time.Time{}
+		if kept {
+			st.LastID, st.LastEpoch, st.LastTime = id, epoch, now
+		}
 	})
-	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", 2*epoch)
-	p.retain(ctx, id, epoch)
 }
 
 // anchor reads the points the blob already has, so that a restart does
@@ -262,13 +266,15 @@ func (p *RecoveryPoints) anchor(ctx context.Context) {
 
 // retain checks the new point id of epoch in a fresh listing and deletes
 // the oldest points beyond Keep. Only vhdsync's points are counted and
-// deleted.
-func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) {
+// deleted. kept is false when the new point proved inconsistent (and was
+// deleted).
+func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) (kept bool) {
 	points, _, err := ListPoints(ctx, p.s)
 	if err != nil {
 		p.fail(ctx, fmt.Errorf("list recovery points for retention: %w", err))
-		return
+		return true
 	}
+	kept = true
 	for i, pt := range points {
 		if pt.ID != id {
 			continue
@@ -282,7 +288,7 @@ func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) {
 			} else {
 				points = append(points[:i:i], points[i+1:]...)
 			}
-			p.update(func(st *RecoveryPointStats) { st.LastID, st.LastEpoch, st.LastTime = "", 0, time.Time{} })
+			kept = false
 			p.fail(ctx, err)
 		}
 		break
@@ -302,6 +308,7 @@ func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) {
 	if err := errors.Join(errs...); err != nil {
 		p.failRetention(ctx, err)
 	}
+	return kept
 }
 
 // fail records a failed point attempt: the next boundary tries again.
