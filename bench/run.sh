@@ -8,7 +8,8 @@
 # BENCH_SKIP (space-separated stages to skip: write fsync flush wire staged lag),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the measured server ceiling), BENCH_SYNC
-# (1: sync before every fio run), BENCH_OUT (directory of the results, bench).
+# (1: sync before every fio run), BENCH_OUT (directory of the results, bench),
+# BENCH_BIN (the vhdsync binary to measure, bin/vhdsync).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "make bench needs root (FUSE mounts, losetup, mount)"; exit 1; }
@@ -17,7 +18,7 @@ RT=${BENCH_RUNTIME:-5}
 SKIP=" ${BENCH_SKIP:-} "
 SIZE=64GiB
 repo=$PWD
-bin=$repo/bin/vhdsync
+bin=${BENCH_BIN:-$repo/bin/vhdsync}
 work=$(mktemp -d /var/tmp/vhdsync-bench.XXXXXX)
 res=$work/res; mkdir -p "$res"
 pids=() loops=() fsmounts=() fusemounts=() vpids=()

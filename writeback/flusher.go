@@ -113,6 +113,7 @@ type Flusher struct {
 	segments, stagedData                                    atomic.Uint64
 	// Staged transfer only: the encoder, the segments uploading (oldest
 	// first), the last epoch handed to an upload, and the uploads' goroutines.
+	committer *committer // direct transfer: commits in the background
 	enc       *zstd.Encoder
 	pending   []*stagedUpload
 	stagePrev uint64
@@ -213,7 +214,8 @@ func (f *Flusher) Run(ctx context.Context) error {
 	// Uploads still running when Run returns end with ctx; wait for them
 	// so none touches the store after the flusher stopped.
 	ctx, cancel := context.WithCancel(ctx)
-	defer func() { cancel(); f.uploads.Wait() }()
+	f.startCommitter()
+	defer func() { cancel(); f.uploads.Wait(); f.stopCommitter() }()
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	lingering := false
@@ -226,6 +228,11 @@ func (f *Flusher) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			f.setState(StateStopped, nil)
 			return nil
+		}
+		if err := f.commitErr(); err != nil {
+			f.setState(StateFailed, err)
+			f.log.Error("flusher stopped", "err", err)
+			return err
 		}
 		var recs []Record
 		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
@@ -379,7 +386,75 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	if f.o.AfterBatch != nil {
 		f.o.AfterBatch(ctx, last)
 	}
-	return f.commitBatch(recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
+	// The blob holds the batch: the next batch may go out while this one
+	// is committed locally (image sync, journal delete) in the background.
+	f.next = recs[len(recs)-1].Seq + 1
+	f.minLast = 0
+	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
+}
+
+// committer commits batches the blob already holds, one at a time and in
+// order, so the image sync and the journal delete of batch n overlap the
+// upload of batch n+1. Nothing it does touches the remote: the order of
+// the blob's contents is kept by sendBatch alone.
+type committer struct {
+	jobs chan commitJob
+	done chan struct{}
+	err  error // set before done is closed
+}
+
+type commitJob struct {
+	recs []Record
+	what string
+}
+
+func (f *Flusher) startCommitter() {
+	c := &committer{jobs: make(chan commitJob, 1), done: make(chan struct{})}
+	f.committer = c
+	go func() {
+		defer close(c.done)
+		for job := range c.jobs {
+			if err := f.commitBatch(job.recs, job.what); err != nil {
+				c.err = err
+				// Later jobs are not committed: their records stay in the
+				// journal and are sent again by the next flusher.
+				for range c.jobs {
+				}
+				return
+			}
+		}
+	}()
+}
+
+// stopCommitter lets the committer finish the batches queued (the blob
+// holds them) and waits for it.
+func (f *Flusher) stopCommitter() {
+	close(f.committer.jobs)
+	<-f.committer.done
+}
+
+// commitErr returns the error that stopped the committer, if it stopped.
+func (f *Flusher) commitErr() error {
+	select {
+	case <-f.committer.done:
+		return f.committer.err
+	default:
+		return nil
+	}
+}
+
+func (f *Flusher) queueCommit(ctx context.Context, recs []Record, what string) error {
+	if err := f.commitErr(); err != nil {
+		return err
+	}
+	select {
+	case f.committer.jobs <- commitJob{recs: recs, what: what}:
+		return nil
+	case <-f.committer.done:
+		return f.committer.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // commitBatch ends a batch the remote (blob or staging) holds: the image
@@ -397,8 +472,6 @@ func (f *Flusher) commitBatch(recs []Record, what string) error {
 	if err := f.j.Delete(recs, last); err != nil {
 		return err
 	}
-	f.next = max(f.next, recs[len(recs)-1].Seq+1)
-	f.minLast = 0
 	f.batches.Add(1)
 	f.log.Debug("batch committed", "epochs", fmt.Sprintf("%d-%d", first, last), "records", len(recs), "delivered", what)
 	f.mu.Lock()

@@ -168,5 +168,6 @@ func (f *Flusher) commitOldest(ctx context.Context) error {
 		}
 	}
 	f.epoch.Store(u.last)
+	f.minLast = 0
 	return f.commitBatch(u.recs, fmt.Sprintf("segment %s, %d ranges, %d bytes", u.name, len(u.ranges), u.size))
 }
