@@ -92,6 +92,9 @@ if os.path.exists(os.path.join(res, "lag.txt")):
         lagv.sort(); q = lambda f: lagv[min(len(lagv) - 1, int(f * len(lagv)))]
         R["lag"] = {"samples": len(lagv), "p50_s": q(0.5), "p99_s": q(0.99), "max_s": lagv[-1],
                     "rate_mibs": float(open(os.path.join(res, "lag-rate.txt")).read())}
+        ceil = load(os.path.join(res, "lag-ceiling.json"))
+        if ceil:
+            R["lag"]["ceiling_random64k_mibs"] = ceil.get("mib_per_second")
         mem["lag_journal_disk_bytes_peak"] = lagpeak
 if mem:
     R["memory"] = mem

@@ -94,7 +94,7 @@ type Journal struct {
 // badgerOptions are chosen for a small, write-heavy queue: records are
 // written once, read once by the flusher and deleted soon after.
 func badgerOptions(dir string, log *slog.Logger) badger.Options {
-	return badger.DefaultOptions(dir).
+	o := badger.DefaultOptions(dir).
 		// Barrier syncs explicitly (DB.Sync plus an fsync of every log
 		// file, see syncFiles); syncing every Append would cost an fsync
 		// per write. Unsynced commits survive kill -9 (they are in the
@@ -124,6 +124,11 @@ func badgerOptions(dir string, log *slog.Logger) badger.Options {
 		WithNumVersionsToKeep(1).
 		WithCompactL0OnClose(true).
 		WithLogger(badgerLogger{log})
+	if testBadgerMemTable > 0 {
+		o = o.WithMemTableSize(testBadgerMemTable).WithBaseTableSize(testBadgerMemTable).
+			WithNumLevelZeroTables(1).WithNumLevelZeroTablesStall(4).WithBaseLevelSize(4 * testBadgerMemTable)
+	}
+	return o
 }
 
 // OpenJournal opens (creating if needed) the journal in dir and recovers
@@ -139,6 +144,9 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create journal directory: %w", err)
+	}
+	if err := removeEmptyLogs(dir, log); err != nil {
+		return nil, err
 	}
 	db, err := badger.Open(badgerOptions(dir, log))
 	if err != nil {
@@ -269,6 +277,33 @@ func (j *Journal) recover() error {
 	// the crash: it counts as closed, new writes start a new epoch.
 	j.closed.Store(maxEpoch)
 	j.epoch = maxEpoch + 1
+	return nil
+}
+
+// removeEmptyLogs deletes 0-byte .mem and .vlog files. A kill between
+// badger creating such a file and sizing it leaves one behind, and badger
+// (v4.9.6, dgraph-io/badger#2207) then refuses to open the directory
+// ("Create a new file"). An empty log holds no entry, so removing it is the
+// state just before the kill. Found by TestJournalKill9Compaction.
+func removeEmptyLogs(dir string, log *slog.Logger) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("read journal directory: %w", err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if !e.Type().IsRegular() || (!strings.HasSuffix(name, ".mem") && !strings.HasSuffix(name, ".vlog")) {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || fi.Size() != 0 {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("remove the empty badger log %s left by a crash: %w", name, err)
+		}
+		log.Warn("removed an empty badger log left by a crash", "file", name)
+	}
 	return nil
 }
 
@@ -782,8 +817,25 @@ func (b badgerLogger) Warningf(f string, a ...any) {
 	b.l.Warn("badger: " + strings.TrimSpace(fmt.Sprintf(f, a...)))
 }
 
-// Infof drops badger chatter.
-func (b badgerLogger) Infof(string, ...any) {}
+// Infof drops badger chatter (tests may watch it, see testBadgerEvent).
+func (b badgerLogger) Infof(f string, a ...any) {
+	if testBadgerEvent != nil {
+		testBadgerEvent(fmt.Sprintf(f, a...))
+	}
+}
 
-// Debugf drops badger chatter.
-func (b badgerLogger) Debugf(string, ...any) {}
+// Debugf drops badger chatter (tests may watch it, see testBadgerEvent).
+func (b badgerLogger) Debugf(f string, a ...any) {
+	if testBadgerEvent != nil {
+		testBadgerEvent(fmt.Sprintf(f, a...))
+	}
+}
+
+// Test hooks, set only by the kill -9 child aimed at badger's background
+// work (kill_compact_test.go): every info/debug message of badger, and
+// memtables small enough that flushes and compactions happen every few
+// hundred appends. Nil and zero in production.
+var (
+	testBadgerEvent    func(string)
+	testBadgerMemTable int64
+)
