@@ -52,6 +52,18 @@ start_azurite() {
 }
 stop_azurite() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 vstatus() { "$bin" status --state "$1" --json; }
+# wait_drained STATE: until the mount's journal is empty (at most 10 minutes)
+wait_drained() {
+  python3 - "$1" "$bin" <<'PY' || true
+import json,subprocess,sys,time
+st,b=sys.argv[1],sys.argv[2]
+t0=time.time()
+while time.time()-t0<600:
+    j=json.loads(subprocess.run([b,"status","--state",st,"--json"],capture_output=True,text=True).stdout)
+    if j.get("journal_records",1)==0: break
+    time.sleep(0.5)
+PY
+}
 vpid() { vstatus "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'; }
 # mount_vhdsync NAME [mount flags]: sets VST (state), VMNT, VPID, VAZ
 mount_vhdsync() {
@@ -186,15 +198,7 @@ if ! skip wire; then
   fstrim -v "$work/wirefs" >&2 || true
   umount "$work/wirefs"; fsmounts=()
   losetup -d "$LOOPDEV"; loops=()
-  python3 - "$VST" "$bin" > "$res/wire-drain.txt" <<'PY' || true
-import json,subprocess,sys,time
-st,b=sys.argv[1],sys.argv[2]
-t0=time.time()
-while time.time()-t0<600:
-    j=json.loads(subprocess.run([b,"status","--state",st,"--json"],capture_output=True,text=True).stdout)
-    if j.get("journal_records",1)==0: break
-    time.sleep(0.5)
-PY
+  wait_drained "$VST" > "$res/wire-drain.txt"
   vstatus "$VST" > "$res/vstatus-wire.json"
   # the blob's final written ranges (ideal: distinct non-zero bytes)
   "$bin" unmount "$VMNT" >&2; fusemounts=()
@@ -220,15 +224,7 @@ if ! skip staged; then
   fstrim "$work/wirefs2" >&2 || true
   umount "$work/wirefs2"; fsmounts=()
   losetup -d "$LOOPDEV"; loops=()
-  python3 - "$VST" "$bin" <<'PY' || true
-import json,subprocess,sys,time
-st,b=sys.argv[1],sys.argv[2]
-t0=time.time()
-while time.time()-t0<600:
-    j=json.loads(subprocess.run([b,"status","--state",st,"--json"],capture_output=True,text=True).stdout)
-    if j.get("journal_records",1)==0: break
-    time.sleep(0.5)
-PY
+  wait_drained "$VST"
   vstatus "$VST" > "$res/vstatus-wirestaged-before.json"
   "$bin" unmount "$VMNT" >&2; fusemounts=()
   t0=$(date +%s.%N)

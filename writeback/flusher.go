@@ -230,9 +230,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 			return nil
 		}
 		if err := f.commitErr(); err != nil {
-			f.setState(StateFailed, err)
-			f.log.Error("flusher stopped", "err", err)
-			return err
+			return f.stop(ctx, err)
 		}
 		var recs []Record
 		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
@@ -252,13 +250,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 				send = f.stageBatch
 			}
 			if err := send(ctx, recs); err != nil {
-				if ctx.Err() != nil {
-					f.setState(StateStopped, nil)
-					return nil
-				}
-				f.setState(StateFailed, err)
-				f.log.Error("flusher stopped", "err", err)
-				return err
+				return f.stop(ctx, err)
 			}
 			continue
 		}
@@ -266,13 +258,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 			// Nothing more to read: commit the segments still uploading
 			// (Drain waits for an empty journal).
 			if err := f.commitStaged(ctx, true); err != nil {
-				if ctx.Err() != nil {
-					f.setState(StateStopped, nil)
-					return nil
-				}
-				f.setState(StateFailed, err)
-				f.log.Error("flusher stopped", "err", err)
-				return err
+				return f.stop(ctx, err)
 			}
 			continue
 		}
@@ -296,6 +282,18 @@ func (f *Flusher) Run(ctx context.Context) error {
 			f.j.CloseEpoch()
 		}
 	}
+}
+
+// stop ends Run after err: a cancelled ctx is a normal stop, anything else
+// a failure that stays visible in Stats.
+func (f *Flusher) stop(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		f.setState(StateStopped, nil)
+		return nil
+	}
+	f.setState(StateFailed, err)
+	f.log.Error("flusher stopped", "err", err)
+	return err
 }
 
 // Drain asks the flusher to send everything journaled so far without
