@@ -1,6 +1,10 @@
 package writeback
 
-import "sort"
+import (
+	"bytes"
+	"slices"
+	"sort"
+)
 
 // extent is one piece of the coalesced view of a batch: a sector range and
 // what the batch last did to it. Data extents reference (slices of) the
@@ -21,33 +25,28 @@ type coalescer struct {
 
 func (c *coalescer) add(r *Record) {
 	n := extent{off: r.Offset, end: r.End(), zero: r.Kind != KindData, data: r.Data}
-	// First extent that ends after n starts.
+	// First extent that ends after n starts, and the first one after the
+	// last that n overlaps: c.ext[i:j] is replaced by what is left of its
+	// first and last extents around n. One in-place splice, no allocation
+	// (the batch's extents are many and this runs once per record).
 	i := sort.Search(len(c.ext), func(i int) bool { return c.ext[i].end > n.off })
-	var out []extent
 	j := i
-	for ; j < len(c.ext) && c.ext[j].off < n.end; j++ {
-		e := c.ext[j]
-		if e.off < n.off { // keep the head of e
-			out = append(out, e.slice(e.off, n.off))
-		}
-		if e.end > n.end { // keep the tail of e
-			out = append(out, e.slice(n.end, e.end))
-		}
+	for j < len(c.ext) && c.ext[j].off < n.end {
+		j++
 	}
-	// Insert the new extent in order among the kept pieces.
-	merged := make([]extent, 0, len(out)+1)
-	placed := false
-	for _, e := range out {
-		if !placed && e.off >= n.end {
-			merged = append(merged, n)
-			placed = true
-		}
-		merged = append(merged, e)
+	var repl [3]extent
+	k := 0
+	if i < j && c.ext[i].off < n.off { // keep the head of the first
+		repl[k] = c.ext[i].slice(c.ext[i].off, n.off)
+		k++
 	}
-	if !placed {
-		merged = append(merged, n)
+	repl[k] = n
+	k++
+	if i < j && c.ext[j-1].end > n.end { // keep the tail of the last
+		repl[k] = c.ext[j-1].slice(n.end, c.ext[j-1].end)
+		k++
 	}
-	c.ext = append(c.ext[:i], append(merged, c.ext[j:]...)...)
+	c.ext = slices.Replace(c.ext, i, j, repl[:k]...)
 }
 
 func (e extent) slice(from, to int64) extent {
@@ -65,48 +64,105 @@ type span struct {
 	data     []byte
 }
 
-// minZeroRun is the smallest all-zero run inside written data that is
-// sent as Clear Pages instead of zeros: smaller runs would cost more
-// requests than the bytes they save.
-const minZeroRun = 64 << 10
+// requestCost is what one extra request costs, in bytes of Put Page
+// payload: a page blob takes about 60 MiB/s and 500 requests/s, so a
+// request spends the budget of 60 MiB / 500 = 123 KiB. A zero run inside
+// written data is cleared instead of sent when the bytes it saves outweigh
+// the requests it adds (see zeroRunCost). The value was chosen by measuring
+// the wire-efficiency workload (BENCHMARKS.md) at several costs.
+const requestCost = (60 << 20) / 500
 
 // spans turns the coalesced extents into remote requests: adjacent data
 // joined into Put Pages of at most maxPut bytes, adjacent zero and discard
-// ranges (and long all-zero runs inside data) joined into single Clear
-// Pages. Spans are disjoint, which the ordering argument relies on.
+// ranges joined into single Clear Pages, and all-zero sector runs inside
+// data either sent with the data or cleared, whichever costs less (see
+// zeroRunCost). Spans are disjoint, which the ordering argument relies on.
 func (c *coalescer) spans(maxPut int64) []span {
-	var pieces []extent
+	return c.spansCost(maxPut, requestCost)
+}
+
+// pieceKind classifies the pieces spans is built from.
+type pieceKind uint8
+
+const (
+	pieceData  pieceKind = iota // non-zero data: a Put Page
+	pieceClear                  // a zero or discard record: a Clear Pages
+	pieceZeros                  // zero sectors written as data: either
+	pieceGap                    // nothing in the batch (a neighbour only)
+)
+
+type piece struct {
+	off, end int64
+	kind     pieceKind
+	data     []byte // pieceData and pieceZeros
+}
+
+// spansCost is spans with the cost of a request given in bytes.
+func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
+	// Cut data extents into non-zero and all-zero sector runs; adjacent
+	// zero runs (of neighbouring extents) become one.
+	var pieces []piece
+	push := func(p piece) {
+		if n := len(pieces); n > 0 && p.kind == pieceZeros {
+			if last := &pieces[n-1]; last.kind == pieceZeros && last.end == p.off {
+				last.end = p.end
+				last.data = nil // not needed: zeros are rebuilt if sent
+				return
+			}
+		}
+		pieces = append(pieces, p)
+	}
 	for _, e := range c.ext {
 		if e.zero {
-			pieces = append(pieces, e)
+			push(piece{off: e.off, end: e.end, kind: pieceClear})
 			continue
 		}
-		pieces = append(pieces, splitZeroRuns(e)...)
+		splitZeroSectors(e, push)
+	}
+	// Decide each zero run by its neighbours (never zero runs themselves).
+	for i := range pieces {
+		p := &pieces[i]
+		if p.kind != pieceZeros {
+			continue
+		}
+		left, right := pieceGap, pieceGap
+		if i > 0 && pieces[i-1].end == p.off {
+			left = pieces[i-1].kind
+		}
+		if i+1 < len(pieces) && pieces[i+1].off == p.end {
+			right = pieces[i+1].kind
+		}
+		if p.end-p.off > zeroRunCost(left, right)*reqCost {
+			p.kind = pieceClear
+		} else {
+			p.kind = pieceData
+		}
 	}
 	// Group the pieces into runs first, then copy each data run once.
 	type run struct {
 		off, end int64
 		clear    bool
-		parts    [][]byte
+		parts    []piece
 	}
 	var runs []run
 	for _, p := range pieces {
+		clear := p.kind == pieceClear
 		if n := len(runs); n > 0 {
 			last := &runs[n-1]
-			if last.end == p.off && last.clear && p.zero {
+			if last.end == p.off && last.clear && clear {
 				last.end = p.end
 				continue
 			}
-			if last.end == p.off && !last.clear && !p.zero && last.end-last.off+(p.end-p.off) <= maxPut {
-				last.parts = append(last.parts, p.data)
+			if last.end == p.off && !last.clear && !clear && last.end-last.off+(p.end-p.off) <= maxPut {
+				last.parts = append(last.parts, p)
 				last.end = p.end
 				continue
 			}
 		}
-		if p.zero {
+		if clear {
 			runs = append(runs, run{off: p.off, end: p.end, clear: true})
 		} else {
-			runs = append(runs, run{off: p.off, end: p.end, parts: [][]byte{p.data}})
+			runs = append(runs, run{off: p.off, end: p.end, parts: []piece{p}})
 		}
 	}
 	var out []span
@@ -115,11 +171,12 @@ func (c *coalescer) spans(maxPut int64) []span {
 			out = append(out, span{off: r.off, end: r.end, clear: true})
 			continue
 		}
-		data := r.parts[0]
-		if len(r.parts) > 1 {
-			data = make([]byte, 0, r.end-r.off)
+		data := r.parts[0].data
+		if len(r.parts) > 1 || int64(len(data)) != r.end-r.off {
+			// Zero runs carry no data: the buffer starts zeroed.
+			data = make([]byte, r.end-r.off)
 			for _, p := range r.parts {
-				data = append(data, p...)
+				copy(data[p.off-r.off:], p.data)
 			}
 		}
 		// Long data extents are cut into maxPut pieces.
@@ -131,48 +188,66 @@ func (c *coalescer) spans(maxPut int64) []span {
 	return out
 }
 
-// splitZeroRuns cuts a data extent at all-zero runs of at least minZeroRun
-// bytes (sector aligned), or returns it whole as zero if all of it is zero.
-func splitZeroRuns(e extent) []extent {
-	if isZero(e.data) {
-		return []extent{{off: e.off, end: e.end, zero: true}}
+// zeroRunCost is how many more requests a zero run costs cleared than sent
+// with the data, given what touches it on the left and on the right. Sent,
+// it joins the Put Page of a data neighbour (or is one by itself); cleared,
+// it joins the Clear Pages of a clear neighbour (or is one by itself), and
+// splits the data around it. Negative: clearing also saves requests.
+func zeroRunCost(left, right pieceKind) int64 {
+	reqs := func(sent bool) int64 {
+		var puts, clears int64
+		nd, nc := int64(0), int64(0)
+		for _, k := range []pieceKind{left, right} {
+			if k == pieceData {
+				nd++
+			} else if k == pieceClear {
+				nc++
+			}
+		}
+		if sent {
+			puts, clears = max(1, nd)-boolInt(nd == 2), nc
+		} else {
+			puts, clears = nd, max(1, nc)-boolInt(nc == 2)
+		}
+		return puts + clears
 	}
-	if e.end-e.off < 2*minZeroRun {
-		return []extent{e}
+	return reqs(false) - reqs(true)
+}
+
+func boolInt(b bool) int64 {
+	if b {
+		return 1
 	}
-	var out []extent
-	start := int64(0) // start of the current non-zero piece, relative
+	return 0
+}
+
+var zeroSector [SectorSize]byte
+
+// splitZeroSectors cuts a data extent into maximal runs of non-zero and
+// all-zero sectors and passes them to push in order.
+func splitZeroSectors(e extent, push func(piece)) {
 	n := int64(len(e.data))
 	for s := int64(0); s < n; {
-		if !isZero(e.data[s : s+SectorSize]) {
-			s += SectorSize
-			continue
+		zero := bytes.Equal(e.data[s:s+SectorSize], zeroSector[:])
+		t := s + SectorSize
+		for t < n && bytes.Equal(e.data[t:t+SectorSize], zeroSector[:]) == zero {
+			t += SectorSize
 		}
-		z := s
-		for z < n && isZero(e.data[z:z+SectorSize]) {
-			z += SectorSize
+		if zero {
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros})
+		} else {
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceData, data: e.data[s:t]})
 		}
-		if z-s >= minZeroRun {
-			if s > start {
-				out = append(out, e.slice(e.off+start, e.off+s))
-			}
-			out = append(out, extent{off: e.off + s, end: e.off + z, zero: true})
-			start = z
-		}
-		s = z
+		s = t
 	}
-	if start < n {
-		out = append(out, e.slice(e.off+start, e.end))
-	}
-	return out
 }
 
 func isZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+	for len(b) >= SectorSize {
+		if !bytes.Equal(b[:SectorSize], zeroSector[:]) {
 			return false
 		}
-		b = b[8:]
+		b = b[SectorSize:]
 	}
 	for _, c := range b {
 		if c != 0 {

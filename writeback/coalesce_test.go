@@ -43,9 +43,12 @@ func genCoalesceCase(t *rapid.T) coalesceCase {
 	return c
 }
 
+// testZeroRun is the zero run fillData puts in the middle of data (fill 2).
+const testZeroRun = 64 << 10
+
 // fillData makes n bytes: 0 random, 1 all zero, 2 random with a zero run
-// of at least minZeroRun in the middle when n allows, 3 random with every
-// third sector zero.
+// of at least testZeroRun (or half of n) in the middle when n allows, 3
+// random with every third sector zero.
 func fillData(n, fill int, seed, salt uint64) []byte {
 	p := make([]byte, n)
 	if fill == 1 {
@@ -58,7 +61,7 @@ func fillData(n, fill int, seed, salt uint64) []byte {
 	rng := rand.New(rand.NewPCG(seed, salt+1))
 	switch fill {
 	case 2:
-		z := max(int64(n)/2, minZeroRun) &^ (SectorSize - 1)
+		z := max(int64(n)/2, testZeroRun) &^ (SectorSize - 1)
 		if int64(n) > z {
 			start := (int64(n)/4 + int64(rng.IntN(SectorSize))) &^ (SectorSize - 1)
 			start = min(start, int64(n)-z)
@@ -137,67 +140,84 @@ func checkSpans(c coalesceCase, spans []span, maxPut int64) error {
 	if i := propFirstDiff(got, model); i >= 0 {
 		return fmt.Errorf("spans applied to the blob differ from last-write-wins at byte %d (sector %d, last written by record %d)", i, i/SectorSize, last[i/SectorSize])
 	}
-	// Runs of sectors with the same last writer are the coalescer's data
-	// extents: all-zero ones must be cleared, and in ones of at least
-	// 2*minZeroRun bytes every sector-aligned zero run of minZeroRun or
-	// more must be cleared.
-	for x := int64(0); x < c.sectors; {
-		w := last[x]
-		end := x + 1
-		for end < c.sectors && last[end] == w {
-			end++
+	return nil
+}
+
+// spansCostOf is what spans cost at reqCost bytes per request: the bytes
+// sent plus reqCost per request.
+func spansCostOf(spans []span, reqCost int64) int64 {
+	var c int64
+	for _, s := range spans {
+		c += reqCost
+		if !s.clear {
+			c += s.end - s.off
 		}
-		if w >= 0 && c.recs[w].Kind == KindData {
-			ext := model[x*SectorSize : end*SectorSize]
-			if isZero(ext) {
-				for y := x; y < end; y++ {
-					if !cleared[y] {
-						return fmt.Errorf("sector %d: all-zero data extent %d-%d sent as data", y, x*SectorSize, end*SectorSize)
-					}
-				}
-			} else if (end-x)*SectorSize >= 2*minZeroRun {
-				for y := x; y < end; {
-					z := y
-					for z < end && isZero(model[z*SectorSize:(z+1)*SectorSize]) {
-						z++
-					}
-					if (z-y)*SectorSize >= minZeroRun {
-						for q := y; q < z; q++ {
-							if !cleared[q] {
-								return fmt.Errorf("sector %d: in a zero run %d-%d of %d bytes inside data, sent as data", q, y*SectorSize, z*SectorSize, (z-y)*SectorSize)
-							}
-						}
-					}
-					y = z + 1
+	}
+	return c
+}
+
+// checkZeroRuns checks the choices about zero sectors inside data: with a
+// request costing nothing every zero sector is cleared, never sent; at any
+// cost the spans cost no more than either extreme (every zero run sent
+// with its data, every one cleared), when no Put Page needs cutting at
+// maxPut (the cuts are outside the cost model).
+func checkZeroRuns(c coalesceCase, spans []span, maxPut, reqCost int64) error {
+	if reqCost == 0 {
+		for k, s := range spans {
+			if s.clear {
+				continue
+			}
+			for x := int64(0); x < int64(len(s.data)); x += SectorSize {
+				if isZero(s.data[x : x+SectorSize]) {
+					return fmt.Errorf("span %d: zero sector at %d sent as data with requests free", k, s.off+x)
 				}
 			}
 		}
-		x = end
+	}
+	if c.sectors*SectorSize > maxPut {
+		return nil
+	}
+	got := spansCostOf(spans, reqCost)
+	for _, other := range []int64{0, 1 << 50} {
+		alt := coalesceCost(c.recs, maxPut, other)
+		if altCost := spansCostOf(alt, reqCost); got > altCost {
+			return fmt.Errorf("spans at request cost %d cost %d, those chosen at request cost %d cost %d: %s vs %s", reqCost, got, other, altCost, spanList(spans), spanList(alt))
+		}
 	}
 	return nil
 }
 
 func coalesce(recs []Record, maxPut int64) []span {
+	return coalesceCost(recs, maxPut, requestCost)
+}
+
+func coalesceCost(recs []Record, maxPut, reqCost int64) []span {
 	var c coalescer
 	for i := range recs {
 		c.add(&recs[i])
 	}
-	return c.spans(maxPut)
+	return c.spansCost(maxPut, reqCost)
 }
 
 // TestCoalesceProperty: random overlapping data, zero and discard records
 // against a brute-force per-sector model: last write wins, spans are
 // sorted, disjoint, 512-aligned and cover exactly the written sectors,
-// Put Pages respect the cap, zero and discard become Clear Pages, all-zero
-// data is cleared, long zero runs inside data are cleared, and the spans
-// applied to the blob reproduce the model.
+// Put Pages respect the cap, zero and discard become Clear Pages, the
+// spans applied to the blob reproduce the model exactly (zero sectors of
+// data reach the blob, cleared or sent), and zero runs inside data are
+// cleared or sent by the cost rule (checkZeroRuns), for several costs of
+// a request.
 func TestCoalesceProperty(t *testing.T) {
 	spans, clears := 0, 0
 	rapid.Check(t, func(t *rapid.T) {
 		c := genCoalesceCase(t)
 		maxPut := rapid.SampledFrom([]int64{SectorSize, 4 << 10, 64 << 10, MaxPutPage}).Draw(t, "maxPut")
-		out := coalesce(c.recs, maxPut)
+		reqCost := rapid.SampledFrom([]int64{0, SectorSize, 4 << 10, requestCost, 1 << 50}).Draw(t, "reqCost")
+		out := coalesceCost(c.recs, maxPut, reqCost)
 		if err := checkSpans(c, out, maxPut); err != nil {
+			t.Fatal(err)
+		}
+		if err := checkZeroRuns(c, out, maxPut, reqCost); err != nil {
 			t.Fatal(err)
 		}
 		spans += len(out)
@@ -244,23 +264,62 @@ func TestCoalesceSplitsAtMaxPutPage(t *testing.T) {
 	}
 }
 
-// TestCoalesceZeroRunsInData: a write of data with a long zero run in the
-// middle becomes put, clear, put; a write entirely of zeros becomes a
-// clear; a short zero run stays inside the put.
+// TestCoalesceZeroRunsInData: zero runs inside data are cleared when the
+// bytes saved outweigh the requests added (requestCost bytes each): a long
+// zero run in the middle of data becomes put, clear, put; a write entirely
+// of zeros with nothing around it becomes a clear; a short zero run inside
+// data stays in the Put Page; a short zero tail next to a cleared range
+// joins that Clear Pages; a zero tail next to nothing is cleared only when
+// longer than one request's worth of bytes.
 func TestCoalesceZeroRunsInData(t *testing.T) {
-	p := fillData(512<<10, 0, 5, 5)
-	clear(p[100<<10 : 300<<10])
+	p := fillData(1<<20, 0, 5, 5)
+	clear(p[100<<10 : 400<<10]) // 300 KiB: more than two requests' worth
 	q := fillData(64<<10, 0, 6, 6)
 	clear(q[8<<10 : 16<<10])
+	tail := fillData(16<<10, 0, 7, 7)
+	clear(tail[12<<10:]) // 4 KiB of zeros, then a discard
+	short := fillData(16<<10, 0, 8, 8)
+	clear(short[12<<10:]) // 4 KiB of zeros, then nothing
+	long := fillData(256<<10, 0, 9, 9)
+	clear(long[64<<10:]) // 192 KiB of zeros, then nothing
 	recs := []Record{
 		{Offset: 0, Length: int64(len(p)), Kind: KindData, Data: p},
-		{Offset: 1 << 20, Length: 256 << 10, Kind: KindData, Data: make([]byte, 256<<10)},
-		{Offset: 2 << 20, Length: int64(len(q)), Kind: KindData, Data: q},
+		{Offset: 2 << 20, Length: 256 << 10, Kind: KindData, Data: make([]byte, 256<<10)},
+		{Offset: 3 << 20, Length: int64(len(q)), Kind: KindData, Data: q},
+		{Offset: 4 << 20, Length: int64(len(tail)), Kind: KindData, Data: tail},
+		{Offset: 4<<20 + 16<<10, Length: 8 << 10, Kind: KindDiscard},
+		{Offset: 5 << 20, Length: int64(len(short)), Kind: KindData, Data: short},
+		{Offset: 6 << 20, Length: int64(len(long)), Kind: KindData, Data: long},
 	}
 	out := coalesce(recs, MaxPutPage)
-	want := "put 0-102400 clear 102400-307200 put 307200-524288 clear 1048576-1310720 put 2097152-2162688"
+	want := "put 0-102400 clear 102400-409600 put 409600-1048576 clear 2097152-2359296 put 3145728-3211264" +
+		" put 4194304-4206592 clear 4206592-4218880 put 5242880-5259264 put 6291456-6356992 clear 6356992-6553600"
 	if got := spanList(out); got != want {
 		t.Fatalf("spans\n got %s\nwant %s", got, want)
+	}
+	c := coalesceCase{sectors: 7 << 20 / SectorSize, recs: recs}
+	if err := checkSpans(c, out, MaxPutPage); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestZeroRunCost: the request arithmetic behind the choice, case by case.
+func TestZeroRunCost(t *testing.T) {
+	for _, c := range []struct {
+		left, right pieceKind
+		want        int64
+	}{
+		{pieceData, pieceData, 2},    // put | put clear put
+		{pieceData, pieceGap, 1},     // put | put clear
+		{pieceGap, pieceData, 1},     // put | clear put
+		{pieceData, pieceClear, 0},   // put clear | put clear
+		{pieceGap, pieceGap, 0},      // put | clear
+		{pieceClear, pieceGap, -1},   // clear put | clear
+		{pieceClear, pieceClear, -2}, // clear put clear | clear
+	} {
+		if got := zeroRunCost(c.left, c.right); got != c.want {
+			t.Errorf("zeroRunCost(%d, %d) = %d, want %d", c.left, c.right, got, c.want)
+		}
 	}
 }
 
