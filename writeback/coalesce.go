@@ -2,8 +2,8 @@ package writeback
 
 import (
 	"bytes"
+	"cmp"
 	"slices"
-	"sort"
 )
 
 // extent is one piece of the coalesced view of a batch: a sector range and
@@ -15,38 +15,114 @@ type extent struct {
 	data     []byte // len == end-off when !zero
 }
 
-// coalescer keeps an interval map of non-overlapping extents sorted by
-// offset: adding a record trims or splits whatever it overlaps, so the
-// last write to each sector wins. Its size is bounded by the number of
-// distinct ranges, not the number of sectors.
+// coalescer builds the coalesced view of a batch: non-overlapping extents
+// sorted by offset, the last write winning on each sector. Its size is
+// bounded by the number of distinct ranges, not the number of sectors.
+//
+// Records arriving in offset order (sequential writes) are appended to the
+// map directly; any other record is queued, and the queue is merged into
+// the map in one sweep (O(n log n)) when the spans are built. Splicing
+// each random record into a sorted slice cost O(n) per record: with the
+// 16 k records of a 64 MiB batch of 4 KiB random writes that was gigabytes
+// of memmove per batch (8-12 % of the CPU in the write profile).
 type coalescer struct {
-	ext []extent
+	ext     []extent // disjoint, sorted
+	pending []extent // later than ext, in record order, not yet merged
 }
 
 func (c *coalescer) add(r *Record) {
 	n := extent{off: r.Offset, end: r.End(), zero: r.Kind != KindData, data: r.Data}
-	// First extent that ends after n starts, and the first one after the
-	// last that n overlaps: c.ext[i:j] is replaced by what is left of its
-	// first and last extents around n. One in-place splice, no allocation
-	// (the batch's extents are many and this runs once per record).
-	i := sort.Search(len(c.ext), func(i int) bool { return c.ext[i].end > n.off })
-	j := i
-	for j < len(c.ext) && c.ext[j].off < n.end {
-		j++
+	if len(c.pending) == 0 && (len(c.ext) == 0 || c.ext[len(c.ext)-1].end <= n.off) {
+		c.ext = append(c.ext, n)
+		return
 	}
-	var repl [3]extent
+	c.pending = append(c.pending, n)
+}
+
+// resolve merges the queued records into the map: a sweep over every
+// extent boundary with a heap of the extents covering the current point,
+// ordered by age; the youngest covers the piece up to the next boundary.
+func (c *coalescer) resolve() {
+	if len(c.pending) == 0 {
+		return
+	}
+	all := append(c.ext[:len(c.ext):len(c.ext)], c.pending...) // index = age
+	c.pending = nil
+	byOff := make([]int32, len(all))
+	bounds := make([]int64, 0, 2*len(all))
+	for i, e := range all {
+		byOff[i] = int32(i)
+		bounds = append(bounds, e.off, e.end)
+	}
+	slices.SortFunc(byOff, func(a, b int32) int { return cmp.Compare(all[a].off, all[b].off) })
+	slices.Sort(bounds)
+	bounds = slices.Compact(bounds)
+	var h ageHeap
+	out := make([]extent, 0, len(all))
+	var winner []int32 // of each out extent
 	k := 0
-	if i < j && c.ext[i].off < n.off { // keep the head of the first
-		repl[k] = c.ext[i].slice(c.ext[i].off, n.off)
-		k++
+	for bi := 0; bi+1 < len(bounds); bi++ {
+		b, next := bounds[bi], bounds[bi+1]
+		for k < len(byOff) && all[byOff[k]].off <= b {
+			h.push(byOff[k])
+			k++
+		}
+		for len(h) > 0 && all[h[0]].end <= b {
+			h.pop()
+		}
+		if len(h) == 0 {
+			continue
+		}
+		w := h[0]
+		if n := len(out); n > 0 && winner[n-1] == w && out[n-1].end == b {
+			out[n-1].end = next
+			continue
+		}
+		out = append(out, extent{off: b, end: next})
+		winner = append(winner, w)
 	}
-	repl[k] = n
-	k++
-	if i < j && c.ext[j-1].end > n.end { // keep the tail of the last
-		repl[k] = c.ext[j-1].slice(n.end, c.ext[j-1].end)
-		k++
+	for i := range out {
+		out[i] = all[winner[i]].slice(out[i].off, out[i].end)
 	}
-	c.ext = slices.Replace(c.ext, i, j, repl[:k]...)
+	c.ext = out
+}
+
+// ageHeap is a max-heap of extent indexes (the higher, the younger).
+type ageHeap []int32
+
+func (h *ageHeap) push(x int32) {
+	*h = append(*h, x)
+	a := *h
+	for i := len(a) - 1; i > 0; {
+		p := (i - 1) / 2
+		if a[p] >= a[i] {
+			break
+		}
+		a[p], a[i] = a[i], a[p]
+		i = p
+	}
+}
+
+func (h *ageHeap) pop() {
+	a := *h
+	n := len(a) - 1
+	a[0] = a[n]
+	a = a[:n]
+	for i := 0; ; {
+		l, m := 2*i+1, i
+		if l < n && a[l] > a[m] {
+			m = l
+		}
+		if l+1 < n && a[l+1] > a[m] {
+			m = l + 1
+		}
+		if m == i {
+			break
+		}
+		a[i], a[m] = a[m], a[i]
+		i = m
+	}
+	*h = a
 }
 
 func (e extent) slice(from, to int64) extent {
@@ -99,6 +175,7 @@ type piece struct {
 
 // spansCost is spans with the cost of a request given in bytes.
 func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
+	c.resolve()
 	// Cut data extents into non-zero and all-zero sector runs; adjacent
 	// zero runs (of neighbouring extents) become one.
 	var pieces []piece

@@ -337,3 +337,24 @@ func spanList(spans []span) string {
 	}
 	return b.String()
 }
+
+// BenchmarkCoalesceRandom4K coalesces a 64 MiB batch of 4 KiB writes at
+// random offsets of 2 GiB (16 k records), as the flusher does per batch.
+func BenchmarkCoalesceRandom4K(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	data := fillData(4<<10, 0, 1, 1)
+	recs := make([]Record, 16<<10)
+	for i := range recs {
+		recs[i] = Record{Offset: rng.Int64N(2<<30/(4<<10)) * (4 << 10), Length: 4 << 10, Kind: KindData, Data: data}
+	}
+	b.ResetTimer()
+	for range b.N {
+		var c coalescer
+		for i := range recs {
+			c.add(&recs[i])
+		}
+		if len(c.spans(MaxPutPage)) == 0 {
+			b.Fatal("no spans")
+		}
+	}
+}
