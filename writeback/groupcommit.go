@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	badger "github.com/dgraph-io/badger/v4"
 )
@@ -14,68 +15,76 @@ import (
 const maxGroupEntries = 1024
 
 // groupCommit commits the index entries of concurrent appends together:
-// each append queues its entry and waits; whichever waiter finds no commit
-// running takes every queued entry and writes them in one badger
+// each append queues its entry; if no commit is running it leads: it takes
+// every queued entry (its own among them) and writes them in one badger
 // transaction (a leader, not a dedicated goroutine, so a lone writer pays
-// no hand-off). A commit in flight collects the next group meanwhile. Every
-// waiter returns only once its own entry is committed, with that
-// transaction's error, so Append's contract (it returns once the record
-// survives kill -9) is unchanged; the cost of a badger transaction (the
-// oracle, the write channel, the memtable insert) is paid once per group
-// instead of once per write.
+// no hand-off). Meanwhile later appends queue and wait. When the
+// transaction is done the leader hands the lead to the first entry queued
+// since, then wakes each entry of its group with the result: every waiter
+// is woken exactly once, and returns only once its own entry is committed,
+// with that transaction's error, so Append's contract (it returns once the
+// record survives kill -9) is unchanged. The cost of a badger transaction
+// (the oracle, the write channel, the memtable insert) is paid once per
+// group instead of once per write.
 type groupCommit struct {
 	db    *badger.DB
 	mu    sync.Mutex
-	cond  *sync.Cond
 	queue []*groupEntry
-	busy  bool // a leader is writing a group
+	busy  bool // a leader is writing a group, or has been handed the lead
 
 	// groups and entries count what was committed (tests and profiles).
-	groups, entries uint64
+	groups, entries atomic.Uint64
 }
 
 type groupEntry struct {
 	key, val []byte
-	done     bool
 	err      error
+	wake     chan bool // one message: true = lead, false = done (err set)
 }
 
 func (g *groupCommit) init(db *badger.DB) {
 	g.db = db
-	g.cond = sync.NewCond(&g.mu)
 }
 
 // commit writes key=val to badger, grouped with concurrent calls, and
 // returns once it is committed (or failed).
 func (g *groupCommit) commit(key, val []byte) error {
-	e := &groupEntry{key: key, val: val}
+	e := &groupEntry{key: key, val: val, wake: make(chan bool, 1)}
 	g.mu.Lock()
 	g.queue = append(g.queue, e)
-	for !e.done {
-		if g.busy {
-			g.cond.Wait()
-			continue
-		}
-		// Lead: take the queue (e is in it) and commit it.
-		g.busy = true
-		batch := g.queue
-		g.queue = nil
+	if g.busy {
 		g.mu.Unlock()
-		g.write(batch)
+		if lead := <-e.wake; !lead {
+			return e.err
+		}
 		g.mu.Lock()
+	}
+	// Lead: take the queue (e is in it) and commit it.
+	g.busy = true
+	batch := g.queue
+	g.queue = nil
+	g.mu.Unlock()
+	g.write(batch)
+	g.groups.Add(1)
+	g.entries.Add(uint64(len(batch)))
+	g.mu.Lock()
+	if len(g.queue) > 0 {
+		g.queue[0].wake <- true // busy stays set: the lead passes on
+	} else {
 		g.busy = false
-		g.groups++
-		g.entries += uint64(len(batch))
-		g.cond.Broadcast()
 	}
 	g.mu.Unlock()
+	for _, x := range batch {
+		if x != e {
+			x.wake <- false
+		}
+	}
 	return e.err
 }
 
 // write commits batch in as few transactions as badger allows, and marks
 // every entry done with the error of the transaction that carried it.
-// Called without g.mu; the marks are published by the caller's Broadcast
-// under g.mu.
+// Called without g.mu; the results are published by the wake messages.
 func (g *groupCommit) write(batch []*groupEntry) {
 	for len(batch) > 0 {
 		n := g.writeSome(batch[:min(len(batch), maxGroupEntries)])
@@ -108,7 +117,7 @@ func (g *groupCommit) writeSome(batch []*groupEntry) int {
 		err = fmt.Errorf("commit %d journal index entries: %w", n, err)
 	}
 	for _, e := range batch[:n] {
-		e.err, e.done = err, true
+		e.err = err
 	}
 	return n
 }
