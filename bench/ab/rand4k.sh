@@ -1,0 +1,41 @@
+#!/bin/bash
+# bench/ab/rand4k.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: two vhdsync binaries mounted side by side
+# (remote detached, as bench/run.sh stage 1: Azurite killed after the mount) plus the null FUSE
+# server; fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
+# order rotated every round. Prints "round target IOPS p99_us" lines. Root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
+work=$(mktemp -d /var/tmp/ab-rand4k.XXXXXX)
+go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
+go build -o $work/nullfuse ./bench/cmd/nullfuse
+declare -A BIN=([old]=$OLDB [new]=$NEWB)
+declare -A VMNT VPID FILE
+AZ=() NULLPID=
+cleanup() { set +e
+  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
+  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
+  [ -n "$NULLPID" ] && kill $NULLPID; sleep 0.3; grep -q " $work/null " /proc/mounts && umount -l $work/null
+  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
+trap cleanup EXIT
+for v in old new; do
+  d=$work/$v; mkdir -p $d/mnt
+  $work/azurite-run --location $d/az --endpoint-file $d/ep >/dev/null 2>&1 & a=$!; AZ+=($a)
+  for _ in $(seq 600); do [ -s $d/ep ] && break; sleep 0.1; done
+  ${BIN[$v]} create --blob "$(cat $d/ep)/bench/$v.vhd" --size 64GiB --state $d/st --create-container >/dev/null 2>&1
+  ${BIN[$v]} mount --state $d/st --journal-cap 48GiB $d/mnt >/dev/null 2>&1
+  VPID[$v]=$(${BIN[$v]} status --state $d/st --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])')
+  kill $a; FILE[$v]=$d/mnt/$v.img
+done
+mkdir -p $work/null; $work/nullfuse --size 64GiB --name null $work/null >/dev/null 2>&1 & NULLPID=$!
+for _ in $(seq 100); do [ -e $work/null/null.img ] && break; sleep 0.1; done
+FILE[null]=$work/null/null.img
+t=(old new null)
+for r in $(seq 1 $R); do
+  o=$(( (r-1) % 3 )); order=("${t[@]:$o}" "${t[@]:0:$o}")
+  for v in "${order[@]}"; do
+    iops=$(fio --name=j --filename="${FILE[$v]}" --size=2G --ioengine=libaio --direct=1 --runtime=$RT --time_based=1 \
+      --rw=randwrite --bs=4k --iodepth=32 --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys;j=json.load(sys.stdin)["jobs"][0]["write"];print(int(j["iops"]), int(j["clat_ns"]["percentile"]["99.000000"]/1000))')
+    echo "$r $v $iops"
+  done
+done
