@@ -1,7 +1,6 @@
 package writeback
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -93,7 +92,8 @@ func (g *groupCommit) write(batch []*groupEntry) {
 }
 
 // writeSome commits a prefix of batch in one transaction and returns its
-// length (at least 1: an entry that alone is too big fails by itself).
+// length (at least 1: an entry badger refuses in an empty transaction
+// fails by itself).
 func (g *groupCommit) writeSome(batch []*groupEntry) int {
 	txn := g.db.NewTransaction(true)
 	defer txn.Discard()
@@ -105,13 +105,12 @@ func (g *groupCommit) writeSome(batch []*groupEntry) int {
 		}
 		n++
 	}
-	switch {
-	case err == nil:
+	if n > 0 {
+		// All of batch, or the prefix badger took (ErrTxnTooBig): the
+		// rest goes in the next transaction.
 		err = txn.Commit()
-	case errors.Is(err, badger.ErrTxnTooBig) && n > 0:
-		err = txn.Commit() // the rest goes in the next transaction
-	default:
-		n = max(n, 1)
+	} else {
+		n = 1 // the first entry alone was refused: it fails by itself
 	}
 	if err != nil {
 		err = fmt.Errorf("commit %d journal index entries: %w", n, err)

@@ -68,7 +68,7 @@ func TestGroupCommitConcurrentAppends(t *testing.T) {
 			t.Fatalf("seq %d missing", s)
 		}
 	}
-	groups, entries := j.gc.groups.Load(), j.gc.entries.Load()
+	groups, entries := j.group.groups.Load(), j.group.entries.Load()
 	if entries != writers*each {
 		t.Fatalf("group commit counted %d entries, want %d", entries, writers*each)
 	}

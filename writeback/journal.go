@@ -74,7 +74,7 @@ type Journal struct {
 	epochUsed atomic.Bool // the open epoch has records
 	closed    atomic.Uint64
 
-	gc groupCommit
+	group groupCommit // see groupcommit.go
 
 	syncMu sync.Mutex
 
@@ -164,7 +164,7 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	}
 	j := &Journal{db: db, segs: segs, dir: dir, log: log, max: o.MaxPendingBytes, stopGC: make(chan struct{}), gcDone: make(chan struct{})}
 	j.space = sync.NewCond(&j.mu)
-	j.gc.init(db)
+	j.group.init(db)
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
@@ -380,7 +380,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	// badger transaction. It is still committed before barrierMu is
 	// released, so Barrier's guarantee (every record of a closed epoch is
 	// committed) and the range lock's seq order are unchanged.
-	err := j.gc.commit(recKey(r.Seq), r.encode())
+	err := j.group.commit(recKey(r.Seq), r.encode())
 	full := false
 	if err == nil {
 		j.epochUsed.Store(true)
