@@ -170,7 +170,8 @@ const (
 type piece struct {
 	off, end int64
 	kind     pieceKind
-	data     []byte // pieceData and pieceZeros
+	data     []byte // pieceData
+	src      int    // index of the data extent it was cut from, -1 if none or several
 }
 
 // spansCost is spans with the cost of a request given in bytes.
@@ -183,18 +184,20 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 		if n := len(pieces); n > 0 && p.kind == pieceZeros {
 			if last := &pieces[n-1]; last.kind == pieceZeros && last.end == p.off {
 				last.end = p.end
-				last.data = nil // not needed: zeros are rebuilt if sent
+				if last.src != p.src {
+					last.src = -1
+				}
 				return
 			}
 		}
 		pieces = append(pieces, p)
 	}
-	for _, e := range c.ext {
+	for i, e := range c.ext {
 		if e.zero {
-			push(piece{off: e.off, end: e.end, kind: pieceClear})
+			push(piece{off: e.off, end: e.end, kind: pieceClear, src: -1})
 			continue
 		}
-		splitZeroSectors(e, push)
+		splitZeroSectors(e, i, push)
 	}
 	// Decide each zero run by its neighbours (never zero runs themselves).
 	for i := range pieces {
@@ -248,9 +251,14 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 			out = append(out, span{off: r.off, end: r.end, clear: true})
 			continue
 		}
-		data := r.parts[0].data
-		if len(r.parts) > 1 || int64(len(data)) != r.end-r.off {
-			// Zero runs carry no data: the buffer starts zeroed.
+		// A run cut from one extent is a slice of its data; one joined
+		// from several is copied once (zero pieces carry no data: the
+		// buffer starts zeroed).
+		var data []byte
+		if src := r.parts[0].src; src >= 0 && allFrom(r.parts, src) {
+			e := c.ext[src]
+			data = e.data[r.off-e.off : r.end-e.off]
+		} else {
 			data = make([]byte, r.end-r.off)
 			for _, p := range r.parts {
 				copy(data[p.off-r.off:], p.data)
@@ -300,9 +308,18 @@ func boolInt(b bool) int64 {
 
 var zeroSector [SectorSize]byte
 
-// splitZeroSectors cuts a data extent into maximal runs of non-zero and
-// all-zero sectors and passes them to push in order.
-func splitZeroSectors(e extent, push func(piece)) {
+func allFrom(parts []piece, src int) bool {
+	for _, p := range parts {
+		if p.src != src {
+			return false
+		}
+	}
+	return true
+}
+
+// splitZeroSectors cuts data extent number src into maximal runs of
+// non-zero and all-zero sectors and passes them to push in order.
+func splitZeroSectors(e extent, src int, push func(piece)) {
 	n := int64(len(e.data))
 	for s := int64(0); s < n; {
 		zero := bytes.Equal(e.data[s:s+SectorSize], zeroSector[:])
@@ -311,9 +328,9 @@ func splitZeroSectors(e extent, push func(piece)) {
 			t += SectorSize
 		}
 		if zero {
-			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros})
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros, src: src})
 		} else {
-			push(piece{off: e.off + s, end: e.off + t, kind: pieceData, data: e.data[s:t]})
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceData, data: e.data[s:t], src: src})
 		}
 		s = t
 	}
