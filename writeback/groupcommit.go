@@ -13,23 +13,32 @@ import (
 // a memtable), which a bigger group is split against anyway.
 const maxGroupEntries = 1024
 
+// maxGroupsInFlight is how many group transactions may be committing at
+// once. badger's write goroutine already batches the transactions waiting
+// for it, and writes one batch while it collects the next: with one group
+// in flight, a second writer would wait for the first commit to finish
+// before starting its own (measured: 0.73 × the ungrouped IOPS with 2
+// writers); with two, the next group is ready when badger is.
+const maxGroupsInFlight = 2
+
 // groupCommit commits the index entries of concurrent appends together:
-// each append queues its entry; if no commit is running it leads: it takes
-// every queued entry (its own among them) and writes them in one badger
-// transaction (a leader, not a dedicated goroutine, so a lone writer pays
-// no hand-off). Meanwhile later appends queue and wait. When the
-// transaction is done the leader hands the lead to the first entry queued
-// since, then wakes each entry of its group with the result: every waiter
-// is woken exactly once, and returns only once its own entry is committed,
-// with that transaction's error, so Append's contract (it returns once the
+// each append queues its entry; if fewer than maxGroupsInFlight groups are
+// committing it leads: it takes every queued entry (its own among them)
+// and writes them in one badger transaction (a leader, not a dedicated
+// goroutine, so a lone writer pays no hand-off). Otherwise it waits. When
+// a leader's transaction is done it hands its place to the first entry
+// queued since (which then leads with everything queued by then), and
+// wakes each entry of its group with the result: every waiter is woken
+// exactly once, and returns only once its own entry is committed, with
+// that transaction's error, so Append's contract (it returns once the
 // record survives kill -9) is unchanged. The cost of a badger transaction
-// (the oracle, the write channel, the memtable insert) is paid once per
+// (the oracle, the write channel, the pending-writes map) is paid once per
 // group instead of once per write.
 type groupCommit struct {
-	db    *badger.DB
-	mu    sync.Mutex
-	queue []*groupEntry
-	busy  bool // a leader is writing a group, or has been handed the lead
+	db       *badger.DB
+	mu       sync.Mutex
+	queue    []*groupEntry
+	inFlight int // groups committing, or leaders handed a place
 
 	// groups and entries count what was committed (tests and profiles).
 	groups, entries atomic.Uint64
@@ -49,18 +58,21 @@ func (g *groupCommit) init(db *badger.DB) {
 // returns once it is committed (or failed).
 func (g *groupCommit) commit(key, val []byte) error {
 	e := &groupEntry{key: key, val: val, wake: make(chan bool, 1)}
+	var batch []*groupEntry
 	g.mu.Lock()
-	g.queue = append(g.queue, e)
-	if g.busy {
+	if g.inFlight < maxGroupsInFlight {
+		g.inFlight++
+		batch = append(g.queue, e)
+	} else {
+		g.queue = append(g.queue, e)
 		g.mu.Unlock()
 		if lead := <-e.wake; !lead {
 			return e.err
 		}
+		// Handed a place (and taken off the queue): lead what queued since.
 		g.mu.Lock()
+		batch = append([]*groupEntry{e}, g.queue...)
 	}
-	// Lead: take the queue (e is in it) and commit it.
-	g.busy = true
-	batch := g.queue
 	g.queue = nil
 	g.mu.Unlock()
 	g.write(batch)
@@ -68,9 +80,11 @@ func (g *groupCommit) commit(key, val []byte) error {
 	g.entries.Add(uint64(len(batch)))
 	g.mu.Lock()
 	if len(g.queue) > 0 {
-		g.queue[0].wake <- true // busy stays set: the lead passes on
+		next := g.queue[0]
+		g.queue = g.queue[1:]
+		next.wake <- true // the place passes on: inFlight unchanged
 	} else {
-		g.busy = false
+		g.inFlight--
 	}
 	g.mu.Unlock()
 	for _, x := range batch {
