@@ -1,0 +1,533 @@
+package main
+
+// The crash-state checker (issue 6, item 1): a real workload on ext4 over a
+// loop device over the FUSE view, with every write and fsync that reaches
+// the disk recorded by internal/crashcheck (independently of the journal),
+// while the blob is snapshotted again and again; each snapshot is judged
+// against the recorded stream (invariant 3), and the image as of every
+// fsync is rebuilt from the stream and checked with e2fsck.
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
+
+	"github.com/vhdsync/vhdsync/fusefs"
+	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/crashcheck"
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/internal/testenv"
+	"github.com/vhdsync/vhdsync/writeback"
+)
+
+var _ fusefs.Disk = (*crashcheck.Recorder)(nil)
+
+// crashFsckCap bounds the e2fsck runs on images rebuilt at fsyncs; with
+// more fsyncs than this, an evenly spread sample (the first and last
+// included) is checked, and the summary says so.
+const crashFsckCap = 200
+
+// TestE2ECrashStates: see the file comment. Figures go to RELIABILITY.md.
+func TestE2ECrashStates(t *testing.T) {
+	testenv.RequireRoot(t, "FUSE mounts, loop devices and mount(8)")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		testenv.Missing(t, "/dev/fuse", "modprobe fuse (or run the tests where FUSE is available)")
+	}
+	for _, tool := range []string{"losetup", "mount", "umount", "mkfs.ext4", "e2fsck", "fio"} {
+		testenv.RequireTool(t, tool, "make deps (or: apt-get install fuse3 fio e2fsprogs)")
+	}
+	began := time.Now()
+	az := azurite.Start(t)
+	e := &e2e{t: t, az: az, dir: t.TempDir()}
+	const size = 64 << 20
+	url := az.BlobURL("disks", "crash.vhd")
+	state := e.path("state")
+	if code, out, errb := vhdsync(t, nil, "create", "--blob", url, "--size", "64MiB", "--state", state, "--create-container"); code != 0 {
+		t.Fatalf("vhdsync create: exit %d\n%s%s", code, out, errb)
+	}
+	m := mountRecorded(t, e, state)
+
+	snaps := startSnapshots(t, e, url, size, m.rec)
+	loop := e.losetup(filepath.Join(m.mp, "crash.img"))
+	e.must("mkfs.ext4", "-q", loop)
+	mkfsDone := m.rec.Now()
+	// Snapshots taken once the blob holds the whole new filesystem are
+	// also checked with e2fsck (earlier ones may be mid-mkfs).
+	if err := m.disk.Drain(context.Background()); err != nil {
+		t.Fatalf("drain after mkfs: %v", err)
+	}
+	snaps.fsckFrom.Store(m.rec.Now())
+	fsDir := e.path("fs")
+	e.mountFS(loop, fsDir)
+
+	fioDir := e.mkdir("fio")
+	fio := e.startBackground(fioDir, "fio.log", "fio", "--name=crashcheck", "--filename="+filepath.Join(fsDir, "fio.dat"),
+		"--size=8m", "--bs=4k", "--rw=randwrite", "--ioengine=psync", "--direct=1", "--fsync=16",
+		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+		"--output-format=json", "--output="+filepath.Join(fioDir, "fio.json"))
+	churn, churnErr := fileChurn(filepath.Join(fsDir, "tree"), 60)
+	<-fio.done
+	if churnErr != nil {
+		t.Errorf("file workload: %v", churnErr)
+	}
+	if fio.err != nil {
+		b, _ := os.ReadFile(e.path("fio.log"))
+		t.Fatalf("fio (write, then verify): %v\n%s", fio.err, b)
+	}
+	fr := readFioJSON(t, filepath.Join(fioDir, "fio.json"))
+	if fr.Jobs[0].Error != 0 || fr.Jobs[0].Write.IOBytes != 8<<20 || fr.Jobs[0].Read.IOBytes != 8<<20 {
+		t.Errorf("fio: error %d, wrote %d, verified %d bytes; want 0, 8 MiB, 8 MiB", fr.Jobs[0].Error, fr.Jobs[0].Write.IOBytes, fr.Jobs[0].Read.IOBytes)
+	}
+	umountFS(t, fsDir)
+	e.must("losetup", "-d", loop)
+	snaps.stopAndWait()
+	workload := time.Since(began)
+
+	// The end: the blob, drained, is the recorded stream's last state, and
+	// so is the local image.
+	if err := m.disk.Drain(context.Background()); err != nil {
+		t.Fatalf("final drain: %v", err)
+	}
+	if err := m.rec.Err(); err != nil {
+		t.Fatalf("the recorder: %v", err)
+	}
+	stream, err := m.rec.Stream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	final := stream.Final()
+	if got := blobRange(t, url, 0, size); !bytes.Equal(got, final) {
+		t.Errorf("the drained blob differs from the recorded stream's final image, first at byte %d", firstDiff(got, final))
+	}
+	m.unmount()
+	if img, err := os.ReadFile(filepath.Join(state, "disk.img")); err != nil || !bytes.Equal(img, final) {
+		t.Errorf("the local image differs from the recorded stream's final image (%v), first at byte %d", err, firstDiff(img, final))
+	}
+
+	// Every snapshot against the stream.
+	var verdicts []crashcheck.Verdict
+	checked, illegal, odd, oddIllegal := 0, 0, 0, 0
+	for i, s := range snaps.states {
+		v := stream.Check(s.hashes, s.taken)
+		if s.seq%2 == 1 {
+			// A multi-epoch batch in progress: not claimed consistent.
+			odd++
+			if !v.Legal {
+				oddIllegal++
+			}
+			continue
+		}
+		checked++
+		verdicts = append(verdicts, v)
+		if !v.Legal {
+			illegal++
+			t.Errorf("snapshot %d (sequence %d, taken by tick %d): illegal state: %s", i, s.seq, s.taken, v.Reason)
+		}
+	}
+	regress := crashcheck.Regressions(verdicts)
+	if regress > 0 {
+		t.Errorf("%d snapshots could only be at an earlier fsync than a snapshot before them", regress)
+	}
+	snapFsck, snapFsckFail := 0, 0
+	for i, s := range snaps.states {
+		if s.fsckRun {
+			snapFsck++
+			if s.fsckErr != "" {
+				snapFsckFail++
+				t.Errorf("snapshot %d (sequence %d): %s", i, s.seq, s.fsckErr)
+			}
+		}
+	}
+	if checked < 10 || snapFsck < 3 {
+		t.Errorf("too few states to mean anything: %d even snapshots, %d fsck'd", checked, snapFsck)
+	}
+
+	// e2fsck at the fsyncs, from the one that ended mkfs on.
+	bars := stream.Barriers()
+	first := stream.LastBarrierBefore(mkfsDone)
+	ks := spread(first, len(bars)-1, crashFsckCap)
+	fsckFail := 0
+	fsckImg := e.path("fsck-barrier.img")
+	if err := stream.ImagesAt(ks, func(k int, img []byte) error {
+		if msg := fsckImage(fsckImg, img); msg != "" {
+			fsckFail++
+			t.Errorf("image at fsync %d of %d: %s", k, len(bars)-1, msg)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	sample := "every one"
+	if len(ks) < len(bars)-first {
+		sample = fmt.Sprintf("an even sample of %d", len(bars)-first)
+	}
+	writes, zeros, dataBytes, fsyncs := m.rec.Counts()
+	vers, maxVers := stream.Versions()
+	t.Logf("workload: mkfs.ext4, %d file operations (create, write, fsync, rename, unlink), fio 8 MiB randwrite 4k fsync=16 verify=crc32c (verified %d bytes); %d writes (%d MiB), %d zero ranges/discards, %d fsyncs reached the disk; %d sector values; most for one sector %d",
+		churn, fr.Jobs[0].Read.IOBytes, writes, dataBytes>>20, zeros, fsyncs, vers, maxVers)
+	t.Logf("RELIABILITY | crash states | %d snapshots with an even sequence number checked | %d illegal | %d odd (batch in progress, not claimed; %d of them would fail) | %d regressions | %d fsyncs | e2fsck at %d fsyncs (%s since mkfs), %d failures | e2fsck of %d snapshots, %d failures | workload %.1f s, total %.1f s |",
+		checked, illegal, odd, oddIllegal, regress, fsyncs, len(ks), sample, fsckFail, snapFsck, snapFsckFail, workload.Seconds(), time.Since(began).Seconds())
+	if illegal != 0 || fsckFail != 0 || snapFsckFail != 0 {
+		t.Errorf("illegal states %d, fsck failures %d (fsyncs) and %d (snapshots): all must be 0", illegal, fsckFail, snapFsckFail)
+	}
+}
+
+// recordedMount is the disk served in this process through the recorder.
+type recordedMount struct {
+	t      *testing.T
+	mp     string
+	disk   *writeback.Disk
+	rec    *crashcheck.Recorder
+	server interface{ Unmount() error }
+	logf   *os.File
+	done   bool
+}
+
+// mountRecorded opens the state directory's disk in this process, puts a
+// recorder in front of it and mounts it, as `vhdsync mount` does (same
+// defaults), and registers the cleanup: unmount (lazily if it must),
+// close the disk without draining.
+func mountRecorded(t *testing.T, e *e2e, state string) *recordedMount {
+	t.Helper()
+	d, err := statedir.Open(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(e.path("vhdsync.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	g := &globals{stdout: io.Discard, stderr: logf, env: func(string) string { return "" }, logLevel: "info"}
+	client, err := connect(g, d, blobFlags{}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := checkBlob(ctx, client, d); err != nil {
+		t.Fatal(err)
+	}
+	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		ImagePath:   d.ImagePath(),
+		JournalDir:  d.JournalPath(),
+		VirtualSize: int64(d.State.VirtualSize),
+		Remote:      writeback.AzureRemote{C: client},
+		LeaseID:     d.State.LeaseID,
+		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
+		Journal:     writeback.JournalOptions{MaxPendingBytes: 1 << 30},
+		Flusher:     writeback.FlusherOptions{Workers: 8, Linger: 250 * time.Millisecond},
+		Logger:      log,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &recordedMount{t: t, mp: e.mkdir("mnt"), disk: disk, rec: crashcheck.NewRecorder(disk), logf: logf}
+	server, _, err := fusefs.Mount(m.mp, m.rec, fusefs.Options{Name: d.State.Name, FsName: d.Path, Footer: d.FooterBytes(), Logger: log})
+	if err != nil {
+		_ = disk.Close(ctx, false)
+		t.Fatal(err)
+	}
+	m.server = server
+	t.Cleanup(func() {
+		if !m.done {
+			m.unmount()
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(e.path("vhdsync.log"))
+			t.Logf("the disk's log:\n%s", tail(string(b), 40))
+		}
+		logf.Close()
+	})
+	return m
+}
+
+// unmount unmounts the FUSE mount (lazily if it stays busy) and closes the
+// disk, draining it unless the test has failed.
+func (m *recordedMount) unmount() {
+	m.done = true
+	if isMounted(m.mp) {
+		var err error
+		for try := 0; try < 50; try++ {
+			if err = m.server.Unmount(); err == nil || !errors.Is(err, syscall.EBUSY) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond) // a loop device detaching
+		}
+		if err != nil {
+			m.t.Errorf("unmount %s: %v; detaching it lazily", m.mp, err)
+			_ = syscall.Unmount(m.mp, syscall.MNT_DETACH)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := m.disk.Close(ctx, !m.t.Failed()); err != nil {
+		m.t.Errorf("close the disk: %v", err)
+	}
+}
+
+// snapState is one snapshot of the blob, reduced to its sector hashes.
+type snapState struct {
+	taken   uint64 // recorder tick after the snapshot was answered
+	seq     int64  // the snapshot's sequence number
+	hashes  []uint64
+	fsckRun bool
+	fsckErr string
+}
+
+// snapshotter snapshots the blob in a loop until stopped.
+type snapshotter struct {
+	t        *testing.T
+	stop     chan struct{}
+	done     chan struct{}
+	fsckFrom atomic.Uint64 // fsck snapshots taken after this tick (0: none)
+	mu       sync.Mutex
+	states   []snapState
+	errs     []error
+}
+
+// startSnapshots snapshots the blob (Azurite; a snapshot needs no lease),
+// reads the snapshot's sequence number, downloads its data region and
+// keeps its sector hashes, one snapshot at a time, at most one every
+// 100 ms, until stopAndWait; errors fail the test there.
+func startSnapshots(t *testing.T, e *e2e, url string, size int64, rec *crashcheck.Recorder) *snapshotter {
+	t.Helper()
+	cred, err := blob.NewSharedKeyCredential(azurite.DevAccount, azurite.DevKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb, err := pageblob.NewClientWithSharedKeyCredential(url, cred, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &snapshotter{t: t, stop: make(chan struct{}), done: make(chan struct{})}
+	img := make([]byte, size)
+	fsckImg := e.path("fsck-snapshot.img")
+	go func() {
+		defer close(s.done)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			st, err := snapshotOnce(pb, img, rec)
+			if err != nil {
+				s.mu.Lock()
+				s.errs = append(s.errs, err)
+				s.mu.Unlock()
+				return
+			}
+			if from := s.fsckFrom.Load(); from != 0 && st.taken > from {
+				st.fsckRun = true
+				st.fsckErr = fsckImage(fsckImg, img)
+			}
+			s.mu.Lock()
+			s.states = append(s.states, st)
+			s.mu.Unlock()
+			select {
+			case <-s.stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	t.Cleanup(s.stopAndWait)
+	return s
+}
+
+// stopAndWait stops the loop (after the snapshot in progress) and fails
+// the test with its errors.
+func (s *snapshotter) stopAndWait() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	<-s.done
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, err := range s.errs {
+		s.t.Errorf("snapshots: %v", err)
+	}
+	s.errs = nil
+}
+
+// snapshotOnce takes one snapshot and reads it into img.
+func snapshotOnce(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder) (snapState, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	resp, err := pb.BlobClient().CreateSnapshot(ctx, nil)
+	taken := rec.Now()
+	if err != nil {
+		return snapState{}, fmt.Errorf("create snapshot: %w", err)
+	}
+	sc, err := pb.WithSnapshot(*resp.Snapshot)
+	if err != nil {
+		return snapState{}, err
+	}
+	props, err := sc.GetProperties(ctx, nil)
+	if err != nil {
+		return snapState{}, fmt.Errorf("snapshot properties: %w", err)
+	}
+	if props.BlobSequenceNumber == nil {
+		return snapState{}, errors.New("the snapshot has no sequence number")
+	}
+	// Only the pages written: the rest of the data region reads as zeros.
+	clear(img)
+	size := int64(len(img))
+	pager := sc.NewGetPageRangesPager(&pageblob.GetPageRangesOptions{Range: blob.HTTPRange{Offset: 0, Count: size}})
+	var ranges [][2]int64
+	for pager.More() {
+		page, err := pager.NextPage(ctx)
+		if err != nil {
+			return snapState{}, fmt.Errorf("snapshot page ranges: %w", err)
+		}
+		for _, r := range page.PageRange {
+			if r.Start == nil || r.End == nil {
+				continue
+			}
+			lo, hi := *r.Start, min(*r.End+1, size)
+			if lo >= hi {
+				continue
+			}
+			// Merge ranges less than 1 MiB apart: fewer requests.
+			if n := len(ranges); n > 0 && lo-ranges[n-1][1] < 1<<20 {
+				ranges[n-1][1] = max(ranges[n-1][1], hi)
+				continue
+			}
+			ranges = append(ranges, [2]int64{lo, hi})
+		}
+	}
+	for _, r := range ranges {
+		if _, err := sc.BlobClient().DownloadBuffer(ctx, img[r[0]:r[1]], &blob.DownloadBufferOptions{Range: blob.HTTPRange{Offset: r[0], Count: r[1] - r[0]}}); err != nil {
+			return snapState{}, fmt.Errorf("download snapshot %d+%d: %w", r[0], r[1]-r[0], err)
+		}
+	}
+	return snapState{taken: taken, seq: *props.BlobSequenceNumber, hashes: crashcheck.SectorHashes(img)}, nil
+}
+
+// fsckImage writes img to path and checks it as a crash would leave it for
+// the next mount: e2fsck replays the journal (-E journal_only), then
+// `e2fsck -fn` must find nothing. It returns "" or what failed.
+func fsckImage(path string, img []byte) string {
+	if err := os.WriteFile(path, img, 0o600); err != nil {
+		return err.Error()
+	}
+	defer os.Remove(path)
+	r, err := runTimeout(filepath.Dir(path), time.Minute, "e2fsck", "-p", "-E", "journal_only", path)
+	if err != nil {
+		return err.Error()
+	}
+	if r.code > 1 { // 1: the journal was replayed
+		return fmt.Sprintf("e2fsck -E journal_only: %s", r)
+	}
+	r, err = runTimeout(filepath.Dir(path), time.Minute, "e2fsck", "-fn", path)
+	if err != nil {
+		return err.Error()
+	}
+	if r.code != 0 {
+		return fmt.Sprintf("e2fsck -fn: %s", r)
+	}
+	return ""
+}
+
+// spread returns up to n indices from first to last (both included),
+// evenly spread.
+func spread(first, last, n int) []int {
+	if last < first {
+		return nil
+	}
+	count := last - first + 1
+	if count <= n {
+		out := make([]int, 0, count)
+		for k := first; k <= last; k++ {
+			out = append(out, k)
+		}
+		return out
+	}
+	out := make([]int, 0, n)
+	for i := 0; i < n; i++ {
+		out = append(out, first+i*(count-1)/(n-1))
+	}
+	return out
+}
+
+// firstDiff returns the first byte at which a and b differ.
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// fileChurn creates, writes, fsyncs, renames and unlinks files under dir
+// (rounds of it) and returns how many operations it made.
+func fileChurn(dir string, rounds int) (int, error) {
+	ops := 0
+	for i := 0; i < rounds; i++ {
+		sub := filepath.Join(dir, fmt.Sprintf("d%d", i%4))
+		if err := os.MkdirAll(sub, 0o700); err != nil {
+			return ops, err
+		}
+		name := filepath.Join(sub, fmt.Sprintf("new%d", i))
+		f, err := os.Create(name)
+		if err != nil {
+			return ops, err
+		}
+		data := pattern(name, (i%7+1)*37*1024+i*13)
+		if _, err := f.Write(data); err != nil {
+			f.Close()
+			return ops, err
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return ops, fmt.Errorf("fsync %s: %w", name, err)
+		}
+		if err := f.Close(); err != nil {
+			return ops, err
+		}
+		ops += 3
+		if err := os.Rename(name, filepath.Join(sub, fmt.Sprintf("f%d", i))); err != nil {
+			return ops, err
+		}
+		ops++
+		if i >= 2 && i%3 == 0 {
+			old := filepath.Join(dir, fmt.Sprintf("d%d", (i-2)%4), fmt.Sprintf("f%d", i-2))
+			if err := os.Remove(old); err != nil {
+				return ops, err
+			}
+			ops++
+		}
+		if i%5 == 0 {
+			if err := syncDir(sub); err != nil {
+				return ops, err
+			}
+			ops++
+		}
+	}
+	return ops, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}
