@@ -9,6 +9,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +17,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,7 +41,18 @@ var _ fusefs.Disk = (*crashcheck.Recorder)(nil)
 // crashFsckCap bounds the e2fsck runs on images rebuilt at fsyncs; with
 // more fsyncs than this, an evenly spread sample (the first and last
 // included) is checked, and the summary says so.
-const crashFsckCap = 200
+const crashFsckCap = 600
+
+// The workload's size: fio's file (written at random, 4 KiB at a time,
+// then verified) and rounds of file churn.
+const (
+	crashFioMiB      = 8
+	crashChurnRounds = 60
+)
+
+// crashSnapshotLoops is how many snapshots are downloaded at once: Azurite
+// serves a 64 MiB page blob at ~35 MB/s, so one loop alone gets few states.
+const crashSnapshotLoops = 2
 
 // TestE2ECrashStates: see the file comment. Figures go to RELIABILITY.md.
 func TestE2ECrashStates(t *testing.T) {
@@ -46,7 +60,7 @@ func TestE2ECrashStates(t *testing.T) {
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		testenv.Missing(t, "/dev/fuse", "modprobe fuse (or run the tests where FUSE is available)")
 	}
-	for _, tool := range []string{"losetup", "mount", "umount", "mkfs.ext4", "e2fsck", "fio"} {
+	for _, tool := range []string{"losetup", "mount", "umount", "mkfs.ext4", "e2fsck", "e2undo", "fstrim", "fio"} {
 		testenv.RequireTool(t, tool, "make deps (or: apt-get install fuse3 fio e2fsprogs)")
 	}
 	began := time.Now()
@@ -60,7 +74,8 @@ func TestE2ECrashStates(t *testing.T) {
 	}
 	m := mountRecorded(t, e, state)
 
-	snaps := startSnapshots(t, e, url, size, m.rec)
+	scratch := scratchDir(t)
+	snaps := startSnapshots(t, url, size, m.rec, filepath.Join(scratch, "fsck-snapshot.img"))
 	loop := e.losetup(filepath.Join(m.mp, "crash.img"))
 	e.must("mkfs.ext4", "-q", loop)
 	mkfsDone := m.rec.Now()
@@ -73,23 +88,14 @@ func TestE2ECrashStates(t *testing.T) {
 	fsDir := e.path("fs")
 	e.mountFS(loop, fsDir)
 
-	fioDir := e.mkdir("fio")
-	fio := e.startBackground(fioDir, "fio.log", "fio", "--name=crashcheck", "--filename="+filepath.Join(fsDir, "fio.dat"),
-		"--size=8m", "--bs=4k", "--rw=randwrite", "--ioengine=psync", "--direct=1", "--fsync=16",
-		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-		"--output-format=json", "--output="+filepath.Join(fioDir, "fio.json"))
-	churn, churnErr := fileChurn(filepath.Join(fsDir, "tree"), 60)
-	<-fio.done
-	if churnErr != nil {
-		t.Errorf("file workload: %v", churnErr)
-	}
-	if fio.err != nil {
-		b, _ := os.ReadFile(e.path("fio.log"))
-		t.Fatalf("fio (write, then verify): %v\n%s", fio.err, b)
-	}
-	fr := readFioJSON(t, filepath.Join(fioDir, "fio.json"))
-	if fr.Jobs[0].Error != 0 || fr.Jobs[0].Write.IOBytes != 8<<20 || fr.Jobs[0].Read.IOBytes != 8<<20 {
-		t.Errorf("fio: error %d, wrote %d, verified %d bytes; want 0, 8 MiB, 8 MiB", fr.Jobs[0].Error, fr.Jobs[0].Write.IOBytes, fr.Jobs[0].Read.IOBytes)
+	// Rounds of: fio writes a new file at random and verifies it, while
+	// files are churned; fstrim; the previous round's fio file deleted.
+	// One round, or as many as fit in VHDSYNC_CRASH_DURATION.
+	long := crashDuration(t)
+	rounds, churn := 0, 0
+	for rounds == 0 || time.Since(began) < long {
+		rounds++
+		churn += crashRound(t, e, fsDir, rounds)
 	}
 	umountFS(t, fsDir)
 	e.must("losetup", "-d", loop)
@@ -109,7 +115,8 @@ func TestE2ECrashStates(t *testing.T) {
 		t.Fatal(err)
 	}
 	final := stream.Final()
-	if got := blobRange(t, url, 0, size); !bytes.Equal(got, final) {
+	got := blobRange(t, url, 0, size)
+	if !bytes.Equal(got, final) {
 		t.Errorf("the drained blob differs from the recorded stream's final image, first at byte %d", firstDiff(got, final))
 	}
 	m.unmount()
@@ -117,7 +124,8 @@ func TestE2ECrashStates(t *testing.T) {
 		t.Errorf("the local image differs from the recorded stream's final image (%v), first at byte %d", err, firstDiff(img, final))
 	}
 
-	// Every snapshot against the stream.
+	// Every snapshot against the stream, in the order they were taken.
+	slices.SortFunc(snaps.states, func(a, b snapState) int { return cmp.Compare(a.taken, b.taken) })
 	var verdicts []crashcheck.Verdict
 	checked, illegal, odd, oddIllegal := 0, 0, 0, 0
 	for i, s := range snaps.states {
@@ -155,14 +163,24 @@ func TestE2ECrashStates(t *testing.T) {
 		t.Errorf("too few states to mean anything: %d even snapshots, %d fsck'd", checked, snapFsck)
 	}
 
+	checkTime := time.Now()
+	// The checker on this stream can fail: the final image is legal at the
+	// end, but not in a copy taken before the workload wrote it.
+	if v := stream.Check(crashcheck.SectorHashes(final), m.rec.Now()); !v.Legal || v.Hi != len(stream.Barriers())-1 {
+		t.Errorf("the final image at the end: %+v", v)
+	}
+	if v := stream.Check(crashcheck.SectorHashes(final), mkfsDone); v.Legal {
+		t.Errorf("the final image, as a copy taken right after mkfs, passed the check: %+v", v)
+	}
+
 	// e2fsck at the fsyncs, from the one that ended mkfs on.
 	bars := stream.Barriers()
 	first := stream.LastBarrierBefore(mkfsDone)
 	ks := spread(first, len(bars)-1, crashFsckCap)
 	fsckFail := 0
-	fsckImg := e.path("fsck-barrier.img")
-	if err := stream.ImagesAt(ks, func(k int, img []byte) error {
-		if msg := fsckImage(fsckImg, img); msg != "" {
+	base := newFsckBase(t, filepath.Join(scratch, "fsck-barrier.img"), size)
+	if err := stream.ImagesAt(ks, func(k int, img []byte, changed []crashcheck.Extent) error {
+		if msg := base.check(img, changed); msg != "" {
 			fsckFail++
 			t.Errorf("image at fsync %d of %d: %s", k, len(bars)-1, msg)
 		}
@@ -170,19 +188,71 @@ func TestE2ECrashStates(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	fsckTime := time.Since(checkTime)
 	sample := "every one"
 	if len(ks) < len(bars)-first {
 		sample = fmt.Sprintf("an even sample of %d", len(bars)-first)
 	}
 	writes, zeros, dataBytes, fsyncs := m.rec.Counts()
 	vers, maxVers := stream.Versions()
-	t.Logf("workload: mkfs.ext4, %d file operations (create, write, fsync, rename, unlink), fio 8 MiB randwrite 4k fsync=16 verify=crc32c (verified %d bytes); %d writes (%d MiB), %d zero ranges/discards, %d fsyncs reached the disk; %d sector values; most for one sector %d",
-		churn, fr.Jobs[0].Read.IOBytes, writes, dataBytes>>20, zeros, fsyncs, vers, maxVers)
-	t.Logf("RELIABILITY | crash states | %d snapshots with an even sequence number checked | %d illegal | %d odd (batch in progress, not claimed; %d of them would fail) | %d regressions | %d fsyncs | e2fsck at %d fsyncs (%s since mkfs), %d failures | e2fsck of %d snapshots, %d failures | workload %.1f s, total %.1f s |",
-		checked, illegal, odd, oddIllegal, regress, fsyncs, len(ks), sample, fsckFail, snapFsck, snapFsckFail, workload.Seconds(), time.Since(began).Seconds())
+	t.Logf("workload: mkfs.ext4, %d rounds of: file churn (%d operations in all: create, write, fsync, rename, unlink), fstrim, fio %d MiB randwrite 4k fsync=16 verify=crc32c; %d writes (%d MiB), %d zero ranges/discards, %d fsyncs reached the disk; %d sector values; most for one sector %d",
+		rounds, churn, crashFioMiB, writes, dataBytes>>20, zeros, fsyncs, vers, maxVers)
+	t.Logf("RELIABILITY | crash states | %d snapshots with an even sequence number checked | %d illegal | %d odd (batch in progress, not claimed; %d of them would fail) | %d regressions | %d fsyncs | e2fsck at %d fsyncs (%s since mkfs), %d failures | e2fsck of %d snapshots, %d failures | workload %.1f s, e2fsck at fsyncs %.1f s, total %.1f s |",
+		checked, illegal, odd, oddIllegal, regress, fsyncs, len(ks), sample, fsckFail, snapFsck, snapFsckFail, workload.Seconds(), fsckTime.Seconds(), time.Since(began).Seconds())
 	if illegal != 0 || fsckFail != 0 || snapFsckFail != 0 {
 		t.Errorf("illegal states %d, fsck failures %d (fsyncs) and %d (snapshots): all must be 0", illegal, fsckFail, snapFsckFail)
 	}
+}
+
+// crashRound is one round of the workload on the filesystem at fsDir; it
+// returns how many file operations the churn made.
+func crashRound(t *testing.T, e *e2e, fsDir string, round int) int {
+	t.Helper()
+	fioDir := e.mkdir(fmt.Sprintf("fio-%d", round))
+	logName := fmt.Sprintf("fio-%d.log", round)
+	fio := e.startBackground(fioDir, logName, "fio", "--name=crashcheck", fmt.Sprintf("--filename=%s/fio-%d.dat", fsDir, round),
+		"--size="+strconv.Itoa(crashFioMiB)+"m", "--bs=4k", "--rw=randwrite", "--ioengine=psync", "--direct=1", "--fsync=16",
+		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+		"--output-format=json", "--output="+filepath.Join(fioDir, "fio.json"))
+	churn, churnErr := fileChurn(filepath.Join(fsDir, fmt.Sprintf("tree-%d", round)), crashChurnRounds)
+	// Discards of the freed blocks while fio still writes.
+	e.must("fstrim", fsDir)
+	<-fio.done
+	if churnErr != nil {
+		t.Errorf("file workload: %v", churnErr)
+	}
+	if fio.err != nil {
+		b, _ := os.ReadFile(e.path(logName))
+		t.Fatalf("fio (write, then verify): %v\n%s", fio.err, b)
+	}
+	fr := readFioJSON(t, filepath.Join(fioDir, "fio.json"))
+	if fr.Jobs[0].Error != 0 || fr.Jobs[0].Write.IOBytes != crashFioMiB<<20 || fr.Jobs[0].Read.IOBytes != crashFioMiB<<20 {
+		t.Errorf("fio: error %d, wrote %d, verified %d bytes; want 0 and %d MiB", fr.Jobs[0].Error, fr.Jobs[0].Write.IOBytes, fr.Jobs[0].Read.IOBytes, crashFioMiB)
+	}
+	if round > 1 {
+		if err := os.Remove(fmt.Sprintf("%s/fio-%d.dat", fsDir, round-1)); err != nil {
+			t.Error(err)
+		}
+		if err := os.RemoveAll(filepath.Join(fsDir, fmt.Sprintf("tree-%d", round-1))); err != nil {
+			t.Error(err)
+		}
+	}
+	return churn
+}
+
+// crashDuration is VHDSYNC_CRASH_DURATION, the long form's workload time
+// (0: one round).
+func crashDuration(t *testing.T) time.Duration {
+	t.Helper()
+	v := os.Getenv("VHDSYNC_CRASH_DURATION")
+	if v == "" {
+		return 0
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		t.Fatalf("VHDSYNC_CRASH_DURATION=%q: %v", v, err)
+	}
+	return d
 }
 
 // recordedMount is the disk served in this process through the recorder.
@@ -302,7 +372,7 @@ type snapshotter struct {
 // reads the snapshot's sequence number, downloads its data region and
 // keeps its sector hashes, one snapshot at a time, at most one every
 // 100 ms, until stopAndWait; errors fail the test there.
-func startSnapshots(t *testing.T, e *e2e, url string, size int64, rec *crashcheck.Recorder) *snapshotter {
+func startSnapshots(t *testing.T, url string, size int64, rec *crashcheck.Recorder, fsckImg string) *snapshotter {
 	t.Helper()
 	cred, err := blob.NewSharedKeyCredential(azurite.DevAccount, azurite.DevKey)
 	if err != nil {
@@ -313,36 +383,45 @@ func startSnapshots(t *testing.T, e *e2e, url string, size int64, rec *crashchec
 		t.Fatal(err)
 	}
 	s := &snapshotter{t: t, stop: make(chan struct{}), done: make(chan struct{})}
-	img := make([]byte, size)
-	fsckImg := e.path("fsck-snapshot.img")
-	go func() {
-		defer close(s.done)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			st, err := snapshotOnce(pb, img, rec)
-			if err != nil {
-				s.mu.Lock()
-				s.errs = append(s.errs, err)
-				s.mu.Unlock()
-				return
-			}
-			if from := s.fsckFrom.Load(); from != 0 && st.taken > from {
-				st.fsckRun = true
-				st.fsckErr = fsckImage(fsckImg, img)
-			}
-			s.mu.Lock()
-			s.states = append(s.states, st)
-			s.mu.Unlock()
-			select {
-			case <-s.stop:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
+	var wg sync.WaitGroup
+	for i := range crashSnapshotLoops {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.loop(pb, make([]byte, size), rec, fmt.Sprintf("%s.%d", fsckImg, i))
+		}()
+	}
+	go func() { wg.Wait(); close(s.done) }()
 	t.Cleanup(s.stopAndWait)
 	return s
+}
+
+// loop takes snapshots until stopped; img is its buffer, fsckImg the file
+// its e2fsck runs use.
+func (s *snapshotter) loop(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder, fsckImg string) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		st, err := snapshotOnce(pb, img, rec)
+		if err != nil {
+			s.mu.Lock()
+			s.errs = append(s.errs, err)
+			s.mu.Unlock()
+			return
+		}
+		if from := s.fsckFrom.Load(); from != 0 && st.taken > from {
+			st.fsckRun = true
+			st.fsckErr = fsckImage(fsckImg, img)
+		}
+		s.mu.Lock()
+		s.states = append(s.states, st)
+		s.mu.Unlock()
+		select {
+		case <-s.stop:
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // stopAndWait stops the loop (after the snapshot in progress) and fails
@@ -366,6 +445,20 @@ func (s *snapshotter) stopAndWait() {
 func snapshotOnce(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder) (snapState, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// An odd sequence number marks a batch of several epochs in progress
+	// (not a consistent state): wait, a second at most, for an even one.
+	// The snapshot's own sequence number is what counts.
+	poll := time.NewTicker(10 * time.Millisecond)
+	defer poll.Stop()
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); <-poll.C {
+		p, err := pb.GetProperties(ctx, nil)
+		if err != nil {
+			return snapState{}, fmt.Errorf("blob properties: %w", err)
+		}
+		if p.BlobSequenceNumber != nil && *p.BlobSequenceNumber%2 == 0 {
+			break
+		}
+	}
 	resp, err := pb.BlobClient().CreateSnapshot(ctx, nil)
 	taken := rec.Now()
 	if err != nil {
@@ -400,18 +493,47 @@ func snapshotOnce(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder) (sn
 			if lo >= hi {
 				continue
 			}
-			// Merge ranges less than 1 MiB apart: fewer requests.
-			if n := len(ranges); n > 0 && lo-ranges[n-1][1] < 1<<20 {
+
+			// Merge ranges less than 64 KiB apart, up to 4 MiB: fewer
+			// requests, little more data.
+			if n := len(ranges); n > 0 && lo-ranges[n-1][1] < 64<<10 && hi-ranges[n-1][0] <= 4<<20 {
 				ranges[n-1][1] = max(ranges[n-1][1], hi)
 				continue
 			}
 			ranges = append(ranges, [2]int64{lo, hi})
 		}
 	}
+	// A few requests at a time: Azurite answers them in parallel.
+	work := make(chan [2]int64)
+	errc := make(chan error, 4)
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range work {
+				if _, err := sc.BlobClient().DownloadBuffer(ctx, img[r[0]:r[1]], &blob.DownloadBufferOptions{Range: blob.HTTPRange{Offset: r[0], Count: r[1] - r[0]}}); err != nil {
+					errc <- fmt.Errorf("download snapshot %d+%d: %w", r[0], r[1]-r[0], err)
+					cancel()
+					return
+				}
+			}
+		}()
+	}
+feed:
 	for _, r := range ranges {
-		if _, err := sc.BlobClient().DownloadBuffer(ctx, img[r[0]:r[1]], &blob.DownloadBufferOptions{Range: blob.HTTPRange{Offset: r[0], Count: r[1] - r[0]}}); err != nil {
-			return snapState{}, fmt.Errorf("download snapshot %d+%d: %w", r[0], r[1]-r[0], err)
+		select {
+		case work <- r:
+		case <-ctx.Done():
+			break feed
 		}
+	}
+	close(work)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		return snapState{}, err
+	default:
 	}
 	return snapState{taken: taken, seq: *props.BlobSequenceNumber, hashes: crashcheck.SectorHashes(img)}, nil
 }
@@ -420,7 +542,7 @@ func snapshotOnce(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder) (sn
 // the next mount: e2fsck replays the journal (-E journal_only), then
 // `e2fsck -fn` must find nothing. It returns "" or what failed.
 func fsckImage(path string, img []byte) string {
-	if err := os.WriteFile(path, img, 0o600); err != nil {
+	if err := writeSparse(path, img); err != nil {
 		return err.Error()
 	}
 	defer os.Remove(path)
@@ -439,6 +561,118 @@ func fsckImage(path string, img []byte) string {
 		return fmt.Sprintf("e2fsck -fn: %s", r)
 	}
 	return ""
+}
+
+// fsckBase is one image file kept equal to the stream's image at
+// successive fsyncs by writing only what changed, and checked in place:
+// e2fsck replays the journal with an undo file (-z), `e2fsck -fn` checks,
+// e2undo puts the replayed blocks back. Every fsckVerifyEvery checks the
+// file is compared with the image, to prove the undo exact.
+type fsckBase struct {
+	t      *testing.T
+	path   string
+	f      *os.File
+	checks int
+}
+
+const fsckVerifyEvery = 50
+
+func newFsckBase(t *testing.T, path string, size int64) *fsckBase {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	return &fsckBase{t: t, path: path, f: f}
+}
+
+// check brings the file up to img (changed: what differs since the last
+// call) and checks it; it returns "" or what failed.
+func (b *fsckBase) check(img []byte, changed []crashcheck.Extent) string {
+	for _, x := range changed {
+		if _, err := b.f.WriteAt(img[x.Off:x.Off+x.Len], x.Off); err != nil {
+			b.t.Fatalf("update %s: %v", b.path, err)
+		}
+	}
+	b.checks++
+	undo := b.path + ".undo"
+	_ = os.Remove(undo)
+	defer os.Remove(undo)
+	// One shell for the three steps: a process start from this (large,
+	// race-built) test process costs more than e2fsck itself.
+	script := `e2fsck -z "$2" -p -E journal_only "$1" >"$3" 2>&1; rc=$?
+if [ $rc -gt 1 ]; then echo "e2fsck -E journal_only: exit $rc"; cat "$3"; exit 1; fi
+e2fsck -fn "$1" >"$3" 2>&1; rc=$?
+if [ $rc -ne 0 ]; then echo "e2fsck -fn: exit $rc"; cat "$3"; fail=1; fi
+if [ -e "$2" ] && ! e2undo "$2" "$1" >"$3" 2>&1; then echo "e2undo failed"; cat "$3"; exit 2; fi
+exit ${fail:-0}`
+	r, err := runTimeout(filepath.Dir(b.path), time.Minute, "sh", "-c", script, "sh", b.path, undo, b.path+".out")
+	if err != nil {
+		b.t.Fatalf("e2fsck of %s: %v", b.path, err)
+	}
+	if r.code == 2 {
+		b.t.Fatalf("%s", r.stdout)
+	}
+	msg := ""
+	if r.code != 0 {
+		msg = r.stdout
+	}
+	if b.checks%fsckVerifyEvery == 0 {
+		got := make([]byte, len(img))
+		if _, err := b.f.ReadAt(got, 0); err != nil {
+			b.t.Fatalf("read %s: %v", b.path, err)
+		}
+		if !bytes.Equal(got, img) {
+			b.t.Fatalf("after e2undo, %s differs from the image at byte %d", b.path, firstDiff(got, img))
+		}
+	}
+	return msg
+}
+
+// writeSparse writes img to a new file at path, leaving its all-zero
+// 64 KiB blocks as holes.
+func writeSparse(path string, img []byte) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Truncate(int64(len(img))); err != nil {
+		return err
+	}
+	const blk = 64 << 10
+	for off := 0; off < len(img); off += blk {
+		b := img[off:min(off+blk, len(img))]
+		if allZero(b) {
+			continue
+		}
+		if _, err := f.WriteAt(b, int64(off)); err != nil {
+			return err
+		}
+	}
+	return f.Close()
+}
+
+var zeroBlock [64 << 10]byte
+
+func allZero(b []byte) bool { return bytes.Equal(b, zeroBlock[:len(b)]) }
+
+// scratchDir is a directory for the image e2fsck checks at every fsync: in
+// /dev/shm when there is one (tmpfs: e2fsck and e2undo fsync their files,
+// which on a disk costs most of a check), else in the test's temporary
+// directory. It is removed at the end.
+func scratchDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/dev/shm", "vhdsync-crashcheck-")
+	if err != nil {
+		return t.TempDir()
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 // spread returns up to n indices from first to last (both included),

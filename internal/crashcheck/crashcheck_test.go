@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -213,8 +214,10 @@ func TestCheckDiscard(t *testing.T) {
 		t.Errorf("E from after fsync 2 with the discard before it missing: %+v", v)
 	}
 	var got [][]byte
-	if err := s.ImagesAt([]int{0, 1, 2}, func(_ int, img []byte) error {
+	var changes [][]Extent
+	if err := s.ImagesAt([]int{0, 1, 2}, func(_ int, img []byte, changed []Extent) error {
 		got = append(got, bytes.Clone(img))
+		changes = append(changes, slices.Clone(changed))
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -223,6 +226,12 @@ func TestCheckDiscard(t *testing.T) {
 	for i := range want {
 		if !bytes.Equal(got[i], want[i]) {
 			t.Errorf("image at barrier %d differs", i)
+		}
+	}
+	wantChanges := [][]Extent{nil, {{0, 4 * SectorSize}}, {{SectorSize, 2 * SectorSize}}}
+	for i := range wantChanges {
+		if !slices.Equal(changes[i], wantChanges[i]) {
+			t.Errorf("changed at barrier %d: %v, want %v", i, changes[i], wantChanges[i])
 		}
 	}
 	if !bytes.Equal(s.Final(), image('D', 0, 0, 'E')) {

@@ -311,26 +311,53 @@ func Regressions(vs []Verdict) int {
 	return n
 }
 
+// Extent is a byte range of the disk.
+type Extent struct{ Off, Len int64 }
+
 // ImagesAt calls fn with the disk image as of the start of each barrier in
 // ks (ascending): every write acknowledged before that barrier started,
-// applied in acknowledgement order. img is reused between calls.
-func (s *Stream) ImagesAt(ks []int, fn func(k int, img []byte) error) error {
+// applied in acknowledgement order. img is reused between calls; changed
+// lists the ranges written since the previous call (all of img's written
+// ranges at the first), so a copy of img elsewhere can be kept up to date.
+func (s *Stream) ImagesAt(ks []int, fn func(k int, img []byte, changed []Extent) error) error {
 	img := make([]byte, s.size)
 	next := 0
 	prev := -1
+	var changed []Extent
 	for _, k := range ks {
 		if k < prev || k < 0 || k >= len(s.bars) {
 			return fmt.Errorf("barrier %d: out of range or order", k)
 		}
 		prev = k
+		changed = changed[:0]
 		for ; next < len(s.ops) && s.ops[next].ack < s.bars[k].Start; next++ {
-			apply(img, &s.ops[next])
+			o := &s.ops[next]
+			apply(img, o)
+			changed = append(changed, Extent{o.off, o.n})
 		}
-		if err := fn(k, img); err != nil {
+		if err := fn(k, img, mergeExtents(changed)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// mergeExtents sorts es and merges those that overlap or touch.
+func mergeExtents(es []Extent) []Extent {
+	if len(es) < 2 {
+		return es
+	}
+	slices.SortFunc(es, func(a, b Extent) int { return cmpU64(uint64(a.Off), uint64(b.Off)) })
+	out := es[:1]
+	for _, e := range es[1:] {
+		last := &out[len(out)-1]
+		if e.Off <= last.Off+last.Len {
+			last.Len = max(last.Len, e.Off+e.Len-last.Off)
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // Final returns the image with every recorded write applied in
