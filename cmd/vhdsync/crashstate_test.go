@@ -50,6 +50,15 @@ const (
 	crashChurnRounds = 60
 )
 
+// At least crashMinStates snapshots with an even sequence number, of which
+// crashMinFsckStates of the filesystem (after mkfs), are wanted; the
+// workload runs more rounds, up to crashMaxRounds, to get them.
+const (
+	crashMinStates     = 10
+	crashMinFsckStates = 3
+	crashMaxRounds     = 5
+)
+
 // crashSnapshotLoops is how many snapshots are downloaded at once: Azurite
 // serves a 64 MiB page blob at ~35 MB/s, so one loop alone gets few states.
 const crashSnapshotLoops = 2
@@ -90,10 +99,12 @@ func TestE2ECrashStates(t *testing.T) {
 
 	// Rounds of: fio writes a new file at random and verifies it, while
 	// files are churned; fstrim; the previous round's fio file deleted.
-	// One round, or as many as fit in VHDSYNC_CRASH_DURATION.
+	// One round, or as many as fit in VHDSYNC_CRASH_DURATION, or more
+	// (up to crashMaxRounds) until enough snapshots of the filesystem were
+	// taken to mean something (a slow Azurite gives fewer per round).
 	long := crashDuration(t)
 	rounds, churn := 0, 0
-	for rounds == 0 || time.Since(began) < long {
+	for rounds == 0 || time.Since(began) < long || (rounds < crashMaxRounds && !snaps.enough()) {
 		rounds++
 		churn += crashRound(t, e, fsDir, rounds)
 	}
@@ -159,7 +170,7 @@ func TestE2ECrashStates(t *testing.T) {
 			}
 		}
 	}
-	if checked < 10 || snapFsck < 3 {
+	if checked < crashMinStates || snapFsck < crashMinFsckStates {
 		t.Errorf("too few states to mean anything: %d even snapshots, %d fsck'd", checked, snapFsck)
 	}
 
@@ -350,6 +361,7 @@ func (m *recordedMount) unmount() {
 
 // snapState is one snapshot of the blob, reduced to its sector hashes.
 type snapState struct {
+	asked   uint64 // recorder tick before the snapshot was asked for
 	taken   uint64 // recorder tick after the snapshot was answered
 	seq     int64  // the snapshot's sequence number
 	hashes  []uint64
@@ -396,6 +408,23 @@ func startSnapshots(t *testing.T, url string, size int64, rec *crashcheck.Record
 	return s
 }
 
+// enough reports whether the snapshots so far meet crashMinStates and
+// crashMinFsckStates.
+func (s *snapshotter) enough() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	even, fsck := 0, 0
+	for _, st := range s.states {
+		if st.seq%2 == 0 {
+			even++
+			if st.fsckRun {
+				fsck++
+			}
+		}
+	}
+	return even >= crashMinStates && fsck >= crashMinFsckStates
+}
+
 // loop takes snapshots until stopped; img is its buffer, fsckImg the file
 // its e2fsck runs use.
 func (s *snapshotter) loop(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder, fsckImg string) {
@@ -409,7 +438,7 @@ func (s *snapshotter) loop(pb *pageblob.Client, img []byte, rec *crashcheck.Reco
 			s.mu.Unlock()
 			return
 		}
-		if from := s.fsckFrom.Load(); from != 0 && st.taken > from {
+		if from := s.fsckFrom.Load(); from != 0 && st.asked > from {
 			st.fsckRun = true
 			st.fsckErr = fsckImage(fsckImg, img)
 		}
@@ -459,6 +488,7 @@ func snapshotOnce(pb *pageblob.Client, img []byte, rec *crashcheck.Recorder) (sn
 			break
 		}
 	}
+	asked := rec.Now()
 	resp, err := pb.BlobClient().CreateSnapshot(ctx, nil)
 	taken := rec.Now()
 	if err != nil {
@@ -535,7 +565,7 @@ feed:
 		return snapState{}, err
 	default:
 	}
-	return snapState{taken: taken, seq: *props.BlobSequenceNumber, hashes: crashcheck.SectorHashes(img)}, nil
+	return snapState{asked: asked, taken: taken, seq: *props.BlobSequenceNumber, hashes: crashcheck.SectorHashes(img)}, nil
 }
 
 // fsckImage writes img to path and checks it as a crash would leave it for
