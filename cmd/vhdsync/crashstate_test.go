@@ -38,9 +38,10 @@ import (
 
 var _ fusefs.Disk = (*crashcheck.Recorder)(nil)
 
-// crashFsckCap bounds the e2fsck runs on images rebuilt at fsyncs; with
-// more fsyncs than this, an evenly spread sample (the first and last
-// included) is checked, and the summary says so.
+// crashFsckCap bounds the e2fsck runs on images rebuilt at fsyncs (not in
+// the long form, which checks them all); with more fsyncs than this, an
+// evenly spread sample (the first and last included) is checked, and the
+// summary says so.
 const crashFsckCap = 600
 
 // The workload's size: fio's file (written at random, 4 KiB at a time,
@@ -187,7 +188,11 @@ func TestE2ECrashStates(t *testing.T) {
 	// e2fsck at the fsyncs, from the one that ended mkfs on.
 	bars := stream.Barriers()
 	first := stream.LastBarrierBefore(mkfsDone)
-	ks := spread(first, len(bars)-1, crashFsckCap)
+	fsckCap := crashFsckCap
+	if long > 0 {
+		fsckCap = len(bars)
+	}
+	ks := spread(first, len(bars)-1, fsckCap)
 	fsckFail := 0
 	base := newFsckBase(t, filepath.Join(scratch, "fsck-barrier.img"), size)
 	if err := stream.ImagesAt(ks, func(k int, img []byte, changed []crashcheck.Extent) error {
