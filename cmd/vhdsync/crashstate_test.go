@@ -307,6 +307,7 @@ func mountRecorded(t *testing.T, e *e2e, state string) *recordedMount {
 		t.Fatal(err)
 	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
+		DiskID:      d.State.DiskID,
 		ImagePath:   d.ImagePath(),
 		JournalDir:  d.JournalPath(),
 		VirtualSize: int64(d.State.VirtualSize),
