@@ -362,7 +362,9 @@ func mergeExtents(es []Extent) []Extent {
 
 // Final returns the image with every recorded write applied in
 // acknowledgement order: what the disk (and, once drained, the blob)
-// must hold at the end.
+// must hold at the end. Writes to one sector that were in flight together
+// may have reached the disk in the other order; a workload without such
+// writes (a filesystem on a loop device, fio) has one final image.
 func (s *Stream) Final() []byte {
 	img := make([]byte, s.size)
 	for i := range s.ops {
