@@ -67,6 +67,14 @@ type ApplierStats struct {
 // with the segment it was applying (PrevEpoch <= A < LastEpoch holds for
 // it again) and never applies an older segment over a newer one: a
 // segment with LastEpoch <= A is deleted unapplied.
+//
+// One case where an odd sequence number does not name the epoch completed
+// next: after the daemon restarts with segments of its previous run still
+// staged, it restages from its journal's drained epoch, and that superset
+// sorts first. A worker killed while applying an old segment (mark 2L-1)
+// is followed by one that applies the superset (mark 2L'-1, L' > L). The
+// blob is then between the two complete states, which the odd number says,
+// and the superset ends it at the disk as of L' (TestStagedOrderProperty).
 type Applier struct {
 	r     Remote
 	s     SegmentStore

@@ -267,6 +267,16 @@ func (s *orderStats) add(o orderStats) {
 // of this file). The blob starts at sequence number 0, all zeros. crash is
 // the number of states observed before the crash (-1 for none).
 func checkOrder(m *diskModel, states []blobState, crash int) (orderStats, error) {
+	return checkOrderRelaxed(m, states, crash, -1)
+}
+
+// checkOrderRelaxed is checkOrder for the staged transfer after a daemon
+// restart: from state relaxFrom on, a segment whose in-progress mark does
+// not name the batch that completes it (the worker marked a segment staged
+// before the restart, was killed, and the next worker applied a segment
+// restaged over it) gets the crash segment's rule: every sector holds a
+// value it had between the two complete states.
+func checkOrderRelaxed(m *diskModel, states []blobState, crash, relaxFrom int) (orderStats, error) {
 	var st orderStats
 	type complete struct {
 		seq   int64
@@ -297,6 +307,11 @@ func checkOrder(m *diskModel, states []blobState, crash int) (orderStats, error)
 		// The crash falls in this segment if a state of it was observed
 		// before the crash and the state completing it after.
 		crashed := segStart < crash && crash <= i
+		if relaxFrom >= 0 && i >= relaxFrom {
+			for k := segStart; k < i && !crashed; k++ {
+				crashed = states[k].seq%2 == 1 && states[k].seq != next.seq-1
+			}
+		}
 		for k := segStart; k < i; k++ {
 			p := states[k]
 			if crashed {
