@@ -60,8 +60,8 @@ attach it (between runs: while segments wait, the blob lags the disk).`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.staging, "staging", "", "staging container URL (required; a SAS may follow)")
-	fl.StringVar(&f.blob, "blob", "", "page blob URL of the disk (required; a SAS may follow)")
+	fl.StringVar(&f.staging, "staging", "", "staging container `URL` (required; a SAS may follow)")
+	fl.StringVar(&f.blob, "blob", "", "page blob `URL` of the disk (required; a SAS may follow)")
 	fl.BoolVar(&f.once, "once", false, "apply what is staged, then exit (default: keep polling)")
 	fl.DurationVar(&f.poll, "poll", 2*time.Second, "wait between listings when nothing is staged")
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests within a segment")

@@ -88,7 +88,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.state, "state", "", "state directory made by `vhdsync create` (required)")
+	fl.StringVar(&f.state, "state", "", "state directory `DIR` made by vhdsync create (required)")
 	f.blob.register(fl)
 	fl.BoolVar(&f.foreground, "foreground", false, "stay in the foreground and log to standard error")
 	fl.BoolVar(&f.breakLease, "break-lease", false, "break another writer's lease on the blob (only if you are sure it is gone)")

@@ -36,8 +36,8 @@ type stagingFlags struct {
 }
 
 func (s *stagingFlags) register(fl *pflag.FlagSet) {
-	fl.StringVar(&s.transfer, "transfer", "", "how writes reach the blob: direct (Put Page from this host) or staged (compressed segments in --staging, applied by `vhdsync apply` near the storage); default: what the last mount of DIR used, else direct")
-	fl.StringVar(&s.staging, "staging", "", "staging container URL for --transfer staged, e.g. https://ACCOUNT.blob.core.windows.net/staging (a SAS may follow; prefer $"+stagingEnv+" for that); remembered in DIR without the SAS")
+	fl.StringVar(&s.transfer, "transfer", "", "`MODE` of sending writes to the blob: direct (Put Page from this host) or staged (compressed segments in --staging, applied by vhdsync apply near the storage); default: what the last mount of DIR used, else direct")
+	fl.StringVar(&s.staging, "staging", "", "staging container `URL` for --transfer staged, e.g. https://ACCOUNT.blob.core.windows.net/staging (a SAS may follow; prefer $"+stagingEnv+" for that); remembered in DIR without the SAS")
 }
 
 // stagingURL is the staging container to use: the flag, the environment,
