@@ -386,6 +386,11 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	}
 	// The blob holds the batch: the next batch may go out while this one
 	// is committed locally (image sync, journal delete) in the background.
+	// The commit needs no payload: drop it, so two batches' data are never
+	// held at once.
+	for i := range recs {
+		recs[i].Data = nil
+	}
 	f.next = recs[len(recs)-1].Seq + 1
 	f.minLast = 0
 	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
