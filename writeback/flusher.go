@@ -369,6 +369,12 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 		c.add(&recs[i])
 	}
 	spans := c.spans(MaxPutPage)
+	// The spans hold (or copied) every byte they send: the records'
+	// payloads are not needed any more, and a batch retried for as long as
+	// the remote is down must not keep them alive twice.
+	for i := range recs {
+		recs[i].Data = nil
+	}
 	if err := f.sendSpans(ctx, spans, Cond{LeaseID: f.lease, IfSequenceEq: &fence}); err != nil {
 		return err
 	}
@@ -385,12 +391,8 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 		f.o.AfterBatch(ctx, last)
 	}
 	// The blob holds the batch: the next batch may go out while this one
-	// is committed locally (image sync, journal delete) in the background.
-	// The commit needs no payload: drop it, so two batches' data are never
-	// held at once.
-	for i := range recs {
-		recs[i].Data = nil
-	}
+	// is committed locally (image sync, journal delete) in the background;
+	// the commit needs no payload (dropped above).
 	f.next = recs[len(recs)-1].Seq + 1
 	f.minLast = 0
 	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -227,7 +228,16 @@ type lastStop struct {
 }
 
 // runDaemon is the mount itself.
+// daemonMemoryLimit is the Go heap's soft limit in the daemon unless
+// GOMEMLIMIT says otherwise: a flusher batch (up to 64 MiB, plus what
+// coalescing copies) can be the live heap, and the default GC pacing would
+// let the heap reach twice that before collecting.
+const daemonMemoryLimit = 160 << 20
+
 func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err error) {
+	if g.env("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(daemonMemoryLimit)
+	}
 	log := g.logger()
 	var ready *os.File
 	if fd := g.env(readyFDEnv); fd != "" {
