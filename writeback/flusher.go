@@ -111,9 +111,9 @@ type Flusher struct {
 
 	batches, puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
 	segments, stagedData                                    atomic.Uint64
+	committer                                               *committer // direct transfer: commits in the background
 	// Staged transfer only: the encoder, the segments uploading (oldest
 	// first), the last epoch handed to an upload, and the uploads' goroutines.
-	committer *committer // direct transfer: commits in the background
 	enc       *zstd.Encoder
 	pending   []*stagedUpload
 	stagePrev uint64

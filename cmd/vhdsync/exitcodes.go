@@ -23,8 +23,8 @@ const (
 	ExitExists      = 5  // blob (or download's output file) exists and --overwrite was not given
 	ExitNotVHD      = 6  // not a page blob, not a (valid fixed) VHD, corrupt footer
 	ExitBadSize     = 7  // size unparseable or not acceptable to Azure
-	ExitState       = 8  // state directory missing, damaged (journal included), not writable, not empty or of another blob
-	ExitLeased      = 9  // blob leased by another writer
+	ExitState       = 8  // state directory missing, damaged (journal included), not writable, not empty or of another blob; staged segments in the way
+	ExitLeased      = 9  // blob leased by another writer, or the staging lock held by another mount/apply
 	ExitBusy        = 10 // state directory or mountpoint in use, mount busy
 	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
 	ExitSrcChanged  = 12 // import resume refused: the source file changed since the import began

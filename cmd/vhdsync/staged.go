@@ -142,9 +142,10 @@ func setupTransfer(ctx context.Context, g *globals, d *statedir.Dir, sf stagingF
 	return s, release, nil
 }
 
-// appliedEpoch reads how far the worker has applied (the blob's sequence
-// number), for status; it answers within a second or says why not.
-func appliedEpoch(ctx context.Context, r writeback.Remote) (int64, error) {
+// appliedSequence reads the blob's sequence number, which says how far the
+// worker has applied, for status; it answers within a second or says why
+// not.
+func appliedSequence(ctx context.Context, r writeback.Remote) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	return r.Sequence(ctx)
@@ -160,7 +161,7 @@ func stagedStatus(ctx context.Context, out *control.Status, stagingURL string, r
 	out.StagedEpoch = s.RemoteEpoch
 	out.Segments = s.Segments
 	out.StagedDataBytes = s.StagedDataBytes
-	seq, err := appliedEpoch(ctx, r)
+	seq, err := appliedSequence(ctx, r)
 	if err != nil {
 		out.AppliedError = fmt.Sprintf("read the blob's sequence number: %v", err)
 		return

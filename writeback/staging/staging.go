@@ -161,11 +161,10 @@ func (s *Store) AcquireLock(ctx context.Context, which, id string, breakLock boo
 	_, err = bc.Upload(ctx, nopCloser{bytes.NewReader(nil)}, &blockblob.UploadOptions{
 		AccessConditions: &blob.AccessConditions{ModifiedAccessConditions: &blob.ModifiedAccessConditions{IfNoneMatch: to.Ptr(azcore.ETagAny)}},
 	})
-	if err != nil && !bloberror.HasCode(err, bloberror.BlobAlreadyExists, bloberror.ConditionNotMet, bloberror.LeaseIDMissing) {
-		var re *azcore.ResponseError
-		if !errors.As(err, &re) || (re.StatusCode != http.StatusConflict && re.StatusCode != http.StatusPreconditionFailed) {
-			return s.wrap("create lock "+which, err)
-		}
+	// 409 or 412: the lock blob exists already (leased or not).
+	var re *azcore.ResponseError
+	if err != nil && (!errors.As(err, &re) || re.StatusCode != http.StatusConflict && re.StatusCode != http.StatusPreconditionFailed) {
+		return s.wrap("create lock "+which, err)
 	}
 	_, err = lc.AcquireLease(ctx, -1, nil)
 	if err != nil && breakLock && bloberror.HasCode(err, bloberror.LeaseAlreadyPresent) {
