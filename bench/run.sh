@@ -76,6 +76,24 @@ mount_vhdsync() {
   fusemounts+=("$d/mnt")
   VST=$d/st VMNT=$d/mnt VPID=$(vpid "$d/st"); vpids+=("$VPID")
 }
+# wire_workload IMG DIR [scan]: the wire stage's workload on IMG: loop,
+# mkfs.ext4 (discards the device), copy Go's src, sync, [scan the image for
+# the ideal into wire-scan.json,] delete every other file, sync, fstrim,
+# unmount, detach
+wire_workload() {
+  local img=$1 dir=$2
+  LOOPDEV=$(losetup --find --show "$img"); loops+=("$LOOPDEV")
+  mkfs.ext4 -q -F "$LOOPDEV"
+  mkdir -p "$dir"; mount "$LOOPDEV" "$dir"; fsmounts+=("$dir")
+  cp -r "$(go env GOROOT)/src" "$dir/src"
+  sync
+  if [ "${3:-}" = scan ]; then "$work/flushbench" --scan "$VST/disk.img" > "$res/wire-scan.json" || true; fi
+  (cd "$dir/src" && find . -type f | awk 'NR%2==0' | xargs -d '\n' rm -f)
+  sync
+  fstrim -v "$dir" >&2 || true
+  umount "$dir"; fsmounts=()
+  losetup -d "$LOOPDEV"; loops=()
+}
 # attach FILE OFFSET SIZE MNT: loop (direct I/O) + ext4, sets LOOPDEV
 attach_ext4() {
   local f=$1 off=$2 sz=$3 m=$4
@@ -184,20 +202,9 @@ if ! skip wire; then
   log "wire efficiency"
   VSIZE=4GiB
   mount_vhdsync wire
-  LOOPDEV=$(losetup --find --show "$VMNT/wire.img"); loops+=("$LOOPDEV")
-  mkfs.ext4 -q -F "$LOOPDEV"
-  mkdir -p "$work/wirefs"; mount "$LOOPDEV" "$work/wirefs"; fsmounts+=("$work/wirefs")
-  src=$(go env GOROOT)/src
-  cp -r "$src" "$work/wirefs/src"
-  sync
   # the ideal: every distinct non-zero sector the workload wrote (the disk
-  # started empty; deleting and trimming only zeroes), scanned now
-  "$work/flushbench" --scan "$VST/disk.img" > "$res/wire-scan.json" || true
-  (cd "$work/wirefs/src" && find . -type f | awk 'NR%2==0' | xargs -d '\n' rm -f)
-  sync
-  fstrim -v "$work/wirefs" >&2 || true
-  umount "$work/wirefs"; fsmounts=()
-  losetup -d "$LOOPDEV"; loops=()
+  # started empty; deleting and trimming only zeroes), scanned after the copy
+  wire_workload "$VMNT/wire.img" "$work/wirefs" scan
   wait_drained "$VST" > "$res/wire-drain.txt"
   vstatus "$VST" > "$res/vstatus-wire.json"
   # the blob's final written ranges (ideal: distinct non-zero bytes)
@@ -214,16 +221,7 @@ if ! skip staged; then
     --out "$res/staged-drain.json" > "$res/staged-drain.md" || log "stagedbench failed"
   VSIZE=4GiB
   mount_vhdsync wirestaged --transfer staged --staging @EP@/staging
-  LOOPDEV=$(losetup --find --show "$VMNT/wirestaged.img"); loops+=("$LOOPDEV")
-  mkfs.ext4 -q -F "$LOOPDEV"
-  mkdir -p "$work/wirefs2"; mount "$LOOPDEV" "$work/wirefs2"; fsmounts+=("$work/wirefs2")
-  cp -r "$(go env GOROOT)/src" "$work/wirefs2/src"
-  sync
-  (cd "$work/wirefs2/src" && find . -type f | awk 'NR%2==0' | xargs -d '\n' rm -f)
-  sync
-  fstrim "$work/wirefs2" >&2 || true
-  umount "$work/wirefs2"; fsmounts=()
-  losetup -d "$LOOPDEV"; loops=()
+  wire_workload "$VMNT/wirestaged.img" "$work/wirefs2"
   wait_drained "$VST"
   vstatus "$VST" > "$res/vstatus-wirestaged-before.json"
   "$bin" unmount "$VMNT" >&2; fusemounts=()
