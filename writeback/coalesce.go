@@ -12,7 +12,8 @@ import (
 type extent struct {
 	off, end int64
 	zero     bool   // zero or discard: cleared on the remote
-	data     []byte // len == end-off when !zero
+	data     []byte // len == end-off when !zero (nil when only ranges are coalesced)
+	src      int32  // index of the record it came from (replay)
 }
 
 // coalescer builds the coalesced view of a batch: non-overlapping extents
@@ -31,7 +32,11 @@ type coalescer struct {
 }
 
 func (c *coalescer) add(r *Record) {
-	n := extent{off: r.Offset, end: r.End(), zero: r.Kind != KindData, data: r.Data}
+	c.addExtent(extent{off: r.Offset, end: r.End(), zero: r.Kind != KindData, data: r.Data})
+}
+
+// addExtent adds n as the youngest extent.
+func (c *coalescer) addExtent(n extent) {
 	if len(c.pending) == 0 && (len(c.ext) == 0 || c.ext[len(c.ext)-1].end <= n.off) {
 		c.ext = append(c.ext, n)
 		return
@@ -126,8 +131,8 @@ func (h *ageHeap) pop() {
 }
 
 func (e extent) slice(from, to int64) extent {
-	s := extent{off: from, end: to, zero: e.zero}
-	if !e.zero {
+	s := extent{off: from, end: to, zero: e.zero, src: e.src}
+	if !e.zero && e.data != nil {
 		s.data = e.data[from-e.off : to-e.off]
 	}
 	return s

@@ -416,15 +416,16 @@ func backpressurePayload(w, i int) []byte {
 	return p
 }
 
-// TestFlusherWaitsForImageWrites: a record the flusher has sent must be in
-// the local image before the flusher syncs the image and deletes the
-// record, even when the writer's image write comes late (the writer
-// goroutine descheduled between its journal append and its pwrite).
-// Otherwise a kill -9 right then, or a power loss before the next image
-// sync, leaves the write on the blob but in neither the journal nor the
-// image: the image and the blob never converge. The writer here applies its
-// record only once the blob holds the whole batch, and then waits a little
-// more for the flusher's image sync, which must not come before it.
+// TestFlusherWaitsForImageWrites: a record must be in the local image
+// before the flusher reads its batch (an image-backed record's payload is
+// the image) and before it syncs the image and deletes the record, even
+// when the writer's image write comes late (the writer goroutine
+// descheduled between its journal append and its pwrite). Otherwise a
+// kill -9 right then, or a power loss before the next image sync, leaves
+// the write on the blob but in neither the journal nor the image, or the
+// blob gets what the image held before. The writer here kicks the flusher
+// once its record is committed and gives it the chance to send (it must
+// not) before it writes the image.
 func TestFlusherWaitsForImageWrites(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	j, err := OpenJournal(propBaseDir(t), JournalOptions{})
@@ -433,13 +434,17 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 	}
 	r := NewMemRemote(64 << 10)
 	onBlob := make(chan struct{})
+	var mu sync.Mutex
+	image := make([]byte, 4096)
+	early := make(chan bool, 1) // whether the image lacked the write when the blob got it
 	r.Observe = func(_ []byte, seq int64) {
 		if seq == 2 {
+			mu.Lock()
+			early <- image[0] != 0xAB
+			mu.Unlock()
 			close(onBlob)
 		}
 	}
-	var mu sync.Mutex
-	image := make([]byte, 4096)
 	synced := make(chan bool, 1) // whether the image held the write at the sync
 	f := NewFlusher(j, r, "", 0, FlusherOptions{Linger: time.Millisecond, SyncImage: func() error {
 		mu.Lock()
@@ -466,19 +471,15 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 	rec := Record{Offset: 0, Length: 4096, Kind: KindData, Data: bytes.Repeat([]byte{0xAB}, 4096)}
 	applyErr := make(chan error, 1)
 	go func() {
-		applyErr <- j.appendApply(ctx, &rec, func() error {
+		applyErr <- j.appendApply(ctx, &rec, false, func() error {
 			f.Kick() // the record is committed
+			// A send or an image sync now would be too early; give them
+			// the chance to happen (they must not).
 			select {
 			case <-onBlob:
-			case <-time.After(20 * time.Second):
-				return errors.New("the record never reached the blob")
-			}
-			// An image sync now would be too early; give it the chance
-			// to happen (it must not).
-			select {
 			case ok := <-synced:
 				synced <- ok
-			case <-time.After(100 * time.Millisecond):
+			case <-time.After(200 * time.Millisecond):
 			}
 			mu.Lock()
 			copy(image, rec.Data)
@@ -488,6 +489,16 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 	}()
 	if err := <-applyErr; err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case bad := <-early:
+		if bad {
+			t.Fatal("the flusher sent the record before it was written to the image")
+		}
+	case err := <-runErr:
+		t.Fatalf("flusher stopped: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("the record never reached the blob")
 	}
 	select {
 	case ok := <-synced:

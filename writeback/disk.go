@@ -103,6 +103,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	if d.j, err = OpenJournal(o.JournalDir, o.Journal); err != nil {
 		return nil, err
 	}
+	d.j.AttachImage(img)
 	if o.Staging == nil {
 		if err := d.acquireLease(ctx); err != nil {
 			return nil, err
@@ -181,35 +182,33 @@ func (d *Disk) acquireLease(ctx context.Context) error {
 	return nil
 }
 
-// replayJournal re-applies every journaled record to the image (it may
-// have lost unsynced writes in a power loss; re-applying in seq order is
-// idempotent), makes the image durable, then drops the records the blob
-// already holds completely: with an even sequence number 2e, every record
-// of an epoch <= e. With an odd one a batch was cut short and nothing is
-// dropped: the flusher sends that batch again. With the staged transfer
-// (keepAll) nothing is dropped either: the blob's progress is the worker's
-// and the records go through the staging container again.
+// replayJournal re-applies the journal to the image (it may have lost
+// unsynced writes in a power loss), makes the image durable, then drops the
+// records the blob already holds completely: with an even sequence number
+// 2e, every record of an epoch <= e. With an odd one a batch was cut short
+// and nothing is dropped: the flusher sends that batch again. With the
+// staged transfer (keepAll) nothing is dropped either: the blob's progress
+// is the worker's and the records go through the staging container again.
 func (d *Disk) replayJournal(seq int64, keepAll bool) error {
 	d.replay.RemoteSequence = seq
 	remoteEpoch := RemoteEpochFromSequence(seq)
-	var onRemote []Record
-	err := d.j.ReadAll(func(r Record) error {
-		if err := d.applyToImage(&r); err != nil {
-			return err
-		}
-		d.replay.Records++
-		d.replay.Bytes += int64(len(r.Data))
+	var recs, onRemote []Record
+	err := d.j.scan(0, func(r Record) (bool, error) {
+		recs = append(recs, r)
 		if !keepAll && seq%2 == 0 && r.Epoch <= remoteEpoch {
-			r.Data = nil
 			onRemote = append(onRemote, r)
 		}
-		return nil
+		return false, nil
 	})
 	if err != nil {
 		return fmt.Errorf("replay journal: %w", err)
 	}
-	if d.replay.Records == 0 {
+	if len(recs) == 0 {
 		return nil
+	}
+	d.replay.Records = len(recs)
+	if d.replay.Bytes, err = d.reapply(recs); err != nil {
+		return fmt.Errorf("replay journal: %w", err)
 	}
 	if err := d.img.Sync(); err != nil {
 		return fmt.Errorf("replay journal: sync image: %w", err)
@@ -222,22 +221,52 @@ func (d *Disk) replayJournal(seq int64, keepAll bool) error {
 	return nil
 }
 
-// Replay returns what Open re-applied.
-func (d *Disk) Replay() ReplayStats { return d.replay }
-
-func (d *Disk) applyToImage(r *Record) error {
-	switch r.Kind {
-	case KindData:
-		if _, err := d.img.WriteAt(r.Data, r.Offset); err != nil {
-			return fmt.Errorf("write local image %d+%d: %w", r.Offset, r.Length, err)
-		}
-	default:
-		if err := punch(d.img, r.Offset, r.Length); err != nil {
-			return fmt.Errorf("zero local image %d+%d: %w", r.Offset, r.Length, err)
+// reapply writes the journal's last word on every sector to the image and
+// returns the data bytes it wrote. Records are coalesced first (the last
+// record wins per sector) rather than re-applied one by one in seq order:
+// the payload of an image-backed record is the image itself, so a zero
+// record re-applied under it would destroy the only copy. Image-backed
+// winners are left alone, zero winners punched again, and segment winners
+// (older journals, or records captured before a later epoch overwrote
+// part of them) written again: a captured record wins only on sectors
+// nothing wrote since the capture, where the image holds the same bytes.
+func (d *Disk) reapply(recs []Record) (int64, error) {
+	var c coalescer
+	for i := range recs {
+		r := &recs[i]
+		c.addExtent(extent{off: r.Offset, end: r.End(), zero: r.Kind != KindData, src: int32(i)})
+	}
+	c.resolve()
+	var bytes int64
+	cur, payload := int32(-1), []byte(nil)
+	for _, e := range c.ext {
+		r := &recs[e.src]
+		switch {
+		case e.zero:
+			if err := punch(d.img, e.off, e.end-e.off); err != nil {
+				return bytes, fmt.Errorf("zero local image %d+%d: %w", e.off, e.end-e.off, err)
+			}
+		case r.seg == 0:
+			// Image-backed: the image holds it.
+		default:
+			if e.src != cur {
+				var err error
+				if payload, err = d.j.segs.read(r); err != nil {
+					return bytes, err
+				}
+				cur = e.src
+			}
+			if _, err := d.img.WriteAt(payload[e.off-r.Offset:e.end-r.Offset], e.off); err != nil {
+				return bytes, fmt.Errorf("write local image %d+%d: %w", e.off, e.end-e.off, err)
+			}
+			bytes += e.end - e.off
 		}
 	}
-	return nil
+	return bytes, nil
 }
+
+// Replay returns what Open re-applied.
+func (d *Disk) Replay() ReplayStats { return d.replay }
 
 // punch makes [off, off+n) of f read as zeros and frees its space.
 func punch(f *os.File, off, n int64) error {
@@ -320,8 +349,10 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := d.alloc.ensure(d.img, aoff, aend); err != nil {
 		return fmt.Errorf("allocate local image %d+%d: %w", aoff, aend-aoff, err)
 	}
+	// Write once: the image holds the payload, the journal only the
+	// record (see imageref.go).
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
-	if err := d.j.appendApply(ctx, &rec, func() error {
+	if err := d.j.appendApply(ctx, &rec, true, func() error {
 		if _, err := d.img.WriteAt(buf, aoff); err != nil {
 			return fmt.Errorf("write local image %d+%d: %w", aoff, len(buf), err)
 		}
@@ -368,7 +399,7 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 		kind = KindDiscard
 	}
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: kind}
-	if err := d.j.appendApply(ctx, &rec, func() error {
+	if err := d.j.appendApply(ctx, &rec, false, func() error {
 		if err := d.alloc.punch(d.img, aoff, aend); err != nil {
 			return fmt.Errorf("zero local image %d+%d: %w", aoff, aend-aoff, err)
 		}

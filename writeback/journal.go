@@ -76,6 +76,14 @@ type Journal struct {
 
 	group groupCommit // see groupcommit.go
 
+	// The local image, for image-backed records (see imageref.go): the
+	// pending ones, whether the image was written since the last Sync, and
+	// what captures cost.
+	img                     *os.File
+	refs                    imageRefs
+	imgDirty                atomic.Bool
+	captures, capturedBytes atomic.Int64
+
 	syncMu sync.Mutex
 
 	mu             sync.Mutex // guards the pending accounting below
@@ -165,6 +173,7 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	j := &Journal{db: db, segs: segs, dir: dir, log: log, max: o.MaxPendingBytes, stopGC: make(chan struct{}), gcDone: make(chan struct{})}
 	j.space = sync.NewCond(&j.mu)
 	j.group.init(db)
+	j.refs.init()
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
@@ -225,7 +234,9 @@ func (j *Journal) recover() error {
 			if err != nil {
 				return err
 			}
-			if hdr.Kind == KindData {
+			if hdr.Kind == KindData && hdr.seg == 0 {
+				j.refs.add(&hdr)
+			} else if hdr.Kind == KindData {
 				seg, err := j.segs.get(hdr.seg)
 				if err != nil {
 					return fmt.Errorf("journal record %d: %w", seq, err)
@@ -329,7 +340,7 @@ func (j *Journal) RaiseEpoch(e uint64) {
 // until the flusher drains or ctx ends; it never fails for lack of space
 // in the cap.
 func (j *Journal) Append(ctx context.Context, r *Record) error {
-	return j.appendApply(ctx, r, nil)
+	return j.appendApply(ctx, r, false, nil)
 }
 
 // appendApply is Append, then apply (the caller's write of r to the local
@@ -340,7 +351,12 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 // commit and the image write; a crash then, or a power loss before the
 // next image sync, leaves the write on the blob and in neither the journal
 // nor the image.
-func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error) error {
+//
+// With inImage, a data record's payload is not written to a segment: apply
+// writes it to the image, which then holds it (see imageref.go). Whenever
+// apply is given, pending image-backed records of earlier epochs that r's
+// range overlaps are captured first.
+func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, apply func() error) error {
 	if err := r.check(); err != nil {
 		return fmt.Errorf("append: %w", err)
 	}
@@ -357,7 +373,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	// The payload goes to a segment file first, outside any lock; the
 	// index entry, committed after it, is what makes the record exist.
 	var seg *segment
-	if r.Kind == KindData {
+	if r.Kind == KindData && !inImage {
 		var err error
 		seg, r.segOff, err = j.segs.reserve(r.Length)
 		if err != nil {
@@ -376,12 +392,25 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	j.barrierMu.RLock()
 	r.Seq = j.nextSeq.Add(1) - 1
 	r.Epoch = j.epoch
+	var err error
+	if apply != nil {
+		// Under barrierMu, so r.Epoch cannot change between the choice of
+		// what to capture and the commit.
+		err = j.capture(r.Offset, r.End(), r.Epoch)
+	}
 	// The index entry joins the group commit: concurrent appends share one
 	// badger transaction. It is still committed before barrierMu is
 	// released, so Barrier's guarantee (every record of a closed epoch is
 	// committed) and the range lock's seq order are unchanged.
-	err := j.group.commit(recKey(r.Seq), r.encode())
+	if err == nil {
+		err = j.group.commit(recKey(r.Seq), r.encode())
+	}
 	full := false
+	if err == nil && inImage && r.Kind == KindData {
+		// Indexed before the caller releases its range lock, so the next
+		// overlapping write of a later epoch captures it.
+		j.refs.add(r)
+	}
 	if err == nil {
 		j.epochUsed.Store(true)
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
@@ -405,6 +434,9 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	}
 	if apply != nil {
 		err = apply()
+		// After the image write, so a Sync that sees the flag covers it
+		// (Sync holds syncMu from clearing the flag to the end of fsync).
+		j.imgDirty.Store(true)
 	}
 	j.applyMu.RUnlock()
 	if full {
@@ -523,9 +555,33 @@ func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
 // covered, so every .vlog and .mem file is fsync'ed too (fsync on Linux
 // writes back pages dirtied through badger's shared mmaps), then the
 // directory, for files created since.
+//
+// The local image is synced too when it was written since the last Sync:
+// it holds the payloads of image-backed records. Its fsync runs alongside
+// the journal's, so a barrier waits for the slower of the two, not both.
 func (j *Journal) Sync() error {
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
+	var imgErr chan error
+	if j.img != nil && j.imgDirty.Swap(false) {
+		imgErr = make(chan error, 1)
+		go func() {
+			err := j.img.Sync()
+			if err != nil {
+				j.imgDirty.Store(true)
+				err = fmt.Errorf("sync local image: %w", err)
+			}
+			imgErr <- err
+		}()
+	}
+	err := j.syncJournal()
+	if imgErr != nil {
+		err = errors.Join(err, <-imgErr)
+	}
+	return err
+}
+
+func (j *Journal) syncJournal() error {
 	if err := j.segs.sync(); err != nil {
 		return err
 	}
@@ -576,6 +632,9 @@ func syncFiles(dir string) error {
 // that batch). It never returns part of an epoch.
 func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([]Record, error) {
 	closed := j.closed.Load()
+	// Every record of a closed epoch is committed; once they are all in
+	// the image too, the image-backed ones read back whole.
+	j.waitApplied()
 	var out []Record
 	var size int64
 	epochStart := 0 // index in out where the current epoch starts
@@ -652,6 +711,9 @@ func (j *Journal) load(r *Record) error {
 	if r.Kind != KindData {
 		return nil
 	}
+	if r.seg == 0 {
+		return j.loadImageBacked(r)
+	}
 	var err error
 	r.Data, err = j.segs.read(r)
 	return err
@@ -663,6 +725,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if len(recs) == 0 {
 		return nil
 	}
+	j.forget(recs)
 	wb := j.db.NewWriteBatch()
 	defer wb.Cancel()
 	var bytes int64
@@ -732,6 +795,11 @@ type JournalStats struct {
 	EpochsClosed   uint64
 	BlockedWriters int
 	DiskBytes      int64 // LSM + value log on disk
+	// Captures counts image-backed records copied into a segment because a
+	// later epoch overwrote their range before they were drained, and
+	// CapturedBytes their bytes (see imageref.go).
+	Captures      int64
+	CapturedBytes int64
 }
 
 // Stats returns the journal's counters.
@@ -748,6 +816,7 @@ func (j *Journal) Stats() JournalStats {
 	s.ClosedEpoch = j.closed.Load()
 	s.EpochsClosed = j.epochsClosed.Load()
 	s.DiskBytes = dirBytes(j.dir)
+	s.Captures, s.CapturedBytes = j.captures.Load(), j.capturedBytes.Load()
 	return s
 }
 

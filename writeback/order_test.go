@@ -663,7 +663,7 @@ func propFirstDiff(a, b []byte) int {
 // state the blob passes through is checked by checkOrder.
 func TestOrderProperty(t *testing.T) {
 	var total orderStats
-	cases, steps, batches := 0, 0, uint64(0)
+	cases, steps, batches, captures := 0, 0, uint64(0), int64(0)
 	base := propBaseDir(t)
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
@@ -723,11 +723,15 @@ func TestOrderProperty(t *testing.T) {
 		steps += m.last()
 		total.add(ost)
 		batches += st.Flusher.Batches
+		captures += st.Journal.Captures
 	})
-	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches",
-		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches)
+	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches, %d image-backed records captured",
+		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches, captures)
 	if cases > 20 && (total.marked == 0 || total.unmarked == 0) {
 		t.Errorf("the workload never produced both kinds of in-progress state (marked %d, unmarked %d): the test is too weak", total.marked, total.unmarked)
+	}
+	if cases > 20 && captures == 0 {
+		t.Errorf("no write of a later epoch ever overwrote a pending image-backed record: the test is too weak")
 	}
 }
 

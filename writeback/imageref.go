@@ -1,0 +1,243 @@
+package writeback
+
+import (
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+)
+
+// Write once: the payload of a data record written through Disk is not
+// copied into a segment file. The local image holds it, and the record's
+// index entry says so (segment 0). Writing every byte twice (journal and
+// image) was 59-62 % of the daemon's CPU and capped sequential writes at
+// half of what the local file takes.
+//
+// The image always holds the newest state, so an image-backed record reads
+// back right as long as no later epoch has written its range: inside an
+// epoch any subset of writes may land (last write wins per sector), but
+// across a barrier the blob must get the record's own bytes. So before a
+// write (data, zero or discard) of epoch E changes the image over a range,
+// every pending image-backed record overlapping it from an epoch below E is
+// captured: its bytes are read from the image and stored in a segment, and
+// its index entry is rewritten to point there, committed before the image
+// changes. Only overwrites across a barrier of data not yet drained pay
+// the copy, which is what the segment path paid for every write.
+//
+// Synchronisation, per record (imageRef.mu): a capture, the flusher's read
+// of the record from the image, and the record's deletion after it is
+// drained all hold it. A capture therefore never resurrects a deleted
+// record (Delete marks it deleted before badger deletes the key), and the
+// flusher reads either the image before any later epoch touched the range
+// or the captured copy.
+
+// imageRef is a pending image-backed data record.
+type imageRef struct {
+	rec Record // index fields only; never changed once indexed
+	// Guarded by mu: where the payload went when captured.
+	mu       sync.Mutex
+	captured bool
+	deleted  bool
+	seg      uint64
+	segOff   int64
+	crc      uint32
+}
+
+// imageRefChunk is the granularity of the overlap index: data records are
+// at most a FUSE write (1 MiB plus widening), so one spans 1-3 chunks.
+const imageRefChunk = 1 << 20
+
+// imageRefs indexes the pending image-backed records by seq and by the
+// chunks their ranges touch.
+type imageRefs struct {
+	mu      sync.Mutex
+	bySeq   map[uint64]*imageRef
+	byChunk map[int64][]*imageRef
+	n       atomic.Int64 // len(bySeq), read without mu on the write path
+}
+
+func (x *imageRefs) init() {
+	x.bySeq = map[uint64]*imageRef{}
+	x.byChunk = map[int64][]*imageRef{}
+}
+
+func (x *imageRefs) add(r *Record) {
+	ref := &imageRef{rec: *r}
+	ref.rec.Data = nil
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.bySeq[r.Seq] = ref
+	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
+		x.byChunk[c] = append(x.byChunk[c], ref)
+	}
+	x.n.Store(int64(len(x.bySeq)))
+}
+
+func (x *imageRefs) get(seq uint64) *imageRef {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.bySeq[seq]
+}
+
+// remove drops seq from the index; the caller has marked it deleted.
+func (x *imageRefs) remove(seq uint64) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	ref := x.bySeq[seq]
+	if ref == nil {
+		return
+	}
+	delete(x.bySeq, seq)
+	r := &ref.rec
+	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
+		list := x.byChunk[c]
+		for i, o := range list {
+			if o == ref {
+				list[i] = list[len(list)-1]
+				list = list[:len(list)-1]
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(x.byChunk, c)
+		} else {
+			x.byChunk[c] = list
+		}
+	}
+	x.n.Store(int64(len(x.bySeq)))
+}
+
+// overlapping returns the pending image-backed records of an epoch below
+// epoch that overlap [off, end), in no particular order.
+func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
+	if x.n.Load() == 0 {
+		return nil
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	var out []*imageRef
+	hit := func(ref *imageRef) bool {
+		r := &ref.rec
+		return r.Epoch < epoch && r.Offset < end && off < r.End()
+	}
+	first, last := off/imageRefChunk, (end-1)/imageRefChunk
+	if last-first+1 > int64(len(x.bySeq)) {
+		// A range wider than the index (a discard of the whole disk):
+		// walk the records instead of the chunks.
+		for _, ref := range x.bySeq {
+			if hit(ref) {
+				out = append(out, ref)
+			}
+		}
+		return out
+	}
+	for c := first; c <= last; c++ {
+		for _, ref := range x.byChunk[c] {
+			// A record in several chunks is seen once: at the first chunk
+			// it shares with [off, end).
+			if hit(ref) && max(ref.rec.Offset/imageRefChunk, first) == c {
+				out = append(out, ref)
+			}
+		}
+	}
+	return out
+}
+
+// AttachImage makes f the local image that image-backed records live in
+// (Disk does this before it writes or replays anything).
+func (j *Journal) AttachImage(f *os.File) { j.img = f }
+
+// capture copies every pending image-backed record of an epoch below
+// epoch that overlaps [off, end) into a segment, before a write of epoch
+// changes that range of the image. Called under barrierMu (read), so epoch
+// is the epoch the write will get.
+func (j *Journal) capture(off, end int64, epoch uint64) error {
+	for _, ref := range j.refs.overlapping(off, end, epoch) {
+		if err := j.captureOne(ref); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (j *Journal) captureOne(ref *imageRef) error {
+	ref.mu.Lock()
+	defer ref.mu.Unlock()
+	if ref.captured || ref.deleted {
+		return nil
+	}
+	r := ref.rec
+	buf := make([]byte, r.Length)
+	if _, err := j.img.ReadAt(buf, r.Offset); err != nil {
+		return fmt.Errorf("capture journal record %d (%d+%d) from the local image: %w", r.Seq, r.Offset, r.Length, err)
+	}
+	seg, segOff, err := j.segs.reserve(r.Length)
+	if err != nil {
+		return err
+	}
+	defer seg.inflight.Add(-1)
+	if _, err := seg.f.WriteAt(buf, segOff); err != nil {
+		return fmt.Errorf("capture journal record %d: write segment: %w", r.Seq, err)
+	}
+	seg.dirty.Store(true)
+	r.seg, r.segOff, r.crc = seg.id, segOff, crc32c(buf)
+	if err := j.group.commit(recKey(r.Seq), r.encode()); err != nil {
+		return fmt.Errorf("capture journal record %d: %w", r.Seq, err)
+	}
+	for {
+		last := seg.lastSeq.Load()
+		if last >= r.Seq || seg.lastSeq.CompareAndSwap(last, r.Seq) {
+			break
+		}
+	}
+	ref.seg, ref.segOff, ref.crc, ref.captured = r.seg, r.segOff, r.crc, true
+	j.captures.Add(1)
+	j.capturedBytes.Add(r.Length)
+	return nil
+}
+
+// loadImageBacked reads the payload of image-backed record r: from the
+// image, or from its segment if a later epoch's write captured it. The
+// caller has waited for every committed record to reach the image.
+func (j *Journal) loadImageBacked(r *Record) error {
+	ref := j.refs.get(r.Seq)
+	if ref == nil {
+		return fmt.Errorf("journal record %d: its payload is in the local image but the record is not pending", r.Seq)
+	}
+	ref.mu.Lock()
+	defer ref.mu.Unlock()
+	if ref.captured {
+		cr := ref.rec
+		cr.seg, cr.segOff, cr.crc = ref.seg, ref.segOff, ref.crc
+		data, err := j.segs.read(&cr)
+		r.Data = data
+		return err
+	}
+	if j.img == nil {
+		return fmt.Errorf("journal record %d: its payload is in the local image, which is not open", r.Seq)
+	}
+	buf := make([]byte, r.Length)
+	if _, err := j.img.ReadAt(buf, r.Offset); err != nil {
+		return fmt.Errorf("journal record %d: read %d+%d from the local image: %w", r.Seq, r.Offset, r.Length, err)
+	}
+	r.Data = buf
+	return nil
+}
+
+// forget marks the image-backed records among recs deleted and drops them
+// from the index, before their keys are deleted from badger.
+func (j *Journal) forget(recs []Record) {
+	if j.refs.n.Load() == 0 {
+		return
+	}
+	for i := range recs {
+		ref := j.refs.get(recs[i].Seq)
+		if ref == nil {
+			continue
+		}
+		ref.mu.Lock()
+		ref.deleted = true
+		ref.mu.Unlock()
+		j.refs.remove(recs[i].Seq)
+	}
+}
