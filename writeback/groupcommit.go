@@ -45,10 +45,13 @@ type groupCommit struct {
 }
 
 type groupEntry struct {
-	key, val []byte
-	err      error
-	wake     chan bool // one message: true = lead, false = done (err set)
+	kvs  []keyValue // committed together, in one transaction
+	err  error
+	wake chan bool // one message: true = lead, false = done (err set)
 }
+
+// keyValue is one badger entry of a group commit.
+type keyValue struct{ key, val []byte }
 
 func (g *groupCommit) init(db *badger.DB) {
 	g.db = db
@@ -57,7 +60,13 @@ func (g *groupCommit) init(db *badger.DB) {
 // commit writes key=val to badger, grouped with concurrent calls, and
 // returns once it is committed (or failed).
 func (g *groupCommit) commit(key, val []byte) error {
-	e := &groupEntry{key: key, val: val, wake: make(chan bool, 1)}
+	return g.commitAll([]keyValue{{key, val}})
+}
+
+// commitAll is commit for several entries that must land in the same
+// transaction (at most maxGroupEntries of them).
+func (g *groupCommit) commitAll(kvs []keyValue) error {
+	e := &groupEntry{kvs: kvs, wake: make(chan bool, 1)}
 	var batch []*groupEntry
 	g.mu.Lock()
 	if g.inFlight < maxGroupsInFlight {
@@ -111,13 +120,28 @@ func (g *groupCommit) write(batch []*groupEntry) {
 func (g *groupCommit) writeSome(batch []*groupEntry) int {
 	txn := g.db.NewTransaction(true)
 	defer txn.Discard()
-	n := 0
+	n, size := 0, 0
 	var err error
 	for _, e := range batch {
-		if err = txn.Set(e.key, e.val); err != nil {
+		if n > 0 && size+len(e.kvs) > maxGroupEntries {
+			break
+		}
+		for _, kv := range e.kvs {
+			if err = txn.Set(kv.key, kv.val); err != nil {
+				break
+			}
+		}
+		if err != nil {
+			if n > 0 {
+				// Part of this entry is in the transaction: start again
+				// with the entries before it.
+				txn.Discard()
+				return g.writeSome(batch[:n])
+			}
 			break
 		}
 		n++
+		size += len(e.kvs)
 	}
 	if n > 0 {
 		// All of batch, or the prefix badger took (ErrTxnTooBig): the

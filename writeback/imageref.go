@@ -1,8 +1,10 @@
 package writeback
 
 import (
+	"cmp"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 )
@@ -33,7 +35,8 @@ import (
 
 // imageRef is a pending image-backed data record.
 type imageRef struct {
-	rec Record // index fields only; never changed once indexed
+	rec     Record // index fields only; never changed once indexed
+	covered bool   // in imageRefs.byChunk (guarded by imageRefs.mu)
 	// Guarded by mu: where the payload went when captured.
 	mu       sync.Mutex
 	captured bool
@@ -43,12 +46,15 @@ type imageRef struct {
 	crc      uint32
 }
 
-// imageRefChunk is the granularity of the overlap index: data records are
-// at most a FUSE write (1 MiB plus widening), so one spans 1-3 chunks.
-const imageRefChunk = 1 << 20
+// imageRefChunk is the granularity of the overlap index. A write looks at
+// the records listed under the chunks it touches; of those not captured yet
+// at most 16 disjoint 4 KiB ones share a chunk, plus overlapping ones of the
+// open epoch.
+const imageRefChunk = 64 << 10
 
-// imageRefs indexes the pending image-backed records by seq and by the
-// chunks their ranges touch.
+// imageRefs indexes the pending image-backed records by seq, and those not
+// captured yet by the chunks their ranges touch (a captured record needs no
+// second capture, so a hot range never piles up entries to scan).
 type imageRefs struct {
 	mu      sync.Mutex
 	bySeq   map[uint64]*imageRef
@@ -67,10 +73,41 @@ func (x *imageRefs) add(r *Record) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.bySeq[r.Seq] = ref
+	ref.covered = true
 	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
 		x.byChunk[c] = append(x.byChunk[c], ref)
 	}
 	x.n.Store(int64(len(x.bySeq)))
+}
+
+// uncover drops ref from the overlap index (it was captured).
+func (x *imageRefs) uncover(ref *imageRef) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.uncoverLocked(ref)
+}
+
+func (x *imageRefs) uncoverLocked(ref *imageRef) {
+	if !ref.covered {
+		return
+	}
+	ref.covered = false
+	r := &ref.rec
+	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
+		list := x.byChunk[c]
+		for i, o := range list {
+			if o == ref {
+				list[i] = list[len(list)-1]
+				list = list[:len(list)-1]
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(x.byChunk, c)
+		} else {
+			x.byChunk[c] = list
+		}
+	}
 }
 
 func (x *imageRefs) get(seq uint64) *imageRef {
@@ -88,27 +125,13 @@ func (x *imageRefs) remove(seq uint64) {
 		return
 	}
 	delete(x.bySeq, seq)
-	r := &ref.rec
-	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
-		list := x.byChunk[c]
-		for i, o := range list {
-			if o == ref {
-				list[i] = list[len(list)-1]
-				list = list[:len(list)-1]
-				break
-			}
-		}
-		if len(list) == 0 {
-			delete(x.byChunk, c)
-		} else {
-			x.byChunk[c] = list
-		}
-	}
+	x.uncoverLocked(ref)
 	x.n.Store(int64(len(x.bySeq)))
 }
 
-// overlapping returns the pending image-backed records of an epoch below
-// epoch that overlap [off, end), in no particular order.
+// overlapping returns the pending image-backed records not captured yet, of
+// an epoch below epoch, that overlap [off, end), in seq order (the order in
+// which a capture locks them).
 func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
 	if x.n.Load() == 0 {
 		return nil
@@ -125,10 +148,11 @@ func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
 		// A range wider than the index (a discard of the whole disk):
 		// walk the records instead of the chunks.
 		for _, ref := range x.bySeq {
-			if hit(ref) {
+			if ref.covered && hit(ref) {
 				out = append(out, ref)
 			}
 		}
+		slices.SortFunc(out, func(a, b *imageRef) int { return cmp.Compare(a.rec.Seq, b.rec.Seq) })
 		return out
 	}
 	for c := first; c <= last; c++ {
@@ -140,6 +164,7 @@ func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
 			}
 		}
 	}
+	slices.SortFunc(out, func(a, b *imageRef) int { return cmp.Compare(a.rec.Seq, b.rec.Seq) })
 	return out
 }
 
@@ -147,53 +172,85 @@ func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
 // (Disk does this before it writes or replays anything).
 func (j *Journal) AttachImage(f *os.File) { j.img = f }
 
-// capture copies every pending image-backed record of an epoch below
-// epoch that overlaps [off, end) into a segment, before a write of epoch
-// changes that range of the image. Called under barrierMu (read), so epoch
-// is the epoch the write will get.
-func (j *Journal) capture(off, end int64, epoch uint64) error {
-	for _, ref := range j.refs.overlapping(off, end, epoch) {
-		if err := j.captureOne(ref); err != nil {
-			return err
-		}
-	}
-	return nil
+// pendingCapture is a capture whose index entry is not committed yet: its
+// record stays locked until finishCaptures.
+type pendingCapture struct {
+	ref *imageRef
+	r   Record // the record's index entry, pointing at seg
+	seg *segment
 }
 
-func (j *Journal) captureOne(ref *imageRef) error {
+// prepareCaptures copies every pending image-backed record of an epoch
+// below epoch that overlaps [off, end) into a segment, before a write of
+// epoch changes that range of the image, and returns their new index
+// entries to commit with the write's own. Called under barrierMu (read), so
+// epoch is the epoch the write will get. The records are locked in seq
+// order (two writes may share some), and stay locked until finishCaptures.
+func (j *Journal) prepareCaptures(off, end int64, epoch uint64) ([]pendingCapture, []keyValue, error) {
+	var caps []pendingCapture
+	var kvs []keyValue
+	for _, ref := range j.refs.overlapping(off, end, epoch) {
+		pc, ok, err := j.prepareCapture(ref)
+		if err != nil {
+			j.finishCaptures(caps, err)
+			return nil, nil, err
+		}
+		if ok {
+			caps = append(caps, pc)
+			kvs = append(kvs, keyValue{recKey(pc.r.Seq), pc.r.encode()})
+		}
+	}
+	return caps, kvs, nil
+}
+
+func (j *Journal) prepareCapture(ref *imageRef) (pendingCapture, bool, error) {
 	ref.mu.Lock()
-	defer ref.mu.Unlock()
 	if ref.captured || ref.deleted {
-		return nil
+		ref.mu.Unlock()
+		return pendingCapture{}, false, nil
 	}
 	r := ref.rec
 	buf := make([]byte, r.Length)
 	if _, err := j.img.ReadAt(buf, r.Offset); err != nil {
-		return fmt.Errorf("capture journal record %d (%d+%d) from the local image: %w", r.Seq, r.Offset, r.Length, err)
+		ref.mu.Unlock()
+		return pendingCapture{}, false, fmt.Errorf("capture journal record %d (%d+%d) from the local image: %w", r.Seq, r.Offset, r.Length, err)
 	}
 	seg, segOff, err := j.segs.reserve(r.Length)
 	if err != nil {
-		return err
+		ref.mu.Unlock()
+		return pendingCapture{}, false, err
 	}
-	defer seg.inflight.Add(-1)
 	if _, err := seg.f.WriteAt(buf, segOff); err != nil {
-		return fmt.Errorf("capture journal record %d: write segment: %w", r.Seq, err)
+		seg.inflight.Add(-1)
+		ref.mu.Unlock()
+		return pendingCapture{}, false, fmt.Errorf("capture journal record %d: write segment: %w", r.Seq, err)
 	}
 	seg.dirty.Store(true)
 	r.seg, r.segOff, r.crc = seg.id, segOff, crc32c(buf)
-	if err := j.group.commit(recKey(r.Seq), r.encode()); err != nil {
-		return fmt.Errorf("capture journal record %d: %w", r.Seq, err)
-	}
-	for {
-		last := seg.lastSeq.Load()
-		if last >= r.Seq || seg.lastSeq.CompareAndSwap(last, r.Seq) {
-			break
+	return pendingCapture{ref: ref, r: r, seg: seg}, true, nil
+}
+
+// finishCaptures ends captures whose index entries were committed (err
+// nil) or not, and unlocks their records.
+func (j *Journal) finishCaptures(caps []pendingCapture, err error) {
+	for _, c := range caps {
+		// Even when the commit failed: the entry may have landed in an
+		// earlier transaction, and its segment must then outlive it.
+		for {
+			last := c.seg.lastSeq.Load()
+			if last >= c.r.Seq || c.seg.lastSeq.CompareAndSwap(last, c.r.Seq) {
+				break
+			}
 		}
+		if err == nil {
+			c.ref.seg, c.ref.segOff, c.ref.crc, c.ref.captured = c.r.seg, c.r.segOff, c.r.crc, true
+			j.refs.uncover(c.ref)
+			j.captures.Add(1)
+			j.capturedBytes.Add(c.r.Length)
+		}
+		c.seg.inflight.Add(-1)
+		c.ref.mu.Unlock()
 	}
-	ref.seg, ref.segOff, ref.crc, ref.captured = r.seg, r.segOff, r.crc, true
-	j.captures.Add(1)
-	j.capturedBytes.Add(r.Length)
-	return nil
 }
 
 // loadImageBacked reads the payload of image-backed record r: from the

@@ -393,17 +393,30 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	r.Seq = j.nextSeq.Add(1) - 1
 	r.Epoch = j.epoch
 	var err error
-	if apply != nil {
+	var caps []pendingCapture
+	kvs := []keyValue(nil)
+	if apply != nil && j.img != nil {
 		// Under barrierMu, so r.Epoch cannot change between the choice of
 		// what to capture and the commit.
-		err = j.capture(r.Offset, r.End(), r.Epoch)
+		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch)
 	}
 	// The index entry joins the group commit: concurrent appends share one
 	// badger transaction. It is still committed before barrierMu is
 	// released, so Barrier's guarantee (every record of a closed epoch is
-	// committed) and the range lock's seq order are unchanged.
+	// committed) and the range lock's seq order are unchanged. Captures go
+	// in the same transaction when they fit (a discard can capture many).
+	for err == nil && len(kvs) >= maxGroupEntries {
+		err = j.group.commitAll(kvs[:maxGroupEntries/2])
+		kvs = kvs[maxGroupEntries/2:]
+	}
 	if err == nil {
-		err = j.group.commit(recKey(r.Seq), r.encode())
+		err = j.group.commitAll(append(kvs, keyValue{recKey(r.Seq), r.encode()}))
+	}
+	if caps != nil {
+		// A capture committed in an earlier chunk but failed in a later one
+		// stays uncaptured: its entry points at a segment copy of what the
+		// image still holds, which is right either way.
+		j.finishCaptures(caps, err)
 	}
 	full := false
 	if err == nil && inImage && r.Kind == KindData {
