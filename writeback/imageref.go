@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Write once: the payload of a data record written through Disk is not
@@ -33,11 +34,16 @@ import (
 // flusher reads either the image before any later epoch touched the range
 // or the captured copy.
 
-// imageRef is a pending image-backed data record.
+// imageRef is a pending image-backed data record not captured yet: what
+// a capture needs to find it and rewrite its index entry. Captured records
+// leave the index (their entries in badger say where they went), so memory
+// is bounded by maxImageRefs, not by the pending records.
 type imageRef struct {
-	rec     Record // index fields only; never changed once indexed
-	covered bool   // in imageRefs.byChunk (guarded by imageRefs.mu)
-	// Guarded by mu: where the payload went when captured.
+	seq, epoch uint64
+	off, end   int64
+	time       int64 // Record.Time in Unix nanoseconds
+	// Guarded by mu: whether a capture or a delete got it first, and where
+	// a capture put the payload.
 	mu       sync.Mutex
 	captured bool
 	deleted  bool
@@ -46,15 +52,25 @@ type imageRef struct {
 	crc      uint32
 }
 
+// record is the ref's index entry (payload in the image).
+func (ref *imageRef) record() Record {
+	return Record{Seq: ref.seq, Epoch: ref.epoch, Offset: ref.off, Length: ref.end - ref.off, Kind: KindData, Time: time.Unix(0, ref.time)}
+}
+
+// maxImageRefs is the default cap on the image-backed records not captured yet (about 100
+// bytes of memory each). Above it new writes go to segments as before
+// write-once, so a remote that is down for long costs the old data path,
+// not memory: 64 Ki records is 256 MiB of pending 4 KiB writes or 32 GiB
+// of 512 KiB ones.
+const maxImageRefs = 64 << 10
+
 // imageRefChunk is the granularity of the overlap index. A write looks at
-// the records listed under the chunks it touches; of those not captured yet
-// at most 16 disjoint 4 KiB ones share a chunk, plus overlapping ones of the
-// open epoch.
+// the records listed under the chunks it touches: at most 16 disjoint
+// 4 KiB ones share a chunk, plus overlapping ones of the open epoch.
 const imageRefChunk = 64 << 10
 
-// imageRefs indexes the pending image-backed records by seq, and those not
-// captured yet by the chunks their ranges touch (a captured record needs no
-// second capture, so a hot range never piles up entries to scan).
+// imageRefs indexes the image-backed records not captured yet, by seq and
+// by the chunks their ranges touch.
 type imageRefs struct {
 	mu      sync.Mutex
 	bySeq   map[uint64]*imageRef
@@ -68,32 +84,32 @@ func (x *imageRefs) init() {
 }
 
 func (x *imageRefs) add(r *Record) {
-	ref := &imageRef{rec: *r}
-	ref.rec.Data = nil
+	ref := &imageRef{seq: r.Seq, epoch: r.Epoch, off: r.Offset, end: r.End(), time: r.Time.UnixNano()}
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.bySeq[r.Seq] = ref
-	ref.covered = true
-	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
+	for c := ref.off / imageRefChunk; c <= (ref.end-1)/imageRefChunk; c++ {
 		x.byChunk[c] = append(x.byChunk[c], ref)
 	}
 	x.n.Store(int64(len(x.bySeq)))
 }
 
-// uncover drops ref from the overlap index (it was captured).
-func (x *imageRefs) uncover(ref *imageRef) {
+func (x *imageRefs) get(seq uint64) *imageRef {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.uncoverLocked(ref)
+	return x.bySeq[seq]
 }
 
-func (x *imageRefs) uncoverLocked(ref *imageRef) {
-	if !ref.covered {
+// remove drops seq from the index (captured or deleted).
+func (x *imageRefs) remove(seq uint64) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	ref := x.bySeq[seq]
+	if ref == nil {
 		return
 	}
-	ref.covered = false
-	r := &ref.rec
-	for c := r.Offset / imageRefChunk; c <= (r.End()-1)/imageRefChunk; c++ {
+	delete(x.bySeq, seq)
+	for c := ref.off / imageRefChunk; c <= (ref.end-1)/imageRefChunk; c++ {
 		list := x.byChunk[c]
 		for i, o := range list {
 			if o == ref {
@@ -108,30 +124,12 @@ func (x *imageRefs) uncoverLocked(ref *imageRef) {
 			x.byChunk[c] = list
 		}
 	}
-}
-
-func (x *imageRefs) get(seq uint64) *imageRef {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return x.bySeq[seq]
-}
-
-// remove drops seq from the index; the caller has marked it deleted.
-func (x *imageRefs) remove(seq uint64) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	ref := x.bySeq[seq]
-	if ref == nil {
-		return
-	}
-	delete(x.bySeq, seq)
-	x.uncoverLocked(ref)
 	x.n.Store(int64(len(x.bySeq)))
 }
 
-// overlapping returns the pending image-backed records not captured yet, of
-// an epoch below epoch, that overlap [off, end), in seq order (the order in
-// which a capture locks them).
+// overlapping returns the indexed records of an epoch below epoch that
+// overlap [off, end), in seq order (the order in which a capture locks
+// them).
 func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
 	if x.n.Load() == 0 {
 		return nil
@@ -139,32 +137,28 @@ func (x *imageRefs) overlapping(off, end int64, epoch uint64) []*imageRef {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	var out []*imageRef
-	hit := func(ref *imageRef) bool {
-		r := &ref.rec
-		return r.Epoch < epoch && r.Offset < end && off < r.End()
-	}
+	hit := func(ref *imageRef) bool { return ref.epoch < epoch && ref.off < end && off < ref.end }
 	first, last := off/imageRefChunk, (end-1)/imageRefChunk
 	if last-first+1 > int64(len(x.bySeq)) {
 		// A range wider than the index (a discard of the whole disk):
 		// walk the records instead of the chunks.
 		for _, ref := range x.bySeq {
-			if ref.covered && hit(ref) {
+			if hit(ref) {
 				out = append(out, ref)
 			}
 		}
-		slices.SortFunc(out, func(a, b *imageRef) int { return cmp.Compare(a.rec.Seq, b.rec.Seq) })
-		return out
-	}
-	for c := first; c <= last; c++ {
-		for _, ref := range x.byChunk[c] {
-			// A record in several chunks is seen once: at the first chunk
-			// it shares with [off, end).
-			if hit(ref) && max(ref.rec.Offset/imageRefChunk, first) == c {
-				out = append(out, ref)
+	} else {
+		for c := first; c <= last; c++ {
+			for _, ref := range x.byChunk[c] {
+				// A record in several chunks is seen once: at the first
+				// chunk it shares with [off, end).
+				if hit(ref) && max(ref.off/imageRefChunk, first) == c {
+					out = append(out, ref)
+				}
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b *imageRef) int { return cmp.Compare(a.rec.Seq, b.rec.Seq) })
+	slices.SortFunc(out, func(a, b *imageRef) int { return cmp.Compare(a.seq, b.seq) })
 	return out
 }
 
@@ -209,7 +203,7 @@ func (j *Journal) prepareCapture(ref *imageRef) (pendingCapture, bool, error) {
 		ref.mu.Unlock()
 		return pendingCapture{}, false, nil
 	}
-	r := ref.rec
+	r := ref.record()
 	buf := make([]byte, r.Length)
 	if _, err := j.img.ReadAt(buf, r.Offset); err != nil {
 		ref.mu.Unlock()
@@ -244,7 +238,7 @@ func (j *Journal) finishCaptures(caps []pendingCapture, err error) {
 		}
 		if err == nil {
 			c.ref.seg, c.ref.segOff, c.ref.crc, c.ref.captured = c.r.seg, c.r.segOff, c.r.crc, true
-			j.refs.uncover(c.ref)
+			j.refs.remove(c.r.Seq)
 			j.captures.Add(1)
 			j.capturedBytes.Add(c.r.Length)
 		}
@@ -254,17 +248,27 @@ func (j *Journal) finishCaptures(caps []pendingCapture, err error) {
 }
 
 // loadImageBacked reads the payload of image-backed record r: from the
-// image, or from its segment if a later epoch's write captured it. The
-// caller has waited for every committed record to reach the image.
+// image, or from its segment if a later epoch's write captured it (r, read
+// from badger before that, may not say so yet). The caller has waited for
+// every committed record to reach the image.
 func (j *Journal) loadImageBacked(r *Record) error {
 	ref := j.refs.get(r.Seq)
 	if ref == nil {
-		return fmt.Errorf("journal record %d: its payload is in the local image but the record is not pending", r.Seq)
+		// Captured since r was read: the index entry says where to.
+		cr, err := j.getRecord(r.Seq)
+		if err != nil {
+			return err
+		}
+		if cr.seg == 0 {
+			return fmt.Errorf("journal record %d: its payload is in the local image but the record is not indexed", r.Seq)
+		}
+		r.Data, err = j.segs.read(&cr)
+		return err
 	}
 	ref.mu.Lock()
 	defer ref.mu.Unlock()
 	if ref.captured {
-		cr := ref.rec
+		cr := ref.record()
 		cr.seg, cr.segOff, cr.crc = ref.seg, ref.segOff, ref.crc
 		data, err := j.segs.read(&cr)
 		r.Data = data

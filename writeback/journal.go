@@ -50,6 +50,10 @@ type JournalOptions struct {
 	// SegmentBytes is the size of the payload segment files (default
 	// 64 MiB); a segment is deleted once all its records are drained.
 	SegmentBytes int64
+	// MaxImageRecords caps the image-backed records not captured yet (see
+	// imageref.go); 0 means 65,536. Writes above it put their payload in a
+	// segment.
+	MaxImageRecords int
 }
 
 // Journal is the durable, ordered log of writes not yet on the remote.
@@ -81,6 +85,7 @@ type Journal struct {
 	// what captures cost.
 	img                     *os.File
 	refs                    imageRefs
+	maxRefs                 int64
 	imgDirty                atomic.Bool
 	captures, capturedBytes atomic.Int64
 
@@ -174,6 +179,10 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	j.space = sync.NewCond(&j.mu)
 	j.group.init(db)
 	j.refs.init()
+	j.maxRefs = int64(o.MaxImageRecords)
+	if j.maxRefs <= 0 {
+		j.maxRefs = maxImageRefs
+	}
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
@@ -372,6 +381,9 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	}
 	// The payload goes to a segment file first, outside any lock; the
 	// index entry, committed after it, is what makes the record exist.
+	// Above maxImageRefs the payload goes to a segment after all, so
+	// that memory stays bounded while the remote is far behind.
+	inImage = inImage && j.img != nil && j.refs.n.Load() < j.maxRefs
 	var seg *segment
 	if r.Kind == KindData && !inImage {
 		var err error
@@ -717,6 +729,25 @@ func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) erro
 		}
 		return nil
 	})
+}
+
+// getRecord reads seq's index entry (no payload).
+func (j *Journal) getRecord(seq uint64) (Record, error) {
+	var r Record
+	err := j.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(recKey(seq))
+		if err != nil {
+			return err
+		}
+		return item.Value(func(v []byte) error {
+			r, err = decodeRecord(seq, v)
+			return err
+		})
+	})
+	if err != nil {
+		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
+	}
+	return r, nil
 }
 
 // load reads a data record's payload from its segment.
