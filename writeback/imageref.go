@@ -3,6 +3,7 @@ package writeback
 import (
 	"cmp"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"slices"
 	"sync"
@@ -204,24 +205,47 @@ func (j *Journal) prepareCapture(ref *imageRef) (pendingCapture, bool, error) {
 		return pendingCapture{}, false, nil
 	}
 	r := ref.record()
-	buf := make([]byte, r.Length)
-	if _, err := j.img.ReadAt(buf, r.Offset); err != nil {
-		ref.mu.Unlock()
-		return pendingCapture{}, false, fmt.Errorf("capture journal record %d (%d+%d) from the local image: %w", r.Seq, r.Offset, r.Length, err)
-	}
 	seg, segOff, err := j.segs.reserve(r.Length)
 	if err != nil {
 		ref.mu.Unlock()
 		return pendingCapture{}, false, err
 	}
-	if _, err := seg.f.WriteAt(buf, segOff); err != nil {
+	crc, err := j.copyFromImage(seg, segOff, r.Offset, r.Length)
+	if err != nil {
 		seg.inflight.Add(-1)
 		ref.mu.Unlock()
-		return pendingCapture{}, false, fmt.Errorf("capture journal record %d: write segment: %w", r.Seq, err)
+		return pendingCapture{}, false, fmt.Errorf("capture journal record %d (%d+%d): %w", r.Seq, r.Offset, r.Length, err)
 	}
 	seg.dirty.Store(true)
-	r.seg, r.segOff, r.crc = seg.id, segOff, crc32c(buf)
+	r.seg, r.segOff, r.crc = seg.id, segOff, crc
 	return pendingCapture{ref: ref, r: r, seg: seg}, true, nil
+}
+
+// captureBuf is the buffer a capture copies through: records are up to a
+// FUSE write (1 MiB plus widening), and 32 writers capturing at once with a
+// buffer per record would be 32 MiB of garbage at a time.
+const captureBuf = 128 << 10
+
+var capturePool = sync.Pool{New: func() any { b := make([]byte, captureBuf); return &b }}
+
+// copyFromImage copies n bytes of the image at off to seg at segOff and
+// returns their CRC-32C.
+func (j *Journal) copyFromImage(seg *segment, segOff, off, n int64) (uint32, error) {
+	bp := capturePool.Get().(*[]byte)
+	defer capturePool.Put(bp)
+	var crc uint32
+	for done := int64(0); done < n; {
+		b := (*bp)[:min(n-done, captureBuf)]
+		if _, err := j.img.ReadAt(b, off+done); err != nil {
+			return 0, fmt.Errorf("read the local image: %w", err)
+		}
+		crc = crc32.Update(crc, castagnoli, b)
+		if _, err := seg.f.WriteAt(b, segOff+done); err != nil {
+			return 0, fmt.Errorf("write %s: %w", segName(seg.id), err)
+		}
+		done += int64(len(b))
+	}
+	return crc, nil
 }
 
 // finishCaptures ends captures whose index entries were committed (err

@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -90,6 +92,10 @@ type Journal struct {
 	captures, capturedBytes atomic.Int64
 
 	syncMu sync.Mutex
+	// Guarded by syncMu: rotated badger logs fsync'ed since they were
+	// rotated, and the names the directory held at its last fsync.
+	syncedLogs map[string]bool
+	dirNames   map[string]bool
 
 	mu             sync.Mutex // guards the pending accounting below
 	space          *sync.Cond
@@ -116,9 +122,10 @@ func badgerOptions(dir string, log *slog.Logger) badger.Options {
 		// page cache through mmap), only power loss needs the barrier.
 		WithSyncWrites(false).
 		// Badger holds only the index (53-byte entries; payloads are in
-		// segment files, see segment.go): they stay in the LSM tree and
-		// its WAL, and the value log stays empty.
-		WithValueThreshold(1 << 10).
+		// the image or in segment files, see segment.go): they stay in the
+		// LSM tree and its WAL, and the value log stays empty (syncFiles
+		// relies on it).
+		WithValueThreshold(valueThreshold).
 		WithValueLogFileSize(16 << 20).
 		// Small memtables: less memory, and records deleted soon rarely
 		// reach L1 anyway.
@@ -610,36 +617,74 @@ func (j *Journal) syncJournal() error {
 	if err := j.segs.sync(); err != nil {
 		return err
 	}
-	if err := j.db.Sync(); err != nil {
-		return fmt.Errorf("sync journal: %w", err)
-	}
-	return syncFiles(j.dir)
+	return j.syncFiles()
 }
 
-func syncFiles(dir string) error {
-	entries, err := os.ReadDir(dir)
+// syncFiles makes badger's committed entries durable by fsyncing its log
+// files, then the directory if files appeared since its last fsync. It
+// replaces DB.Sync, which msyncs the whole mapping of the active memtable's
+// WAL and of the newest value log: about 190 µs even when nothing is dirty
+// (measured), more than the fsyncs themselves. fsync on Linux writes back
+// the pages dirtied through badger's shared mmaps (a write to a clean
+// shared page faults and marks it dirty). Only the newest .mem is
+// fsync'ed every time, every other log once (see logsToSync). The files are
+// fsync'ed in parallel, and alongside the image (see Sync): a barrier
+// costs about one fsync.
+func (j *Journal) syncFiles() error {
+	entries, err := os.ReadDir(j.dir)
 	if err != nil {
 		return fmt.Errorf("sync journal files: %w", err)
 	}
+	names := make(map[string]bool, len(entries))
 	for _, e := range entries {
-		name := e.Name()
-		if !strings.HasSuffix(name, ".vlog") && !strings.HasSuffix(name, ".mem") {
-			continue
-		}
-		f, err := os.Open(filepath.Join(dir, name))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // deleted by GC or a flush since the listing
-		}
-		if err != nil {
-			return fmt.Errorf("sync journal file %s: %w", name, err)
-		}
-		err = f.Sync()
-		f.Close()
-		if err != nil {
-			return fmt.Errorf("sync journal file %s: %w", name, err)
+		names[e.Name()] = true
+	}
+	if j.syncedLogs == nil {
+		j.syncedLogs = map[string]bool{}
+	}
+	logs, done := logsToSync(names, j.syncedLogs)
+	errs := make([]error, len(logs))
+	var wg sync.WaitGroup
+	for i, name := range logs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f, err := os.Open(filepath.Join(j.dir, name))
+			if errors.Is(err, os.ErrNotExist) {
+				return // deleted by GC or a flush since the listing
+			}
+			if err == nil {
+				err = f.Sync()
+				f.Close()
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("sync journal file %s: %w", name, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	for _, name := range done {
+		j.syncedLogs[name] = true
+	}
+	for name := range j.syncedLogs {
+		if !names[name] {
+			delete(j.syncedLogs, name) // deleted by badger
 		}
 	}
-	d, err := os.Open(dir)
+	appeared := false
+	for name := range names {
+		if !j.dirNames[name] {
+			appeared = true
+			break
+		}
+	}
+	if !appeared {
+		return nil
+	}
+	d, err := os.Open(j.dir)
 	if err != nil {
 		return fmt.Errorf("sync journal directory: %w", err)
 	}
@@ -647,7 +692,53 @@ func syncFiles(dir string) error {
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("sync journal directory: %w", err)
 	}
+	j.dirNames = names
 	return nil
+}
+
+// logsToSync picks, from the names in the journal directory, the badger
+// logs to fsync: the newest .mem (the WAL badger appends to) every time, and
+// every other log not synced yet, returned also as done (to be remembered
+// once synced). A .mem with a lower number has been rotated: badger never
+// writes it again. No .vlog is written after its creation either: every
+// value here (index entries of indexSize bytes, 8-byte counters) is below
+// the value threshold, so badger keeps it in the WAL and the LSM tree (a
+// test checks the sizes).
+func logsToSync(names, synced map[string]bool) (logs, done []string) {
+	newestMem := uint64(0)
+	for name := range names {
+		if ext, n, ok := badgerLog(name); ok && ext == ".mem" && n >= newestMem {
+			newestMem = n
+		}
+	}
+	for name := range names {
+		ext, n, ok := badgerLog(name)
+		switch {
+		case !ok || synced[name]:
+		case ext == ".mem" && n == newestMem:
+			logs = append(logs, name)
+		default:
+			logs = append(logs, name)
+			done = append(done, name)
+		}
+	}
+	slices.Sort(logs)
+	slices.Sort(done)
+	return logs, done
+}
+
+// valueThreshold is badger's value threshold: every value the journal
+// writes is smaller, so none goes to the value log.
+const valueThreshold = 1 << 10
+
+// badgerLog parses a badger log file name (00012.mem, 000003.vlog).
+func badgerLog(name string) (ext string, n uint64, ok bool) {
+	ext = filepath.Ext(name)
+	if ext != ".mem" && ext != ".vlog" {
+		return "", 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(name, ext), 10, 64)
+	return ext, n, err == nil
 }
 
 // ReadBatch returns the records of whole closed epochs with seq >= from,

@@ -2,10 +2,13 @@
 # bench/ab/rand4k.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: two vhdsync binaries mounted side by side
 # (remote detached, as bench/run.sh stage 1: Azurite killed after the mount) plus the null FUSE
 # server; fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
-# order rotated every round. Prints "round target IOPS p99_us" lines. Root.
+# order rotated every round. Prints "round target IOPS p99_us [fsync_p99_us]" lines. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
+# AB_FIO replaces the workload, e.g. AB_FIO="--rw=randwrite --bs=4k --ioengine=psync --fsync=1"
+# (fsync latency) or AB_FIO="--rw=write --bs=1M --iodepth=8 --ioengine=libaio" (sequential).
+FIOARGS=${AB_FIO:---rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio}
 work=$(mktemp -d /var/tmp/ab-rand4k.XXXXXX)
 go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
 go build -o $work/nullfuse ./bench/cmd/nullfuse
@@ -34,8 +37,10 @@ t=(old new null)
 for r in $(seq 1 $R); do
   o=$(( (r-1) % 3 )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do
-    iops=$(fio --name=j --filename="${FILE[$v]}" --size=2G --ioengine=libaio --direct=1 --runtime=$RT --time_based=1 \
-      --rw=randwrite --bs=4k --iodepth=32 --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys;j=json.load(sys.stdin)["jobs"][0]["write"];print(int(j["iops"]), int(j["clat_ns"]["percentile"]["99.000000"]/1000))')
+    iops=$(fio --name=j --filename="${FILE[$v]}" --size=2G --direct=1 --runtime=$RT --time_based=1 \
+      $FIOARGS --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
+j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j.get("sync",{}).get("lat_ns",{}).get("percentile",{})
+print(int(w["iops"]), int(w["clat_ns"]["percentile"]["99.000000"]/1000), "fsync_p99_us=%d" % (s["99.000000"]/1000) if s else "")')
     echo "$r $v $iops"
   done
 done
