@@ -137,7 +137,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		o.Flusher.StagedEpoch = d.j.DrainedEpoch()
 	}
 	d.j.RaiseEpoch(above + 1)
-	o.Flusher.SyncImage = d.img.Sync
+	o.Flusher.SyncImage = func() error { return datasync(d.img) }
 	d.f = NewFlusher(d.j, o.Remote, d.lease, seq, o.Flusher)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	d.cancel = cancel

@@ -19,6 +19,7 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
+	"golang.org/x/sys/unix"
 )
 
 // Journal keys: records under "r" + big-endian seq (so key order is seq
@@ -92,6 +93,13 @@ type Journal struct {
 	captures, capturedBytes atomic.Int64
 
 	syncMu sync.Mutex
+	// syncState guards the coalescing of Sync calls: syncs started and
+	// finished (numbered), whether one runs, and the last one's result.
+	syncState                 sync.Mutex
+	syncDone                  *sync.Cond
+	syncStarted, syncFinished uint64
+	syncRunning               bool
+	syncErr                   error
 	// Guarded by syncMu: rotated badger logs fsync'ed since they were
 	// rotated, and the names the directory held at its last fsync.
 	syncedLogs map[string]bool
@@ -184,6 +192,7 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	}
 	j := &Journal{db: db, segs: segs, dir: dir, log: log, max: o.MaxPendingBytes, stopGC: make(chan struct{}), gcDone: make(chan struct{})}
 	j.space = sync.NewCond(&j.mu)
+	j.syncDone = sync.NewCond(&j.syncState)
 	j.group.init(db)
 	j.refs.init()
 	j.maxRefs = int64(o.MaxImageRecords)
@@ -580,25 +589,49 @@ func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
 // OpenEpochHasRecords reports whether the open epoch holds records.
 func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
 
-// Sync makes every committed record durable: the segment files written
-// since the last sync, then the index. badger's DB.Sync only syncs
-// the newest value-log file and the active memtable's WAL; records in a
-// value-log file or memtable WAL rotated since the last sync would not be
-// covered, so every .vlog and .mem file is fsync'ed too (fsync on Linux
-// writes back pages dirtied through badger's shared mmaps), then the
-// directory, for files created since.
+// Sync makes every record committed before it durable: the segment files
+// written since the last sync, badger's logs (see syncFiles), and the local
+// image when it was written since the last Sync (it holds the payloads of
+// image-backed records). The image's fsync runs alongside the journal's,
+// so a barrier waits for the slower of the two, not both.
 //
-// The local image is synced too when it was written since the last Sync:
-// it holds the payloads of image-backed records. Its fsync runs alongside
-// the journal's, so a barrier waits for the slower of the two, not both.
+// Concurrent calls share the work: a call returns with the result of the
+// first sync that started after it was made (waiting for one already
+// running, which may have missed its records, if need be). So a barrier
+// arriving while the flusher syncs costs at most one more sync, and N
+// writers fsyncing at once cost about two, not N.
 func (j *Journal) Sync() error {
+	j.syncState.Lock()
+	want := j.syncStarted + 1
+	for j.syncFinished < want {
+		if !j.syncRunning {
+			j.syncRunning = true
+			j.syncStarted++
+			n := j.syncStarted
+			j.syncState.Unlock()
+			err := j.syncOnce()
+			j.syncState.Lock()
+			j.syncRunning = false
+			j.syncFinished, j.syncErr = n, err
+			j.syncDone.Broadcast()
+			break
+		}
+		j.syncDone.Wait()
+	}
+	err := j.syncErr
+	j.syncState.Unlock()
+	return err
+}
+
+// syncOnce is one sync (Sync coalesces callers around it).
+func (j *Journal) syncOnce() error {
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
 	var imgErr chan error
 	if j.img != nil && j.imgDirty.Swap(false) {
 		imgErr = make(chan error, 1)
 		go func() {
-			err := j.img.Sync()
+			err := datasync(j.img)
 			if err != nil {
 				j.imgDirty.Store(true)
 				err = fmt.Errorf("sync local image: %w", err)
@@ -654,7 +687,7 @@ func (j *Journal) syncFiles() error {
 				return // deleted by GC or a flush since the listing
 			}
 			if err == nil {
-				err = f.Sync()
+				err = datasync(f)
 				f.Close()
 			}
 			if err != nil {
@@ -725,6 +758,20 @@ func logsToSync(names, synced map[string]bool) (logs, done []string) {
 	slices.Sort(logs)
 	slices.Sort(done)
 	return logs, done
+}
+
+// datasync is fdatasync: the data, and the metadata needed to read it back
+// (a size change, an unwritten extent converted), but not the timestamps
+// every write changes, whose journal commit doubled a barrier's latency. The
+// image and badger's logs keep their sizes, segment files grow (their size
+// is synced).
+func datasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			return err
+		}
+	}
 }
 
 // valueThreshold is badger's value threshold: every value the journal

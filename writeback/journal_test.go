@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -300,5 +302,55 @@ func TestLogsToSync(t *testing.T) {
 		for _, n := range rotated {
 			synced[n] = true
 		}
+	}
+}
+
+// TestSyncCoalesces: concurrent Sync calls share syncs, and each returns
+// only after a sync that started after the call was made.
+func TestSyncCoalesces(t *testing.T) {
+	j, err := OpenJournal(t.TempDir(), JournalOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	const writers, calls = 16, 40
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < calls; i++ {
+				rec := Record{Offset: int64(w) * 4096, Length: 4096, Kind: KindData, Data: make([]byte, 4096)}
+				if err := j.Append(context.Background(), &rec); err != nil {
+					errs <- err
+					return
+				}
+				j.syncState.Lock()
+				before := j.syncStarted
+				j.syncState.Unlock()
+				if err := j.Sync(); err != nil {
+					errs <- err
+					return
+				}
+				j.syncState.Lock()
+				after := j.syncFinished
+				j.syncState.Unlock()
+				if after <= before {
+					errs <- fmt.Errorf("Sync returned on sync %d, which started before the call (%d had started)", after, before)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if n := j.syncStarted; n >= writers*calls {
+		t.Fatalf("%d syncs for %d calls: nothing was shared", n, writers*calls)
+	} else {
+		t.Logf("%d syncs for %d concurrent calls", n, writers*calls)
 	}
 }

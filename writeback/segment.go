@@ -156,7 +156,7 @@ func (s *segments) sync() error {
 	s.mu.Unlock()
 	for _, seg := range list {
 		seg.dirty.Store(false)
-		if err := seg.f.Sync(); err != nil {
+		if err := datasync(seg.f); err != nil {
 			seg.dirty.Store(true)
 			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
 		}
