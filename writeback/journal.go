@@ -77,8 +77,9 @@ type Journal struct {
 	barrierMu sync.RWMutex
 	applyMu   sync.RWMutex // held for reading from commit to applied, see appendApply
 	nextSeq   atomic.Uint64
-	epoch     uint64      // open epoch; guarded by barrierMu
-	epochUsed atomic.Bool // the open epoch has records
+	epoch     uint64        // open epoch; guarded by barrierMu
+	openEpoch atomic.Uint64 // epoch, readable without barrierMu (may lag it)
+	epochUsed atomic.Bool   // the open epoch has records
 	closed    atomic.Uint64
 
 	group groupCommit // see groupcommit.go
@@ -316,6 +317,7 @@ func (j *Journal) recover() error {
 	// the crash: it counts as closed, new writes start a new epoch.
 	j.closed.Store(maxEpoch)
 	j.epoch = maxEpoch + 1
+	j.openEpoch.Store(j.epoch)
 	return nil
 }
 
@@ -353,6 +355,7 @@ func (j *Journal) RaiseEpoch(e uint64) {
 	defer j.barrierMu.Unlock()
 	if j.epoch < e {
 		j.epoch = e
+		j.openEpoch.Store(e)
 		if j.closed.Load() < e-1 {
 			j.closed.Store(e - 1)
 		}
@@ -416,6 +419,17 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 		}
 		seg.dirty.Store(true)
 	}
+	var pre []pendingCapture
+	if apply != nil && j.img != nil {
+		var err error
+		if pre, err = j.precopy(r.Offset, r.End(), j.openEpoch.Load()); err != nil {
+			if seg != nil {
+				seg.inflight.Add(-1)
+			}
+			j.release(size)
+			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+		}
+	}
 	j.applyMu.RLock()
 	j.barrierMu.RLock()
 	r.Seq = j.nextSeq.Add(1) - 1
@@ -426,7 +440,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	if apply != nil && j.img != nil {
 		// Under barrierMu, so r.Epoch cannot change between the choice of
 		// what to capture and the commit.
-		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch)
+		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch, pre)
 	}
 	// The index entry joins the group commit: concurrent appends share one
 	// badger transaction. It is still committed before barrierMu is
@@ -508,6 +522,7 @@ func (j *Journal) closeEpoch(e uint64) {
 func (j *Journal) closeLocked() {
 	j.closed.Store(j.epoch)
 	j.epoch++
+	j.openEpoch.Store(j.epoch)
 	j.epochUsed.Store(false)
 	j.epochBytes.Store(0)
 	j.epochsClosed.Add(1)
