@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -28,9 +27,6 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
 	sdkpb "github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
-	toxiproxy "github.com/Shopify/toxiproxy/v2"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/rs/zerolog"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/vhdlayer"
@@ -157,10 +153,11 @@ func TestBadInputMount(t *testing.T) {
 			return badAttempt{state: state, url: url}
 		}, ExitState, []string{"journal", "damaged"}, ""},
 		{"journal segment missing", func(t *testing.T, e *e2e) badAttempt {
-			url, state := e.capturedJournal("seg", 20)
+			url, state := e.createDisk("seg", 20)
+			e.pendingJournal(state, url)
 			segs, _ := filepath.Glob(filepath.Join(state, "journal", "seg-*.dat"))
 			if len(segs) == 0 {
-				t.Fatal("no journal segment after an overwrite across a barrier")
+				t.Fatal("no journal segment after unsynced writes")
 			}
 			saved := map[string][]byte{}
 			for _, s := range segs {
@@ -305,62 +302,6 @@ func (e *e2e) pendingJournal(state, url string) {
 	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
 		e.t.Fatalf("umount -l %s: %v", mp, err)
 	}
-}
-
-// capturedJournal creates a disk reached through a proxy in front of
-// Azurite and leaves its journal holding a record whose payload is in a
-// segment file: with the proxy stopped, so the flusher cannot drain
-// anything, 64 KiB is written and fsync'ed, then overwritten without an
-// fsync (the first record's bytes are captured into a segment before the
-// image changes), and the daemon is killed. The proxy then runs again, so
-// the blob URL it returns works.
-func (e *e2e) capturedJournal(name string, sizeMiB int) (blobURL, state string) {
-	e.t.Helper()
-	zerolog.SetGlobalLevel(zerolog.WarnLevel)
-	u, err := url.Parse(e.az.Endpoint)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
-	proxy := toxiproxy.NewProxy(srv, "azurite-"+name, "127.0.0.1:0", u.Host)
-	if err := proxy.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(proxy.Stop)
-	blobURL = strings.Replace(e.az.BlobURL("disks", name+".vhd"), u.Host, proxy.Listen, 1)
-	state = e.path("state-" + name)
-	e.mustVhdsync("create", "--blob", blobURL, "--size", fmt.Sprintf("%dMiB", sizeMiB), "--state", state, "--create-container")
-	mp := e.path("captured-mnt")
-	d := e.mount(state, mp, "--linger", "1h")
-	proxy.Stop()
-	f, err := os.OpenFile(filepath.Join(mp, name+".img"), os.O_WRONLY, 0)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	for i, fsync := range []bool{true, false} {
-		if _, err := f.WriteAt(pattern(fmt.Sprintf("c%d", i), 64<<10), 0); err != nil {
-			e.t.Fatal(err)
-		}
-		if fsync {
-			if err := f.Sync(); err != nil {
-				e.t.Fatal(err)
-			}
-		}
-	}
-	if err := f.Close(); err != nil {
-		e.t.Fatal(err)
-	}
-	if err := syscall.Kill(d.pid, syscall.SIGKILL); err != nil {
-		e.t.Fatal(err)
-	}
-	d.waitExit(10 * time.Second)
-	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
-		e.t.Fatalf("umount -l %s: %v", mp, err)
-	}
-	if err := proxy.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	return blobURL, state
 }
 
 func overwrite(t *testing.T, path string, off int64, b []byte) {
