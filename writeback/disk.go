@@ -36,9 +36,18 @@ type DiskOptions struct {
 	// sequence number). DiskID names the disk in every segment.
 	Staging SegmentStore
 	DiskID  string
-	Journal JournalOptions
-	Flusher FlusherOptions
-	Logger  *slog.Logger
+	// WriteOnce keeps data payloads in the local image only (see
+	// imageref.go) instead of writing them to a journal segment too.
+	// Experimental, off by default: it halves the local bytes written for
+	// data the blob takes before anything overwrites it, but a range
+	// overwritten after a barrier before the blob holds it costs a copy of
+	// the whole older record, and small random writes over a large pending
+	// sequential write copy all of it (raw random 4 KiB after sequential
+	// 1 MiB with the remote detached: 3.9 k IOPS, against 23.9 k without).
+	WriteOnce bool
+	Journal   JournalOptions
+	Flusher   FlusherOptions
+	Logger    *slog.Logger
 }
 
 // Disk is one virtual disk: the local image, the journal in front of it,
@@ -349,10 +358,10 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := d.alloc.ensure(d.img, aoff, aend); err != nil {
 		return fmt.Errorf("allocate local image %d+%d: %w", aoff, aend-aoff, err)
 	}
-	// Write once: the image holds the payload, the journal only the
+	// With WriteOnce the image holds the payload, the journal only the
 	// record (see imageref.go).
 	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
-	if err := d.j.appendApply(ctx, &rec, true, func() error {
+	if err := d.j.appendApply(ctx, &rec, d.o.WriteOnce, func() error {
 		if _, err := d.img.WriteAt(buf, aoff); err != nil {
 			return fmt.Errorf("write local image %d+%d: %w", aoff, len(buf), err)
 		}

@@ -87,7 +87,7 @@ func TestDiskDiscardCapturesMany(t *testing.T) {
 			mu.Unlock()
 		}
 	}
-	o := DiskOptions{}
+	o := DiskOptions{WriteOnce: true}
 	o.Flusher.MaxBatchBytes = 64 << 20
 	o.Flusher.Linger = time.Hour // epochs close at the barrier only
 	d := propOpenDisk(t, t.TempDir(), size, r, o)

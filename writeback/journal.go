@@ -489,9 +489,14 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	}
 	if apply != nil {
 		err = apply()
-		// After the image write, so a Sync that sees the flag covers it
-		// (Sync holds syncMu from clearing the flag to the end of fsync).
-		j.imgDirty.Store(true)
+		if inImage && r.Kind == KindData {
+			// The image holds the payload: a barrier must sync it. Set
+			// after the image write, so a Sync that sees the flag covers it
+			// (Sync holds syncMu from clearing the flag to the end of
+			// fsync). Other image writes are synced by the flusher before
+			// their records are deleted.
+			j.imgDirty.Store(true)
+		}
 	}
 	j.applyMu.RUnlock()
 	if full {

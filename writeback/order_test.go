@@ -674,6 +674,7 @@ func TestOrderProperty(t *testing.T) {
 		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 128<<10).Draw(rt, "maxEpochBytes")
 		// Sometimes only a few records may stay in the image: the others go
 		// to segments, so both kinds mix.
+		o.WriteOnce = rapid.Bool().Draw(rt, "writeOnce")
 		o.Journal.MaxImageRecords = rapid.SampledFrom([]int{0, 1, 4}).Draw(rt, "maxImageRecords")
 		// rapid favours small numbers: count down from the large end, so that
 		// batches often have room for several epochs.

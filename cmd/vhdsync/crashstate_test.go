@@ -325,6 +325,7 @@ func mountRecorded(t *testing.T, e *e2e, state string) *recordedMount {
 		Remote:      writeback.AzureRemote{C: client},
 		LeaseID:     d.State.LeaseID,
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
+		WriteOnce:   true, // the default path is covered by the other end-to-end tests
 		Journal:     writeback.JournalOptions{MaxPendingBytes: 1 << 30},
 		Flusher:     writeback.FlusherOptions{Workers: 8, Linger: 250 * time.Millisecond},
 		Logger:      log,

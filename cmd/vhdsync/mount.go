@@ -39,6 +39,7 @@ type mountFlags struct {
 	foreground bool
 	breakLease bool
 	allowOther bool
+	writeOnce  bool
 	journalCap string
 	workers    int
 	linger     time.Duration
@@ -95,6 +96,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.BoolVar(&f.breakLease, "break-lease", false, "break another writer's lease on the blob (only if you are sure it is gone)")
 	fl.BoolVar(&f.allowOther, "allow-other", false, "let other users reach the mount (the files stay mode 0600)")
 	fl.StringVar(&f.journalCap, "journal-cap", "", "most journal bytes pending before writers wait, e.g. 8GiB (default: half the free space of the state directory's filesystem, at most 64 GiB)")
+	fl.BoolVar(&f.writeOnce, "write-once", false, "experimental: keep written data in the local image only, not in the journal too (faster sequential writes; slow when small writes hit large writes the blob does not hold yet, see README)")
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests")
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
 	f.staged.register(fl)
@@ -188,6 +190,9 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	}
 	if f.journalCap != "" {
 		a = append(a, "--journal-cap", f.journalCap)
+	}
+	if f.writeOnce {
+		a = append(a, "--write-once")
 	}
 	if f.staged.transfer != "" {
 		a = append(a, "--transfer", f.staged.transfer)
@@ -308,6 +313,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		LeaseID:     d.State.LeaseID,
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
 		BreakLease:  f.breakLease,
+		WriteOnce:   f.writeOnce,
 		Journal:     writeback.JournalOptions{MaxPendingBytes: capBytes},
 		Flusher:     writeback.FlusherOptions{Workers: f.workers, Linger: f.linger, AfterBatch: afterBatchHook(points)},
 		Logger:      log,

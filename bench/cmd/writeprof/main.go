@@ -44,6 +44,7 @@ func main() {
 	secs := flag.Float64("seconds", 5, "duration")
 	span := flag.Int64("span", 2<<30, "bytes of the disk written")
 	prof := flag.String("cpuprofile", "", "CPU profile output")
+	warm := flag.Float64("warm-seq", 0, "seconds of sequential 1 MiB writes over the span first (not measured), as make bench's write stage runs before its random run")
 	flag.Parse()
 	if *dir == "" {
 		fmt.Fprintln(os.Stderr, "writeprof: --dir is required")
@@ -73,6 +74,23 @@ func main() {
 	})
 	if err != nil {
 		fail(err)
+	}
+	if *warm > 0 {
+		buf := make([]byte, 1<<20)
+		end := time.Now().Add(time.Duration(*warm * float64(time.Second)))
+		var wg sync.WaitGroup
+		for j := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for off := int64(j) << 20; time.Now().Before(end); off = (off + 8<<20) % *span {
+					if err := d.WriteAt(ctx, buf, off); err != nil {
+						fail(err)
+					}
+				}
+			}()
+		}
+		wg.Wait()
 	}
 	if *prof != "" {
 		f, err := os.Create(*prof)
