@@ -53,6 +53,17 @@ type imageRef struct {
 	crc      uint32
 }
 
+// lockIfPending locks ref unless a capture or a delete has already taken
+// it, and says whether it did.
+func (ref *imageRef) lockIfPending() bool {
+	ref.mu.Lock()
+	if ref.captured || ref.deleted {
+		ref.mu.Unlock()
+		return false
+	}
+	return true
+}
+
 // record is the ref's index entry (payload in the image).
 func (ref *imageRef) record() Record {
 	return Record{Seq: ref.seq, Epoch: ref.epoch, Offset: ref.off, Length: ref.end - ref.off, Kind: KindData, Time: time.Unix(0, ref.time)}
@@ -186,9 +197,7 @@ type pendingCapture struct {
 func (j *Journal) precopy(off, end int64, hint uint64) ([]pendingCapture, error) {
 	var out []pendingCapture
 	for _, ref := range j.refs.overlapping(off, end, hint) {
-		ref.mu.Lock()
-		if ref.captured || ref.deleted {
-			ref.mu.Unlock()
+		if !ref.lockIfPending() {
 			continue
 		}
 		pc, err := j.copyRecord(ref)
@@ -235,9 +244,7 @@ func (j *Journal) prepareCaptures(off, end int64, epoch uint64, pre []pendingCap
 	var caps []pendingCapture
 	var kvs []keyValue
 	for _, ref := range j.refs.overlapping(off, end, epoch) {
-		ref.mu.Lock()
-		if ref.captured || ref.deleted {
-			ref.mu.Unlock()
+		if !ref.lockIfPending() {
 			continue
 		}
 		pc, ok := copies[ref]
