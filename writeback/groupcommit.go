@@ -50,8 +50,12 @@ type groupEntry struct {
 	wake chan bool // one message: true = lead, false = done (err set)
 }
 
-// keyValue is one badger entry of a group commit.
-type keyValue struct{ key, val []byte }
+// keyValue is one badger entry of a group commit: set key to val, or
+// delete key (del).
+type keyValue struct {
+	key, val []byte
+	del      bool
+}
 
 func (g *groupCommit) init(db *badger.DB) {
 	g.db = db
@@ -60,7 +64,7 @@ func (g *groupCommit) init(db *badger.DB) {
 // commit writes key=val to badger, grouped with concurrent calls, and
 // returns once it is committed (or failed).
 func (g *groupCommit) commit(key, val []byte) error {
-	return g.commitAll([]keyValue{{key, val}})
+	return g.commitAll([]keyValue{{key: key, val: val}})
 }
 
 // commitAll is commit for several entries that must land in the same
@@ -127,7 +131,12 @@ func (g *groupCommit) writeSome(batch []*groupEntry) int {
 			break
 		}
 		for _, kv := range e.kvs {
-			if err = txn.Set(kv.key, kv.val); err != nil {
+			if kv.del {
+				err = txn.Delete(kv.key)
+			} else {
+				err = txn.Set(kv.key, kv.val)
+			}
+			if err != nil {
 				break
 			}
 		}

@@ -130,3 +130,98 @@ func TestDiskDiscardCapturesMany(t *testing.T) {
 	}
 	t.Logf("%d records captured (%d bytes), %d complete states", st.Captures, st.CapturedBytes, len(states))
 }
+
+// TestDiskPartialCaptures: 512-byte writes, each after a
+// barrier, over a pending 64 KiB image-backed record copy only the sectors
+// they overwrite (pieces), until the record has maxPieces of them and the
+// next one copies it whole; a restart in the middle brings the pieces back
+// from the journal. The blob, which takes nothing until the end, must then
+// pass through the record's own state and, after each barrier, exactly the
+// writes before it.
+func TestDiskPartialCaptures(t *testing.T) {
+	ctx := context.Background()
+	const size = 1 << 20
+	const small = maxPieces + 4
+	r := NewMemRemote(size + 512)
+	var down atomic.Bool
+	down.Store(true)
+	r.Fault = func(string, int64, int64) (bool, error) {
+		if down.Load() {
+			return false, &TransientError{"remote down"}
+		}
+		return true, nil
+	}
+	var mu sync.Mutex
+	var states [][]byte
+	r.Observe = func(data []byte, seq int64) {
+		if seq%2 == 0 && seq > 0 {
+			mu.Lock()
+			states = append(states, bytes.Clone(data[:64<<10]))
+			mu.Unlock()
+		}
+	}
+	o := DiskOptions{WriteOnce: true}
+	o.Flusher.Linger = time.Hour
+	o.Flusher.MaxBatchBytes = 1 // one epoch per batch: the blob shows every barrier state
+	dir := t.TempDir()
+	d := propOpenDisk(t, dir, size, r, o)
+	defer func() { d.Close(ctx, false) }()
+	want := [][]byte{bytes.Repeat([]byte{0xA0}, 64<<10)} // the state after each barrier
+	if err := d.WriteAt(ctx, want[0], 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var pieces int64
+	for i := 0; i < small; i++ {
+		if i == small/2 {
+			// A restart: the journal keeps the pieces.
+			pieces += d.Stats().Journal.CapturedBytes
+			lease := d.Stats().LeaseID
+			if err := d.Close(ctx, false); err != nil {
+				t.Fatal(err)
+			}
+			o.LeaseID = lease
+			d = propOpenDisk(t, dir, size, r, o)
+		}
+		p := bytes.Repeat([]byte{byte(i + 1)}, SectorSize)
+		off := int64(i) * 2 * SectorSize // every other sector: one piece each
+		if err := d.WriteAt(ctx, p, off); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		next := bytes.Clone(want[len(want)-1])
+		copy(next[off:], p)
+		want = append(want, next)
+	}
+	pieces += d.Stats().Journal.CapturedBytes
+	// maxPieces sectors copied one by one, then the whole 64 KiB once.
+	if pieces < maxPieces*SectorSize || pieces > maxPieces*SectorSize+64<<10 {
+		t.Fatalf("%d bytes captured, want %d sectors one by one and the record once (%d)", pieces, maxPieces, maxPieces*SectorSize+64<<10)
+	}
+	down.Store(false)
+	if err := d.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(states) == 0 || !bytes.Equal(states[0], want[0]) {
+		t.Fatalf("the blob's first complete state is not the record's own (%d states)", len(states))
+	}
+	k := 0
+	for i, st := range states {
+		for k < len(want) && !bytes.Equal(st, want[k]) {
+			k++
+		}
+		if k == len(want) {
+			t.Fatalf("complete state %d of the blob is no state after a barrier, or out of order", i)
+		}
+	}
+	if !bytes.Equal(states[len(states)-1], want[len(want)-1]) {
+		t.Fatal("the blob does not end in the last state")
+	}
+	t.Logf("%d bytes captured for %d overwrites; %d complete states, all barrier states in order", pieces, small, len(states))
+}

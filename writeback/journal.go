@@ -289,6 +289,9 @@ func (j *Journal) recover() error {
 	if err != nil {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 	}
+	if err := j.recoverPieces(); err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
 	// Segments no pending record refers to (drained, or written by an
 	// append that died before its index entry) are deleted.
 	drained := lastSeq
@@ -319,6 +322,65 @@ func (j *Journal) recover() error {
 	j.epoch = maxEpoch + 1
 	j.openEpoch.Store(j.epoch)
 	return nil
+}
+
+// recoverPieces gives the image-backed records their pieces back (see
+// imageref.go) and keeps their segments alive. A piece whose record is not
+// an image-backed pending one is a leftover (the record captured whole, or
+// deleted, by a version that left it): it is deleted.
+func (j *Journal) recoverPieces() error {
+	var stale [][]byte
+	err := j.db.View(func(txn *badger.Txn) error {
+		opts := badger.DefaultIteratorOptions
+		opts.PrefetchValues = false
+		opts.Prefix = pieceKeyPrefix
+		it := txn.NewIterator(opts)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			k := item.KeyCopy(nil)
+			var seq uint64
+			var p capPiece
+			if err := item.Value(func(v []byte) error {
+				var err error
+				seq, p, err = decodePiece(k, v)
+				return err
+			}); err != nil {
+				return err
+			}
+			ref := j.refs.get(seq)
+			if ref == nil {
+				stale = append(stale, k)
+				continue
+			}
+			seg, err := j.segs.get(p.seg)
+			if err != nil {
+				return fmt.Errorf("journal record %d, piece at %d: %w", seq, p.off, err)
+			}
+			for {
+				last := seg.lastSeq.Load()
+				if last >= seq || seg.lastSeq.CompareAndSwap(last, seq) {
+					break
+				}
+			}
+			if len(ref.gaps(p.off, p.end)) != 1 || p.off < ref.off || p.end > ref.end {
+				return fmt.Errorf("journal record %d: piece %d-%d overlaps another or leaves the record (%d-%d)", seq, p.off, p.end, ref.off, ref.end)
+			}
+			ref.addPiece(p)
+		}
+		return nil
+	})
+	if err != nil || len(stale) == 0 {
+		return err
+	}
+	wb := j.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, k := range stale {
+		if err := wb.Delete(k); err != nil {
+			return err
+		}
+	}
+	return wb.Flush()
 }
 
 // removeEmptyLogs deletes 0-byte .mem and .vlog files. A kill between
@@ -452,7 +514,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 		kvs = kvs[maxGroupEntries/2:]
 	}
 	if err == nil {
-		err = j.group.commitAll(append(kvs, keyValue{recKey(r.Seq), r.encode()}))
+		err = j.group.commitAll(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode()}))
 	}
 	if caps != nil {
 		// A capture committed in an earlier chunk but failed in a later one
@@ -927,9 +989,14 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	j.forget(recs)
+	pieceKeys := j.forget(recs)
 	wb := j.db.NewWriteBatch()
 	defer wb.Cancel()
+	for _, k := range pieceKeys {
+		if err := wb.Delete(k); err != nil {
+			return fmt.Errorf("delete drained records: %w", err)
+		}
+	}
 	var bytes int64
 	for i := range recs {
 		if err := wb.Delete(recKey(recs[i].Seq)); err != nil {
