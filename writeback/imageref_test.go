@@ -68,15 +68,7 @@ func TestDiskDiscardCapturesMany(t *testing.T) {
 	ctx := context.Background()
 	const size = 8 << 20
 	const writes = 1500
-	r := NewMemRemote(size + 512)
-	var down atomic.Bool
-	down.Store(true)
-	r.Fault = func(string, int64, int64) (bool, error) {
-		if down.Load() {
-			return false, &TransientError{"remote down"}
-		}
-		return true, nil
-	}
+	r, down := remoteDown(size + 512)
 	want := make([]byte, size)
 	var mu sync.Mutex
 	var states [][]byte
@@ -142,15 +134,7 @@ func TestDiskPartialCaptures(t *testing.T) {
 	ctx := context.Background()
 	const size = 1 << 20
 	const small = maxPieces + 4
-	r := NewMemRemote(size + 512)
-	var down atomic.Bool
-	down.Store(true)
-	r.Fault = func(string, int64, int64) (bool, error) {
-		if down.Load() {
-			return false, &TransientError{"remote down"}
-		}
-		return true, nil
-	}
+	r, down := remoteDown(size + 512)
 	var mu sync.Mutex
 	var states [][]byte
 	r.Observe = func(data []byte, seq int64) {
@@ -224,4 +208,19 @@ func TestDiskPartialCaptures(t *testing.T) {
 		t.Fatal("the blob does not end in the last state")
 	}
 	t.Logf("%d bytes captured for %d overwrites; %d complete states, all barrier states in order", pieces, small, len(states))
+}
+
+// remoteDown is an in-memory blob that refuses every write (a transient
+// error) until the returned flag is cleared.
+func remoteDown(size int64) (*MemRemote, *atomic.Bool) {
+	r := NewMemRemote(size)
+	down := new(atomic.Bool)
+	down.Store(true)
+	r.Fault = func(string, int64, int64) (bool, error) {
+		if down.Load() {
+			return false, &TransientError{"remote down"}
+		}
+		return true, nil
+	}
+	return r, down
 }
