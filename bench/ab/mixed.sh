@@ -4,7 +4,8 @@
 # on its .img: sequential 1 MiB QD8, random 4 KiB QD32, 4 KiB write+fsync, sequential, random
 # again, 5 s each, all on the same 2 GiB, so each phase meets what the earlier ones left pending.
 # Prints "BIN seq1=.. rand1=.. fsync1=.. seq2=.. rand2=.." (IOPS). A wrapper script that adds
-# mount flags (e.g. --write-once) can stand for a binary. Root.
+# mount flags (e.g. --write-once) can stand for a binary. AB_REMOTE=live keeps Azurite running, so
+# the flusher drains while fio writes. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d /var/tmp/ab-mixed.XXXXXX)
@@ -57,7 +58,7 @@ for b in "$@"; do
   "$b" create --blob "$(cat "$d/ep")/bench/v$i.vhd" --size 64GiB --state "$d/st" --create-container >/dev/null
   "$b" mount --state "$d/st" --journal-cap 48GiB "$d/mnt" >/dev/null
   pid=$("$b" status --state "$d/st" --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'); pids+=("$pid")
-  kill "$a"; wait "$a" 2>/dev/null || true
+  if [ "${AB_REMOTE:-}" != live ]; then kill "$a"; wait "$a" 2>/dev/null || true; fi
   F=$d/mnt/v$i.img fio "$work/job.fio" --output-format=json 2>/dev/null | python3 -c '
 import json,sys; j=json.load(sys.stdin)
 print(sys.argv[1], " ".join("%s=%d" % (x["jobname"], x["write"]["iops"]) for x in j["jobs"]))' "$b"
