@@ -101,8 +101,9 @@ type Journal struct {
 	syncStarted, syncFinished uint64
 	syncRunning               bool
 	syncErr                   error
-	// Guarded by syncMu: rotated badger logs fsync'ed since they were
-	// rotated, and the names the directory held at its last fsync.
+	// Guarded by syncMu: badger logs that need no more fsync (rotated WALs
+	// and value logs, once synced, see logsToSync), and the names the
+	// directory held at its last fsync.
 	syncedLogs map[string]bool
 	dirNames   map[string]bool
 
@@ -325,9 +326,9 @@ func (j *Journal) recover() error {
 }
 
 // recoverPieces gives the image-backed records their pieces back (see
-// imageref.go) and keeps their segments alive. A piece whose record is not
-// an image-backed pending one is a leftover (the record captured whole, or
-// deleted, by a version that left it): it is deleted.
+// imageref.go) and keeps their segments alive. Pieces are deleted in the
+// transaction that deletes or wholly captures their record, so none should
+// lack one; any that does is deleted rather than trusted.
 func (j *Journal) recoverPieces() error {
 	var stale [][]byte
 	err := j.db.View(func(txn *badger.Txn) error {
@@ -499,9 +500,10 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	var err error
 	var caps []pendingCapture
 	kvs := []keyValue(nil)
-	if apply != nil && j.img != nil {
+	if apply != nil && j.img != nil && (len(pre) > 0 || j.refs.n.Load() > 0) {
 		// Under barrierMu, so r.Epoch cannot change between the choice of
-		// what to capture and the commit.
+		// what to capture and the commit. Skipped when nothing is indexed:
+		// the default (segment) path pays nothing for write once.
 		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch, pre)
 	}
 	// The index entry joins the group commit: concurrent appends share one
