@@ -22,20 +22,16 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+
+	"github.com/vhdsync/vhdsync/fusefs"
 )
 
 // SectorSize is the unit the checker models (and vhdsync replicates).
 const SectorSize = 512
 
-// Disk is what the recorder forwards to; it is the fusefs.Disk interface
+// Disk is what the recorder forwards to: what the FUSE files are views of
 // (*writeback.Disk implements it).
-type Disk interface {
-	Size() int64
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(ctx context.Context, p []byte, off int64) error
-	Zero(ctx context.Context, off, n int64, discard bool) error
-	Flush() error
-}
+type Disk = fusefs.Disk
 
 // Barrier is one fsync as the recorder saw it: the tick at which it
 // reached the disk and the tick at which it returned.
