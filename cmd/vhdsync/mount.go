@@ -52,6 +52,7 @@ type mountFlags struct {
 	fuseNoParallel bool
 	fuseMaxWrite   int
 	fuseMaxBg      int
+	pprofAddr      string
 	staged         stagingFlags
 }
 
@@ -106,7 +107,8 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
 	fl.IntVar(&f.fuseMaxWrite, "fuse-max-write", 256<<10, "largest FUSE write request (measurement only)")
 	fl.IntVar(&f.fuseMaxBg, "fuse-max-background", 64, "kernel limit of outstanding async FUSE requests (measurement only)")
-	for _, h := range []string{"fuse-no-direct-io", "fuse-no-parallel-writes", "fuse-max-write", "fuse-max-background"} {
+	fl.StringVar(&f.pprofAddr, "debug-pprof", "", "serve Go's pprof profiles (CPU, block, mutex) on `ADDR`, e.g. 127.0.0.1:6060 (measurement only)")
+	for _, h := range []string{"fuse-no-direct-io", "fuse-no-parallel-writes", "fuse-max-write", "fuse-max-background", "debug-pprof"} {
 		_ = fl.MarkHidden(h)
 	}
 	_ = cmd.MarkFlagRequired("state")
@@ -208,6 +210,9 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	if f.fuseDebug {
 		a = append(a, "--fuse-debug")
 	}
+	if f.pprofAddr != "" {
+		a = append(a, "--debug-pprof", f.pprofAddr)
+	}
 	if f.points > 0 {
 		a = append(a, "--recovery-points", f.points.String(), "--keep", strconv.Itoa(f.keep))
 	}
@@ -244,6 +249,11 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		debug.SetMemoryLimit(daemonMemoryLimit)
 	}
 	log := g.logger()
+	if f.pprofAddr != "" {
+		if err := servePprof(f.pprofAddr, log); err != nil {
+			return err
+		}
+	}
 	var ready *os.File
 	if fd := g.env(readyFDEnv); fd != "" {
 		n, _ := strconv.Atoi(fd)
