@@ -707,34 +707,29 @@ func (j *Journal) Sync() error {
 	return err
 }
 
-// syncOnce is one sync (Sync coalesces callers around it).
+// syncOnce is one sync (Sync coalesces callers around it). The image,
+// the segments and badger's logs are fdatasync'ed in parallel: a barrier
+// waits for the slowest file, not for their sum (serial, the segment's
+// and the WAL's fdatasync each took 80-230 µs). Their relative order does
+// not matter: the kernel writes dirty pages back in any order anyway, and
+// the barrier only promises that all of them are durable when it returns.
 func (j *Journal) syncOnce() error {
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
-	var imgErr chan error
+	var wg sync.WaitGroup
+	var imgErr, segErr error
 	if j.img != nil && j.imgDirty.Swap(false) {
-		imgErr = make(chan error, 1)
-		go func() {
-			err := datasync(j.img)
-			if err != nil {
+		wg.Go(func() {
+			if imgErr = datasync(j.img); imgErr != nil {
 				j.imgDirty.Store(true)
-				err = fmt.Errorf("sync local image: %w", err)
+				imgErr = fmt.Errorf("sync local image: %w", imgErr)
 			}
-			imgErr <- err
-		}()
+		})
 	}
-	err := j.syncJournal()
-	if imgErr != nil {
-		err = errors.Join(err, <-imgErr)
-	}
-	return err
-}
-
-func (j *Journal) syncJournal() error {
-	if err := j.segs.sync(); err != nil {
-		return err
-	}
-	return j.syncFiles()
+	wg.Go(func() { segErr = j.segs.sync() })
+	err := j.syncFiles()
+	wg.Wait()
+	return errors.Join(segErr, err, imgErr)
 }
 
 // syncFiles makes badger's committed entries durable by fsyncing its log
