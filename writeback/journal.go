@@ -53,6 +53,9 @@ type JournalOptions struct {
 	// SegmentBytes is the size of the payload segment files (default
 	// 64 MiB); a segment is deleted once all its records are drained.
 	SegmentBytes int64
+	// IntentLogSlots is the number of entries an intent log file holds
+	// (see intentlog.go); 0 means 8,192 (1 MiB).
+	IntentLogSlots int64
 	// MaxImageRecords caps the image-backed records not captured yet (see
 	// imageref.go); 0 means 65,536. Writes above it put their payload in a
 	// segment.
@@ -64,9 +67,10 @@ type JournalOptions struct {
 // Concurrency: Append may be called from many goroutines. Seq numbers and
 // epochs are assigned under barrierMu held for reading; Barrier takes it
 // for writing, so when Barrier has bumped the epoch every record of the
-// closed epoch is committed to badger and all its seqs are below every seq
-// of the next epoch. The flusher reads closed epochs only, so it never sees
-// a seq gap left by an Append still in flight.
+// closed epoch is in the intent log and queued for badger (reads wait for
+// the queue, see intentlog.go), and all its seqs are below every seq of the
+// next epoch. The flusher reads closed epochs only, so it never sees a seq
+// gap left by an Append still in flight.
 type Journal struct {
 	db   *badger.DB
 	segs *segments
@@ -83,6 +87,11 @@ type Journal struct {
 	closed    atomic.Uint64
 
 	group groupCommit // see groupcommit.go
+	ilog  *intentLog  // see intentlog.go
+	idx   *indexer    // see indexer.go
+	// replayedIntents counts the intent log entries OpenJournal committed
+	// to badger (tests).
+	replayedIntents int
 
 	// The local image, for image-backed records (see imageref.go): the
 	// pending ones, whether the image was written since the last Sync, and
@@ -205,11 +214,19 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
 	}
+	nextLog, gen, err := j.replayIntents()
+	if err != nil {
+		segs.close()
+		db.Close()
+		return nil, err
+	}
 	if err := j.recover(); err != nil {
 		segs.close()
 		db.Close()
 		return nil, err
 	}
+	j.ilog = newIntentLog(dir, o.IntentLogSlots, nextLog, gen)
+	j.idx = newIndexer(&j.group, j.indexed)
 	interval := o.GCInterval
 	if interval == 0 {
 		interval = 10 * time.Second
@@ -325,6 +342,30 @@ func (j *Journal) recover() error {
 	return nil
 }
 
+// counter reads an 8-byte counter key (0 if it is absent).
+func (j *Journal) counter(k []byte) (uint64, error) {
+	var v uint64
+	err := j.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(k)
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		b, err := item.ValueCopy(nil)
+		if err != nil {
+			return err
+		}
+		if len(b) != 8 {
+			return fmt.Errorf("journal key %s is %d bytes", k, len(b))
+		}
+		v = binary.BigEndian.Uint64(b)
+		return nil
+	})
+	return v, err
+}
+
 // recoverPieces gives the image-backed records their pieces back (see
 // imageref.go) and keeps their segments alive. Pieces are deleted in the
 // transaction that deletes or wholly captures their record, so none should
@@ -426,8 +467,8 @@ func (j *Journal) RaiseEpoch(e uint64) {
 }
 
 // Append journals r, assigning its Seq and Epoch, and returns once it is
-// committed to badger (it survives kill -9 from then on; Barrier makes it
-// survive power loss). It blocks while the pending bytes are above the cap,
+// in the intent log (it survives kill -9 from then on, and every read sees
+// it; Barrier makes it survive power loss). It blocks while the pending bytes are above the cap,
 // until the flusher drains or ctx ends; it never fails for lack of space
 // in the cap.
 func (j *Journal) Append(ctx context.Context, r *Record) error {
@@ -506,22 +547,18 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 		// the default (segment) path pays nothing for write once.
 		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch, pre)
 	}
-	// The index entry joins the group commit: concurrent appends share one
-	// badger transaction. It is still committed before barrierMu is
-	// released, so Barrier's guarantee (every record of a closed epoch is
-	// committed) and the range lock's seq order are unchanged. Captures go
-	// in the same transaction when they fit (a discard can capture many).
-	for err == nil && len(kvs) >= maxGroupEntries {
-		err = j.group.commitAll(kvs[:maxGroupEntries/2])
-		kvs = kvs[maxGroupEntries/2:]
-	}
+	// The entries go to the intent log (one pwrite) and, in the
+	// background, to badger (see intentlog.go). They are written before
+	// barrierMu is released, so Barrier's guarantee (every record of a
+	// closed epoch is logged, and queued for badger) and the range lock's
+	// seq order are unchanged.
 	if err == nil {
-		err = j.group.commitAll(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode()}))
+		err = j.logEntries(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode()}))
 	}
 	if caps != nil {
-		// A capture committed in an earlier chunk but failed in a later one
-		// stays uncaptured: its entry points at a segment copy of what the
-		// image still holds, which is right either way.
+		// A capture whose entries were partly logged when the log failed
+		// stays uncaptured: its entries point at segment copies of what
+		// the image still holds, which is right either way.
 		j.finishCaptures(caps, err)
 	}
 	full := false
@@ -673,11 +710,12 @@ func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
 // OpenEpochHasRecords reports whether the open epoch holds records.
 func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
 
-// Sync makes every record committed before it durable: the segment files
-// written since the last sync, badger's logs (see syncFiles), and the local
-// image when it was written since the last Sync (it holds the payloads of
-// image-backed records). The image's fsync runs alongside the journal's,
-// so a barrier waits for the slower of the two, not both.
+// Sync makes every record appended before it durable: the segment files
+// and intent log files written since the last sync, and the local image
+// when it was written since the last Sync (it holds the payloads of
+// image-backed records), all in parallel. Badger's logs are not synced
+// here: what a barrier promises is in the intent log; badger is synced
+// before anything depends on it (syncIndex).
 //
 // Concurrent calls share the work: a call returns with the result of the
 // first sync that started after it was made (waiting for one already
@@ -727,7 +765,7 @@ func (j *Journal) syncOnce() error {
 		})
 	}
 	wg.Go(func() { segErr = j.segs.sync() })
-	err := j.syncFiles()
+	err := j.ilog.sync()
 	wg.Wait()
 	return errors.Join(segErr, err, imgErr)
 }
@@ -739,9 +777,9 @@ func (j *Journal) syncOnce() error {
 // (measured), more than the fsyncs themselves. fsync on Linux writes back
 // the pages dirtied through badger's shared mmaps (a write to a clean
 // shared page faults and marks it dirty). Only the newest .mem is
-// fsync'ed every time, every other log once (see logsToSync). The files are
-// fsync'ed in parallel, and alongside the image (see Sync): a barrier
-// costs about one fsync.
+// fsync'ed every time, every other log once (see logsToSync), in
+// parallel. Called with syncMu held, before drained segments or intent log
+// files go (syncIndex, indexed) and at Close: no longer at every barrier.
 func (j *Journal) syncFiles() error {
 	entries, err := os.ReadDir(j.dir)
 	if err != nil {
@@ -922,6 +960,9 @@ func (j *Journal) ReadAll(fn func(Record) error) error {
 // scan calls fn with the index entry (no payload) of every record with
 // seq >= from, in seq order, until fn asks to stop or fails.
 func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) error {
+	if err := j.idx.flush(); err != nil {
+		return fmt.Errorf("journal index: %w", err)
+	}
 	return j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
@@ -950,6 +991,9 @@ func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) erro
 
 // getRecord reads seq's index entry (no payload).
 func (j *Journal) getRecord(seq uint64) (Record, error) {
+	if err := j.idx.flush(); err != nil {
+		return Record{}, fmt.Errorf("journal record %d: journal index: %w", seq, err)
+	}
 	var r Record
 	err := j.db.View(func(txn *badger.Txn) error {
 		item, err := txn.Get(recKey(seq))
@@ -987,6 +1031,11 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 		return nil
 	}
 	pieceKeys := j.forget(recs)
+	// Entries still queued for badger (a capture's, made before forget)
+	// must land before these deletions, or they would outlive them.
+	if err := j.idx.flush(); err != nil {
+		return fmt.Errorf("delete drained records: journal index: %w", err)
+	}
 	wb := j.db.NewWriteBatch()
 	defer wb.Cancel()
 	for _, k := range pieceKeys {
@@ -1017,7 +1066,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	// Whole segments whose records are all drained are deleted, after the
 	// index deletions are durable (so no index entry can outlive its
 	// payload).
-	if _, err := j.segs.reclaim(recs[len(recs)-1].Seq, func() error { return j.Sync() }); err != nil {
+	if _, err := j.segs.reclaim(recs[len(recs)-1].Seq, j.syncIndex); err != nil {
 		return err
 	}
 	next, err := j.firstPendingTime(recs[len(recs)-1].Seq + 1)
@@ -1137,12 +1186,27 @@ func (j *Journal) gcLoop(every time.Duration) {
 func (j *Journal) Close() error {
 	close(j.stopGC)
 	<-j.gcDone
-	serr := j.Sync()
-	defer j.segs.close()
-	if err := j.db.Close(); err != nil {
-		return fmt.Errorf("close journal: %w", err)
+	j.idx.close()
+	err := j.idx.failed()
+	if err == nil {
+		err = j.Sync()
 	}
-	return serr
+	clean := false
+	if err == nil {
+		// Everything is in badger: once its logs are synced, the intent
+		// logs can go, and a clean shutdown leaves none. Otherwise they
+		// stay, and the next open replays them.
+		j.syncMu.Lock()
+		err = j.syncFiles()
+		clean = err == nil
+		j.syncMu.Unlock()
+	}
+	err = errors.Join(err, j.ilog.close(clean))
+	defer j.segs.close()
+	if cerr := j.db.Close(); cerr != nil {
+		return fmt.Errorf("close journal: %w", cerr)
+	}
+	return err
 }
 
 // badgerLogger routes badger's messages to slog; its Info and Debug chatter

@@ -52,6 +52,9 @@ type segments struct {
 	cur     *segment
 	all     map[uint64]*segment
 	next    uint64
+	// created: a segment file was made since the last sync, whose name
+	// the directory's fsync must make durable.
+	created atomic.Bool
 }
 
 func segName(id uint64) string { return fmt.Sprintf("seg-%016x.dat", id) }
@@ -107,6 +110,7 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 			return nil, 0, fmt.Errorf("create journal segment: %w", err)
 		}
 		s.next++
+		s.created.Store(true)
 		s.cur = &segment{id: id, f: f}
 		s.all[id] = s.cur
 	}
@@ -144,7 +148,8 @@ func (s *segments) read(r *Record) ([]byte, error) {
 	return buf, nil
 }
 
-// sync makes every segment written since the last sync durable.
+// sync makes every segment written since the last sync durable, and the
+// names of the segments made since.
 func (s *segments) sync() error {
 	s.mu.Lock()
 	list := make([]*segment, 0, len(s.all))
@@ -154,11 +159,21 @@ func (s *segments) sync() error {
 		}
 	}
 	s.mu.Unlock()
+	created := s.created.Swap(false)
 	for _, seg := range list {
 		seg.dirty.Store(false)
 		if err := datasync(seg.f); err != nil {
 			seg.dirty.Store(true)
+			if created {
+				s.created.Store(true)
+			}
 			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
+		}
+	}
+	if created {
+		if err := syncDir(s.dir); err != nil {
+			s.created.Store(true)
+			return fmt.Errorf("sync journal directory: %w", err)
 		}
 	}
 	return nil
