@@ -2,7 +2,8 @@
 # bench/ab/rand4k.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: two vhdsync binaries mounted side by side
 # (remote detached, as bench/run.sh stage 1: Azurite killed after the mount) plus the null FUSE
 # server; fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
-# order rotated every round. Prints "round target IOPS p99_us [fsync_p99_us]" lines. Root.
+# order rotated every round. Prints "round target IOPS p99_us p50/p90/p99.9_us=... [fsync_p99_us]"
+# lines. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
@@ -40,7 +41,8 @@ for r in $(seq 1 $R); do
     iops=$(fio --name=j --filename="${FILE[$v]}" --size=2G --direct=1 --runtime=$RT --time_based=1 \
       $FIOARGS --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j.get("sync",{}).get("lat_ns",{}).get("percentile",{})
-print(int(w["iops"]), int(w["clat_ns"]["percentile"]["99.000000"]/1000), "fsync_p99_us=%d" % (s["99.000000"]/1000) if s else "")')
+p=w["clat_ns"]["percentile"]
+print(int(w["iops"]), int(p["99.000000"]/1000), "p50/p90/p99.9_us=%d/%d/%d" % (p["50.000000"]/1000, p["90.000000"]/1000, p["99.900000"]/1000), "fsync_p99_us=%d" % (s["99.000000"]/1000) if s else "")')
     echo "$r $v $iops"
   done
 done
