@@ -271,7 +271,7 @@ func (l *intentLog) write(kvs []keyValue) ([]slotSpan, error) {
 	l.mu.Unlock()
 	i := 0
 	var one [slotSize]byte
-	for k, sp := range spans {
+	for _, sp := range spans {
 		var buf []byte
 		if sp.n == 1 {
 			buf = one[:]
@@ -283,8 +283,13 @@ func (l *intentLog) write(kvs []keyValue) ([]slotSpan, error) {
 			i++
 		}
 		if _, err := sp.file.f.WriteAt(buf, ilogHeaderSize+sp.first*slotSize); err != nil {
-			l.abandon(spans[k:])
-			return spans[:k], fmt.Errorf("write intent log %s: %w", ilogName(sp.file.id), err)
+			// The append fails: none of its slots goes to badger. Those
+			// already written may still be replayed after a crash, which
+			// is harmless: the write was never acknowledged, and replay
+			// makes the image and the blob agree on it (a lone capture
+			// entry is safe too, see prepareCaptures).
+			l.abandon(spans)
+			return nil, fmt.Errorf("write intent log %s: %w", ilogName(sp.file.id), err)
 		}
 		sp.file.dirty.Store(true)
 	}
