@@ -8,8 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 )
@@ -442,23 +440,10 @@ func (l *intentLog) close(clean bool) error {
 
 // listIntentLogs returns the ids of the intent log files in dir, sorted.
 func listIntentLogs(dir string) ([]uint64, error) {
-	entries, err := os.ReadDir(dir)
+	ids, err := listNumbered(dir, "ilog-")
 	if err != nil {
 		return nil, fmt.Errorf("list intent logs: %w", err)
 	}
-	var ids []uint64
-	for _, e := range entries {
-		name := e.Name()
-		if !strings.HasPrefix(name, "ilog-") || !strings.HasSuffix(name, ".dat") {
-			continue
-		}
-		id, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(name, "ilog-"), ".dat"), 16, 64)
-		if err != nil {
-			continue
-		}
-		ids = append(ids, id)
-	}
-	sort.Slice(ids, func(a, b int) bool { return ids[a] < ids[b] })
 	return ids, nil
 }
 

@@ -236,30 +236,16 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 }
 
 func (j *Journal) recover() error {
-	var lastSeq, maxEpoch uint64
-	err := j.db.View(func(txn *badger.Txn) error {
-		for _, k := range [][]byte{keyDrained, keyEpoch} {
-			item, err := txn.Get(k)
-			if errors.Is(err, badger.ErrKeyNotFound) {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			v, err := item.ValueCopy(nil)
-			if err != nil {
-				return err
-			}
-			if len(v) != 8 {
-				return fmt.Errorf("journal key %s is %d bytes", k, len(v))
-			}
-			if string(k) == string(keyDrained) {
-				lastSeq = binary.BigEndian.Uint64(v)
-			} else {
-				maxEpoch = binary.BigEndian.Uint64(v)
-				j.drainedEpoch.Store(maxEpoch)
-			}
-		}
+	lastSeq, err := j.counter(keyDrained)
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	maxEpoch, err := j.counter(keyEpoch)
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	j.drainedEpoch.Store(maxEpoch)
+	err = j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
 		opts.Prefix = recPrefix

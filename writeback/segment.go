@@ -6,6 +6,7 @@ import (
 	"hash/crc32"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -59,6 +60,29 @@ type segments struct {
 
 func segName(id uint64) string { return fmt.Sprintf("seg-%016x.dat", id) }
 
+// listNumbered returns, sorted, the ids of the files in dir named
+// prefix + 16 hex digits + ".dat" (segments, intent logs).
+func listNumbered(dir, prefix string) ([]uint64, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var ids []uint64
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, prefix) || !strings.HasSuffix(name, ".dat") {
+			continue
+		}
+		id, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(name, prefix), ".dat"), 16, 64)
+		if err != nil {
+			continue
+		}
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
 // openSegments opens every segment file in dir for reading; new payloads
 // go to a fresh segment.
 func openSegments(dir string, maxSize int64) (*segments, error) {
@@ -66,19 +90,12 @@ func openSegments(dir string, maxSize int64) (*segments, error) {
 		maxSize = defaultSegmentSize
 	}
 	s := &segments{dir: dir, maxSize: maxSize, all: map[uint64]*segment{}, next: 1}
-	entries, err := os.ReadDir(dir)
+	ids, err := listNumbered(dir, "seg-")
 	if err != nil {
 		return nil, fmt.Errorf("list journal segments: %w", err)
 	}
-	for _, e := range entries {
-		name := e.Name()
-		if !strings.HasPrefix(name, "seg-") || !strings.HasSuffix(name, ".dat") {
-			continue
-		}
-		id, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(name, "seg-"), ".dat"), 16, 64)
-		if err != nil {
-			continue
-		}
+	for _, id := range ids {
+		name := segName(id)
 		f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDWR, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open journal segment %s: %w", name, err)
