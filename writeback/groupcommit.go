@@ -22,6 +22,9 @@ type groupCommit struct {
 	// groups and entries count what was committed: transactions and
 	// groupEntries (tests and profiles).
 	groups, entries atomic.Uint64
+	// failCommit, if set (tests, with the indexer's gate held), fails
+	// every commit with its error: badger refusing writes.
+	failCommit func() error
 }
 
 // groupEntry is one append's entries, committed in one transaction.
@@ -75,7 +78,9 @@ func (g *groupCommit) writeSome(batch []*groupEntry) int {
 		n++
 		size += len(e.kvs)
 	}
-	if n > 0 {
+	if n > 0 && g.failCommit != nil {
+		err = g.failCommit()
+	} else if n > 0 {
 		// All of batch, or the prefix badger took (ErrTxnTooBig): the
 		// rest goes in the next transaction.
 		err = txn.Commit()
