@@ -1,7 +1,8 @@
-// Package writeback is vhdsync's write-back path: the durable badger
-// journal of every write, epochs closed by barriers (fsync), the ordered
-// flusher that drains the journal to the page blob, the lease, and replay
-// after a crash.
+// Package writeback is vhdsync's write-back path: the durable journal of
+// every write (payloads in segment files or the image, entries in an
+// intent log, indexed by badger), epochs closed by barriers (fsync), the
+// ordered flusher that drains the journal to the page blob, the lease, and
+// replay after a crash.
 //
 // The invariants it keeps (numbered as in DESIGN.md):
 //

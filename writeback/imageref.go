@@ -25,8 +25,8 @@ import (
 // write (data, zero or discard) of epoch E changes the image over a range,
 // the sectors it changes of every pending image-backed record from an
 // epoch below E are captured: read from the image and stored in a segment
-// as a piece of the record (its own index entry, committed with the
-// write's, before the image changes). Reading the record lays its pieces
+// as a piece of the record (its own index entry, logged with the write's,
+// before the image changes). Reading the record lays its pieces
 // over the image. Only the sectors overwritten are copied: copying whole
 // records made 4 KiB random writes over pending 256 KiB ones copy 64x what
 // they wrote (1.7-4.9 k IOPS against 24 k). A record with maxPieces pieces
@@ -480,19 +480,14 @@ func (j *Journal) copyFromImage(seg *segment, segOff, off, n int64) (uint32, err
 	return crc, nil
 }
 
-// finishCaptures ends captures whose index changes were committed (err
-// nil) or not, and unlocks their records.
+// finishCaptures ends captures whose index changes were logged (err nil)
+// or not, and unlocks their records.
 func (j *Journal) finishCaptures(caps []pendingCapture, err error) {
 	for _, c := range caps {
-		// Even when the commit failed: the entries may have landed in an
-		// earlier transaction, and their segments must then outlive them.
+		// Even when logging failed: some entries may be in the intent log,
+		// which a restart replays, and their segments must outlive them.
 		for _, seg := range c.segs {
-			for {
-				last := seg.lastSeq.Load()
-				if last >= c.ref.seq || seg.lastSeq.CompareAndSwap(last, c.ref.seq) {
-					break
-				}
-			}
+			seg.keep(c.ref.seq)
 		}
 		if err == nil {
 			if c.whole {

@@ -1,6 +1,8 @@
 package writeback
 
 import (
+	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +36,14 @@ type indexItem struct {
 	kvs   []keyValue
 	spans []slotSpan
 }
+
+// ErrIndexRefused: badger refuses the journal's index entries (a full or
+// failing state filesystem). Writes then fail; those acknowledged before
+// are in the intent log.
+var ErrIndexRefused = errors.New("the journal index (badger) refuses entries")
+
+// indexAdvice follows ErrIndexRefused.
+const indexAdvice = "every write acknowledged so far is kept in the intent log and replayed at the next mount: free space or fix the state directory's filesystem (see the kernel log), then unmount and mount again"
 
 // indexerRetry is the wait before a failed commit is tried again.
 const indexerRetry = 100 * time.Millisecond
@@ -114,6 +124,9 @@ func (x *indexer) run() {
 		}
 		if n > 0 && x.onCommitted != nil {
 			x.onCommitted(spans)
+		}
+		if err != nil {
+			err = fmt.Errorf("%w: %w; %s", ErrIndexRefused, err, indexAdvice)
 		}
 		x.mu.Lock()
 		x.done += uint64(n)

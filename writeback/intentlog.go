@@ -124,9 +124,9 @@ func (l *intentLog) create(id uint64) (*ilogFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create intent log: %w", err)
 	}
-	lf := &ilogFile{id: id, inc: rand.Uint64() | 1, f: f, slots: l.slots}
-	// Generation 0 until the file is started (see start): as made, it
-	// holds nothing to replay.
+	// Generation and incarnation 0 until the file is started (see start):
+	// as made, it holds nothing to replay.
+	lf := &ilogFile{id: id, f: f, slots: l.slots}
 	fail := func(err error) (*ilogFile, error) {
 		f.Close()
 		os.Remove(path)
@@ -482,7 +482,7 @@ func (j *Journal) logEntries(kvs []keyValue) error {
 	if err := j.idx.failed(); err != nil {
 		// Badger refuses entries: stop taking writes rather than pile up
 		// intent logs nothing drains.
-		return fmt.Errorf("journal index: %w", err)
+		return err
 	}
 	spans, err := j.ilog.write(kvs)
 	if err != nil {

@@ -298,8 +298,8 @@ func TestIndexerFailure(t *testing.T) {
 		t.Fatal("flush returned nil while badger refuses every commit")
 	}
 	c := Record{Offset: 8192, Length: 4096, Kind: KindData, Data: bytes.Repeat([]byte{3}, 4096)}
-	if err := j.Append(context.Background(), &c); err == nil {
-		t.Fatal("an append succeeded while the index cannot take entries")
+	if err := j.Append(context.Background(), &c); !errors.Is(err, ErrIndexRefused) {
+		t.Fatalf("an append while the index cannot take entries returned %v, want ErrIndexRefused", err)
 	}
 	if _, err := j.ReadBatch(1, 1<<30, 0); err == nil {
 		t.Fatal("ReadBatch succeeded while the index is behind")

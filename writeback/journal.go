@@ -271,9 +271,7 @@ func (j *Journal) recover() error {
 				if err != nil {
 					return fmt.Errorf("journal record %d: %w", seq, err)
 				}
-				if seg.lastSeq.Load() < seq {
-					seg.lastSeq.Store(seq)
-				}
+				seg.keep(seq)
 			}
 			if first {
 				j.oldest = hdr.Time
@@ -385,12 +383,7 @@ func (j *Journal) recoverPieces() error {
 			if err != nil {
 				return fmt.Errorf("journal record %d, piece at %d: %w", seq, p.off, err)
 			}
-			for {
-				last := seg.lastSeq.Load()
-				if last >= seq || seg.lastSeq.CompareAndSwap(last, seq) {
-					break
-				}
-			}
+			seg.keep(seq)
 			if len(ref.gaps(p.off, p.end)) != 1 || p.off < ref.off || p.end > ref.end {
 				return fmt.Errorf("journal record %d: piece %d-%d overlaps another or leaves the record (%d-%d)", seq, p.off, p.end, ref.off, ref.end)
 			}
@@ -454,9 +447,9 @@ func (j *Journal) RaiseEpoch(e uint64) {
 
 // Append journals r, assigning its Seq and Epoch, and returns once it is
 // in the intent log (it survives kill -9 from then on, and every read sees
-// it; Barrier makes it survive power loss). It blocks while the pending bytes are above the cap,
-// until the flusher drains or ctx ends; it never fails for lack of space
-// in the cap.
+// it; Barrier makes it survive power loss). It blocks while the pending
+// bytes are above the cap, until the flusher drains or ctx ends; it never
+// fails for lack of space in the cap.
 func (j *Journal) Append(ctx context.Context, r *Record) error {
 	return j.appendApply(ctx, r, false, nil)
 }
@@ -557,12 +550,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 		j.epochUsed.Store(true)
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
 		if seg != nil {
-			for {
-				last := seg.lastSeq.Load()
-				if last >= r.Seq || seg.lastSeq.CompareAndSwap(last, r.Seq) {
-					break
-				}
-			}
+			seg.keep(r.Seq)
 		}
 	}
 	j.barrierMu.RUnlock()
@@ -732,9 +720,9 @@ func (j *Journal) Sync() error {
 }
 
 // syncOnce is one sync (Sync coalesces callers around it). The image,
-// the segments and badger's logs are fdatasync'ed in parallel: a barrier
-// waits for the slowest file, not for their sum (serial, the segment's
-// and the WAL's fdatasync each took 80-230 µs). Their relative order does
+// the segments and the intent log are fdatasync'ed in parallel: a barrier
+// waits for the slowest file, not for their sum (serial, two fdatasyncs
+// each took 80-230 µs). Their relative order does
 // not matter: the kernel writes dirty pages back in any order anyway, and
 // the barrier only promises that all of them are durable when it returns.
 func (j *Journal) syncOnce() error {
@@ -947,7 +935,7 @@ func (j *Journal) ReadAll(fn func(Record) error) error {
 // seq >= from, in seq order, until fn asks to stop or fails.
 func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) error {
 	if err := j.idx.flush(); err != nil {
-		return fmt.Errorf("journal index: %w", err)
+		return err
 	}
 	return j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
@@ -978,7 +966,7 @@ func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) erro
 // getRecord reads seq's index entry (no payload).
 func (j *Journal) getRecord(seq uint64) (Record, error) {
 	if err := j.idx.flush(); err != nil {
-		return Record{}, fmt.Errorf("journal record %d: journal index: %w", seq, err)
+		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
 	}
 	var r Record
 	err := j.db.View(func(txn *badger.Txn) error {
@@ -1020,7 +1008,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	// Entries still queued for badger (a capture's, made before forget)
 	// must land before these deletions, or they would outlive them.
 	if err := j.idx.flush(); err != nil {
-		return fmt.Errorf("delete drained records: journal index: %w", err)
+		return fmt.Errorf("delete drained records: %w", err)
 	}
 	wb := j.db.NewWriteBatch()
 	defer wb.Cancel()
@@ -1182,10 +1170,8 @@ func (j *Journal) Close() error {
 		// Everything is in badger: once its logs are synced, the intent
 		// logs can go, and a clean shutdown leaves none. Otherwise they
 		// stay, and the next open replays them.
-		j.syncMu.Lock()
-		err = j.syncFiles()
+		err = j.syncIndex()
 		clean = err == nil
-		j.syncMu.Unlock()
 	}
 	err = errors.Join(err, j.ilog.close(clean))
 	defer j.segs.close()

@@ -45,6 +45,16 @@ type segment struct {
 	dirty    atomic.Bool // written since the last sync
 }
 
+// keep makes the segment outlive record seq (lastSeq only rises).
+func (seg *segment) keep(seq uint64) {
+	for {
+		last := seg.lastSeq.Load()
+		if last >= seq || seg.lastSeq.CompareAndSwap(last, seq) {
+			return
+		}
+	}
+}
+
 // segments manages the segment files of a journal directory.
 type segments struct {
 	dir     string

@@ -28,8 +28,11 @@ func servePprof(addr string, log *slog.Logger) error {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	log.Info("serving pprof", "addr", ln.Addr().String())
 	go func() {
-		// The daemon's exit closes the listener; nothing to report then.
-		_ = http.Serve(ln, mux)
+		// It returns only when the listener fails: the profiles are gone,
+		// the mount is not affected.
+		if err := http.Serve(ln, mux); err != nil {
+			log.Warn("pprof server stopped", "err", err)
+		}
 	}()
 	return nil
 }
