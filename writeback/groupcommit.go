@@ -34,10 +34,12 @@ type groupEntry struct {
 }
 
 // keyValue is one badger entry of a group commit: set key to val, or
-// delete key (del).
+// delete key (del). inline, on a record's entry only, is its payload when
+// the intent log carries it (see intentlog.go).
 type keyValue struct {
 	key, val []byte
 	del      bool
+	inline   *inlinePayload
 }
 
 func (g *groupCommit) init(db *badger.DB) {

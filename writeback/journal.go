@@ -53,9 +53,14 @@ type JournalOptions struct {
 	// SegmentBytes is the size of the payload segment files (default
 	// 64 MiB); a segment is deleted once all its records are drained.
 	SegmentBytes int64
-	// IntentLogSlots is the number of entries an intent log file holds
-	// (see intentlog.go); 0 means 8,192 (1 MiB).
+	// IntentLogSlots is the number of 128-byte slots an intent log file
+	// holds (see intentlog.go); 0 means 65,536 (8 MiB).
 	IntentLogSlots int64
+	// InlineMax is the largest payload the intent log carries (see
+	// intentlog.go): a barrier after writes no larger needs no segment
+	// fdatasync. 0 means 32 KiB, negative none; it is capped so that an
+	// entry fits a quarter of an intent log file.
+	InlineMax int
 	// MaxImageRecords caps the image-backed records not captured yet (see
 	// imageref.go); 0 means 65,536. Writes above it put their payload in a
 	// segment.
@@ -99,6 +104,7 @@ type Journal struct {
 	img                     *os.File
 	refs                    imageRefs
 	maxRefs                 int64
+	inlineMax               int64 // see JournalOptions.InlineMax
 	imgDirty                atomic.Bool
 	captures, capturedBytes atomic.Int64
 
@@ -214,6 +220,7 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
 	}
+	j.inlineMax = inlineLimit(o.InlineMax, o.IntentLogSlots)
 	nextLog, gen, err := j.replayIntents()
 	if err != nil {
 		segs.close()
@@ -233,6 +240,22 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	}
 	go j.gcLoop(interval)
 	return j, nil
+}
+
+// inlineLimit is the largest inline payload for JournalOptions.InlineMax
+// and IntentLogSlots: what fits a quarter of a file, with its entry.
+func inlineLimit(max int, slots int64) int64 {
+	if max < 0 {
+		return -1
+	}
+	if max == 0 {
+		max = defaultInlineMax
+	}
+	if slots <= 0 {
+		slots = defaultIlogSlots
+	}
+	fit := (slots/4-1)*slotSize - inlineHeader
+	return min(int64(max), fit)
 }
 
 func (j *Journal) recover() error {
@@ -487,6 +510,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	// that memory stays bounded while the remote is far behind.
 	inImage = inImage && j.img != nil && j.refs.n.Load() < j.maxRefs
 	var seg *segment
+	var inline *inlinePayload
 	if r.Kind == KindData && !inImage {
 		var err error
 		seg, r.segOff, err = j.segs.reserve(r.Length)
@@ -495,12 +519,18 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 			return err
 		}
 		r.seg, r.crc = seg.id, crc32c(r.Data)
-		if _, err := seg.f.WriteAt(r.Data, r.segOff); err != nil {
-			seg.inflight.Add(-1)
-			j.release(size)
-			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+		if r.Length <= j.inlineMax {
+			// Small: the intent log carries the payload, the indexer
+			// writes it to the segment (see intentlog.go).
+			inline = &inlinePayload{seg: seg, off: r.segOff, data: r.Data, crc: r.crc}
+		} else {
+			if _, err := seg.f.WriteAt(r.Data, r.segOff); err != nil {
+				seg.inflight.Add(-1)
+				j.release(size)
+				return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+			}
+			seg.dirty.Store(true)
 		}
-		seg.dirty.Store(true)
 	}
 	var pre []pendingCapture
 	if apply != nil && j.img != nil {
@@ -532,7 +562,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	// closed epoch is logged, and queued for badger) and the range lock's
 	// seq order are unchanged.
 	if err == nil {
-		err = j.logEntries(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode()}))
+		err = j.logEntries(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode(), inline: inline}))
 	}
 	if caps != nil {
 		// A capture whose entries were partly logged when the log failed
@@ -1171,6 +1201,9 @@ func (j *Journal) Close() error {
 		// logs can go, and a clean shutdown leaves none. Otherwise they
 		// stay, and the next open replays them.
 		err = j.syncIndex()
+		if err == nil {
+			err = j.segs.syncCopied()
+		}
 		clean = err == nil
 	}
 	err = errors.Join(err, j.ilog.close(clean))

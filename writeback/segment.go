@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"golang.org/x/sys/unix"
 )
 
 // Payloads live in segment files, not in badger: badger keeps only the
@@ -42,7 +45,12 @@ type segment struct {
 	// seq up to lastSeq is drained.
 	lastSeq  atomic.Uint64
 	inflight atomic.Int64
-	dirty    atomic.Bool // written since the last sync
+	dirty    atomic.Bool // written by an append since the last sync
+	// copied: inline payloads were written to it (by the indexer or
+	// replay) since its last sync; they are durable in the intent log, so
+	// a barrier skips it, but the intent log files go only after it is
+	// synced (syncCopied).
+	copied atomic.Bool
 }
 
 // keep makes the segment outlive record seq (lastSeq only rises).
@@ -66,6 +74,8 @@ type segments struct {
 	// created: a segment file was made since the last sync, whose name
 	// the directory's fsync must make durable.
 	created atomic.Bool
+	// barrierSyncs counts the fdatasyncs barriers made of segments (tests).
+	barrierSyncs atomic.Uint64
 }
 
 func segName(id uint64) string { return fmt.Sprintf("seg-%016x.dat", id) }
@@ -148,6 +158,101 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 	return seg, off, nil
 }
 
+// writeAt writes an inline payload replayed from the intent log at off
+// in segment id, making the file if a power loss took it.
+func (s *segments) writeAt(id uint64, off int64, data []byte) error {
+	s.mu.Lock()
+	seg := s.all[id]
+	if seg == nil {
+		f, err := os.OpenFile(filepath.Join(s.dir, segName(id)), os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			s.mu.Unlock()
+			return fmt.Errorf("create journal segment %s: %w", segName(id), err)
+		}
+		s.created.Store(true)
+		seg = &segment{id: id, f: f}
+		s.all[id] = seg
+		s.next = max(s.next, id+1)
+	}
+	seg.size = max(seg.size, off+int64(len(data)))
+	s.mu.Unlock()
+	if _, err := seg.f.WriteAt(data, off); err != nil {
+		return fmt.Errorf("write journal segment %s at %d: %w", segName(id), off, err)
+	}
+	seg.copied.Store(true)
+	return nil
+}
+
+// writeInline writes the inline payloads of items to their segments, in
+// order, one pwritev per run of payloads that follow each other in a
+// segment. It returns how many items are written and the first failure.
+func writeInline(items []indexItem) (int, error) {
+	var seg *segment
+	var off, end int64
+	var iov [][]byte
+	first := 0 // item of iov[0]
+	flush := func() error {
+		if len(iov) == 0 {
+			return nil
+		}
+		err := pwritev(seg.f, iov, off)
+		iov = iov[:0]
+		if err != nil {
+			return fmt.Errorf("write inline payloads to journal segment %s at %d: %w", segName(seg.id), off, err)
+		}
+		seg.copied.Store(true)
+		return nil
+	}
+	for i, it := range items {
+		for _, kv := range it.kvs {
+			p := kv.inline
+			if p == nil {
+				continue
+			}
+			if p.seg != seg || p.off != end || len(iov) == maxIOV {
+				if err := flush(); err != nil {
+					return first, err
+				}
+				seg, off, end, first = p.seg, p.off, p.off, i
+			}
+			iov = append(iov, p.data)
+			end += int64(len(p.data))
+		}
+	}
+	if err := flush(); err != nil {
+		return first, err
+	}
+	return len(items), nil
+}
+
+// syncCopied fdatasyncs every segment inline payloads were written to
+// since its last sync (and the directory, if segments were made): before
+// the intent log files holding those payloads go.
+func (s *segments) syncCopied() error {
+	s.mu.Lock()
+	var list []*segment
+	for _, seg := range s.all {
+		if seg.copied.Load() {
+			list = append(list, seg)
+		}
+	}
+	s.mu.Unlock()
+	for _, seg := range list {
+		seg.copied.Store(false)
+		if err := datasync(seg.f); err != nil {
+			seg.copied.Store(true)
+			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
+		}
+	}
+	if s.created.Swap(false) {
+		if err := syncDir(s.dir); err != nil {
+			s.created.Store(true)
+			return fmt.Errorf("sync journal directory: %w", err)
+		}
+	}
+	return nil
+}
+
 // get returns segment id for reading.
 func (s *segments) get(id uint64) (*segment, error) {
 	s.mu.Lock()
@@ -189,6 +294,7 @@ func (s *segments) sync() error {
 	created := s.created.Swap(false)
 	for _, seg := range list {
 		seg.dirty.Store(false)
+		s.barrierSyncs.Add(1)
 		if err := datasync(seg.f); err != nil {
 			seg.dirty.Store(true)
 			if created {
@@ -264,4 +370,45 @@ func (s *segments) close() {
 	for _, seg := range s.all {
 		seg.f.Close()
 	}
+}
+
+// maxIOV is the most buffers one pwritev takes (Linux's IOV_MAX).
+const maxIOV = 1024
+
+// pwritev writes bufs back to back at off in f, in as few pwritev calls
+// as it takes.
+func pwritev(f *os.File, bufs [][]byte, off int64) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var werr error
+	if err := rc.Control(func(fd uintptr) {
+		for len(bufs) > 0 {
+			n, err := unix.Pwritev(int(fd), bufs, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				werr = err
+				return
+			}
+			if n == 0 {
+				werr = io.ErrShortWrite
+				return
+			}
+			off += int64(n)
+			for n > 0 {
+				if n < len(bufs[0]) {
+					bufs[0] = bufs[0][n:]
+					break
+				}
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	return werr
 }
