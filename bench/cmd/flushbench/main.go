@@ -29,6 +29,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -321,7 +322,20 @@ func main() {
 	rtts := flag.String("rtt", "0,20ms", "added round-trip times")
 	out := flag.String("out", "", "JSON output (default stdout)")
 	scanImg := flag.String("scan", "", "scan an image instead (see doc)")
+	cpuProf := flag.String("cpuprofile", "", "write a Go CPU profile of the whole run to `FILE` (the flusher's share of the CPU Azurite competes for)")
 	flag.Parse()
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "flushbench:", err)
+			os.Exit(1)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "flushbench:", err)
+			os.Exit(1)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if *scanImg != "" {
 		if err := scan(*scanImg); err != nil {
 			fmt.Fprintln(os.Stderr, "flushbench:", err)
