@@ -104,7 +104,8 @@ type Journal struct {
 	img                     *os.File
 	refs                    imageRefs
 	maxRefs                 int64
-	inlineMax               int64 // see JournalOptions.InlineMax
+	inlineMax               int64        // see JournalOptions.InlineMax
+	appending               atomic.Int64 // appends in flight (see inlineBusy)
 	imgDirty                atomic.Bool
 	captures, capturedBytes atomic.Int64
 
@@ -241,6 +242,14 @@ func OpenJournal(dir string, o JournalOptions) (*Journal, error) {
 	go j.gcLoop(interval)
 	return j, nil
 }
+
+// inlineBusy is the number of appends in flight above which payloads go to
+// their segment directly even when small. Inline payloads make a barrier
+// cheaper (write+fsync 1.9x as fast, measured) but each costs a copy, a
+// larger intent log write and a second write by the indexer: with many
+// writers in flight (random 4 KiB at iodepth 32) inline-always ran at
+// 0.8x the IOPS, and there a barrier's cost is shared by many writes.
+const inlineBusy = 2
 
 // inlineLimit is the largest inline payload for JournalOptions.InlineMax
 // and IntentLogSlots: what fits a quarter of a file, with its entry.
@@ -500,6 +509,8 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	if r.Time.IsZero() {
 		r.Time = time.Now()
 	}
+	busy := j.appending.Add(1) > inlineBusy
+	defer j.appending.Add(-1)
 	size := r.payloadSize()
 	if err := j.waitForSpace(ctx, size); err != nil {
 		return err
@@ -519,9 +530,10 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 			return err
 		}
 		r.seg, r.crc = seg.id, crc32c(r.Data)
-		if r.Length <= j.inlineMax {
-			// Small: the intent log carries the payload, the indexer
-			// writes it to the segment (see intentlog.go).
+		if r.Length <= j.inlineMax && !busy {
+			// Small, and few writers: the intent log carries the
+			// payload, the indexer writes it to the segment (see
+			// intentlog.go and inlineBusy).
 			inline = &inlinePayload{seg: seg, off: r.segOff, data: r.Data, crc: r.crc}
 		} else {
 			if _, err := seg.f.WriteAt(r.Data, r.segOff); err != nil {

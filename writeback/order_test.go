@@ -855,3 +855,60 @@ func TestConcurrentOverlappingWritesConverge(t *testing.T) {
 		t.Fatalf("blob and image differ at byte %d after concurrent overlapping writes", off)
 	}
 }
+
+// TestFlusherPrefetch: the next batch is read and coalesced while one
+// uploads, but only once a request of that batch has gone through: while
+// the remote refuses every write, nothing is read ahead (a second batch
+// in memory helps nobody then). Once the remote is back, batches come
+// from prefetches and the blob converges.
+func TestFlusherPrefetch(t *testing.T) {
+	ctx := context.Background()
+	const size = 4 << 20
+	dir := propBaseDir(t)
+	r := NewMemRemote(size + 512)
+	var down atomic.Bool
+	down.Store(true)
+	r.Fault = func(op string, _, _ int64) (bool, error) {
+		if down.Load() && op != "seq" {
+			return false, &TransientError{Msg: "remote down (test)"}
+		}
+		return true, nil
+	}
+	o := DiskOptions{}
+	o.Journal.MaxEpochBytes = 64 << 10
+	o.Flusher.MaxBatchBytes = 128 << 10
+	o.Flusher.RetryMin, o.Flusher.RetryMax = time.Millisecond, 5*time.Millisecond
+	d := propOpenDisk(t, dir, size, r, o)
+	defer d.Close(ctx, false)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 64; i++ { // 64 barriers of 32 KiB: 16 batches
+		p := make([]byte, 32<<10)
+		for k := range p {
+			p[k] = byte(rng.Uint32())
+		}
+		if err := d.WriteAt(ctx, p, int64(i)*(32<<10)); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for d.Stats().Flusher.Retries < 20 {
+		time.Sleep(time.Millisecond) // polls a condition: 20 failed tries
+	}
+	if n := d.f.prefetches.Load(); n != 0 {
+		t.Fatalf("%d batches read ahead while no request of the current one went through", n)
+	}
+	down.Store(false)
+	if err := d.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	fs := d.Stats().Flusher
+	if n := d.f.prefetches.Load(); n == 0 || fs.Batches < 8 {
+		t.Fatalf("%d of %d batches prefetched, want most", n, fs.Batches)
+	}
+	if !bytes.Equal(readImage(t, dir), r.Bytes()[:size]) {
+		t.Fatal("blob differs from the image after drain")
+	}
+	t.Logf("%d of %d batches came from a prefetch", d.f.prefetches.Load(), fs.Batches)
+}
