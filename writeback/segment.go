@@ -229,28 +229,7 @@ func writeInline(items []indexItem) (int, error) {
 // since its last sync (and the directory, if segments were made): before
 // the intent log files holding those payloads go.
 func (s *segments) syncCopied() error {
-	s.mu.Lock()
-	var list []*segment
-	for _, seg := range s.all {
-		if seg.copied.Load() {
-			list = append(list, seg)
-		}
-	}
-	s.mu.Unlock()
-	for _, seg := range list {
-		seg.copied.Store(false)
-		if err := datasync(seg.f); err != nil {
-			seg.copied.Store(true)
-			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
-		}
-	}
-	if s.created.Swap(false) {
-		if err := syncDir(s.dir); err != nil {
-			s.created.Store(true)
-			return fmt.Errorf("sync journal directory: %w", err)
-		}
-	}
-	return nil
+	return s.syncMarked(func(seg *segment) *atomic.Bool { return &seg.copied }, nil)
 }
 
 // get returns segment id for reading.
@@ -280,23 +259,33 @@ func (s *segments) read(r *Record) ([]byte, error) {
 	return buf, nil
 }
 
-// sync makes every segment written since the last sync durable, and the
-// names of the segments made since.
+// sync makes every segment an append wrote to since the last sync
+// durable, and the names of the segments made since (a barrier).
 func (s *segments) sync() error {
+	return s.syncMarked(func(seg *segment) *atomic.Bool { return &seg.dirty }, &s.barrierSyncs)
+}
+
+// syncMarked fdatasyncs the segments whose flag (mark) is set, clearing it
+// (set again if the sync fails), then the directory if segments were made
+// since its last fsync. count, if not nil, counts the fdatasyncs.
+func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Uint64) error {
 	s.mu.Lock()
-	list := make([]*segment, 0, len(s.all))
+	var list []*segment
 	for _, seg := range s.all {
-		if seg.dirty.Load() {
+		if mark(seg).Load() {
 			list = append(list, seg)
 		}
 	}
 	s.mu.Unlock()
 	created := s.created.Swap(false)
 	for _, seg := range list {
-		seg.dirty.Store(false)
-		s.barrierSyncs.Add(1)
+		m := mark(seg)
+		m.Store(false)
+		if count != nil {
+			count.Add(1)
+		}
 		if err := datasync(seg.f); err != nil {
-			seg.dirty.Store(true)
+			m.Store(true)
 			if created {
 				s.created.Store(true)
 			}
