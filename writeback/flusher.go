@@ -112,10 +112,6 @@ type Flusher struct {
 	batches, puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
 	segments, stagedData                                    atomic.Uint64
 	committer                                               *committer // direct transfer: commits in the background
-	// prefetch, when not nil, delivers the next batch, read and coalesced
-	// while the previous one uploaded (direct transfer; see sendBatch).
-	prefetch   chan prefetched
-	prefetches atomic.Uint64 // batches that came from a prefetch
 	// Staged transfer only: the encoder, the segments uploading (oldest
 	// first), the last epoch handed to an upload, and the uploads' goroutines.
 	enc       *zstd.Encoder
@@ -237,17 +233,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 			return f.stop(ctx, err)
 		}
 		var recs []Record
-		var spans []span
-		if pf := f.prefetch; pf != nil {
-			f.prefetch = nil
-			p := <-pf
-			if p.err != nil {
-				f.setState(StateFailed, p.err)
-				return p.err
-			}
-			recs, spans = p.recs, p.spans
-		}
-		if closed := f.j.ClosedEpoch(); len(recs) == 0 && (!scanned || closed != emptyAt) {
+		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
 			var err error
 			recs, err = f.j.ReadBatch(f.next, f.o.MaxBatchBytes, f.minLast)
 			if err != nil {
@@ -255,20 +241,15 @@ func (f *Flusher) Run(ctx context.Context) error {
 				return err
 			}
 			scanned, emptyAt = len(recs) == 0, closed
-			if len(recs) > 0 && f.o.Staging == nil {
-				spans = coalesceBatch(recs)
-			}
 		}
 		if len(recs) > 0 {
 			lingering = false
 			f.setState(StateDraining, nil)
-			var err error
+			send := f.sendBatch
 			if f.o.Staging != nil {
-				err = f.stageBatch(ctx, recs)
-			} else {
-				err = f.sendBatch(ctx, recs, spans)
+				send = f.stageBatch
 			}
-			if err != nil {
+			if err := send(ctx, recs); err != nil {
 				return f.stop(ctx, err)
 			}
 			continue
@@ -362,18 +343,7 @@ func (f *Flusher) Drain(ctx context.Context) error {
 //     service (412) once the batch is over: it can never land on top of a
 //     later batch. Retries within the batch resend the same bytes to the
 //     same disjoint span, which is idempotent.
-//
-// When this batch is large (at least half of MaxBatchBytes: a backlog),
-// the next one is read from the journal and coalesced while it uploads
-// (prefetch), once one of its requests has succeeded: reading and
-// coalescing 32 MiB took 15-75 ms between uploads of about 460 ms
-// (measured). Waiting for a success keeps a second batch out of memory
-// while the remote is down. Nothing of the next batch is sent before this
-// one is complete, so the order above is unchanged. Small batches are not
-// prefetched: the flusher keeps up with their writer anyway, and the
-// pause between batches is when a multi-epoch stream leaves the blob at
-// an even (consistent) sequence number for readers in Azure.
-func (f *Flusher) sendBatch(ctx context.Context, recs []Record, spans []span) error {
+func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
 	// The records must be durable locally before the blob has them:
 	// otherwise a power loss could leave the blob ahead of the image.
@@ -394,20 +364,20 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record, spans []span) er
 		}
 		fence = max(fence, f.seq.Load())
 	}
-	succeeded := make(chan struct{})
-	var bytes int64
+	var c coalescer
 	for i := range recs {
-		bytes += recs[i].payloadSize()
+		c.add(&recs[i])
 	}
-	if bytes >= f.o.MaxBatchBytes/2 {
-		f.startPrefetch(ctx, recs[len(recs)-1].Seq+1, succeeded)
+	spans := c.spans(MaxPutPage)
+	// The spans hold (or copied) every byte they send: the records'
+	// payloads are not needed any more, and a batch retried for as long as
+	// the remote is down must not keep them alive twice.
+	for i := range recs {
+		recs[i].Data = nil
 	}
-	var once sync.Once
-	ok := func() { once.Do(func() { close(succeeded) }) }
-	if err := f.sendSpans(ctx, spans, Cond{LeaseID: f.lease, IfSequenceEq: &fence}, ok); err != nil {
+	if err := f.sendSpans(ctx, spans, Cond{LeaseID: f.lease, IfSequenceEq: &fence}); err != nil {
 		return err
 	}
-	ok()
 	done := int64(2 * last)
 	if err := f.retry(ctx, "mark batch complete", func(ctx context.Context) error {
 		return f.r.RaiseSequence(ctx, done, f.lease)
@@ -426,56 +396,6 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record, spans []span) er
 	f.next = recs[len(recs)-1].Seq + 1
 	f.minLast = 0
 	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
-}
-
-// coalesceBatch turns a batch's records into the requests that send it
-// and drops the records' payloads: the spans hold (or copied) every byte
-// they send, and a batch retried for as long as the remote is down must
-// not keep them alive twice.
-func coalesceBatch(recs []Record) []span {
-	var c coalescer
-	for i := range recs {
-		c.add(&recs[i])
-	}
-	spans := c.spans(MaxPutPage)
-	for i := range recs {
-		recs[i].Data = nil
-	}
-	return spans
-}
-
-// prefetched is a batch read and coalesced ahead (see sendBatch).
-type prefetched struct {
-	recs  []Record
-	spans []span
-	err   error
-}
-
-// startPrefetch reads and coalesces the batch from seq from in the
-// background, once succeeded is closed (a request of the current batch
-// went through); Run takes it from f.prefetch. Nothing is read if ctx
-// ends first. Run waits for it (f.uploads) before it returns, so the
-// journal is never read after.
-func (f *Flusher) startPrefetch(ctx context.Context, from uint64, succeeded <-chan struct{}) {
-	ch := make(chan prefetched, 1)
-	f.prefetch = ch
-	f.uploads.Add(1)
-	go func() {
-		defer f.uploads.Done()
-		select {
-		case <-succeeded:
-		case <-ctx.Done():
-			ch <- prefetched{} // Run finds nothing and reads itself
-			return
-		}
-		recs, err := f.j.ReadBatch(from, f.o.MaxBatchBytes, 0)
-		var spans []span
-		if err == nil && len(recs) > 0 {
-			spans = coalesceBatch(recs)
-			f.prefetches.Add(1)
-		}
-		ch <- prefetched{recs: recs, spans: spans, err: err}
-	}()
 }
 
 // committer commits batches the blob already holds, one at a time and in
@@ -569,7 +489,7 @@ func (f *Flusher) commitBatch(recs []Record, what string) error {
 // sendSpans sends the disjoint spans of one batch with the configured
 // number of workers and returns when all are acknowledged, or on the first
 // permanent error.
-func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond, ok func()) error {
+func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	work := make(chan span)
@@ -588,7 +508,6 @@ func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond, ok func()
 					if err == nil {
 						f.clears.Add(1)
 						f.cleared.Add(uint64(s.end - s.off))
-						ok()
 					}
 				} else {
 					err = f.retry(ctx, "put page", func(ctx context.Context) error {
@@ -597,7 +516,6 @@ func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond, ok func()
 					if err == nil {
 						f.puts.Add(1)
 						f.sent.Add(uint64(len(s.data)))
-						ok()
 					}
 				}
 				if err != nil {
