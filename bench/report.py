@@ -75,7 +75,7 @@ if fs:
 
 # 5. memory ---------------------------------------------------------------------
 mem = {}
-for name in ["write", "lag"]:
+for name in ["write", "lag", "backlog"]:
     p = os.path.join(res, f"mem-{name}.txt")
     if os.path.exists(p):
         for line in open(p):
@@ -96,6 +96,8 @@ if os.path.exists(os.path.join(res, "lag.txt")):
         if ceil:
             R["lag"]["ceiling_random64k_mibs"] = ceil.get("mib_per_second")
         mem["lag_journal_disk_bytes_peak"] = lagpeak
+vb = load(os.path.join(res, "vstatus-backlog.json"))
+if vb: mem["backlog_journal_disk_bytes_after_fio"] = vb.get("journal_disk_bytes")
 if mem:
     R["memory"] = mem
 

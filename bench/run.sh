@@ -5,7 +5,8 @@
 # daemons, FUSE mounts, loop devices, ext4 mounts) is undone on exit.
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
-# BENCH_SKIP (space-separated stages to skip: write fsync flush wire staged lag),
+# BENCH_SKIP (space-separated stages to skip: write fsync flush wire staged lag
+# backlog),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the server's measured ceiling for the lag
 # workload's own pattern, random 64 KiB Put Pages), BENCH_SYNC
@@ -273,6 +274,28 @@ if ! skip lag; then
     sleep 1
   done
   grep VmHWM /proc/"$VPID"/status > "$res/mem-lag.txt"
+  kill -9 "$VPID"; sleep 0.5; umount -l "$VMNT"; fusemounts=()
+  stop_azurite "$VAZ"
+fi
+
+############ 5b: memory while a live remote drains a backlog: sequential
+# writes far faster than the server, then the drain (stage 1 has the remote
+# detached, where the flusher holds at most one batch)
+if ! skip backlog; then
+  log "backlog memory"
+  VSIZE=8GiB
+  mount_vhdsync backlog
+  fio --name=bl --filename="$VMNT/backlog.img" --size=3G --rw=write --bs=1M --iodepth=8 --ioengine=libaio --direct=1 \
+      --output-format=json > "$res/backlog-fio.json" 2>/dev/null || log "fio failed"
+  vstatus "$VST" > "$res/vstatus-backlog.json"
+  # VmHWM is a high-water mark: read it once the journal is empty (or
+  # after 120 s of draining)
+  for _ in $(seq 120); do
+    n=$(vstatus "$VST" | python3 -c 'import json,sys;print(json.load(sys.stdin).get("journal_records",1))' 2>/dev/null || echo 1)
+    [ "$n" = 0 ] && break
+    sleep 1
+  done
+  grep VmHWM /proc/"$VPID"/status > "$res/mem-backlog.txt"
   kill -9 "$VPID"; sleep 0.5; umount -l "$VMNT"; fusemounts=()
   stop_azurite "$VAZ"
 fi
