@@ -452,15 +452,15 @@ func (l *intentLog) sync() error {
 	return errors.Join(errs...)
 }
 
-// done returns the files that are full and wholly in badger (all of
-// them, with all, as at Close): they can be recycled or deleted once
-// badger's logs are synced.
-func (l *intentLog) done(all bool) []*ilogFile {
+// done returns the files that are full and wholly in badger: they can be
+// recycled once badger's logs and the segments their payloads went to are
+// synced (syncBeforeLogsGo).
+func (l *intentLog) done() []*ilogFile {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var out []*ilogFile
 	for _, lf := range l.files {
-		if (lf.full || all) && lf.resolved.Load() == lf.used {
+		if lf.full && lf.resolved.Load() == lf.used {
 			out = append(out, lf)
 		}
 	}
@@ -614,16 +614,13 @@ func (j *Journal) indexed(spans []slotSpan) {
 	for _, sp := range spans {
 		sp.file.resolved.Add(sp.n)
 	}
-	files := j.ilog.done(false)
+	files := j.ilog.done()
 	if len(files) == 0 {
 		return
 	}
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
-	err := j.syncFiles()
-	if err == nil {
-		err = j.segs.syncCopied()
-	}
+	err := j.syncBeforeLogsGo()
 	if err == nil {
 		if testBeforeRecycle != nil {
 			testBeforeRecycle(j)
@@ -633,6 +630,17 @@ func (j *Journal) indexed(spans []slotSpan) {
 	if err != nil {
 		j.log.Warn("intent log files stay until the next try", "err", err)
 	}
+}
+
+// syncBeforeLogsGo makes durable what an intent log file's entries became:
+// badger's logs, and the segments the indexer copied inline payloads to.
+// Intent log files are recycled or deleted only after it. Called with
+// syncMu held.
+func (j *Journal) syncBeforeLogsGo() error {
+	if err := j.syncFiles(); err != nil {
+		return err
+	}
+	return j.segs.syncCopied()
 }
 
 // syncIndex makes badger's committed entries durable (see syncFiles).

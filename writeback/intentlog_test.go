@@ -161,7 +161,7 @@ func TestIntentLogSlots(t *testing.T) {
 	// The first file is full and, say, in badger: recycle it; it becomes
 	// the third file (generation 3) with one entry.
 	first.resolved.Store(first.used)
-	if err := l.recycle(l.done(false)); err != nil {
+	if err := l.recycle(l.done()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := l.write([]keyValue{kv(6), kv(7), kv(8)}); err != nil {
@@ -243,7 +243,7 @@ func TestIntentLogReplayOrder(t *testing.T) {
 	}
 	first := l.files[1]
 	first.resolved.Store(first.used)
-	if err := l.recycle(l.done(false)); err != nil {
+	if err := l.recycle(l.done()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := l.write([]keyValue{rec(5, 4096)}); err != nil { // into file 1, generation 3

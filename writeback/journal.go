@@ -850,12 +850,7 @@ func (j *Journal) syncFiles() error {
 	if !appeared {
 		return nil
 	}
-	d, err := os.Open(j.dir)
-	if err != nil {
-		return fmt.Errorf("sync journal directory: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
+	if err := syncDir(j.dir); err != nil {
 		return fmt.Errorf("sync journal directory: %w", err)
 	}
 	j.dirNames = names
@@ -1212,10 +1207,9 @@ func (j *Journal) Close() error {
 		// Everything is in badger: once its logs are synced, the intent
 		// logs can go, and a clean shutdown leaves none. Otherwise they
 		// stay, and the next open replays them.
-		err = j.syncIndex()
-		if err == nil {
-			err = j.segs.syncCopied()
-		}
+		j.syncMu.Lock()
+		err = j.syncBeforeLogsGo()
+		j.syncMu.Unlock()
 		clean = err == nil
 	}
 	err = errors.Join(err, j.ilog.close(clean))
