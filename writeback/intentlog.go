@@ -662,6 +662,9 @@ func entrySeq(key []byte) (uint64, bool) {
 	return 0, false
 }
 
+// replayAdvice follows a replay that failed for a reason the user can fix.
+const replayAdvice = "nothing is lost: the intent log files stay until a replay succeeds; free space or fix the state directory's filesystem (see the kernel log), then mount again"
+
 // replayIntents commits the entries of the intent log files the last run
 // left into badger, in order, skipping those of records already drained
 // (deleted from badger since; their slots outlive them), makes badger
@@ -709,7 +712,7 @@ func (j *Journal) replayIntents() (next, gen uint64, err error) {
 					return 0, 0, damaged(fmt.Errorf("intent log entry of record %d does not match its inline payload (%v)", seq, err))
 				}
 				if err := j.segs.writeAt(r.seg, r.segOff, kv.inline.data); err != nil {
-					return 0, 0, fmt.Errorf("replay intent log: %w", err)
+					return 0, 0, fmt.Errorf("replay intent log: %w; %s", err, replayAdvice)
 				}
 				payloads++
 			}
@@ -725,7 +728,7 @@ func (j *Journal) replayIntents() (next, gen uint64, err error) {
 		entries = append(entries, &groupEntry{kvs: kvs})
 	}
 	if err := j.segs.syncCopied(); err != nil {
-		return 0, 0, fmt.Errorf("replay intent log: %w", err)
+		return 0, 0, fmt.Errorf("replay intent log: %w; %s", err, replayAdvice)
 	}
 	for done := 0; done < len(entries); {
 		n := j.group.writeSome(entries[done:])
@@ -735,11 +738,11 @@ func (j *Journal) replayIntents() (next, gen uint64, err error) {
 		done += n
 	}
 	if err := j.syncIndex(); err != nil {
-		return 0, 0, fmt.Errorf("replay intent log: %w", err)
+		return 0, 0, fmt.Errorf("replay intent log: %w; %s", err, replayAdvice)
 	}
 	for _, id := range ids {
 		if err := os.Remove(filepath.Join(j.dir, ilogName(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return 0, 0, fmt.Errorf("delete replayed intent log: %w", err)
+			return 0, 0, fmt.Errorf("delete replayed intent log: %w; %s", err, replayAdvice)
 		}
 	}
 	j.replayedIntents = count
