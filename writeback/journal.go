@@ -536,7 +536,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 			// intentlog.go and inlineBusy).
 			inline = &inlinePayload{seg: seg, off: r.segOff, data: r.Data, crc: r.crc}
 		} else {
-			if _, err := seg.f.WriteAt(r.Data, r.segOff); err != nil {
+			if err := seg.writePayload(r.Data, r.segOff); err != nil {
 				seg.inflight.Add(-1)
 				j.release(size)
 				return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -36,9 +37,13 @@ func crc32c(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
 
 // segment is one append-only payload file.
 type segment struct {
-	id   uint64
-	f    *os.File
-	size int64 // bytes reserved so far (guarded by segments.mu)
+	id uint64
+	f  *os.File
+	// direct is the same file opened with O_DIRECT for large payloads
+	// (see writePayload); nil where the filesystem refuses it, and for
+	// segments of an earlier run, which are only read.
+	direct *os.File
+	size   int64 // bytes reserved so far (guarded by segments.mu)
 	// lastSeq is the highest seq whose payload is in this segment; inflight
 	// counts appends that reserved space but have not committed their index
 	// entry yet. A segment may be deleted only when inflight is 0 and every
@@ -136,27 +141,110 @@ func openSegments(dir string, maxSize int64) (*segments, error) {
 
 // reserve finds room for n payload bytes: the segment and offset to write
 // them at. The caller writes them, commits the index entry, then calls
-// committed.
+// committed. A payload writePayload will write with O_DIRECT gets an
+// offset aligned for it.
 func (s *segments) reserve(n int64) (*segment, int64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.cur == nil || (s.cur.size > 0 && s.cur.size+n > s.maxSize) {
+	off := int64(0)
+	if s.cur != nil {
+		off = s.cur.size
+		if s.cur.direct != nil && directSized(n) {
+			off = (off + directAlign - 1) &^ (directAlign - 1)
+		}
+	}
+	if s.cur == nil || (s.cur.size > 0 && off+n > s.maxSize) {
 		id := s.next
-		f, err := os.OpenFile(filepath.Join(s.dir, segName(id)), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+		path := filepath.Join(s.dir, segName(id))
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
 		if err != nil {
 			return nil, 0, fmt.Errorf("create journal segment: %w", err)
 		}
 		s.next++
 		s.created.Store(true)
 		s.cur = &segment{id: id, f: f}
+		// Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6):
+		// large payloads then go through the page cache too.
+		s.cur.direct, _ = os.OpenFile(path, os.O_WRONLY|unix.O_DIRECT, 0)
 		s.all[id] = s.cur
+		off = 0
 	}
 	seg := s.cur
-	off := seg.size
-	seg.size += n
+	seg.size = off + n
 	seg.inflight.Add(1)
 	return seg, off, nil
 }
+
+// Payloads of at least directMin bytes, in whole directAlign blocks, are
+// written with O_DIRECT. Through the page cache, a streaming writer's
+// segment writes cost most of the daemon's CPU: perf put 68 % of the
+// samples of fio sequential 1 MiB writes (remote detached) in their
+// pwrite, nearly all of it copying into freshly allocated page cache
+// pages, which a journal written once and read once by the flusher gains
+// nothing from. Small payloads stay buffered: a direct write waits for the
+// device.
+const (
+	directAlign = 4096
+	directMin   = 64 << 10
+)
+
+func directSized(n int64) bool { return n >= directMin && n%directAlign == 0 }
+
+// directBufs holds directMax-byte buffers aligned for O_DIRECT.
+var directBufs = sync.Pool{New: func() any {
+	b := alignedBuf(directMax)
+	return &b
+}}
+
+// directMax is the size of a pooled direct buffer: the default largest
+// FUSE write (fusefs.Options.MaxWrite).
+const directMax = 256 << 10
+
+// alignedBuf returns n bytes starting at a directAlign boundary.
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+directAlign)
+	skip := directAlign - int(uintptr(unsafe.Pointer(&b[0]))%directAlign)
+	if skip == directAlign {
+		skip = 0
+	}
+	return b[skip : skip+n : skip+n]
+}
+
+// writePayload writes an append's payload p at off (from reserve). A
+// directSized payload at an aligned offset goes through the O_DIRECT
+// descriptor, copied to an aligned buffer unless p already is one; the
+// rest, and everything where the filesystem refuses the direct write,
+// through the page cache. Either way the bytes wait for the barrier's
+// fdatasync to be durable (a direct write may sit in the device's cache).
+func (seg *segment) writePayload(p []byte, off int64) error {
+	n := int64(len(p))
+	if seg.direct != nil && directSized(n) && off%directAlign == 0 {
+		buf := p
+		var pooled *[]byte
+		if !isAligned(p) {
+			if n <= directMax {
+				pooled = directBufs.Get().(*[]byte)
+				buf = (*pooled)[:n]
+			} else {
+				buf = alignedBuf(int(n))
+			}
+			copy(buf, p)
+		}
+		_, err := seg.direct.WriteAt(buf, off)
+		if pooled != nil {
+			directBufs.Put(pooled)
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		// EINVAL: this filesystem's direct I/O wants other alignments;
+		// the page cache takes it.
+	}
+	_, err := seg.f.WriteAt(p, off)
+	return err
+}
+
+func isAligned(p []byte) bool { return uintptr(unsafe.Pointer(&p[0]))%directAlign == 0 }
 
 // writeAt writes an inline payload replayed from the intent log at off
 // in segment id, making the file if a power loss took it.
@@ -333,7 +421,7 @@ func (s *segments) reclaim(drained uint64, before func() error) (int, error) {
 	}
 	var errs []error
 	for _, seg := range victims {
-		seg.f.Close()
+		seg.close()
 		if err := os.Remove(filepath.Join(s.dir, segName(seg.id))); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("delete drained journal segment: %w", err))
 		}
@@ -357,7 +445,14 @@ func (s *segments) close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, seg := range s.all {
-		seg.f.Close()
+		seg.close()
+	}
+}
+
+func (seg *segment) close() {
+	seg.f.Close()
+	if seg.direct != nil {
+		seg.direct.Close()
 	}
 }
 
