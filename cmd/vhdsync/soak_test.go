@@ -2,7 +2,9 @@ package main
 
 // kill -9 loop (issue 6, item 2): cycles of a writer (32 KiB slots at
 // random, each write followed by an fsync: small enough for the journal
-// to carry it in its intent log) and a kill -9 of the daemon at
+// to carry it in its intent log; every other write covers 4 slots, 128
+// KiB, which the journal writes to its segment with O_DIRECT) and a kill
+// -9 of the daemon at
 // a random moment; then the dead mount is cleaned up, mounted again (the
 // journal replayed) and every slot read back against the model of what was
 // acknowledged. At the end: unmount (drain), `vhdsync verify`, and the blob
@@ -40,11 +42,13 @@ func TestE2EKill9Loop(t *testing.T) {
 	}
 	model := make([]int, slots) // slot -> id of its acknowledged content (0: zeros)
 	var acked, lost, cycles, ambiguousNew, replayed int
-	inflight, inflightID := -1, 0 // the write in flight at the last kill
+	// The write in flight at the last kill: its first slot (-1: none),
+	// slot count and id.
+	inflight, inflightN, inflightID := -1, 0, 0
 	// resolve settles the write in flight at the kill, after the replay:
-	// it may or may not have landed, so the slot must hold the old or the
-	// new content (anything else is a torn write of a failed request,
-	// legal: the slot is then undefined until written again).
+	// it may or may not have landed, so each of its slots must hold the
+	// old or the new content (anything else is a torn write of a failed
+	// request, legal: the slot is then undefined until written again).
 	resolve := func() {
 		if inflight < 0 {
 			return
@@ -54,18 +58,23 @@ func TestE2EKill9Loop(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = f.ReadAt(got, int64(inflight)*slot)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
+		defer f.Close()
+		landed := false
+		for s := inflight; s < inflight+inflightN; s++ {
+			if _, err := f.ReadAt(got, int64(s)*slot); err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case bytes.Equal(got, data(inflightID)):
+				model[s] = inflightID
+				landed = true
+			case model[s] >= 0 && bytes.Equal(got, data(model[s])):
+			default:
+				model[s] = -1
+			}
 		}
-		switch {
-		case bytes.Equal(got, data(inflightID)):
-			model[inflight] = inflightID
+		if landed {
 			ambiguousNew++
-		case bytes.Equal(got, data(model[inflight])):
-		default:
-			model[inflight] = -1
 		}
 		inflight = -1
 	}
@@ -80,7 +89,7 @@ func TestE2EKill9Loop(t *testing.T) {
 		// The writer, until the kill.
 		errc := make(chan error, 1)
 		nextID := cycles * 1_000_000
-		commits := make(chan [2]int, 1<<16)
+		commits := make(chan [3]int, 1<<16) // first slot (-1-first: in flight), slots, id
 		wrng := rand.New(rand.NewSource(rng.Int63()))
 		go func() {
 			f, err := os.OpenFile(img, os.O_WRONLY, 0)
@@ -90,9 +99,11 @@ func TestE2EKill9Loop(t *testing.T) {
 			}
 			defer f.Close()
 			for n := 1; ; n++ {
-				s, id := wrng.Intn(slots), nextID+n
-				commits <- [2]int{-1 - s, id} // in flight
-				if _, err := f.WriteAt(data(id), int64(s)*slot); err != nil {
+				k := 1 + 3*(n%2) // 1 or 4 slots
+				s, id := wrng.Intn(slots-k+1), nextID+n
+				buf := bytes.Repeat(data(id), k)
+				commits <- [3]int{-1 - s, k, id} // in flight
+				if _, err := f.WriteAt(buf, int64(s)*slot); err != nil {
 					errc <- err
 					return
 				}
@@ -100,7 +111,7 @@ func TestE2EKill9Loop(t *testing.T) {
 					errc <- err
 					return
 				}
-				commits <- [2]int{s, id}
+				commits <- [3]int{s, k, id}
 			}
 		}()
 		// Kill at a random moment of the writing: 100-1500 ms in.
@@ -121,10 +132,12 @@ func TestE2EKill9Loop(t *testing.T) {
 		close(commits)
 		for c := range commits {
 			if c[0] < 0 {
-				inflight, inflightID = -1-c[0], c[1]
+				inflight, inflightN, inflightID = -1-c[0], c[1], c[2]
 				continue
 			}
-			model[c[0]] = c[1]
+			for s := c[0]; s < c[0]+c[1]; s++ {
+				model[s] = c[2]
+			}
 			acked++
 			inflight = -1
 		}
