@@ -423,7 +423,7 @@ func (j *Journal) copyWhole(ref *imageRef) (pendingCapture, error) {
 	if err != nil {
 		return pendingCapture{}, err
 	}
-	if _, err := seg.f.WriteAt(buf, segOff); err != nil {
+	if err := seg.writePayload(buf, segOff); err != nil {
 		seg.inflight.Add(-1)
 		return pendingCapture{}, fmt.Errorf("capture journal record %d: write %s: %w", r.Seq, segName(seg.id), err)
 	}
@@ -458,7 +458,9 @@ func (j *Journal) readRef(ref *imageRef) ([]byte, error) {
 // buffer per record would be 32 MiB of garbage at a time.
 const captureBuf = 128 << 10
 
-var capturePool = sync.Pool{New: func() any { b := make([]byte, captureBuf); return &b }}
+// Aligned, so that a large capture goes to its segment with O_DIRECT
+// without another copy (see writePayload).
+var capturePool = sync.Pool{New: func() any { b := alignedBuf(captureBuf); return &b }}
 
 // copyFromImage copies n bytes of the image at off to seg at segOff and
 // returns their CRC-32C.
@@ -472,7 +474,7 @@ func (j *Journal) copyFromImage(seg *segment, segOff, off, n int64) (uint32, err
 			return 0, fmt.Errorf("read the local image: %w", err)
 		}
 		crc = crc32.Update(crc, castagnoli, b)
-		if _, err := seg.f.WriteAt(b, segOff+done); err != nil {
+		if err := seg.writePayload(b, segOff+done); err != nil {
 			return 0, fmt.Errorf("write %s: %w", segName(seg.id), err)
 		}
 		done += int64(len(b))

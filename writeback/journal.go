@@ -929,9 +929,16 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 	var out []Record
 	var size int64
 	epochStart := 0 // index in out where the current epoch starts
+	advised := uint64(0)
 	err := j.scan(from, func(r Record) (bool, error) {
 		if r.Epoch > closed {
 			return true, nil
+		}
+		if r.seg != 0 && r.seg != advised {
+			// The payloads that follow in this segment are read in the
+			// background while this loop reads them one by one.
+			j.segs.willNeed(r.seg, r.segOff, maxBytes)
+			advised = r.seg
 		}
 		if len(out) > 0 && r.Epoch != out[len(out)-1].Epoch {
 			// An epoch boundary: stop here if the batch is big enough.
@@ -939,9 +946,6 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 				return true, nil
 			}
 			epochStart = len(out)
-		}
-		if err := j.load(&r); err != nil {
-			return true, err
 		}
 		out = append(out, r)
 		size += r.payloadSize()
@@ -952,10 +956,49 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 		}
 		return false, nil
 	})
+	if err == nil {
+		err = j.loadAll(out)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read journal from seq %d: %w", from, err)
 	}
+	if n := len(out); n > 0 && out[n-1].seg != 0 {
+		// The next batch's payloads most likely follow this one's: read
+		// them while this batch uploads.
+		last := out[n-1]
+		j.segs.willNeed(last.seg, last.segOff+last.Length, maxBytes)
+		j.segs.willNeed(last.seg+1, 0, maxBytes)
+	}
 	return out, nil
+}
+
+// batchReaders is how many payloads ReadBatch reads at once. Large
+// payloads are written around the page cache (see writePayload), so a
+// batch's reads go to the device; one at a time, a 32 MiB batch of
+// 256 KiB records took 26-277 ms between two batches' uploads.
+const batchReaders = 4
+
+// loadAll reads the payloads of recs, batchReaders at a time.
+func (j *Journal) loadAll(recs []Record) error {
+	var next atomic.Int64
+	errs := make([]error, batchReaders)
+	var wg sync.WaitGroup
+	for w := range batchReaders {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(recs) {
+					return
+				}
+				if err := j.load(&recs[i]); err != nil {
+					errs[w] = err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // ReadAll returns every pending record in seq order (replay uses it).
