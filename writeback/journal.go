@@ -935,8 +935,8 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 			return true, nil
 		}
 		if r.seg != 0 && r.seg != advised {
-			// The payloads that follow in this segment are read in the
-			// background while this loop reads them one by one.
+			// Start the device reading this segment's payloads while
+			// the scan goes on; loadAll reads them after it.
 			j.segs.willNeed(r.seg, r.segOff, maxBytes)
 			advised = r.seg
 		}
@@ -978,20 +978,24 @@ func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([
 // 256 KiB records took 26-277 ms between two batches' uploads.
 const batchReaders = 4
 
-// loadAll reads the payloads of recs, batchReaders at a time.
+// loadAll reads the payloads of recs, batchReaders at a time; after a
+// failure the readers stop taking records.
 func (j *Journal) loadAll(recs []Record) error {
+	readers := min(batchReaders, len(recs))
 	var next atomic.Int64
-	errs := make([]error, batchReaders)
+	var failed atomic.Bool
+	errs := make([]error, readers)
 	var wg sync.WaitGroup
-	for w := range batchReaders {
+	for w := range readers {
 		wg.Go(func() {
-			for {
+			for !failed.Load() {
 				i := int(next.Add(1) - 1)
 				if i >= len(recs) {
 					return
 				}
 				if err := j.load(&recs[i]); err != nil {
 					errs[w] = err
+					failed.Store(true)
 					return
 				}
 			}
