@@ -43,7 +43,10 @@ type segment struct {
 	// (see writePayload); nil where the filesystem refuses it, and for
 	// segments of an earlier run, which are only read.
 	direct *os.File
-	size   int64 // bytes reserved so far (guarded by segments.mu)
+	// directRefused: a direct write got EINVAL; the segment's other
+	// payloads go through the page cache without trying again.
+	directRefused atomic.Bool
+	size          int64 // bytes reserved so far (guarded by segments.mu)
 	// lastSeq is the highest seq whose payload is in this segment; inflight
 	// counts appends that reserved space but have not committed their index
 	// entry yet. A segment may be deleted only when inflight is 0 and every
@@ -218,7 +221,7 @@ func alignedBuf(n int) []byte {
 // fdatasync to be durable (a direct write may sit in the device's cache).
 func (seg *segment) writePayload(p []byte, off int64) error {
 	n := int64(len(p))
-	if seg.direct != nil && directSized(n) && off%directAlign == 0 {
+	if seg.direct != nil && directSized(n) && off%directAlign == 0 && !seg.directRefused.Load() {
 		buf := p
 		var pooled *[]byte
 		if !isAligned(p) {
@@ -238,7 +241,8 @@ func (seg *segment) writePayload(p []byte, off int64) error {
 			return err
 		}
 		// EINVAL: this filesystem's direct I/O wants other alignments;
-		// the page cache takes it.
+		// the page cache takes it, and the segment's later payloads.
+		seg.directRefused.Store(true)
 	}
 	_, err := seg.f.WriteAt(p, off)
 	return err
