@@ -10,8 +10,8 @@
 //
 // The journal is filled while the remote is gated (the flusher waits on its
 // first request), then the gate opens and the time to an empty journal is
-// taken. Repetitions alternate between all configurations; every (rtt, rep)
-// pass runs on a fresh Azurite, removed afterwards.
+// taken. Repetitions alternate between all configurations; every
+// measurement runs on a fresh Azurite, removed afterwards.
 //
 // flushbench --scan IMAGE prints the distinct non-zero bytes of a disk image
 // and the ideal number of Put Page calls for them (sum of ceil(run/4 MiB)).
@@ -378,24 +378,31 @@ func main() {
 			}
 		}
 		for rep := 1; rep <= *reps; rep++ {
-			loc := filepath.Join(*dir, fmt.Sprintf("az-%s-%d", rs, rep))
-			srv, err := azurite.Launch(ctx, loc, filepath.Join(*dir, "azurite.log"))
-			if err != nil {
-				fail(err)
-			}
-			ep, stopProxy := srv.Endpoint, func() {}
-			if rtt > 0 {
-				if ep, stopProxy, err = withLatency(srv.Endpoint, rtt); err != nil {
-					srv.Stop()
-					fail(err)
-				}
-			}
-			b.endpoint = ep
+			// Every measurement gets a fresh Azurite: one instance slows
+			// down as data goes through it (raw-16 six times in a row on
+			// one instance: 69, 67, 64, 52, 56, 53 MiB/s), which favoured
+			// whatever ran first in a pass.
 			run := func(cfg string, f func() (float64, error)) {
 				if ctx.Err() != nil {
 					return
 				}
+				loc := filepath.Join(*dir, fmt.Sprintf("az-%s-%d", rs, rep))
+				srv, err := azurite.Launch(ctx, loc, filepath.Join(*dir, "azurite.log"))
+				if err != nil {
+					fail(err)
+				}
+				ep, stopProxy := srv.Endpoint, func() {}
+				if rtt > 0 {
+					if ep, stopProxy, err = withLatency(srv.Endpoint, rtt); err != nil {
+						srv.Stop()
+						fail(err)
+					}
+				}
+				b.endpoint = ep
 				v, err := f()
+				stopProxy()
+				srv.Stop()
+				os.RemoveAll(loc)
 				if err != nil {
 					fmt.Fprintf(os.Stderr, "flushbench: rtt %s %s: %v\n", rs, cfg, err)
 					return
@@ -426,9 +433,6 @@ func main() {
 			for i := range cfgs {
 				cfgs[(i+rep-1)%len(cfgs)]()
 			}
-			stopProxy()
-			srv.Stop()
-			os.RemoveAll(loc)
 			if ctx.Err() != nil {
 				fail(ctx.Err())
 			}
