@@ -855,3 +855,72 @@ func TestConcurrentOverlappingWritesConverge(t *testing.T) {
 		t.Fatalf("blob and image differ at byte %d after concurrent overlapping writes", off)
 	}
 }
+
+// TestFlusherReadsNextBatchAhead: while a batch uploads, the next one is
+// read from the journal, so no request waits for the read between two
+// batches; the blob still ends equal to the image, through the same
+// sequence of batches.
+func TestFlusherReadsNextBatchAhead(t *testing.T) {
+	ctx := context.Background()
+	const size = 1 << 20
+	dir := propBaseDir(t)
+	r := NewMemRemote(size + 512)
+	filled := make(chan struct{})
+	var d *Disk
+	var first atomic.Bool
+	var aheadDuringUpload atomic.Bool
+	r.Fault = func(op string, _, _ int64) (bool, error) {
+		if op != "put" || first.Swap(true) {
+			return true, nil
+		}
+		// The first Put Page waits until every epoch is closed, then until
+		// the batch after its own has been read: it is still in flight.
+		<-filled
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			if d.f.readsAhead.Load() > 0 {
+				aheadDuringUpload.Store(true)
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		return true, nil
+	}
+	o := DiskOptions{}
+	o.Flusher.MaxBatchBytes = 64 << 10
+	d = propOpenDisk(t, dir, size, r, o)
+	rng := rand.New(rand.NewPCG(3, 5))
+	for e := 0; e < 8; e++ {
+		for i := 0; i < 4; i++ {
+			p := make([]byte, 16<<10)
+			for k := range p {
+				p[k] = byte(rng.Uint32())
+			}
+			if err := d.WriteAt(ctx, p, rng.Int64N(size/512-32)*512); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(filled)
+	if err := d.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	fs := d.Stats().Flusher
+	ahead := d.f.readsAhead.Load()
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if !aheadDuringUpload.Load() {
+		t.Fatal("the next batch was not read while a Put Page of the current one was in flight")
+	}
+	if fs.Batches < 4 || ahead < fs.Batches/2 {
+		t.Fatalf("%d batches, %d of them read ahead: want at least 4 batches, half read ahead", fs.Batches, ahead)
+	}
+	if !bytes.Equal(readImage(t, dir), r.Bytes()[:size]) {
+		t.Fatal("blob differs from the image after drain")
+	}
+	t.Logf("%d batches, %d read ahead", fs.Batches, ahead)
+}
