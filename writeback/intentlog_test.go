@@ -423,8 +423,10 @@ func TestInlinePayloadReplay(t *testing.T) {
 		t.Fatalf("segments in the copy: %v %v", segs, err)
 	}
 	segPath := filepath.Join(killed, segName(segs[0]))
-	if st, err := os.Stat(segPath); err != nil || st.Size() != 0 {
-		t.Fatalf("the segment holds %v bytes before replay (%v): the test wants the payloads in the intent log only", st, err)
+	// The segment is allocated whole when made (zeros): none of the
+	// payloads (all non-zero) may be in it yet.
+	if b, err := os.ReadFile(segPath); err != nil || bytes.ContainsFunc(b, func(r rune) bool { return r != 0 }) {
+		t.Fatalf("the segment (%d bytes, %v) holds data before replay: the test wants the payloads in the intent log only", len(b), err)
 	}
 	if err := os.Remove(segPath); err != nil {
 		t.Fatal(err)

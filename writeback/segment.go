@@ -165,6 +165,15 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 		}
 		s.next++
 		s.created.Store(true)
+		// Allocated whole up front: an O_DIRECT write past the end of
+		// the file extends it, and ext4 runs extending direct writes one
+		// at a time under the inode's exclusive lock (and its orphan
+		// list); inside the file they run in parallel. fio sequential
+		// 1 MiB writes at iodepth 8 went from 614-840 to 1,011-1,500
+		// MiB/s, random 4 KiB from 28.8-38.8 k to 32.6-49.5 k IOPS.
+		// Best effort: a filesystem without fallocate, or too full for
+		// a whole segment, takes the writes all the same.
+		_ = unix.Fallocate(int(f.Fd()), 0, 0, s.maxSize)
 		s.cur = &segment{id: id, f: f}
 		// Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6):
 		// large payloads then go through the page cache too.
