@@ -189,3 +189,43 @@ func TestSegmentsPreallocated(t *testing.T) {
 		t.Fatalf("after a reopen: %d records (want 2, in two segments, reading back)", len(recs))
 	}
 }
+
+// On a filesystem with less than preallocFree segments of free space, a
+// new segment is not allocated whole: that space may be needed by the
+// image and the pending writes themselves. A 16 MiB tmpfs, 8 MiB segments.
+func TestSegmentsNotPreallocatedWhenFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a small tmpfs")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=16m,mode=0700"); err != nil {
+		t.Skipf("cannot mount a tmpfs here: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount the test tmpfs %s: %v", dir, err)
+		}
+	})
+	const segSize = 8 << 20
+	j, err := OpenJournal(dir, JournalOptions{SegmentBytes: segSize, IntentLogSlots: 4 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	data := bytes.Repeat([]byte{0x5a}, 256<<10)
+	r := Record{Offset: 0, Length: int64(len(data)), Kind: KindData, Data: data}
+	if err := j.Append(context.Background(), &r); err != nil {
+		t.Fatal(err)
+	}
+	ids := j.segs.ids()
+	if len(ids) != 1 {
+		t.Fatalf("%d segments after one append, want 1", len(ids))
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(dir, segName(ids[0])), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Size != int64(len(data)) {
+		t.Fatalf("segment on a 16 MiB filesystem is %d bytes after a %d-byte append: preallocated", st.Size, len(data))
+	}
+}

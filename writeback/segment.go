@@ -165,15 +165,7 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 		}
 		s.next++
 		s.created.Store(true)
-		// Allocated whole up front: an O_DIRECT write past the end of
-		// the file extends it, and ext4 runs extending direct writes one
-		// at a time under the inode's exclusive lock (and its orphan
-		// list); inside the file they run in parallel. fio sequential
-		// 1 MiB writes at iodepth 8 went from 614-840 to 1,011-1,500
-		// MiB/s, random 4 KiB from 28.8-38.8 k to 32.6-49.5 k IOPS.
-		// Best effort: a filesystem without fallocate, or too full for
-		// a whole segment, takes the writes all the same.
-		_ = unix.Fallocate(int(f.Fd()), 0, 0, s.maxSize)
+		preallocate(f, s.maxSize)
 		s.cur = &segment{id: id, f: f}
 		// Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6):
 		// large payloads then go through the page cache too.
@@ -186,6 +178,28 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 	seg.inflight.Add(1)
 	return seg, off, nil
 }
+
+// preallocate allocates the whole of a new segment file: an O_DIRECT
+// write past the end of a file extends it, and ext4 runs extending direct
+// writes one at a time under the inode's exclusive lock (and its orphan
+// list); inside the file's size they run in parallel. fio sequential
+// 1 MiB writes at iodepth 8 went from 614-840 to 1,011-1,500 MiB/s,
+// random 4 KiB from 28.8-38.8 k to 32.6-49.5 k IOPS. Best effort: a
+// filesystem without fallocate takes the writes all the same, and one
+// with less than preallocFree segments free is left alone, where a
+// whole segment would take space the image and the journal's own
+// pending writes may need (ext4 keeps what a failed fallocate got).
+func preallocate(f *os.File, n int64) {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil || st.Bavail*uint64(st.Bsize) < preallocFree*uint64(n) {
+		return
+	}
+	_ = unix.Fallocate(int(f.Fd()), 0, 0, n)
+}
+
+// preallocFree is how many segments' worth of free space a filesystem
+// needs for preallocate to allocate one.
+const preallocFree = 4
 
 // Payloads of at least directMin bytes, in whole directAlign blocks, are
 // written with O_DIRECT. Through the page cache, a streaming writer's
