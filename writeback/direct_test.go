@@ -148,18 +148,7 @@ func TestSegmentsPreallocated(t *testing.T) {
 	for k := range data {
 		data[k] = byte(k * 13)
 	}
-	r := Record{Offset: 0, Length: int64(len(data)), Kind: KindData, Data: data}
-	if err := j.Append(context.Background(), &r); err != nil {
-		t.Fatal(err)
-	}
-	ids := j.segs.ids()
-	if len(ids) != 1 {
-		t.Fatalf("%d segments after one append, want 1", len(ids))
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(filepath.Join(dir, segName(ids[0])), &st); err != nil {
-		t.Fatal(err)
-	}
+	st := appendOneStat(t, j, dir, data)
 	if st.Size != segSize || st.Blocks*512 < segSize {
 		t.Fatalf("segment after a %d-byte append: size %d, %d bytes allocated; want %d of both", len(data), st.Size, st.Blocks*512, segSize)
 	}
@@ -213,6 +202,16 @@ func TestSegmentsNotPreallocatedWhenFull(t *testing.T) {
 	}
 	defer j.Close()
 	data := bytes.Repeat([]byte{0x5a}, 256<<10)
+	st := appendOneStat(t, j, dir, data)
+	if st.Size != int64(len(data)) {
+		t.Fatalf("segment on a 16 MiB filesystem is %d bytes after a %d-byte append: preallocated", st.Size, len(data))
+	}
+}
+
+// appendOneStat appends data at offset 0 to an empty journal in dir and
+// returns the stat of the one segment it made.
+func appendOneStat(t *testing.T, j *Journal, dir string, data []byte) unix.Stat_t {
+	t.Helper()
 	r := Record{Offset: 0, Length: int64(len(data)), Kind: KindData, Data: data}
 	if err := j.Append(context.Background(), &r); err != nil {
 		t.Fatal(err)
@@ -225,7 +224,5 @@ func TestSegmentsNotPreallocatedWhenFull(t *testing.T) {
 	if err := unix.Stat(filepath.Join(dir, segName(ids[0])), &st); err != nil {
 		t.Fatal(err)
 	}
-	if st.Size != int64(len(data)) {
-		t.Fatalf("segment on a 16 MiB filesystem is %d bytes after a %d-byte append: preallocated", st.Size, len(data))
-	}
+	return st
 }
