@@ -238,7 +238,7 @@ func (a *Applier) apply(ctx context.Context, name string, prev, last uint64) err
 	for i, r := range ranges {
 		spans[i] = span{off: r.Off, end: r.Off + r.Len, clear: r.Zero, data: r.Data}
 	}
-	if err := a.f.sendSpans(ctx, spans, Cond{LeaseID: a.lease, IfSequenceEq: &fence}, nil); err != nil {
+	if err := a.f.sendSpans(ctx, spans, Cond{LeaseID: a.lease, IfSequenceEq: &fence}); err != nil {
 		return err
 	}
 	done := int64(2 * last)

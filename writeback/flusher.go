@@ -383,11 +383,8 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	for i := range recs {
 		recs[i].Data = nil
 	}
-	// The next batch is read once the remote took a request of this one:
-	// while it refuses them all (down, or the bench's detached remote),
-	// a read-ahead would only hold a second batch in memory.
-	next := recs[len(recs)-1].Seq + 1
-	if err := f.sendSpans(ctx, spans, Cond{LeaseID: f.lease, IfSequenceEq: &fence}, func() { f.startAhead(next, last) }); err != nil {
+	f.startAhead(recs[len(recs)-1].Seq+1, last)
+	if err := f.sendSpans(ctx, spans, Cond{LeaseID: f.lease, IfSequenceEq: &fence}); err != nil {
 		return err
 	}
 	done := int64(2 * last)
@@ -405,13 +402,13 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	// The blob holds the batch: the next batch may go out while this one
 	// is committed locally (image sync, journal delete) in the background;
 	// the commit needs no payload (dropped above).
-	f.next = next
+	f.next = recs[len(recs)-1].Seq + 1
 	f.minLast = 0
 	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
 }
 
 // readAhead is the read of the batch after the one uploading: reading a
-// 32 MiB batch from the segments took 15-40 ms, during which no request
+// 64 MiB batch from the segments took 15-40 ms, during which no request
 // was in flight. Memory stays where it was: the next batch's payloads are
 // held while this batch's spans upload, as this batch's payloads were
 // while its spans were built.
@@ -555,18 +552,10 @@ func (f *Flusher) commitBatch(recs []Record, what string) error {
 
 // sendSpans sends the disjoint spans of one batch with the configured
 // number of workers and returns when all are acknowledged, or on the first
-// permanent error. accepted, if not nil, runs once, in a worker, after the
-// first request the remote acknowledged; it has returned when sendSpans
-// returns.
-func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond, accepted func()) error {
+// permanent error.
+func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var once sync.Once
-	ok := func() {
-		if accepted != nil {
-			once.Do(accepted)
-		}
-	}
 	work := make(chan span)
 	errc := make(chan error, f.o.Workers)
 	var wg sync.WaitGroup
@@ -583,7 +572,6 @@ func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond, accepted 
 					if err == nil {
 						f.clears.Add(1)
 						f.cleared.Add(uint64(s.end - s.off))
-						ok()
 					}
 				} else {
 					err = f.retry(ctx, "put page", func(ctx context.Context) error {
@@ -592,7 +580,6 @@ func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond, accepted 
 					if err == nil {
 						f.puts.Add(1)
 						f.sent.Add(uint64(len(s.data)))
-						ok()
 					}
 				}
 				if err != nil {
