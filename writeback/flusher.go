@@ -112,11 +112,6 @@ type Flusher struct {
 	batches, puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
 	segments, stagedData                                    atomic.Uint64
 	committer                                               *committer // direct transfer: commits in the background
-	// ahead is the next batch, read while the current one uploads (direct
-	// transfer only; nil when no read is under way or waiting);
-	// readsAhead counts those reads that found records (tests).
-	ahead      *readAhead
-	readsAhead atomic.Uint64
 	// Staged transfer only: the encoder, the segments uploading (oldest
 	// first), the last epoch handed to an upload, and the uploads' goroutines.
 	enc       *zstd.Encoder
@@ -220,7 +215,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 	// so none touches the store after the flusher stopped.
 	ctx, cancel := context.WithCancel(ctx)
 	f.startCommitter()
-	defer func() { cancel(); f.uploads.Wait(); f.dropAhead(); f.stopCommitter() }()
+	defer func() { cancel(); f.uploads.Wait(); f.stopCommitter() }()
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	lingering := false
@@ -237,12 +232,9 @@ func (f *Flusher) Run(ctx context.Context) error {
 		if err := f.commitErr(); err != nil {
 			return f.stop(ctx, err)
 		}
-		recs, err := f.takeAhead()
-		if err != nil {
-			f.setState(StateFailed, err)
-			return err
-		}
-		if closed := f.j.ClosedEpoch(); len(recs) == 0 && (!scanned || closed != emptyAt) {
+		var recs []Record
+		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
+			var err error
 			recs, err = f.j.ReadBatch(f.next, f.o.MaxBatchBytes, f.minLast)
 			if err != nil {
 				f.setState(StateFailed, err)
@@ -383,7 +375,6 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	for i := range recs {
 		recs[i].Data = nil
 	}
-	f.startAhead(recs[len(recs)-1].Seq+1, last)
 	if err := f.sendSpans(ctx, spans, Cond{LeaseID: f.lease, IfSequenceEq: &fence}); err != nil {
 		return err
 	}
@@ -405,61 +396,6 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 	f.next = recs[len(recs)-1].Seq + 1
 	f.minLast = 0
 	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), done))
-}
-
-// readAhead is the read of the batch after the one uploading: reading a
-// 64 MiB batch from the segments took 15-40 ms, during which no request
-// was in flight. Memory stays where it was: the next batch's payloads are
-// held while this batch's spans upload, as this batch's payloads were
-// while its spans were built.
-type readAhead struct {
-	from uint64
-	recs []Record
-	err  error
-	done chan struct{}
-}
-
-// startAhead starts reading the batch from seq from, if epochs after last
-// are closed (otherwise it would find nothing: appends go to the open
-// epoch). Records are read only from closed epochs, which no longer
-// change, so the batch is the same as if it were read after the upload.
-func (f *Flusher) startAhead(from, last uint64) {
-	if f.ahead != nil || f.j.ClosedEpoch() <= last {
-		return
-	}
-	a := &readAhead{from: from, done: make(chan struct{})}
-	f.ahead = a
-	go func() {
-		defer close(a.done)
-		a.recs, a.err = f.j.ReadBatch(from, f.o.MaxBatchBytes, 0)
-		if len(a.recs) > 0 {
-			f.readsAhead.Add(1)
-		}
-	}()
-}
-
-// takeAhead returns the batch read ahead, if one was started and still
-// starts where the flusher is (nil otherwise: the caller reads it).
-func (f *Flusher) takeAhead() ([]Record, error) {
-	a := f.ahead
-	if a == nil {
-		return nil, nil
-	}
-	f.ahead = nil
-	<-a.done
-	if a.from != f.next {
-		return nil, nil
-	}
-	return a.recs, a.err
-}
-
-// dropAhead waits for a read ahead still running and forgets it: nothing
-// reads the journal after Run returns.
-func (f *Flusher) dropAhead() {
-	if a := f.ahead; a != nil {
-		<-a.done
-		f.ahead = nil
-	}
 }
 
 // committer commits batches the blob already holds, one at a time and in
