@@ -140,6 +140,7 @@ if ! skip write; then
   # send, so the cap takes what the disk has, less 12 GiB for the rest.
   free_gib=$(( $(df --output=avail -B1G "$work" | tail -1) - 12 ))
   cap_gib=$(( free_gib < 56 ? free_gib : 56 ))
+  if [ "$cap_gib" -lt 8 ]; then log "only $((free_gib + 12)) GiB free under $work: stage 1 needs about 60; free space there, or skip it with BENCH_SKIP=\"write fsync\""; exit 1; fi
   if [ "$cap_gib" -lt 48 ]; then log "only $((free_gib + 12)) GiB free under $work: stage 1 needs about 60 (journal cap ${cap_gib} GiB); it may stall at the cap"; fi
   mount_vhdsync v --journal-cap "${cap_gib}GiB"
   stop_azurite "$VAZ"

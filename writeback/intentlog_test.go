@@ -425,7 +425,7 @@ func TestInlinePayloadReplay(t *testing.T) {
 	segPath := filepath.Join(killed, segName(segs[0]))
 	// The segment is allocated whole when made (zeros): none of the
 	// payloads (all non-zero) may be in it yet.
-	if b, err := os.ReadFile(segPath); err != nil || bytes.ContainsFunc(b, func(r rune) bool { return r != 0 }) {
+	if b, err := os.ReadFile(segPath); err != nil || len(bytes.TrimLeft(b, "\x00")) > 0 {
 		t.Fatalf("the segment (%d bytes, %v) holds data before replay: the test wants the payloads in the intent log only", len(b), err)
 	}
 	if err := os.Remove(segPath); err != nil {
