@@ -1,8 +1,8 @@
 #!/bin/bash
 # bench/ab/rand4k.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: two vhdsync binaries mounted side by side
 # (remote detached, as bench/run.sh stage 1: Azurite killed after the mount) plus the null FUSE
-# server; fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
-# order rotated every round. Prints "round target IOPS p99_us p50/p90/p99.9_us=... [fsync_p99_us]"
+# server and a local file (the disk's ceiling; laid out before the first round); fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
+# order rotated every round. Prints "round target IOPS p99_us p50/p90/p99.9_us=... [fsync_p50/p99_us]"
 # lines. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,15 +34,17 @@ done
 mkdir -p $work/null; $work/nullfuse --size 64GiB --name null $work/null >/dev/null 2>&1 & NULLPID=$!
 for _ in $(seq 100); do [ -e $work/null/null.img ] && break; sleep 0.1; done
 FILE[null]=$work/null/null.img
-t=(old new null)
+FILE[local]=$work/local.img
+fio --name=layout --filename="${FILE[local]}" --size=2G --rw=write --bs=1M --direct=1 >/dev/null 2>&1
+t=(old new null local)
 for r in $(seq 1 $R); do
-  o=$(( (r-1) % 3 )); order=("${t[@]:$o}" "${t[@]:0:$o}")
+  o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do
     iops=$(fio --name=j --filename="${FILE[$v]}" --size=2G --direct=1 --runtime=$RT --time_based=1 \
       $FIOARGS --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j.get("sync",{}).get("lat_ns",{}).get("percentile",{})
 p=w["clat_ns"]["percentile"]
-print(int(w["iops"]), int(p["99.000000"]/1000), "p50/p90/p99.9_us=%d/%d/%d" % (p["50.000000"]/1000, p["90.000000"]/1000, p["99.900000"]/1000), "fsync_p99_us=%d" % (s["99.000000"]/1000) if s else "")')
+print(int(w["iops"]), int(p["99.000000"]/1000), "p50/p90/p99.9_us=%d/%d/%d" % (p["50.000000"]/1000, p["90.000000"]/1000, p["99.900000"]/1000), "fsync_p50/p99_us=%d/%d" % (s["50.000000"]/1000, s["99.000000"]/1000) if s else "")')
     echo "$r $v $iops"
   done
 done
