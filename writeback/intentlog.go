@@ -352,11 +352,7 @@ func (l *intentLog) write(kvs []keyValue) ([]slotSpan, error) {
 			n := entrySlots(kv)
 			encodeSlot(buf[s*slotSize:(s+1)*slotSize], sp.file.inc, uint64(sp.first+s), kv, n-1)
 			if kv.inline != nil {
-				p := buf[(s+1)*slotSize : (s+n)*slotSize]
-				binary.LittleEndian.PutUint32(p[0:], uint32(len(kv.inline.data)))
-				binary.LittleEndian.PutUint32(p[4:], kv.inline.crc)
-				copy(p[inlineHeader:], kv.inline.data)
-				kv.inline.data = p[inlineHeader : inlineHeader+len(kv.inline.data)]
+				putInline(buf[(s+1)*slotSize:(s+n)*slotSize], kv.inline)
 			}
 			s += n
 		}
@@ -433,11 +429,7 @@ func (l *intentLog) writeDirect(kv keyValue) (spans []slotSpan, ok bool, err err
 	sp := spans[0]
 	buf := alignedBuf(int(need * slotSize))
 	encodeSlot(buf[:slotSize], sp.file.inc, uint64(sp.first), kv, n-1)
-	p := buf[slotSize : n*slotSize]
-	binary.LittleEndian.PutUint32(p[0:], uint32(len(kv.inline.data)))
-	binary.LittleEndian.PutUint32(p[4:], kv.inline.crc)
-	copy(p[inlineHeader:], kv.inline.data)
-	kv.inline.data = p[inlineHeader : inlineHeader+len(kv.inline.data)]
+	putInline(buf[slotSize:n*slotSize], kv.inline)
 	off := ilogHeaderSize + sp.first*slotSize
 	_, err = sp.file.direct.WriteAt(buf, off)
 	if errors.Is(err, unix.EINVAL) {
@@ -454,6 +446,15 @@ func (l *intentLog) writeDirect(kv keyValue) (spans []slotSpan, ok bool, err err
 	// fdatasync flushes it.
 	sp.file.dirty.Store(true)
 	return spans, true, nil
+}
+
+// putInline writes in's length, CRC and payload into its slots p, and
+// points in.data at that copy (the indexer writes it to the segment).
+func putInline(p []byte, in *inlinePayload) {
+	binary.LittleEndian.PutUint32(p[0:], uint32(len(in.data)))
+	binary.LittleEndian.PutUint32(p[4:], in.crc)
+	copy(p[inlineHeader:], in.data)
+	in.data = p[inlineHeader : inlineHeader+len(in.data)]
 }
 
 // abandon resolves spans whose entries will never reach badger.
