@@ -37,21 +37,23 @@ if write:
     if os.path.exists(os.path.join(res, "s3backer_flags")):
         R["s3backer_flags"] = open(os.path.join(res, "s3backer_flags")).read().strip()
     md += ["## 1. Write path (fio, direct I/O; medians of alternating repetitions)", "",
-           "| workload | target | MiB/s | IOPS | p50 µs | p99 µs | ÷ local | ÷ null-FUSE | ÷ s3backer |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| workload | target | MiB/s | IOPS | p50 µs | p99 µs | ÷ local | ÷ null-FUSE | ÷ passthrough | ÷ s3backer |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in ["raw-seq", "raw-rand", "ext4-seq", "ext4-rand"]:
         d = write.get(row, {})
         key = "mibs" if row.endswith("seq") else "iops"
         s3 = max([d[k][key] for k in ["s3backer", "s3b128k"] if k in d] or [0])
-        for t in ["vhdsync", "local", "null", "s3backer", "s3b128k"]:
+        for t in ["vhdsync", "local", "null", "pass", "s3backer", "s3b128k"]:
             if t not in d: continue
             x = d[t]
-            rats = [ratio(x[key], d.get(b, {}).get(key)) for b in ["local", "null"]] + [ratio(x[key], s3)]
-            x["ratios"] = dict(zip(["local", "null", "s3backer"], [r(q, 3) for q in rats]))
+            rats = [ratio(x[key], d.get(b, {}).get(key)) for b in ["local", "null", "pass"]] + [ratio(x[key], s3)]
+            x["ratios"] = dict(zip(["local", "null", "pass", "s3backer"], [r(q, 3) for q in rats]))
             md.append(f"| {row} | {t} | {x['mibs']:.0f} | {x['iops']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | "
                       + " | ".join("-" if q is None else f"{q:.2f}" for q in rats) + " |")
     md += ["", "raw = the file itself (first 2 GiB); ext4 = ext4 on a loop device (direct I/O) on the second half of the same file. "
            "seq = 1 MiB writes, iodepth 8 (ratio of MiB/s); rand = 4 KiB random writes, iodepth 32 (ratio of IOPS). "
+           "pass = the null-FUSE server passing each request through to a local file (one buffered pwrite per write, fdatasync per flush): "
+           "the ceiling of any FUSE disk that keeps its data in a local file. "
            "s3backer (4 KiB blocks) and s3b128k (128 KiB blocks, sequential only); ÷ s3backer is against the better of the two. Flags: "
            + "; ".join(f"`{l}`" for l in R.get("s3backer_flags", "").splitlines()), ""]
 
@@ -67,7 +69,7 @@ if fs:
     loc = R["fsync"].get("local", {})
     md += ["## 2. fsync after a 4 KiB write (psync, direct, fsync=1)", "",
            "| target | fsync p50 µs | fsync p99 µs | p99 ÷ local | write+fsync /s |", "|---|---:|---:|---:|---:|"]
-    for t in ["vhdsync", "local", "null", "s3backer"]:
+    for t in ["vhdsync", "local", "null", "pass", "s3backer"]:
         if t in R["fsync"]:
             x = R["fsync"][t]; q = ratio(x["p99_us"], loc.get("p99_us"))
             md.append(f"| {t} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {'-' if q is None else f'{q:.2f}'} | {x['write_fsync_per_s']:.0f} |")

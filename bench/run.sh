@@ -133,6 +133,12 @@ if ! skip write; then
   mkdir -p "$work/null"; "$work/nullfuse" --size 64GiB --name null "$work/null" > "$work/null.log" 2>&1 &
   pids+=("$!"); fusemounts+=("$work/null")
   for _ in $(seq 100); do [ -e "$work/null/null.img" ] && break; sleep 0.1; done
+  # passthrough FUSE: the same server writing each request once to a local
+  # file (buffered, as vhdsync's image), fdatasync per flush: the ceiling of
+  # any FUSE disk that keeps its data in a local file
+  mkdir -p "$work/pass"; "$work/nullfuse" --size 64GiB --name pass --backing "$work/pass-backing.img" "$work/pass" > "$work/pass.log" 2>&1 &
+  pids+=("$!"); fusemounts+=("$work/pass")
+  for _ in $(seq 100); do [ -e "$work/pass/pass.img" ] && break; sleep 0.1; done
   # vhdsync: the remote is taken away after the mount, so the flusher only
   # retries and the write path is measured alone (the journal keeps all).
   # The journal keeps every byte of this stage (about 40 GB at 1-1.5 GB/s
@@ -160,17 +166,18 @@ if ! skip write; then
     [ -e "$work/$n-mnt/file" ] || { cat "$work/$n.log"; exit 1; }
     echo "$n: $S3COMMON --blockSize=$bs" >> "$res/s3backer_flags"
   done
-  declare -A FILE=([local]=$work/local.img [null]=$work/null/null.img [vhdsync]=$VMNT/v.img [s3backer]=$work/s3backer-mnt/file [s3b128k]=$work/s3b128k-mnt/file)
+  declare -A FILE=([local]=$work/local.img [null]=$work/null/null.img [pass]=$work/pass/pass.img [vhdsync]=$VMNT/v.img [s3backer]=$work/s3backer-mnt/file [s3b128k]=$work/s3b128k-mnt/file)
   # ext4 on loop on the second half of each file; raw fio uses the first 2 GiB
   declare -A FS
-  for t in local null vhdsync s3backer; do
+  for t in local null pass vhdsync s3backer; do
     attach_ext4 "${FILE[$t]}" $((32<<30)) $((32<<30)) "$work/fs-$t"; FS[$t]=$work/fs-$t
     losetup --list -O NAME,DIO "$LOOPDEV" | tail -1 >&2
   done
-  targets=(local null vhdsync s3backer)
+  targets=(local null pass vhdsync s3backer)
   for rep in $(seq 1 "$REPS"); do
     # rotate the order every repetition
-    order=("${targets[@]:$(( (rep-1) % 4 ))}" "${targets[@]:0:$(( (rep-1) % 4 ))}")
+    k=$(( (rep-1) % ${#targets[@]} ))
+    order=("${targets[@]:$k}" "${targets[@]:0:$k}")
     for t in "${order[@]}"; do
       log "rep $rep: $t"
       fio_run "$res/w-$t-raw-seq-$rep.json" "${FILE[$t]}" 2G --rw=write --bs=1M --iodepth=8
@@ -194,7 +201,7 @@ if ! skip write; then
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
   fusemounts=() pids=()
-  rm -rf "$work/local.img" "$work"/s3b*-dir "$work/v" || true
+  rm -rf "$work/local.img" "$work/pass-backing.img" "$work"/s3b*-dir "$work/v" || true
 fi
 
 ############ 3: flush path (journal -> Azurite), workers 1..16, baselines

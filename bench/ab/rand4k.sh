@@ -1,7 +1,7 @@
 #!/bin/bash
 # bench/ab/rand4k.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: two vhdsync binaries mounted side by side
 # (remote detached, as bench/run.sh stage 1: Azurite killed after the mount) plus the null FUSE
-# server and a local file (the disk's ceiling; laid out before the first round); fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
+# server, the passthrough server (nullfuse --backing) and a local file (the disk's ceiling; laid out before the first round); fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
 # order rotated every round. Prints "round target IOPS p99_us p50/p90/p99.9_us=... [fsync_p50/p99_us]"
 # lines. Root.
 set -euo pipefail
@@ -15,11 +15,12 @@ go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
 go build -o $work/nullfuse ./bench/cmd/nullfuse
 declare -A BIN=([old]=$OLDB [new]=$NEWB)
 declare -A VMNT VPID FILE
-AZ=() NULLPID=
+AZ=() NULLPID= PASSPID=
 cleanup() { set +e
   for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
   for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
-  [ -n "$NULLPID" ] && kill $NULLPID; sleep 0.3; grep -q " $work/null " /proc/mounts && umount -l $work/null
+  for p in $NULLPID $PASSPID; do kill $p; done; sleep 0.3
+  for m in null pass; do grep -q " $work/$m " /proc/mounts && umount -l $work/$m; done
   for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
 trap cleanup EXIT
 for v in old new; do
@@ -34,9 +35,12 @@ done
 mkdir -p $work/null; $work/nullfuse --size 64GiB --name null $work/null >/dev/null 2>&1 & NULLPID=$!
 for _ in $(seq 100); do [ -e $work/null/null.img ] && break; sleep 0.1; done
 FILE[null]=$work/null/null.img
+mkdir -p $work/pass; $work/nullfuse --size 64GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
+for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
+FILE[pass]=$work/pass/pass.img
 FILE[local]=$work/local.img
 fio --name=layout --filename="${FILE[local]}" --size=2G --rw=write --bs=1M --direct=1 >/dev/null 2>&1
-t=(old new null local)
+t=(old new null pass local)
 for r in $(seq 1 $R); do
   o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do

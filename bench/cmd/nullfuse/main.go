@@ -7,6 +7,13 @@
 //
 // Memory is allocated in 1 MiB chunks on first write; it runs until
 // SIGINT/SIGTERM, then unmounts.
+//
+// With --backing FILE it is the passthrough ceiling instead: every write is
+// one buffered pwrite to FILE (as vhdsync's write to its local image), a
+// flush is one fdatasync, a discard one hole punch. That is the least any
+// FUSE disk keeping its data in a local file can do per request, so the
+// write path's ratio to it is the cost of journaling, apart from FUSE's
+// and the image's own.
 package main
 
 import (
@@ -17,6 +24,8 @@ import (
 	"os/signal"
 	"sync/atomic"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhdsync/vhdsync/fusefs"
 )
@@ -83,6 +92,27 @@ func (m *memDisk) Zero(_ context.Context, off, n int64, _ bool) error {
 
 func (m *memDisk) Flush() error { return nil }
 
+// fileDisk passes every request through to a local file.
+type fileDisk struct {
+	size int64
+	f    *os.File
+}
+
+func (d *fileDisk) Size() int64 { return d.size }
+
+func (d *fileDisk) ReadAt(p []byte, off int64) (int, error) { return d.f.ReadAt(p, off) }
+
+func (d *fileDisk) WriteAt(_ context.Context, p []byte, off int64) error {
+	_, err := d.f.WriteAt(p, off)
+	return err
+}
+
+func (d *fileDisk) Zero(_ context.Context, off, n int64, _ bool) error {
+	return unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
+
+func (d *fileDisk) Flush() error { return unix.Fdatasync(int(d.f.Fd())) }
+
 func parseSize(s string) (int64, error) {
 	var n int64
 	var unit string
@@ -109,9 +139,10 @@ func main() {
 	size := flag.String("size", "64GiB", "disk size (B, KiB, MiB, GiB)")
 	name := flag.String("name", "null", "file base name")
 	maxWrite := flag.Int("max-write", 0, "FUSE max write (0: fusefs default)")
+	backing := flag.String("backing", "", "serve this local file (made sparse at --size) instead of memory: the passthrough ceiling")
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: nullfuse [--size N] [--name NAME] MOUNTPOINT")
+		fmt.Fprintln(os.Stderr, "usage: nullfuse [--size N] [--name NAME] [--backing FILE] MOUNTPOINT")
 		os.Exit(2)
 	}
 	n, err := parseSize(*size)
@@ -119,7 +150,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "nullfuse: bad --size %q (a multiple of 1 MiB)\n", *size)
 		os.Exit(2)
 	}
-	d := &memDisk{size: n, chunks: make([]atomic.Pointer[[chunk]byte], n/chunk)}
+	var d fusefs.Disk = &memDisk{size: n, chunks: make([]atomic.Pointer[[chunk]byte], n/chunk)}
+	if *backing != "" {
+		f, err := os.OpenFile(*backing, os.O_RDWR|os.O_CREATE, 0o600)
+		if err == nil {
+			err = f.Truncate(n)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "nullfuse: backing file:", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		d = &fileDisk{size: n, f: f}
+	}
 	srv, _, err := fusefs.Mount(flag.Arg(0), d, fusefs.Options{Name: *name, FsName: "nullfuse", MaxWrite: *maxWrite})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "nullfuse:", err)
