@@ -58,21 +58,24 @@ if write:
            + "; ".join(f"`{l}`" for l in R.get("s3backer_flags", "").splitlines()), ""]
 
 # 2. fsync --------------------------------------------------------------------
-fs = {}
-for p in glob.glob(os.path.join(res, "f-*.json")):
-    m = re.match(r"f-(\w+)-raw-fsync-(\d+)\.json", os.path.basename(p)); j = load(p)
-    if not m or not j: continue
-    jj = j["jobs"][0]; pc = jj["sync"]["lat_ns"].get("percentile", {})
-    fs.setdefault(m.group(1), []).append((pc.get("50.000000", 0) / 1e3, pc.get("99.000000", 0) / 1e3, jj["write"]["iops"]))
-if fs:
-    R["fsync"] = {t: {"p50_us": med([x[0] for x in v]), "p99_us": med([x[1] for x in v]), "write_fsync_per_s": med([x[2] for x in v])} for t, v in fs.items()}
-    loc = R["fsync"].get("local", {})
-    md += ["## 2. fsync after a 4 KiB write (psync, direct, fsync=1)", "",
-           "| target | fsync p50 µs | fsync p99 µs | p99 ÷ local | write+fsync /s |", "|---|---:|---:|---:|---:|"]
+for prefix, key, title in [("f", "fsync", "## 2. fsync after a 4 KiB write (psync, direct, fsync=1), on stage 1's mounts (vhdsync: remote detached, tens of GB journaled)"),
+                           ("fl", "fsync_live", "## 2b. fsync after a 4 KiB write, fresh mounts, vhdsync with a live remote (Azurite on the same CPUs)")]:
+    fs = {}
+    for p in glob.glob(os.path.join(res, prefix + "-*.json")):
+        m = re.match(prefix + r"-(\w+)-raw-fsync-(\d+)\.json", os.path.basename(p)); j = load(p)
+        if not m or not j: continue
+        jj = j["jobs"][0]; pc = jj["sync"]["lat_ns"].get("percentile", {})
+        fs.setdefault(m.group(1), []).append((pc.get("50.000000", 0) / 1e3, pc.get("99.000000", 0) / 1e3, jj["write"]["iops"]))
+    if not fs: continue
+    R[key] = {t: {"p50_us": med([x[0] for x in v]), "p99_us": med([x[1] for x in v]), "write_fsync_per_s": med([x[2] for x in v]),
+                  "p99_us_runs": [round(x[1]) for x in v]} for t, v in fs.items()}
+    loc = R[key].get("local", {})
+    md += [title, "",
+           "| target | fsync p50 µs | fsync p99 µs | p99 ÷ local | write+fsync /s | p99 of each run |", "|---|---:|---:|---:|---:|---|"]
     for t in ["vhdsync", "local", "null", "pass", "s3backer"]:
-        if t in R["fsync"]:
-            x = R["fsync"][t]; q = ratio(x["p99_us"], loc.get("p99_us"))
-            md.append(f"| {t} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {'-' if q is None else f'{q:.2f}'} | {x['write_fsync_per_s']:.0f} |")
+        if t in R[key]:
+            x = R[key][t]; q = ratio(x["p99_us"], loc.get("p99_us"))
+            md.append(f"| {t} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {'-' if q is None else f'{q:.2f}'} | {x['write_fsync_per_s']:.0f} | {', '.join(map(str, x['p99_us_runs']))} |")
     md.append("")
 
 # 5. memory ---------------------------------------------------------------------

@@ -5,8 +5,8 @@
 # daemons, FUSE mounts, loop devices, ext4 mounts) is undone on exit.
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
-# BENCH_SKIP (space-separated stages to skip: write fsync flush wire staged lag
-# backlog),
+# BENCH_SKIP (space-separated stages to skip: write fsync fsynclive flush wire
+# staged lag backlog),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the server's measured ceiling for the lag
 # workload's own pattern, random 64 KiB Put Pages), BENCH_SYNC
@@ -202,6 +202,44 @@ if ! skip write; then
   for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
   fusemounts=() pids=()
   rm -rf "$work/local.img" "$work/pass-backing.img" "$work"/s3b*-dir "$work/v" || true
+fi
+
+############ 2b: fsync on a fresh mount with a live remote (the state a
+# replica is normally in: the flusher sends every epoch as it closes, on the
+# same 2 CPUs), against the local file, null FUSE and passthrough FUSE. The
+# fsync rows of stage 1 are taken on its mount, which by then carries tens
+# of GB of journal with the remote detached.
+if ! skip fsynclive; then
+  log "fsync with a live remote"
+  VSIZE=$SIZE
+  truncate -s 64G "$work/local.img"
+  mkdir -p "$work/null" "$work/pass"
+  "$work/nullfuse" --size 64GiB --name null "$work/null" > "$work/null.log" 2>&1 &
+  pids+=("$!"); fusemounts+=("$work/null")
+  "$work/nullfuse" --size 64GiB --name pass --backing "$work/pass-backing.img" "$work/pass" > "$work/pass.log" 2>&1 &
+  pids+=("$!"); fusemounts+=("$work/pass")
+  for _ in $(seq 100); do [ -e "$work/null/null.img" ] && [ -e "$work/pass/pass.img" ] && break; sleep 0.1; done
+  mount_vhdsync live
+  declare -A LFILE=([local]=$work/local.img [null]=$work/null/null.img [pass]=$work/pass/pass.img [vhdsync]=$VMNT/live.img)
+  ltargets=(local null pass vhdsync)
+  for rep in $(seq 1 "$REPS"); do
+    k=$(( (rep-1) % ${#ltargets[@]} ))
+    for t in "${ltargets[@]:$k}" "${ltargets[@]:0:$k}"; do
+      log "rep $rep: $t"
+      fio_run "$res/fl-$t-raw-fsync-$rep.json" "${LFILE[$t]}" 2G --rw=randwrite --bs=4k --iodepth=1 --ioengine=psync --fsync=1
+      # the baselines run on a quiet machine: vhdsync's replication (the
+      # flusher and Azurite busy) is vhdsync's cost alone
+      if [ "$t" = vhdsync ]; then wait_drained "$VST"; fi
+    done
+  done
+  vstatus "$VST" > "$res/vstatus-fsynclive.json"
+  "$bin" unmount "$VMNT" >&2 || log "unmount failed"
+  fusemounts=("$work/null" "$work/pass")
+  stop_azurite "$VAZ"
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
+  fusemounts=() pids=()
+  rm -rf "$work/local.img" "$work/pass-backing.img" "$work/live" || true
 fi
 
 ############ 3: flush path (journal -> Azurite), workers 1..16, baselines

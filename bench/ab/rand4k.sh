@@ -9,6 +9,7 @@ cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
 # AB_FIO replaces the workload, e.g. AB_FIO="--rw=randwrite --bs=4k --ioengine=psync --fsync=1"
 # (fsync latency) or AB_FIO="--rw=write --bs=1M --iodepth=8 --ioengine=libaio" (sequential).
+# AB_LIVE=1 leaves the remotes attached.
 FIOARGS=${AB_FIO:---rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio}
 work=$(mktemp -d /var/tmp/ab-rand4k.XXXXXX)
 go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
@@ -30,7 +31,9 @@ for v in old new; do
   ${BIN[$v]} create --blob "$(cat $d/ep)/bench/$v.vhd" --size 64GiB --state $d/st --create-container >/dev/null 2>&1
   ${BIN[$v]} mount --state $d/st --journal-cap 48GiB $d/mnt >/dev/null 2>&1
   VPID[$v]=$(${BIN[$v]} status --state $d/st --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])')
-  kill $a; FILE[$v]=$d/mnt/$v.img
+  # AB_LIVE=1 keeps each mount's Azurite running (the flusher drains as it goes)
+  [ -n "${AB_LIVE:-}" ] || kill $a
+  FILE[$v]=$d/mnt/$v.img
 done
 mkdir -p $work/null; $work/nullfuse --size 64GiB --name null $work/null >/dev/null 2>&1 & NULLPID=$!
 for _ in $(seq 100); do [ -e $work/null/null.img ] && break; sleep 0.1; done
