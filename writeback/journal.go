@@ -120,7 +120,13 @@ type Journal struct {
 	imgDirty                atomic.Bool
 	captures, capturedBytes atomic.Int64
 
+	// syncMu is held by a barrier's sync (syncOnce) and while intent log
+	// files are recycled, which may close a file the sync would fdatasync.
 	syncMu sync.Mutex
+	// filesMu is held while badger's logs are fsync'ed (syncFiles) and the
+	// segments the indexer copied payloads to are (syncBeforeLogsGo), apart
+	// from syncMu so that barriers do not wait for those fsyncs.
+	filesMu sync.Mutex
 	// syncState guards the coalescing of Sync calls: syncs started and
 	// finished (numbered), whether one runs, and the last one's result.
 	syncState                 sync.Mutex
@@ -128,7 +134,7 @@ type Journal struct {
 	syncStarted, syncFinished uint64
 	syncRunning               bool
 	syncErr                   error
-	// Guarded by syncMu: badger logs that need no more fsync (rotated WALs
+	// Guarded by filesMu: badger logs that need no more fsync (rotated WALs
 	// and value logs, once synced, see logsToSync), and the names the
 	// directory held at its last fsync.
 	syncedLogs map[string]bool
@@ -822,7 +828,7 @@ func (j *Journal) syncOnce() error {
 // the pages dirtied through badger's shared mmaps (a write to a clean
 // shared page faults and marks it dirty). Only the newest .mem is
 // fsync'ed every time, every other log once (see logsToSync), in
-// parallel. Called with syncMu held, before drained segments or intent log
+// parallel. Called with filesMu held, before drained segments or intent log
 // files go (syncIndex, indexed) and at Close: no longer at every barrier.
 func (j *Journal) syncFiles() error {
 	entries, err := os.ReadDir(j.dir)
@@ -1286,9 +1292,9 @@ func (j *Journal) Close() error {
 		// Everything is in badger: once its logs are synced, the intent
 		// logs can go, and a clean shutdown leaves none. Otherwise they
 		// stay, and the next open replays them.
-		j.syncMu.Lock()
+		j.filesMu.Lock()
 		err = j.syncBeforeLogsGo()
-		j.syncMu.Unlock()
+		j.filesMu.Unlock()
 		clean = err == nil
 	}
 	err = errors.Join(err, j.ilog.close(clean))

@@ -79,9 +79,14 @@ type segments struct {
 	cur     *segment
 	all     map[uint64]*segment
 	next    uint64
-	// created: a segment file was made since the last sync, whose name
-	// the directory's fsync must make durable.
-	created atomic.Bool
+	// made counts the segment files made; dirSynced (under dirMu) is the
+	// count the last directory fsync covered. A sync that needs the names
+	// durable waits for a directory fsync that began after every file
+	// made before the sync, whoever ran it: a barrier's sync and the
+	// indexer's (syncCopied) run at the same time.
+	made      atomic.Uint64
+	dirMu     sync.Mutex
+	dirSynced uint64
 	// barrierSyncs counts the fdatasyncs barriers made of segments (tests).
 	barrierSyncs atomic.Uint64
 }
@@ -164,7 +169,7 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 			return nil, 0, fmt.Errorf("create journal segment: %w", err)
 		}
 		s.next++
-		s.created.Store(true)
+		s.made.Add(1)
 		preallocate(f, s.maxSize)
 		s.cur = &segment{id: id, f: f}
 		// Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6):
@@ -284,7 +289,7 @@ func (s *segments) writeAt(id uint64, off int64, data []byte) error {
 			s.mu.Unlock()
 			return fmt.Errorf("create journal segment %s: %w", segName(id), err)
 		}
-		s.created.Store(true)
+		s.made.Add(1)
 		seg = &segment{id: id, f: f}
 		s.all[id] = seg
 		s.next = max(s.next, id+1)
@@ -410,7 +415,7 @@ func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Ui
 		}
 	}
 	s.mu.Unlock()
-	created := s.created.Swap(false)
+	made := s.made.Load()
 	for _, seg := range list {
 		m := mark(seg)
 		m.Store(false)
@@ -419,18 +424,25 @@ func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Ui
 		}
 		if err := datasync(seg.f); err != nil {
 			m.Store(true)
-			if created {
-				s.created.Store(true)
-			}
 			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
 		}
 	}
-	if created {
-		if err := syncDir(s.dir); err != nil {
-			s.created.Store(true)
-			return fmt.Errorf("sync journal directory: %w", err)
-		}
+	return s.syncDirCovering(made)
+}
+
+// syncDirCovering returns once a directory fsync that began after the
+// made-th segment file was made has ended (see made).
+func (s *segments) syncDirCovering(made uint64) error {
+	s.dirMu.Lock()
+	defer s.dirMu.Unlock()
+	if s.dirSynced >= made {
+		return nil
 	}
+	now := s.made.Load()
+	if err := syncDir(s.dir); err != nil {
+		return fmt.Errorf("sync journal directory: %w", err)
+	}
+	s.dirSynced = now
 	return nil
 }
 

@@ -51,7 +51,7 @@ for r in $(seq 1 $R); do
       $FIOARGS --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j.get("sync",{}).get("lat_ns",{}).get("percentile",{})
 p=w["clat_ns"]["percentile"]
-print(int(w["iops"]), int(p["99.000000"]/1000), "p50/p90/p99.9_us=%d/%d/%d" % (p["50.000000"]/1000, p["90.000000"]/1000, p["99.900000"]/1000), "fsync_p50/p99_us=%d/%d" % (s["50.000000"]/1000, s["99.000000"]/1000) if s else "")')
+print(int(w["iops"]), int(p["99.000000"]/1000), "p50/p90/p99.9_us=%d/%d/%d" % (p["50.000000"]/1000, p["90.000000"]/1000, p["99.900000"]/1000), "fsync_p50/p99/p99.9_us=%d/%d/%d" % (s["50.000000"]/1000, s["99.000000"]/1000, s["99.900000"]/1000) if s else "")')
     echo "$r $v $iops"
   done
 done
