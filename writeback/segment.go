@@ -87,6 +87,11 @@ type segments struct {
 	made      atomic.Uint64
 	dirMu     sync.Mutex
 	dirSynced uint64
+	// closeMu is held for reading by syncMarked while it fdatasyncs the
+	// segments it listed, and for writing by reclaim while it closes
+	// drained ones: a barrier's sync and the indexer's run under
+	// different journal locks, neither of which reclaim takes.
+	closeMu sync.RWMutex
 	// barrierSyncs counts the fdatasyncs barriers made of segments (tests).
 	barrierSyncs atomic.Uint64
 }
@@ -407,6 +412,7 @@ func (s *segments) sync() error {
 // (set again if the sync fails), then the directory if segments were made
 // since its last fsync. count, if not nil, counts the fdatasyncs.
 func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Uint64) error {
+	s.closeMu.RLock()
 	s.mu.Lock()
 	var list []*segment
 	for _, seg := range s.all {
@@ -424,9 +430,11 @@ func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Ui
 		}
 		if err := datasync(seg.f); err != nil {
 			m.Store(true)
+			s.closeMu.RUnlock()
 			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
 		}
 	}
+	s.closeMu.RUnlock()
 	return s.syncDirCovering(made)
 }
 
@@ -477,8 +485,12 @@ func (s *segments) reclaim(drained uint64, before func() error) (int, error) {
 		}
 	}
 	var errs []error
+	s.closeMu.Lock()
 	for _, seg := range victims {
 		seg.close()
+	}
+	s.closeMu.Unlock()
+	for _, seg := range victims {
 		if err := os.Remove(filepath.Join(s.dir, segName(seg.id))); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("delete drained journal segment: %w", err))
 		}
