@@ -1,6 +1,8 @@
 package writeback
 
 import (
+	"bytes"
+	"context"
 	"testing"
 	"time"
 )
@@ -54,7 +56,11 @@ func TestBarrierDuringRecycleSync(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		appendData(t, j, 1<<30, 0xee, 4096)
+		r := Record{Offset: 1 << 30, Length: 4096, Kind: KindData, Data: bytes.Repeat([]byte{0xee}, 4096)}
+		if err := j.Append(context.Background(), &r); err != nil {
+			done <- err
+			return
+		}
 		_, err := j.Barrier()
 		done <- err
 	}()
