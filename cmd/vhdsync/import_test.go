@@ -182,6 +182,9 @@ type putProxy struct {
 	mu   sync.Mutex
 	puts []putSeen
 	n    int
+	// round counts take calls: an answer to a put of an earlier round (a
+	// killed client's request still in flight) is not recorded in this one.
+	round int
 	// onPut runs before the n-th Put Page is forwarded (after false) and
 	// once the service answered it (after true); before forwarding, true
 	// drops the request.
@@ -203,13 +206,17 @@ func newPutProxy(t *testing.T, target string) *putProxy {
 	rp := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: u.Scheme, Host: u.Host})
 	rp.ErrorLog = log.New(io.Discard, "", 0) // a killed client's requests end in errors
 	rp.ModifyResponse = func(resp *http.Response) error {
-		if n, ok := resp.Request.Context().Value(putKey{}).(int); ok {
+		if k, ok := resp.Request.Context().Value(putKey{}).(putRef); ok {
 			p.mu.Lock()
-			p.puts[n-1].status = resp.StatusCode
+			if k.round != p.round {
+				p.mu.Unlock()
+				return nil
+			}
+			p.puts[k.n-1].status = resp.StatusCode
 			hook := p.onPut
 			p.mu.Unlock()
 			if hook != nil {
-				hook(n, true)
+				hook(k.n, true)
 			}
 		}
 		return nil
@@ -225,14 +232,14 @@ func newPutProxy(t *testing.T, target string) *putProxy {
 			p.mu.Lock()
 			p.puts = append(p.puts, s)
 			p.n++
-			n := p.n
+			n, round := p.n, p.round
 			hook := p.onPut
 			p.mu.Unlock()
 			if hook != nil && hook(n, false) {
 				w.WriteHeader(http.StatusServiceUnavailable)
 				return
 			}
-			r = r.WithContext(context.WithValue(r.Context(), putKey{}, n))
+			r = r.WithContext(context.WithValue(r.Context(), putKey{}, putRef{round: round, n: n}))
 		}
 		rp.ServeHTTP(w, r)
 	}))
@@ -241,6 +248,9 @@ func newPutProxy(t *testing.T, target string) *putProxy {
 }
 
 type putKey struct{}
+
+// putRef names a forwarded put: its proxy round and its number in it.
+type putRef struct{ round, n int }
 
 func (p *putProxy) setHook(h func(n int, after bool) bool) {
 	p.mu.Lock()
@@ -258,6 +268,7 @@ func (p *putProxy) take() []putSeen {
 	defer p.mu.Unlock()
 	out := p.puts
 	p.puts, p.n = nil, 0
+	p.round++
 	return out
 }
 
