@@ -66,6 +66,21 @@ while time.time()-t0<600:
 PY
 }
 vpid() { vstatus "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'; }
+# start_nullfuse NAME [--backing FILE]: the null FUSE server (or, with
+# --backing, the passthrough one) at $work/NAME, serving NAME.img
+start_nullfuse() {
+  local n=$1; shift
+  mkdir -p "$work/$n"; "$work/nullfuse" --size 64GiB --name "$n" "$@" "$work/$n" > "$work/$n.log" 2>&1 &
+  pids+=("$!"); fusemounts+=("$work/$n")
+  for _ in $(seq 100); do [ -e "$work/$n/$n.img" ] && break; sleep 0.1; done
+}
+# stop_servers SIGNAL: every process in pids, then what is left mounted of
+# fusemounts
+stop_servers() {
+  for p in "${pids[@]}"; do kill "-$1" "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
+  fusemounts=() pids=()
+}
 # mount_vhdsync NAME [mount flags]: sets VST (state), VMNT, VPID, VAZ
 mount_vhdsync() {
   local name=$1; shift
@@ -130,15 +145,11 @@ if ! skip write; then
   # local file
   truncate -s 64G "$work/local.img"
   # null FUSE
-  mkdir -p "$work/null"; "$work/nullfuse" --size 64GiB --name null "$work/null" > "$work/null.log" 2>&1 &
-  pids+=("$!"); fusemounts+=("$work/null")
-  for _ in $(seq 100); do [ -e "$work/null/null.img" ] && break; sleep 0.1; done
+  start_nullfuse null
   # passthrough FUSE: the same server writing each request once to a local
   # file (buffered, as vhdsync's image), fdatasync per flush: the ceiling of
   # any FUSE disk that keeps its data in a local file
-  mkdir -p "$work/pass"; "$work/nullfuse" --size 64GiB --name pass --backing "$work/pass-backing.img" "$work/pass" > "$work/pass.log" 2>&1 &
-  pids+=("$!"); fusemounts+=("$work/pass")
-  for _ in $(seq 100); do [ -e "$work/pass/pass.img" ] && break; sleep 0.1; done
+  start_nullfuse pass --backing "$work/pass-backing.img"
   # vhdsync: the remote is taken away after the mount, so the flusher only
   # retries and the write path is measured alone (the journal keeps all).
   # The journal keeps every byte of this stage (about 40 GB at 1-1.5 GB/s
@@ -198,9 +209,7 @@ if ! skip write; then
   for m in "${fsmounts[@]}"; do umount "$m"; done; fsmounts=()
   for l in "${loops[@]}"; do losetup -d "$l"; done; loops=()
   kill -9 "$VPID_W"; sleep 0.5; umount -l "$VMNT"
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
-  fusemounts=() pids=()
+  stop_servers 9
   rm -rf "$work/local.img" "$work/pass-backing.img" "$work"/s3b*-dir "$work/v" || true
 fi
 
@@ -213,12 +222,8 @@ if ! skip fsynclive; then
   log "fsync with a live remote"
   VSIZE=$SIZE
   truncate -s 64G "$work/local.img"
-  mkdir -p "$work/null" "$work/pass"
-  "$work/nullfuse" --size 64GiB --name null "$work/null" > "$work/null.log" 2>&1 &
-  pids+=("$!"); fusemounts+=("$work/null")
-  "$work/nullfuse" --size 64GiB --name pass --backing "$work/pass-backing.img" "$work/pass" > "$work/pass.log" 2>&1 &
-  pids+=("$!"); fusemounts+=("$work/pass")
-  for _ in $(seq 100); do [ -e "$work/null/null.img" ] && [ -e "$work/pass/pass.img" ] && break; sleep 0.1; done
+  start_nullfuse null
+  start_nullfuse pass --backing "$work/pass-backing.img"
   mount_vhdsync live
   declare -A LFILE=([local]=$work/local.img [null]=$work/null/null.img [pass]=$work/pass/pass.img [vhdsync]=$VMNT/live.img)
   ltargets=(local null pass vhdsync)
@@ -236,9 +241,7 @@ if ! skip fsynclive; then
   "$bin" unmount "$VMNT" >&2 || log "unmount failed"
   fusemounts=("$work/null" "$work/pass")
   stop_azurite "$VAZ"
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
-  fusemounts=() pids=()
+  stop_servers TERM
   rm -rf "$work/local.img" "$work/pass-backing.img" "$work/live" || true
 fi
 
