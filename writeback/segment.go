@@ -79,14 +79,13 @@ type segments struct {
 	cur     *segment
 	all     map[uint64]*segment
 	next    uint64
-	// made counts the segment files made; dirSynced (under dirMu) is the
-	// count the last directory fsync covered. A sync that needs the names
-	// durable waits for a directory fsync that began after every file
-	// made before the sync, whoever ran it: a barrier's sync and the
-	// indexer's (syncCopied) run at the same time.
-	made      atomic.Uint64
-	dirMu     sync.Mutex
-	dirSynced uint64
+	// created: a segment file was made since the last directory fsync,
+	// whose name that fsync must make durable. dirMu is held from reading
+	// it to the end of the fsync, so that a sync that finds it cleared
+	// returns only after the fsync that cleared it: a barrier's sync and
+	// the indexer's (syncCopied) run at the same time.
+	created atomic.Bool
+	dirMu   sync.Mutex
 	// closeMu is held for reading by syncMarked while it fdatasyncs the
 	// segments it listed, and for writing by reclaim while it closes
 	// drained ones: a barrier's sync and the indexer's run under
@@ -174,7 +173,7 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 			return nil, 0, fmt.Errorf("create journal segment: %w", err)
 		}
 		s.next++
-		s.made.Add(1)
+		s.created.Store(true)
 		preallocate(f, s.maxSize)
 		s.cur = &segment{id: id, f: f}
 		// Not every filesystem takes O_DIRECT (tmpfs before Linux 6.6):
@@ -294,7 +293,7 @@ func (s *segments) writeAt(id uint64, off int64, data []byte) error {
 			s.mu.Unlock()
 			return fmt.Errorf("create journal segment %s: %w", segName(id), err)
 		}
-		s.made.Add(1)
+		s.created.Store(true)
 		seg = &segment{id: id, f: f}
 		s.all[id] = seg
 		s.next = max(s.next, id+1)
@@ -412,7 +411,25 @@ func (s *segments) sync() error {
 // (set again if the sync fails), then the directory if segments were made
 // since its last fsync. count, if not nil, counts the fdatasyncs.
 func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Uint64) error {
+	if err := s.syncListed(mark, count); err != nil {
+		return err
+	}
+	s.dirMu.Lock()
+	defer s.dirMu.Unlock()
+	if s.created.Swap(false) {
+		if err := syncDir(s.dir); err != nil {
+			s.created.Store(true)
+			return fmt.Errorf("sync journal directory: %w", err)
+		}
+	}
+	return nil
+}
+
+// syncListed fdatasyncs the segments whose flag is set, holding closeMu
+// for reading so that reclaim cannot close one meanwhile.
+func (s *segments) syncListed(mark func(*segment) *atomic.Bool, count *atomic.Uint64) error {
 	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
 	s.mu.Lock()
 	var list []*segment
 	for _, seg := range s.all {
@@ -421,7 +438,6 @@ func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Ui
 		}
 	}
 	s.mu.Unlock()
-	made := s.made.Load()
 	for _, seg := range list {
 		m := mark(seg)
 		m.Store(false)
@@ -430,27 +446,9 @@ func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Ui
 		}
 		if err := datasync(seg.f); err != nil {
 			m.Store(true)
-			s.closeMu.RUnlock()
 			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
 		}
 	}
-	s.closeMu.RUnlock()
-	return s.syncDirCovering(made)
-}
-
-// syncDirCovering returns once a directory fsync that began after the
-// made-th segment file was made has ended (see made).
-func (s *segments) syncDirCovering(made uint64) error {
-	s.dirMu.Lock()
-	defer s.dirMu.Unlock()
-	if s.dirSynced >= made {
-		return nil
-	}
-	now := s.made.Load()
-	if err := syncDir(s.dir); err != nil {
-		return fmt.Errorf("sync journal directory: %w", err)
-	}
-	s.dirSynced = now
 	return nil
 }
 
