@@ -236,7 +236,10 @@ func (a *Applier) apply(ctx context.Context, name string, prev, last uint64) err
 	a.f.seqCalls.Add(1)
 	spans := make([]span, len(ranges))
 	for i, r := range ranges {
-		spans[i] = span{off: r.Off, end: r.Off + r.Len, clear: r.Zero, data: r.Data}
+		spans[i] = span{off: r.Off, end: r.Off + r.Len, clear: r.Zero}
+		if !r.Zero {
+			spans[i].data = Pages{r.Data}
+		}
 	}
 	if err := a.f.sendSpans(ctx, spans, Cond{LeaseID: a.lease, IfSequenceEq: &fence}); err != nil {
 		return err

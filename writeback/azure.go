@@ -12,8 +12,8 @@ type AzureRemote struct{ C *pageblob.Client }
 var _ Remote = AzureRemote{}
 
 // PutPages implements Remote.
-func (a AzureRemote) PutPages(ctx context.Context, off int64, data []byte, c Cond) error {
-	return a.C.PutPagesCond(ctx, off, data, c.LeaseID, c.IfSequenceEq)
+func (a AzureRemote) PutPages(ctx context.Context, off int64, data Pages, c Cond) error {
+	return a.C.PutPagesVec(ctx, off, data, c.LeaseID, c.IfSequenceEq)
 }
 
 // ClearPages implements Remote.

@@ -378,7 +378,7 @@ func TestAzuriteTransientClassification(t *testing.T) {
 	for _, f := range []wireFault{wire503, wire500, wireTimeout, wireHang, wireLost, wireRefused} {
 		tr.setChoose(func(*wireReq) wireFault { return f })
 		errs := map[string]error{
-			"put":   r.PutPages(ctx, 0, page, Cond{LeaseID: lease, IfSequenceEq: &seq}),
+			"put":   r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: lease, IfSequenceEq: &seq}),
 			"clear": r.ClearPages(ctx, 8192, 4096, Cond{LeaseID: lease, IfSequenceEq: &seq}),
 			"seq":   r.RaiseSequence(ctx, 0, lease),
 		}
@@ -393,11 +393,11 @@ func TestAzuriteTransientClassification(t *testing.T) {
 	tr.setChoose(nil)
 	// Real refusals from Azurite are final.
 	wrong := int64(5)
-	err = r.PutPages(ctx, 0, page, Cond{LeaseID: lease, IfSequenceEq: &wrong})
+	err = r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: lease, IfSequenceEq: &wrong})
 	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrConditionNotMet) {
 		t.Errorf("put with a sequence condition not met: %v (transient %v)", err, IsTransient(err))
 	}
-	err = r.PutPages(ctx, 0, page, Cond{LeaseID: uuid.NewString(), IfSequenceEq: &seq})
+	err = r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: uuid.NewString(), IfSequenceEq: &seq})
 	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
 		t.Errorf("put with a foreign lease id: %v (transient %v)", err, IsTransient(err))
 	}
@@ -406,7 +406,7 @@ func TestAzuriteTransientClassification(t *testing.T) {
 		t.Errorf("sequence update without the lease: %v (transient %v)", err, IsTransient(err))
 	}
 	// And a clean request goes through.
-	if err := r.PutPages(ctx, 0, page, Cond{LeaseID: lease, IfSequenceEq: &seq}); err != nil {
+	if err := r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: lease, IfSequenceEq: &seq}); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -142,8 +142,16 @@ func (e extent) slice(from, to int64) extent {
 type span struct {
 	off, end int64
 	clear    bool
-	data     []byte
+	// data is the Put Page's payload as slices of the records' payloads
+	// (and of zeroPages), sent back to back: joining them into one buffer
+	// copied every byte of a batch once more and held the batch twice
+	// while the spans were built.
+	data Pages
 }
+
+// zeroPages backs the zero runs sent inside a Put Page that no single
+// record's payload holds. Never written: it stays the kernel's zero page.
+var zeroPages [MaxPutPage]byte
 
 // requestCost is what one extra request costs, in bytes of Put Page
 // payload: a page blob takes about 60 MiB/s and 500 requests/s, so a
@@ -175,7 +183,7 @@ const (
 type piece struct {
 	off, end int64
 	kind     pieceKind
-	data     []byte // pieceData
+	data     []byte // its bytes (pieceData, and pieceZeros cut from one extent); nil: zeros
 	src      int    // index of the data extent it was cut from, -1 if none or several
 }
 
@@ -189,8 +197,8 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 		if n := len(pieces); n > 0 && p.kind == pieceZeros {
 			if last := &pieces[n-1]; last.kind == pieceZeros && last.end == p.off {
 				last.end = p.end
-				if last.src != p.src {
-					last.src = -1
+				if last.data = joinAdjacent(last.data, p.data); last.data == nil || last.src != p.src {
+					last.src, last.data = -1, nil
 				}
 				return
 			}
@@ -256,23 +264,32 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 			out = append(out, span{off: r.off, end: r.end, clear: true})
 			continue
 		}
-		// A run cut from one extent is a slice of its data; one joined
-		// from several is copied once (zero pieces carry no data: the
-		// buffer starts zeroed).
-		var data []byte
-		if src := r.parts[0].src; src >= 0 && allFrom(r.parts, src) {
-			e := c.ext[src]
-			data = e.data[r.off-e.off : r.end-e.off]
-		} else {
-			data = make([]byte, r.end-r.off)
-			for _, p := range r.parts {
-				copy(data[p.off-r.off:], p.data)
+		// The payload references the pieces' bytes; pieces cut from one
+		// extent one after the other are one slice again.
+		var data Pages
+		for _, p := range r.parts {
+			if p.data == nil {
+				for n := p.end - p.off; n > 0; {
+					k := min(n, int64(len(zeroPages)))
+					data = append(data, zeroPages[:k])
+					n -= k
+				}
+				continue
 			}
+			if n := len(data); n > 0 {
+				if j := joinAdjacent(data[n-1], p.data); j != nil {
+					data[n-1] = j
+					continue
+				}
+			}
+			data = append(data, p.data)
 		}
 		// Long data extents are cut into maxPut pieces.
 		for off := r.off; off < r.end; off += maxPut {
 			end := min(off+maxPut, r.end)
-			out = append(out, span{off: off, end: end, data: data[off-r.off : end-r.off]})
+			var head Pages
+			head, data = data.cut(end - off)
+			out = append(out, span{off: off, end: end, data: head})
 		}
 	}
 	return out
@@ -313,15 +330,6 @@ func boolInt(b bool) int64 {
 
 var zeroSector [SectorSize]byte
 
-func allFrom(parts []piece, src int) bool {
-	for _, p := range parts {
-		if p.src != src {
-			return false
-		}
-	}
-	return true
-}
-
 // splitZeroSectors cuts data extent number src into maximal runs of
 // non-zero and all-zero sectors and passes them to push in order.
 func splitZeroSectors(e extent, src int, push func(piece)) {
@@ -333,7 +341,7 @@ func splitZeroSectors(e extent, src int, push func(piece)) {
 			t += SectorSize
 		}
 		if zero {
-			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros, src: src})
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros, data: e.data[s:t], src: src})
 		} else {
 			push(piece{off: e.off + s, end: e.off + t, kind: pieceData, data: e.data[s:t], src: src})
 		}
@@ -354,4 +362,14 @@ func isZero(b []byte) bool {
 		}
 	}
 	return true
+}
+
+// joinAdjacent returns a and b as one slice when b starts where a ends in
+// the same array (pieces cut one after the other from one payload), and
+// nil otherwise.
+func joinAdjacent(a, b []byte) []byte {
+	if len(a) == 0 || len(b) == 0 || cap(a) < len(a)+len(b) || &a[:len(a)+1][len(a)] != &b[0] {
+		return nil
+	}
+	return a[:len(a)+len(b)]
 }

@@ -116,13 +116,13 @@ func checkSpans(c coalesceCase, spans []span, maxPut int64) error {
 			}
 			clear(got[s.off:s.end])
 		} else {
-			if int64(len(s.data)) != s.end-s.off {
-				return fmt.Errorf("span %d: %d data bytes for %d-%d", k, len(s.data), s.off, s.end)
+			if s.data.Len() != s.end-s.off {
+				return fmt.Errorf("span %d: %d data bytes for %d-%d", k, s.data.Len(), s.off, s.end)
 			}
 			if s.end-s.off > maxPut || s.end-s.off > MaxPutPage {
 				return fmt.Errorf("span %d: Put Page of %d bytes, cap %d", k, s.end-s.off, maxPut)
 			}
-			copy(got[s.off:], s.data)
+			copy(got[s.off:], s.data.Bytes())
 		}
 		for x := s.off / SectorSize; x < s.end/SectorSize; x++ {
 			covered[x] = true
@@ -167,8 +167,9 @@ func checkZeroRuns(c coalesceCase, spans []span, maxPut, reqCost int64) error {
 			if s.clear {
 				continue
 			}
-			for x := int64(0); x < int64(len(s.data)); x += SectorSize {
-				if isZero(s.data[x : x+SectorSize]) {
+			d := s.data.Bytes()
+			for x := int64(0); x < int64(len(d)); x += SectorSize {
+				if isZero(d[x : x+SectorSize]) {
 					return fmt.Errorf("span %d: zero sector at %d sent as data with requests free", k, s.off+x)
 				}
 			}
@@ -261,6 +262,48 @@ func TestCoalesceSplitsAtMaxPutPage(t *testing.T) {
 	// 8 MiB+1.5 KiB -> 3 puts; 9 MiB -> 3 puts; 4 MiB of zeros -> 1 clear.
 	if puts != 6 || clears != 1 {
 		t.Fatalf("%d puts and %d clears, want 6 and 1: %v", puts, clears, spanList(out))
+	}
+}
+
+// TestCoalesceSpansReferencePayloads: a Put Page joined from several
+// records references their payloads instead of a copy (the copy cost a
+// memmove of every byte drained and held a batch twice), pieces of one
+// payload cut around a zero run sent with them are one buffer again, and
+// zeros no single payload holds come from zeroPages.
+func TestCoalesceSpansReferencePayloads(t *testing.T) {
+	var recs []Record
+	for i := range 16 {
+		d := fillData(256<<10, 0, uint64(i+1), uint64(i+1))
+		recs = append(recs, Record{Offset: int64(i) << 18, Length: 256 << 10, Kind: KindData, Data: d})
+	}
+	clear(recs[3].Data[8<<10 : 12<<10]) // a short zero run inside one payload: sent with it
+	out := coalesce(recs, MaxPutPage)
+	if len(out) != 1 || out[0].data.Len() != MaxPutPage {
+		t.Fatalf("16 sequential 256 KiB records: spans %s, want one 4 MiB Put Page", spanList(out))
+	}
+	if len(out[0].data) != 16 {
+		t.Fatalf("the Put Page has %d buffers, want the 16 payloads", len(out[0].data))
+	}
+	for i, b := range out[0].data {
+		if len(b) != len(recs[i].Data) || &b[0] != &recs[i].Data[0] {
+			t.Fatalf("buffer %d (%d bytes) is not record %d's payload: copied", i, len(b), i)
+		}
+	}
+	// Two records whose zero tail and zero head meet: the joined zero run
+	// is sent (too short to clear) from zeroPages.
+	a := fillData(64<<10, 0, 1, 1)
+	clear(a[60<<10:])
+	b := fillData(64<<10, 0, 2, 2)
+	clear(b[:4<<10])
+	out = coalesce([]Record{{Offset: 0, Length: 64 << 10, Kind: KindData, Data: a}, {Offset: 64 << 10, Length: 64 << 10, Kind: KindData, Data: b}}, MaxPutPage)
+	if len(out) != 1 || len(out[0].data) != 3 {
+		t.Fatalf("spans %s with %d buffers, want one Put Page of 3", spanList(out), len(out[0].data))
+	}
+	if z := out[0].data[1]; len(z) != 8<<10 || &z[0] != &zeroPages[0] {
+		t.Fatalf("the joined zero run is not a slice of zeroPages")
+	}
+	if &out[0].data[0][0] != &a[0] || &out[0].data[2][0] != &b[4<<10] {
+		t.Fatalf("the data around the zero run is copied")
 	}
 }
 

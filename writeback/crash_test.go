@@ -543,8 +543,8 @@ func copyCond(c Cond) Cond {
 	return c
 }
 
-func (d *delayingRemote) PutPages(ctx context.Context, off int64, data []byte, c Cond) error {
-	data2, c2 := bytes.Clone(data), copyCond(c)
+func (d *delayingRemote) PutPages(ctx context.Context, off int64, data Pages, c Cond) error {
+	data2, c2 := Pages{data.Bytes()}, copyCond(c)
 	if d.hold(func() error { return d.MemRemote.PutPages(ctx, off, data2, c2) }) {
 		return &TransientError{Msg: "injected: timed out (the request is still in the network)"}
 	}

@@ -520,7 +520,7 @@ func (f *Flusher) sendSpans(ctx context.Context, spans []span, c Cond) error {
 					})
 					if err == nil {
 						f.puts.Add(1)
-						f.sent.Add(uint64(len(s.data)))
+						f.sent.Add(uint64(s.end - s.off))
 					}
 				}
 				if err != nil {

@@ -62,8 +62,8 @@ func (m *MemRemote) fault(op string, off, n int64) (bool, error) {
 }
 
 // PutPages implements Remote.
-func (m *MemRemote) PutPages(_ context.Context, off int64, data []byte, c Cond) error {
-	n := int64(len(data))
+func (m *MemRemote) PutPages(_ context.Context, off int64, data Pages, c Cond) error {
+	n := data.Len()
 	if off%512 != 0 || n%512 != 0 || n == 0 || n > MaxPutPage || off+n > int64(len(m.data)) {
 		return fmt.Errorf("put page %d+%d: invalid range", off, n)
 	}
@@ -77,7 +77,10 @@ func (m *MemRemote) PutPages(_ context.Context, off int64, data []byte, c Cond) 
 		return err
 	}
 	m.Calls["put"]++
-	copy(m.data[off:], data)
+	at := off
+	for _, b := range data {
+		at += int64(copy(m.data[at:], b))
+	}
 	m.observe()
 	return ferr
 }

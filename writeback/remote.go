@@ -20,11 +20,53 @@ type Cond struct {
 	IfSequenceEq *int64
 }
 
+// Pages is the payload of one Put Page: buffers sent back to back, so a
+// request joined from several records' payloads references them instead of
+// copying them into one buffer. The buffers must not change while the
+// request (or a retry of it) may still read them.
+type Pages [][]byte
+
+// Len is the payload's length in bytes.
+func (p Pages) Len() int64 {
+	var n int64
+	for _, b := range p {
+		n += int64(len(b))
+	}
+	return n
+}
+
+// Bytes returns the payload joined into one new buffer.
+func (p Pages) Bytes() []byte {
+	out := make([]byte, 0, p.Len())
+	for _, b := range p {
+		out = append(out, b...)
+	}
+	return out
+}
+
+// cut splits p after n bytes (n <= p.Len()); head and tail share p's
+// buffers.
+func (p Pages) cut(n int64) (head, tail Pages) {
+	for i, b := range p {
+		if n <= 0 {
+			return head, p[i:]
+		}
+		if int64(len(b)) > n {
+			head = append(head, b[:n])
+			tail = append(Pages{b[n:]}, p[i+1:]...)
+			return head, tail
+		}
+		head = append(head, b)
+		n -= int64(len(b))
+	}
+	return head, nil
+}
+
 // Remote is the page blob as the flusher sees it. writeback/pageblob
 // implements it for Azure; memblob implements it in memory for tests.
 type Remote interface {
 	// PutPages writes data (512-aligned, at most 4 MiB) at off.
-	PutPages(ctx context.Context, off int64, data []byte, c Cond) error
+	PutPages(ctx context.Context, off int64, data Pages, c Cond) error
 	// ClearPages zeroes [off, off+length) (512-aligned, any length).
 	ClearPages(ctx context.Context, off, length int64, c Cond) error
 	// RaiseSequence sets the blob's sequence number to max(current, n), so

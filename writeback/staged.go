@@ -83,7 +83,10 @@ func (f *Flusher) stageBatch(ctx context.Context, recs []Record) error {
 	spans := c.spans(MaxPutPage)
 	ranges := make([]segfile.Range, len(spans))
 	for i, s := range spans {
-		ranges[i] = segfile.Range{Off: s.off, Len: s.end - s.off, Zero: s.clear, Data: s.data}
+		ranges[i] = segfile.Range{Off: s.off, Len: s.end - s.off, Zero: s.clear}
+		if !s.clear {
+			ranges[i].Data = s.data.Bytes()
+		}
 	}
 	if f.enc == nil {
 		enc, err := segfile.NewEncoder()

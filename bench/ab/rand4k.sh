@@ -3,7 +3,7 @@
 # (remote detached, as bench/run.sh stage 1: Azurite killed after the mount) plus the null FUSE
 # server, the passthrough server (nullfuse --backing) and a local file (the disk's ceiling; laid out before the first round); fio random 4 KiB writes, iodepth 32, direct, on each .img (first 2 GiB of 64 GiB), the
 # order rotated every round. Prints "round target IOPS p99_us p50/p90/p99.9_us=... [fsync_p50/p99_us]"
-# lines. Root.
+# lines, then each daemon's peak resident memory (VmHWM). Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
@@ -55,3 +55,5 @@ print(int(w["iops"]), int(p["99.000000"]/1000), "p50/p90/p99.9_us=%d/%d/%d" % (p
     echo "$r $v $iops"
   done
 done
+# the daemons' peak resident memory over all rounds
+for v in old new; do echo "VmHWM $v $(awk '/VmHWM/ {print $2, $3}' /proc/${VPID[$v]}/status)"; done

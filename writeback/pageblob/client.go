@@ -398,21 +398,33 @@ func writeConds(leaseID string, ifSeqEq *int64) (*blob.AccessConditions, *pagebl
 // PutPagesCond is PutPages with the lease and, if ifSeqEq is set, the
 // condition that the blob's sequence number equals *ifSeqEq.
 func (c *Client) PutPagesCond(ctx context.Context, off int64, data []byte, leaseID string, ifSeqEq *int64) error {
-	if off%vhdlayer.SectorSize != 0 || len(data)%vhdlayer.SectorSize != 0 || len(data) == 0 {
-		return fmt.Errorf("put page %d+%d: not 512-byte aligned", off, len(data))
+	return c.PutPagesVec(ctx, off, [][]byte{data}, leaseID, ifSeqEq)
+}
+
+// PutPagesVec is PutPagesCond with the payload given as buffers sent back
+// to back (no copy joins them). They must not change until it returns.
+func (c *Client) PutPagesVec(ctx context.Context, off int64, bufs [][]byte, leaseID string, ifSeqEq *int64) error {
+	body := newVecReader(bufs)
+	n := body.size
+	if off%vhdlayer.SectorSize != 0 || n%vhdlayer.SectorSize != 0 || n == 0 {
+		return fmt.Errorf("put page %d+%d: not 512-byte aligned", off, n)
 	}
-	if len(data) > MaxPutPage {
-		return fmt.Errorf("put page %d+%d: larger than the 4 MiB Put Page limit", off, len(data))
+	if n > MaxPutPage {
+		return fmt.Errorf("put page %d+%d: larger than the 4 MiB Put Page limit", off, n)
+	}
+	var crc uint64
+	for _, b := range bufs {
+		crc = crc64.Update(crc, crcTable, b)
 	}
 	ac, sc := writeConds(leaseID, ifSeqEq)
 	opts := &pageblob.UploadPagesOptions{
-		TransactionalValidation:        blob.TransferValidationTypeCRC64(CRC64(data)),
+		TransactionalValidation:        blob.TransferValidationTypeCRC64(crc),
 		AccessConditions:               ac,
 		SequenceNumberAccessConditions: sc,
 	}
-	_, err := c.pb.UploadPages(ctx, nopCloser{bytes.NewReader(data)}, blob.HTTPRange{Offset: off, Count: int64(len(data))}, opts)
+	_, err := c.pb.UploadPages(ctx, body, blob.HTTPRange{Offset: off, Count: n}, opts)
 	if err != nil {
-		return c.wrapWrite(fmt.Sprintf("put page %d-%d", off, off+int64(len(data))-1), err)
+		return c.wrapWrite(fmt.Sprintf("put page %d-%d", off, off+n-1), err)
 	}
 	return nil
 }

@@ -65,7 +65,7 @@ func (g gated) wait(ctx context.Context) error {
 	}
 }
 
-func (g gated) PutPages(ctx context.Context, off int64, data []byte, c writeback.Cond) error {
+func (g gated) PutPages(ctx context.Context, off int64, data writeback.Pages, c writeback.Cond) error {
 	if err := g.wait(ctx); err != nil {
 		return err
 	}

@@ -53,7 +53,7 @@ type gatedRemote struct {
 	g gate
 }
 
-func (r gatedRemote) PutPages(ctx context.Context, off int64, d []byte, c writeback.Cond) error {
+func (r gatedRemote) PutPages(ctx context.Context, off int64, d writeback.Pages, c writeback.Cond) error {
 	if err := r.g.wait(ctx); err != nil {
 		return err
 	}

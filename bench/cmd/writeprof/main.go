@@ -26,7 +26,7 @@ import (
 // stuck is a remote whose writes wait for the context to end.
 type stuck struct{ *writeback.MemRemote }
 
-func (s stuck) PutPages(ctx context.Context, _ int64, _ []byte, _ writeback.Cond) error {
+func (s stuck) PutPages(ctx context.Context, _ int64, _ writeback.Pages, _ writeback.Cond) error {
 	<-ctx.Done()
 	return ctx.Err()
 }
