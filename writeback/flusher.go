@@ -374,9 +374,10 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 		c.add(&recs[i])
 	}
 	spans := c.spans(MaxPutPage)
-	// The spans hold (or copied) every byte they send: the records'
-	// payloads are not needed any more, and a batch retried for as long as
-	// the remote is down must not keep them alive twice.
+	// The spans reference the parts of the payloads they send: the rest
+	// (sectors a later record of the batch overwrote, zero runs cleared)
+	// is freed now rather than held while the batch is retried for as long
+	// as the remote is down; the commit needs no payload.
 	for i := range recs {
 		recs[i].Data = nil
 	}
