@@ -374,10 +374,10 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []Record) error {
 		c.add(&recs[i])
 	}
 	spans := c.spans(MaxPutPage)
-	// The spans reference the parts of the payloads they send: the rest
-	// (sectors a later record of the batch overwrote, zero runs cleared)
-	// is freed now rather than held while the batch is retried for as long
-	// as the remote is down; the commit needs no payload.
+	// The spans reference the payloads they send from: a payload none of
+	// them references (overwritten by a later record of the batch, or
+	// cleared whole) is freed now rather than held while the batch is
+	// retried for as long as the remote is down; the commit needs none.
 	for i := range recs {
 		recs[i].Data = nil
 	}
