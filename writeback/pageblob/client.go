@@ -402,7 +402,8 @@ func (c *Client) PutPagesCond(ctx context.Context, off int64, data []byte, lease
 }
 
 // PutPagesVec is PutPagesCond with the payload given as buffers sent back
-// to back (no copy joins them). They must not change until it returns.
+// to back (no copy joins them). They must never change afterwards: net/http
+// may still be reading a request body after a failed call has returned.
 func (c *Client) PutPagesVec(ctx context.Context, off int64, bufs [][]byte, leaseID string, ifSeqEq *int64) error {
 	body := newVecReader(bufs)
 	n := body.size
