@@ -184,7 +184,6 @@ type piece struct {
 	off, end int64
 	kind     pieceKind
 	data     []byte // its bytes (pieceData, and pieceZeros cut from one extent); nil: zeros
-	src      int    // index of the data extent it was cut from, -1 if none or several
 }
 
 // spansCost is spans with the cost of a request given in bytes.
@@ -196,21 +195,20 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 	push := func(p piece) {
 		if n := len(pieces); n > 0 && p.kind == pieceZeros {
 			if last := &pieces[n-1]; last.kind == pieceZeros && last.end == p.off {
-				last.end = p.end
-				if last.data = joinAdjacent(last.data, p.data); last.data == nil || last.src != p.src {
-					last.src, last.data = -1, nil
-				}
+				// Zeros of two extents (each run is maximal within its
+				// own): if sent, they come from zeroPages.
+				last.end, last.data = p.end, nil
 				return
 			}
 		}
 		pieces = append(pieces, p)
 	}
-	for i, e := range c.ext {
+	for _, e := range c.ext {
 		if e.zero {
-			push(piece{off: e.off, end: e.end, kind: pieceClear, src: -1})
+			push(piece{off: e.off, end: e.end, kind: pieceClear})
 			continue
 		}
-		splitZeroSectors(e, i, push)
+		splitZeroSectors(e, push)
 	}
 	// Decide each zero run by its neighbours (never zero runs themselves).
 	for i := range pieces {
@@ -330,9 +328,9 @@ func boolInt(b bool) int64 {
 
 var zeroSector [SectorSize]byte
 
-// splitZeroSectors cuts data extent number src into maximal runs of
+// splitZeroSectors cuts data extent e into maximal runs of
 // non-zero and all-zero sectors and passes them to push in order.
-func splitZeroSectors(e extent, src int, push func(piece)) {
+func splitZeroSectors(e extent, push func(piece)) {
 	n := int64(len(e.data))
 	for s := int64(0); s < n; {
 		zero := bytes.Equal(e.data[s:s+SectorSize], zeroSector[:])
@@ -341,9 +339,9 @@ func splitZeroSectors(e extent, src int, push func(piece)) {
 			t += SectorSize
 		}
 		if zero {
-			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros, data: e.data[s:t], src: src})
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceZeros, data: e.data[s:t]})
 		} else {
-			push(piece{off: e.off + s, end: e.off + t, kind: pieceData, data: e.data[s:t], src: src})
+			push(piece{off: e.off + s, end: e.off + t, kind: pieceData, data: e.data[s:t]})
 		}
 		s = t
 	}
