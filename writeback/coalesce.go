@@ -229,14 +229,15 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 			p.kind = pieceData
 		}
 	}
-	// Group the pieces into runs first, then copy each data run once.
+	// Group the pieces into runs first (a run's parts are consecutive
+	// pieces), then build each data run's payload.
 	type run struct {
 		off, end int64
 		clear    bool
-		parts    []piece
+		parts    []piece // a window of pieces
 	}
 	var runs []run
-	for _, p := range pieces {
+	for i, p := range pieces {
 		clear := p.kind == pieceClear
 		if n := len(runs); n > 0 {
 			last := &runs[n-1]
@@ -245,7 +246,7 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 				continue
 			}
 			if last.end == p.off && !last.clear && !clear && last.end-last.off+(p.end-p.off) <= maxPut {
-				last.parts = append(last.parts, p)
+				last.parts = pieces[i-len(last.parts) : i+1]
 				last.end = p.end
 				continue
 			}
@@ -253,10 +254,14 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 		if clear {
 			runs = append(runs, run{off: p.off, end: p.end, clear: true})
 		} else {
-			runs = append(runs, run{off: p.off, end: p.end, parts: []piece{p}})
+			runs = append(runs, run{off: p.off, end: p.end, parts: pieces[i : i+1]})
 		}
 	}
 	var out []span
+	// Every span's buffer list is a window of bufs: one allocation per
+	// batch, not one per span (a batch of random 4 KiB writes has
+	// thousands of spans).
+	bufs := make(Pages, 0, len(pieces))
 	for _, r := range runs {
 		if r.clear {
 			out = append(out, span{off: r.off, end: r.end, clear: true})
@@ -264,24 +269,25 @@ func (c *coalescer) spansCost(maxPut, reqCost int64) []span {
 		}
 		// The payload references the pieces' bytes; pieces cut from one
 		// extent one after the other are one slice again.
-		var data Pages
+		start := len(bufs)
 		for _, p := range r.parts {
 			if p.data == nil {
 				for n := p.end - p.off; n > 0; {
 					k := min(n, int64(len(zeroPages)))
-					data = append(data, zeroPages[:k])
+					bufs = append(bufs, zeroPages[:k])
 					n -= k
 				}
 				continue
 			}
-			if n := len(data); n > 0 {
-				if j := joinAdjacent(data[n-1], p.data); j != nil {
-					data[n-1] = j
+			if n := len(bufs); n > start {
+				if j := joinAdjacent(bufs[n-1], p.data); j != nil {
+					bufs[n-1] = j
 					continue
 				}
 			}
-			data = append(data, p.data)
+			bufs = append(bufs, p.data)
 		}
+		data := bufs[start:len(bufs):len(bufs)]
 		// Long data extents are cut into maxPut pieces.
 		for off := r.off; off < r.end; off += maxPut {
 			end := min(off+maxPut, r.end)
