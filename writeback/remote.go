@@ -44,6 +44,15 @@ func (p Pages) Bytes() []byte {
 	return out
 }
 
+// flat is the payload as one buffer: its only buffer itself, or a joined
+// copy of several.
+func (p Pages) flat() []byte {
+	if len(p) == 1 {
+		return p[0]
+	}
+	return p.Bytes()
+}
+
 // cut splits p after n bytes (n <= p.Len()); head and tail share p's
 // buffers.
 func (p Pages) cut(n int64) (head, tail Pages) {

@@ -85,7 +85,7 @@ func (f *Flusher) stageBatch(ctx context.Context, recs []Record) error {
 	for i, s := range spans {
 		ranges[i] = segfile.Range{Off: s.off, Len: s.end - s.off, Zero: s.clear}
 		if !s.clear {
-			ranges[i].Data = s.data.Bytes()
+			ranges[i].Data = s.data.flat()
 		}
 	}
 	if f.enc == nil {
