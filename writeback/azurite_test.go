@@ -24,9 +24,12 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
 	"github.com/google/uuid"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // The tests in this file run the write-back path against a real Azurite:
@@ -93,10 +96,10 @@ func azOpenDisk(t *testing.T, dir string, size int64, c *pageblob.Client, o Disk
 	o.ImagePath = img
 	o.JournalDir = filepath.Join(dir, "journal")
 	o.VirtualSize = size
-	o.Remote = AzureRemote{C: c}
-	if o.Flusher.RetryMin == 0 {
-		o.Flusher.RetryMin = time.Millisecond
-		o.Flusher.RetryMax = 20 * time.Millisecond
+	o.Remote = pageblob.Remote{C: c}
+	if o.Sender.RetryMin == 0 {
+		o.Sender.RetryMin = time.Millisecond
+		o.Sender.RetryMax = 20 * time.Millisecond
 	}
 	d, err := Open(context.Background(), o)
 	if err != nil {
@@ -212,7 +215,7 @@ func TestAzuritePutPageRules(t *testing.T) {
 	dir := t.TempDir()
 	// A long linger: epochs close only at Flush, so the contiguous writes
 	// below are coalesced before they are sent.
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: time.Hour}})
 	lease := d.Stats().LeaseID
 	if lease == "" {
 		t.Fatal("no lease id")
@@ -292,13 +295,13 @@ func TestAzuritePutPageRules(t *testing.T) {
 		case "put":
 			puts++
 			sent += int(r.ContentLen)
-			if r.ContentLen > MaxPutPage {
+			if r.ContentLen > remote.MaxPutPage {
 				t.Errorf("request %d: Put Page of %d bytes (over 4 MiB)", r.N, r.ContentLen)
 			}
 			if r.ContentLen != r.End-r.Off+1 {
 				t.Errorf("request %d: body %d bytes for range %s", r.N, r.ContentLen, r.Range)
 			}
-			if r.ContentLen == MaxPutPage {
+			if r.ContentLen == remote.MaxPutPage {
 				full4++
 			}
 			if r.CRC64 == "" {
@@ -309,7 +312,7 @@ func TestAzuritePutPageRules(t *testing.T) {
 		case "clear":
 			clears++
 			if r.ContentLen != 0 {
-				t.Errorf("request %d: Clear Pages with a %d-byte body", r.N, r.ContentLen)
+				t.Errorf("request %d: Clear remote.Pages with a %d-byte body", r.N, r.ContentLen)
 			}
 		case "seq":
 			seqs++
@@ -319,17 +322,17 @@ func TestAzuritePutPageRules(t *testing.T) {
 		}
 	}
 	// 9 MiB -> 4+4+1, 12 MiB contiguous -> 4+4+4: at least five full 4 MiB
-	// Put Pages, which shows large writes were split and small ones joined.
+	// Put remote.Pages, which shows large writes were split and small ones joined.
 	if full4 < 5 {
-		t.Errorf("%d Put Pages of exactly 4 MiB, want >= 5 (split and coalesced)", full4)
+		t.Errorf("%d Put remote.Pages of exactly 4 MiB, want >= 5 (split and coalesced)", full4)
 	}
 	if clears == 0 {
-		t.Error("the zero range and the discard sent no Clear Pages")
+		t.Error("the zero range and the discard sent no Clear remote.Pages")
 	}
 	if uint64(puts) != st.PutCalls || uint64(clears) != st.ClearCalls || uint64(seqs) != st.SequenceCalls || uint64(sent) != st.BytesSent {
 		t.Errorf("wire: %d puts, %d clears, %d seq, %d bytes; stats: %+v", puts, clears, seqs, sent, st)
 	}
-	t.Logf("wire: %d Put Page (%d of 4 MiB), %d Clear Pages, %d sequence updates, %d bytes sent; %d requests in all", puts, full4, clears, seqs, sent, len(reqs))
+	t.Logf("wire: %d Put Page (%d of 4 MiB), %d Clear remote.Pages, %d sequence updates, %d bytes sent; %d requests in all", puts, full4, clears, seqs, sent, len(reqs))
 
 	if err := d.Close(ctx, true); err != nil {
 		t.Fatal(err)
@@ -357,7 +360,7 @@ func azWaitFor(t *testing.T, what string, limit time.Duration, cond func() bool)
 }
 
 // TestAzuriteTransientClassification sends real requests through the
-// pageblob client with each injected failure and checks how IsTransient
+// pageblob client with each injected failure and checks how remote.IsTransient
 // classifies what comes back: throttling, server errors, timeouts (also
 // the per-try deadline), resets and refused connections are retried;
 // a refused sequence condition and a foreign lease are final.
@@ -368,7 +371,7 @@ func TestAzuriteTransientClassification(t *testing.T) {
 	url, _ := azBlob(t, s, "classify.vhd", size)
 	tr := newWireTransport()
 	c := azClient(t, url, tr, 300*time.Millisecond)
-	r := AzureRemote{C: c}
+	r := pageblob.Remote{C: c}
 	lease, err := r.AcquireLease(ctx, uuid.NewString())
 	if err != nil {
 		t.Fatal(err)
@@ -378,14 +381,14 @@ func TestAzuriteTransientClassification(t *testing.T) {
 	for _, f := range []wireFault{wire503, wire500, wireTimeout, wireHang, wireLost, wireRefused} {
 		tr.setChoose(func(*wireReq) wireFault { return f })
 		errs := map[string]error{
-			"put":   r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: lease, IfSequenceEq: &seq}),
-			"clear": r.ClearPages(ctx, 8192, 4096, Cond{LeaseID: lease, IfSequenceEq: &seq}),
+			"put":   r.PutPages(ctx, 0, remote.Pages{page}, remote.Cond{LeaseID: lease, IfSequenceEq: &seq}),
+			"clear": r.ClearPages(ctx, 8192, 4096, remote.Cond{LeaseID: lease, IfSequenceEq: &seq}),
 			"seq":   r.RaiseSequence(ctx, 0, lease),
 		}
 		for op, err := range errs {
 			if err == nil {
 				t.Errorf("%s with fault %v: no error", op, f)
-			} else if !IsTransient(err) {
+			} else if !remote.IsTransient(err) {
 				t.Errorf("%s with fault %v: classified permanent: %v", op, f, err)
 			}
 		}
@@ -393,20 +396,20 @@ func TestAzuriteTransientClassification(t *testing.T) {
 	tr.setChoose(nil)
 	// Real refusals from Azurite are final.
 	wrong := int64(5)
-	err = r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: lease, IfSequenceEq: &wrong})
-	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrConditionNotMet) {
-		t.Errorf("put with a sequence condition not met: %v (transient %v)", err, IsTransient(err))
+	err = r.PutPages(ctx, 0, remote.Pages{page}, remote.Cond{LeaseID: lease, IfSequenceEq: &wrong})
+	if err == nil || remote.IsTransient(err) || !errors.Is(err, pageblob.ErrConditionNotMet) {
+		t.Errorf("put with a sequence condition not met: %v (transient %v)", err, remote.IsTransient(err))
 	}
-	err = r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: uuid.NewString(), IfSequenceEq: &seq})
-	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
-		t.Errorf("put with a foreign lease id: %v (transient %v)", err, IsTransient(err))
+	err = r.PutPages(ctx, 0, remote.Pages{page}, remote.Cond{LeaseID: uuid.NewString(), IfSequenceEq: &seq})
+	if err == nil || remote.IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
+		t.Errorf("put with a foreign lease id: %v (transient %v)", err, remote.IsTransient(err))
 	}
 	err = r.RaiseSequence(ctx, 10, "")
-	if err == nil || IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
-		t.Errorf("sequence update without the lease: %v (transient %v)", err, IsTransient(err))
+	if err == nil || remote.IsTransient(err) || !errors.Is(err, pageblob.ErrLeased) {
+		t.Errorf("sequence update without the lease: %v (transient %v)", err, remote.IsTransient(err))
 	}
 	// And a clean request goes through.
-	if err := r.PutPages(ctx, 0, Pages{page}, Cond{LeaseID: lease, IfSequenceEq: &seq}); err != nil {
+	if err := r.PutPages(ctx, 0, remote.Pages{page}, remote.Cond{LeaseID: lease, IfSequenceEq: &seq}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -423,7 +426,7 @@ func TestAzuriteLeaseSecondWriter(t *testing.T) {
 	tr1 := newWireTransport()
 	c1 := azClient(t, url, tr1, 0)
 	dir1 := t.TempDir()
-	fo := FlusherOptions{Linger: 10 * time.Millisecond}
+	fo := replicate.FlusherOptions{Linger: 10 * time.Millisecond}
 	d1 := azMustOpenDisk(t, dir1, size, c1, DiskOptions{Flusher: fo})
 	rng := rand.New(rand.NewPCG(2, 2))
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -478,7 +481,7 @@ func TestAzuriteLeaseSecondWriter(t *testing.T) {
 		t.Fatalf("first Disk's drain after the takeover: want ErrLeased, got %v", err)
 	}
 	st := d1.Stats()
-	if st.Flusher.State != StateFailed || !strings.Contains(st.Flusher.LastError, "lease") {
+	if st.Flusher.State != replicate.StateFailed || !strings.Contains(st.Flusher.LastError, "lease") {
 		t.Fatalf("first flusher: state %q, last error %q", st.Flusher.State, st.Flusher.LastError)
 	}
 	azWaitFor(t, "the first flusher to stop", 10*time.Second, func() bool { return d1.FlusherErr() != nil })
@@ -539,7 +542,7 @@ func TestAzuriteSequenceOnlyRises(t *testing.T) {
 	tr := newWireTransport()
 	c := azClient(t, url, tr, 0)
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: time.Hour}})
 	poll := azClient(t, url, nil, 0)
 	rng := rand.New(rand.NewPCG(3, 3))
 	dctx, cancel := context.WithTimeout(ctx, 40*time.Second)
@@ -693,7 +696,7 @@ func TestAzuriteConverges64MiB(t *testing.T) {
 	tr := newWireTransport()
 	c := azClient(t, url, tr, 0)
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: 20 * time.Millisecond}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: 20 * time.Millisecond}})
 	dctx, cancel := context.WithTimeout(ctx, 50*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -781,7 +784,7 @@ func TestAzuriteConverges64MiB(t *testing.T) {
 	if uint64(n["put"]) != st.Flusher.PutCalls || uint64(n["clear"]) != st.Flusher.ClearCalls {
 		t.Errorf("wire counts %v, flusher stats %+v", n, st.Flusher)
 	}
-	t.Logf("64 MiB workload in %v: %d batches, %d Put Page (%.1f MiB), %d Clear Pages (%.1f MiB), %d sequence updates, %d retries; %d epochs closed",
+	t.Logf("64 MiB workload in %v: %d batches, %d Put Page (%.1f MiB), %d Clear remote.Pages (%.1f MiB), %d sequence updates, %d retries; %d epochs closed",
 		wrote.Round(time.Millisecond), st.Flusher.Batches, st.Flusher.PutCalls, float64(st.Flusher.BytesSent)/azMiB,
 		st.Flusher.ClearCalls, float64(st.Flusher.BytesCleared)/azMiB, st.Flusher.SequenceCalls, st.Flusher.Retries, st.Journal.EpochsClosed)
 }
@@ -832,9 +835,10 @@ func azFaultsRandom(t *testing.T, s *azurite.Server) {
 		}
 	}
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{
-		Linger: time.Hour, RetryMin: time.Millisecond, RetryMax: 10 * time.Millisecond, Workers: 4,
-	}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{
+		Flusher: replicate.FlusherOptions{Linger: time.Hour},
+		Sender:  replicate.SenderOptions{RetryMin: time.Millisecond, RetryMax: 10 * time.Millisecond, Workers: 4},
+	})
 
 	frng := rand.New(rand.NewPCG(5, 5))
 	hangs := 0
@@ -984,7 +988,7 @@ func azDelayedDuplicate(t *testing.T, s *azurite.Server) {
 	tr := newWireTransport()
 	c := azClient(t, url, tr, 0)
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: time.Hour}})
 	lease := d.Stats().LeaseID
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -1065,8 +1069,9 @@ func TestAzuriteBackpressure(t *testing.T) {
 	dir := t.TempDir()
 	const limit = azMiB
 	d := azMustOpenDisk(t, dir, size, c, DiskOptions{
-		Journal: JournalOptions{MaxPendingBytes: limit},
-		Flusher: FlusherOptions{Linger: 10 * time.Millisecond, RetryMin: time.Millisecond, RetryMax: 20 * time.Millisecond},
+		Journal: journal.Options{MaxPendingBytes: limit},
+		Flusher: replicate.FlusherOptions{Linger: 10 * time.Millisecond},
+		Sender:  replicate.SenderOptions{RetryMin: time.Millisecond, RetryMax: 20 * time.Millisecond},
 	})
 	var down atomic.Bool
 	down.Store(true)
@@ -1103,7 +1108,7 @@ func TestAzuriteBackpressure(t *testing.T) {
 
 	azWaitFor(t, "writers blocked on the journal cap with the flusher retrying", 20*time.Second, func() bool {
 		st := d.Stats()
-		return st.Journal.BlockedWriters == writers && st.Flusher.State == StateRetrying
+		return st.Journal.BlockedWriters == writers && st.Flusher.State == replicate.StateRetrying
 	})
 	blockedAt := done.Load()
 	// They stay blocked while the flusher keeps failing.
@@ -1191,7 +1196,7 @@ func TestAzuriteNoSASInErrors(t *testing.T) {
 	var logBuf bytes.Buffer
 	logger := slog.New(slog.NewTextHandler(lockedWriter{&logMu, &logBuf}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Logger: logger, Flusher: FlusherOptions{Linger: 10 * time.Millisecond}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Logger: logger, Flusher: replicate.FlusherOptions{Linger: 10 * time.Millisecond}})
 	var down atomic.Bool
 	down.Store(true)
 	tr.setChoose(func(r *wireReq) wireFault {
@@ -1207,7 +1212,7 @@ func TestAzuriteNoSASInErrors(t *testing.T) {
 	}
 	azWaitFor(t, "the flusher to retry a refused connection", 20*time.Second, func() bool {
 		st := d.Stats().Flusher
-		return st.State == StateRetrying && st.Retries >= 2
+		return st.State == replicate.StateRetrying && st.Retries >= 2
 	})
 	st := d.Stats().Flusher
 	leaks := func(what, text string) {

@@ -12,10 +12,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdsync/vhdsync/internal/bytediff"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 	"pgregory.net/rapid"
 )
 
-// remoteFault is a MemRemote.Fault the test controls (MemRemote calls it
+// remoteFault is a remote.MemRemote.Fault the test controls (remote.MemRemote calls it
 // under its own lock; the test changes it under this one). It counts the
 // calls; from call crashAt on every call fails permanently, as if the
 // process had died (the crashAt-th call may land with its response lost);
@@ -72,7 +76,7 @@ func (f *remoteFault) fault(op string, off, n int64) (bool, error) {
 	}
 	f.opsAtCall = f.ops
 	if f.down {
-		return false, &TransientError{Msg: "injected: remote unreachable"}
+		return false, &remote.TransientError{Msg: "injected: remote unreachable"}
 	}
 	f.calls++
 	switch {
@@ -98,7 +102,7 @@ func (f *remoteFault) arm(k int, onMark bool) {
 	f.mu.Unlock()
 }
 
-// observed sees each state of the blob (MemRemote.Observe, under the
+// observed sees each state of the blob (remote.MemRemote.Observe, under the
 // blob's lock, as fault is).
 func (f *remoteFault) observed(seq int64) {
 	f.mu.Lock()
@@ -171,17 +175,16 @@ func TestCrashRecovery(t *testing.T) {
 		after := rapid.SliceOfN(genOp(size, 96<<10, defaultKinds), 0, 6).Draw(rt, "opsAfterRestart")
 		o := DiskOptions{}
 		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 64<<10).Draw(rt, "maxEpochBytes")
-		o.WriteOnce = rapid.Bool().Draw(rt, "writeOnce")
 		o.Journal.MaxImageRecords = rapid.SampledFrom([]int{0, 1, 4}).Draw(rt, "maxImageRecords")
 		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
-		o.Flusher.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
+		o.Sender.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
 
 		dir := propTempDir(base, rt)
 		tab := newSecTable()
 		m := newDiskModel(tab, size)
 		obs := newBlobObserver(tab, size)
-		r := NewMemRemote(size + 512)
+		r := remote.NewMemRemote(size + 512)
 		f := newRemoteFault()
 		r.Observe = func(data []byte, seq int64) {
 			obs.observe(data, seq)
@@ -220,7 +223,7 @@ func TestCrashRecovery(t *testing.T) {
 		if r.Lease() != lease {
 			rt.Fatalf("the lease %q was not kept (blob has %q)", lease, r.Lease())
 		}
-		if i := propFirstDiff(readImageAt(rt, dir), m.bytes); i >= 0 {
+		if i := bytediff.First(readImageAt(rt, dir), m.bytes); i >= 0 {
 			rt.Fatalf("the image lost an acknowledged write at byte %d", i)
 		}
 		points[crashKind(obs, crash)]++
@@ -230,7 +233,7 @@ func TestCrashRecovery(t *testing.T) {
 		d2 := propOpenDisk(rt, dir, size, r, o)
 		rt.Cleanup(func() { d2.Close(ctx, false) })
 		rp := d2.Replay()
-		if i := propFirstDiff(readImageAt(rt, dir), m.bytes); i >= 0 {
+		if i := bytediff.First(readImageAt(rt, dir), m.bytes); i >= 0 {
 			rt.Fatalf("replay changed the image at byte %d", i)
 		}
 		for i, op := range after {
@@ -310,7 +313,7 @@ func TestBackpressureBlocksUntilRemoteReturns(t *testing.T) {
 	const size = 256 << 10
 	const writers, perWriter, chunk = 4, 32, 4096
 	dir := propBaseDir(t)
-	r := NewMemRemote(size + 512)
+	r := remote.NewMemRemote(size + 512)
 	f := newRemoteFault()
 	f.setDown(true)
 	r.Fault = f.fault
@@ -366,13 +369,13 @@ func TestBackpressureBlocksUntilRemoteReturns(t *testing.T) {
 	mu.Lock()
 	accepted := done
 	mu.Unlock()
-	if st.Flusher.State != StateRetrying || st.Flusher.Batches != 0 {
+	if st.Flusher.State != replicate.StateRetrying || st.Flusher.Batches != 0 {
 		t.Fatalf("flusher while the remote is down: %+v", st.Flusher)
 	}
-	if limit := int(o.Journal.MaxPendingBytes) / (chunk + indexSize); accepted > limit {
+	if limit := int(o.Journal.MaxPendingBytes) / (chunk + journal.IndexSize); accepted > limit {
 		t.Fatalf("%d writes acknowledged with the remote down, the cap allows %d", accepted, limit)
 	}
-	if seq, _ := r.Sequence(ctx); seq != 0 || !isZero(r.Bytes()) {
+	if seq, _ := r.Sequence(ctx); seq != 0 || !bytediff.Zero(r.Bytes()) {
 		t.Fatal("the blob changed while the remote was down")
 	}
 	t.Logf("remote down: %d of %d writes acknowledged, %d writers blocked, %d pending bytes (cap %d), %d retries",
@@ -399,10 +402,10 @@ func TestBackpressureBlocksUntilRemoteReturns(t *testing.T) {
 			copy(want[backpressureOffset(w, i):], backpressurePayload(w, i))
 		}
 	}
-	if i := propFirstDiff(r.Bytes()[:size], want); i >= 0 {
+	if i := bytediff.First(r.Bytes()[:size], want); i >= 0 {
 		t.Fatalf("blob differs from the writes at byte %d", i)
 	}
-	if i := propFirstDiff(readImage(t, dir), want); i >= 0 {
+	if i := bytediff.First(readImage(t, dir), want); i >= 0 {
 		t.Fatalf("image differs from the writes at byte %d", i)
 	}
 }
@@ -430,11 +433,11 @@ func backpressurePayload(w, i int) []byte {
 // not) before it writes the image.
 func TestFlusherWaitsForImageWrites(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
-	j, err := OpenJournal(propBaseDir(t), JournalOptions{})
+	j, err := journal.Open(propBaseDir(t), journal.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := NewMemRemote(64 << 10)
+	r := remote.NewMemRemote(64 << 10)
 	onBlob := make(chan struct{})
 	var mu sync.Mutex
 	image := make([]byte, 4096)
@@ -448,7 +451,7 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 		}
 	}
 	synced := make(chan bool, 1) // whether the image held the write at the sync
-	f := NewFlusher(j, r, "", 0, FlusherOptions{Linger: time.Millisecond, SyncImage: func() error {
+	f := replicate.NewFlusher(j, replicate.NewSender(r, "", 0, replicate.SenderOptions{}), replicate.FlusherOptions{Linger: time.Millisecond, SyncImage: func() error {
 		mu.Lock()
 		ok := image[0] == 0xAB
 		mu.Unlock()
@@ -470,10 +473,10 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 		j.Close()
 	}()
 
-	rec := Record{Offset: 0, Length: 4096, Kind: KindData, Data: bytes.Repeat([]byte{0xAB}, 4096)}
+	rec := journal.Record{Offset: 0, Length: 4096, Kind: journal.KindData, Data: bytes.Repeat([]byte{0xAB}, 4096)}
 	applyErr := make(chan error, 1)
 	go func() {
-		applyErr <- j.appendApply(ctx, &rec, false, func() error {
+		applyErr <- j.AppendApply(ctx, &rec, func() error {
 			f.Kick() // the record is committed
 			// A send or an image sync now would be too early; give them
 			// the chance to happen (they must not).
@@ -514,11 +517,11 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 	}
 }
 
-// delayingRemote holds back some Put Page and Clear Pages requests, as a
+// delayingRemote holds back some Put Page and Clear remote.Pages requests, as a
 // network that delays a request after the client gave up on it: the
 // caller sees a transient error, and the request can be delivered later.
 type delayingRemote struct {
-	*MemRemote
+	*remote.MemRemote
 	mu    sync.Mutex
 	calls int
 	held  []func() error
@@ -535,7 +538,7 @@ func (d *delayingRemote) hold(deliver func() error) bool {
 	return true
 }
 
-func copyCond(c Cond) Cond {
+func copyCond(c remote.Cond) remote.Cond {
 	if c.IfSequenceEq != nil {
 		v := *c.IfSequenceEq
 		c.IfSequenceEq = &v
@@ -543,23 +546,23 @@ func copyCond(c Cond) Cond {
 	return c
 }
 
-func (d *delayingRemote) PutPages(ctx context.Context, off int64, data Pages, c Cond) error {
-	data2, c2 := Pages{data.Bytes()}, copyCond(c)
+func (d *delayingRemote) PutPages(ctx context.Context, off int64, data remote.Pages, c remote.Cond) error {
+	data2, c2 := remote.Pages{data.Bytes()}, copyCond(c)
 	if d.hold(func() error { return d.MemRemote.PutPages(ctx, off, data2, c2) }) {
-		return &TransientError{Msg: "injected: timed out (the request is still in the network)"}
+		return &remote.TransientError{Msg: "injected: timed out (the request is still in the network)"}
 	}
 	return d.MemRemote.PutPages(ctx, off, data, c)
 }
 
-func (d *delayingRemote) ClearPages(ctx context.Context, off, n int64, c Cond) error {
+func (d *delayingRemote) ClearPages(ctx context.Context, off, n int64, c remote.Cond) error {
 	c2 := copyCond(c)
 	if d.hold(func() error { return d.MemRemote.ClearPages(ctx, off, n, c2) }) {
-		return &TransientError{Msg: "injected: timed out (the request is still in the network)"}
+		return &remote.TransientError{Msg: "injected: timed out (the request is still in the network)"}
 	}
 	return d.MemRemote.ClearPages(ctx, off, n, c)
 }
 
-// TestDelayedRequestsAreFenced: every Put Page and Clear Pages carries the
+// TestDelayedRequestsAreFenced: every Put Page and Clear remote.Pages carries the
 // lease and a sequence-number fence, so a request delayed in the network
 // and delivered after its batch completed is refused and cannot overwrite
 // newer data.
@@ -567,7 +570,7 @@ func TestDelayedRequestsAreFenced(t *testing.T) {
 	ctx := context.Background()
 	const size = 128 << 10
 	dir := propBaseDir(t)
-	r := &delayingRemote{MemRemote: NewMemRemote(size + 512)}
+	r := &delayingRemote{MemRemote: remote.NewMemRemote(size + 512)}
 	o := DiskOptions{}
 	o.Journal.MaxEpochBytes = 8 << 10
 	o.Flusher.MaxBatchBytes = 32 << 10
@@ -602,7 +605,7 @@ func TestDelayedRequestsAreFenced(t *testing.T) {
 		t.Fatal("no request was delayed")
 	}
 	for k, deliver := range held {
-		if err := deliver(); !errors.Is(err, ErrMemCondition) {
+		if err := deliver(); !errors.Is(err, remote.ErrMemCondition) {
 			t.Fatalf("delayed request %d of %d delivered after its batch: %v, want the fence to refuse it", k, len(held), err)
 		}
 	}
@@ -612,7 +615,7 @@ func TestDelayedRequestsAreFenced(t *testing.T) {
 	if err := d.Close(ctx, true); err != nil {
 		t.Fatal(err)
 	}
-	if i := propFirstDiff(readImage(t, dir), want[:size]); i >= 0 {
+	if i := bytediff.First(readImage(t, dir), want[:size]); i >= 0 {
 		t.Fatalf("blob and image differ at byte %d", i)
 	}
 	t.Logf("%d delayed requests refused", len(held))
@@ -622,7 +625,7 @@ func TestDelayedRequestsAreFenced(t *testing.T) {
 // hole punching zeroes exactly the range, with a bounded buffer.
 func TestWriteZerosChunked(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "img")
-	const size = 5<<20 + 3*SectorSize
+	const size = 5<<20 + 3*journal.SectorSize
 	want := bytes.Repeat([]byte{0x5A}, size)
 	if err := os.WriteFile(path, want, 0o600); err != nil {
 		t.Fatal(err)
@@ -632,7 +635,7 @@ func TestWriteZerosChunked(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	off, n := int64(SectorSize), int64(3<<20+SectorSize)
+	off, n := int64(journal.SectorSize), int64(3<<20+journal.SectorSize)
 	if err := writeZeros(f, off, n); err != nil {
 		t.Fatal(err)
 	}
@@ -641,7 +644,7 @@ func TestWriteZerosChunked(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if i := propFirstDiff(got, want); i >= 0 {
+	if i := bytediff.First(got, want); i >= 0 {
 		t.Fatalf("differs at byte %d", i)
 	}
 	var before, after runtime.MemStats

@@ -11,6 +11,10 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
+	"github.com/vhdsync/vhdsync/staged"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,7 +27,7 @@ type DiskOptions struct {
 	// VirtualSize is the disk's size in bytes.
 	VirtualSize int64
 	// Remote is the page blob.
-	Remote Remote
+	Remote remote.Remote
 	// LeaseID is the lease id remembered from an earlier run ("" for a new
 	// one); SaveLeaseID is called when the id held differs from it.
 	LeaseID     string
@@ -34,18 +38,14 @@ type DiskOptions struct {
 	// store as compressed segments, and an apply worker (which holds the
 	// blob's lease) writes the blob. Remote is then only read (its
 	// sequence number). DiskID names the disk in every segment.
-	Staging SegmentStore
+	Staging staged.SegmentStore
 	DiskID  string
-	// WriteOnce keeps data payloads in the local image only (see
-	// imageref.go) instead of writing them to a journal segment too.
-	// Experimental, off by default: sequential writes go 1.4x faster, but
-	// a write over data the blob does not hold yet copies the sectors it
-	// overwrites first (random 4 KiB over pending sequential data with the
-	// remote detached: 10.8-14.6 k IOPS against 26.8-29.1 k).
-	WriteOnce bool
-	Journal   JournalOptions
-	Flusher   FlusherOptions
-	Logger    *slog.Logger
+	// StagedUploads is how many segments upload in parallel (default 2).
+	StagedUploads int
+	Journal       journal.Options
+	Sender        replicate.SenderOptions
+	Flusher       replicate.FlusherOptions
+	Logger        *slog.Logger
 }
 
 // Disk is one virtual disk: the local image, the journal in front of it,
@@ -53,8 +53,8 @@ type DiskOptions struct {
 type Disk struct {
 	o       DiskOptions
 	img     *os.File
-	j       *Journal
-	f       *Flusher
+	j       *journal.Journal
+	f       *replicate.Flusher
 	locks   *rangeLock
 	lease   string
 	log     *slog.Logger
@@ -89,6 +89,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	o.Flusher.Logger = log
+	o.Sender.Logger = log
 	o.Journal.Logger = log
 	img, err := os.OpenFile(o.ImagePath, os.O_RDWR, 0)
 	if err != nil {
@@ -107,7 +108,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 			d.abort()
 		}
 	}()
-	if d.j, err = OpenJournal(o.JournalDir, o.Journal); err != nil {
+	if d.j, err = journal.Open(o.JournalDir, o.Journal); err != nil {
 		return nil, err
 	}
 	d.j.AttachImage(img)
@@ -116,7 +117,8 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 			return nil, err
 		}
 	}
-	seq, err := o.Remote.Sequence(ctx)
+	n, err := o.Remote.Sequence(ctx)
+	seq := remote.Sequence(n)
 	if err != nil {
 		return nil, fmt.Errorf("read the blob's sequence number: %w", err)
 	}
@@ -124,9 +126,11 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		return nil, err
 	}
 	// New epochs must be above anything the blob has seen.
-	above := uint64(seq+1) / 2
+	above := seq.Target()
+	var sink *staged.Sink
+	sender := replicate.NewSender(o.Remote, d.lease, seq, o.Sender)
 	if o.Staging != nil {
-		staged, err := MaxStagedEpoch(ctx, o.Staging)
+		top, err := staged.MaxStagedEpoch(ctx, o.Staging)
 		if err != nil {
 			return nil, err
 		}
@@ -134,18 +138,18 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		// epochs would still be here, as they are deleted only once
 		// stored): another state directory staged them, and they wait to
 		// be applied. Segments from here would race them.
-		if staged > d.j.ClosedEpoch() && staged > d.j.DrainedEpoch() && staged > uint64(seq/2) {
-			return nil, fmt.Errorf("%w: the staging store holds segments up to epoch %d, beyond anything this state directory wrote (epoch %d) or the blob holds (epoch %d); apply them first (`vhdsync apply --once`), or mount the state directory that staged them", ErrStagingAhead, staged, max(d.j.ClosedEpoch(), d.j.DrainedEpoch()), seq/2)
+		if top > d.j.ClosedEpoch() && top > d.j.DrainedEpoch() && top > seq.Epoch() {
+			return nil, fmt.Errorf("%w: the staging store holds segments up to epoch %d, beyond anything this state directory wrote (epoch %d) or the blob holds (epoch %d); apply them first (`vhdsync apply --once`), or mount the state directory that staged them", ErrStagingAhead, top, max(d.j.ClosedEpoch(), d.j.DrainedEpoch()), seq.Epoch())
 		}
 		// New epochs above every staged segment keep names unique; the
 		// chain starts at the last epoch this journal deleted.
-		above = max(above, staged)
-		o.Flusher.Staging, o.Flusher.DiskID = o.Staging, o.DiskID
-		o.Flusher.StagedEpoch = d.j.DrainedEpoch()
+		above = max(above, top)
+		sink = staging(sender, o, d.j.DrainedEpoch())
+		o.Flusher.Sink = sink
 	}
 	d.j.RaiseEpoch(above + 1)
-	o.Flusher.SyncImage = func() error { return datasync(d.img) }
-	d.f = NewFlusher(d.j, o.Remote, d.lease, seq, o.Flusher)
+	o.Flusher.SyncImage = func() error { return journal.Datasync(d.img) }
+	d.f = replicate.NewFlusher(d.j, sender, o.Flusher)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	d.cancel = cancel
 	d.runDone = make(chan struct{})
@@ -155,6 +159,12 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	}()
 	ok = true
 	return d, nil
+}
+
+// staging is the staged transfer's sink: segments chained from the last
+// epoch this journal deleted.
+func staging(s *replicate.Sender, o DiskOptions, drained uint64) *staged.Sink {
+	return staged.NewSink(s, o.Staging, staged.SinkOptions{DiskID: o.DiskID, Epoch: drained, Uploads: o.StagedUploads})
 }
 
 func (d *Disk) abort() {
@@ -196,13 +206,13 @@ func (d *Disk) acquireLease(ctx context.Context) error {
 // and nothing is dropped: the flusher sends that batch again. With the
 // staged transfer (keepAll) nothing is dropped either: the blob's progress
 // is the worker's and the records go through the staging container again.
-func (d *Disk) replayJournal(seq int64, keepAll bool) error {
-	d.replay.RemoteSequence = seq
-	remoteEpoch := RemoteEpochFromSequence(seq)
-	var recs, onRemote []Record
-	err := d.j.scan(0, func(r Record) (bool, error) {
+func (d *Disk) replayJournal(seq remote.Sequence, keepAll bool) error {
+	d.replay.RemoteSequence = int64(seq)
+	remoteEpoch := seq.Epoch()
+	var recs, onRemote []journal.Record
+	err := d.j.Scan(0, func(r journal.Record) (bool, error) {
 		recs = append(recs, r)
-		if !keepAll && seq%2 == 0 && r.Epoch <= remoteEpoch {
+		if !keepAll && !seq.InProgress() && r.Epoch <= remoteEpoch {
 			onRemote = append(onRemote, r)
 		}
 		return false, nil
@@ -237,36 +247,30 @@ func (d *Disk) replayJournal(seq int64, keepAll bool) error {
 // (older journals, or records captured before a later epoch overwrote
 // part of them) written again: a captured record wins only on sectors
 // nothing wrote since the capture, where the image holds the same bytes.
-func (d *Disk) reapply(recs []Record) (int64, error) {
-	var c coalescer
-	for i := range recs {
-		r := &recs[i]
-		c.addExtent(extent{off: r.Offset, end: r.End(), zero: r.Kind != KindData, src: int32(i)})
-	}
-	c.resolve()
+func (d *Disk) reapply(recs []journal.Record) (int64, error) {
 	var bytes int64
-	cur, payload := int32(-1), []byte(nil)
-	for _, e := range c.ext {
-		r := &recs[e.src]
+	cur, payload := -1, []byte(nil)
+	for _, e := range replicate.Resolve(recs) {
+		r := &recs[e.Src]
 		switch {
-		case e.zero:
-			if err := punch(d.img, e.off, e.end-e.off); err != nil {
-				return bytes, fmt.Errorf("zero local image %d+%d: %w", e.off, e.end-e.off, err)
+		case e.Zero:
+			if err := punch(d.img, e.Off, e.End-e.Off); err != nil {
+				return bytes, fmt.Errorf("zero local image %d+%d: %w", e.Off, e.End-e.Off, err)
 			}
-		case r.seg == 0:
+		case r.InImage():
 			// Image-backed: the image holds it.
 		default:
-			if e.src != cur {
+			if e.Src != cur {
 				var err error
-				if payload, err = d.j.segs.read(r); err != nil {
+				if payload, err = d.j.Payload(r); err != nil {
 					return bytes, err
 				}
-				cur = e.src
+				cur = e.Src
 			}
-			if _, err := d.img.WriteAt(payload[e.off-r.Offset:e.end-r.Offset], e.off); err != nil {
-				return bytes, fmt.Errorf("write local image %d+%d: %w", e.off, e.end-e.off, err)
+			if _, err := d.img.WriteAt(payload[e.Off-r.Offset:e.End-r.Offset], e.Off); err != nil {
+				return bytes, fmt.Errorf("write local image %d+%d: %w", e.Off, e.End-e.Off, err)
 			}
-			bytes += e.end - e.off
+			bytes += e.End - e.Off
 		}
 	}
 	return bytes, nil
@@ -332,19 +336,19 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := d.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	aoff := off &^ (SectorSize - 1)
-	aend := (off + int64(len(p)) + SectorSize - 1) &^ (SectorSize - 1)
+	aoff := off &^ (journal.SectorSize - 1)
+	aend := (off + int64(len(p)) + journal.SectorSize - 1) &^ (journal.SectorSize - 1)
 	h := d.locks.lock(aoff, aend)
 	defer d.locks.unlock(h)
 	buf := p
 	if aoff != off || aend != off+int64(len(p)) {
 		buf = make([]byte, aend-aoff)
-		if _, err := d.img.ReadAt(buf[:SectorSize], aoff); err != nil {
+		if _, err := d.img.ReadAt(buf[:journal.SectorSize], aoff); err != nil {
 			return fmt.Errorf("read sector at %d to widen a write: %w", aoff, err)
 		}
-		if aend-aoff > SectorSize {
-			if _, err := d.img.ReadAt(buf[len(buf)-SectorSize:], aend-SectorSize); err != nil {
-				return fmt.Errorf("read sector at %d to widen a write: %w", aend-SectorSize, err)
+		if aend-aoff > journal.SectorSize {
+			if _, err := d.img.ReadAt(buf[len(buf)-journal.SectorSize:], aend-journal.SectorSize); err != nil {
+				return fmt.Errorf("read sector at %d to widen a write: %w", aend-journal.SectorSize, err)
 			}
 		}
 		copy(buf[off-aoff:], p)
@@ -358,8 +362,8 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	}
 	// With WriteOnce the image holds the payload, the journal only the
 	// record (see imageref.go).
-	rec := Record{Offset: aoff, Length: aend - aoff, Kind: KindData, Data: buf}
-	if err := d.j.appendApply(ctx, &rec, d.o.WriteOnce, func() error {
+	rec := journal.Record{Offset: aoff, Length: aend - aoff, Kind: journal.KindData, Data: buf}
+	if err := d.j.AppendApply(ctx, &rec, func() error {
 		if _, err := d.img.WriteAt(buf, aoff); err != nil {
 			return fmt.Errorf("write local image %d+%d: %w", aoff, len(buf), err)
 		}
@@ -382,8 +386,8 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 	if err := d.check(off, n); err != nil {
 		return err
 	}
-	aoff := (off + SectorSize - 1) &^ (SectorSize - 1)
-	aend := (off + n) &^ (SectorSize - 1)
+	aoff := (off + journal.SectorSize - 1) &^ (journal.SectorSize - 1)
+	aend := (off + n) &^ (journal.SectorSize - 1)
 	if !discard {
 		if aoff > off {
 			if err := d.WriteAt(ctx, make([]byte, min(aoff, off+n)-off), off); err != nil {
@@ -401,12 +405,12 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 	}
 	h := d.locks.lock(aoff, aend)
 	defer d.locks.unlock(h)
-	kind := KindZero
+	kind := journal.KindZero
 	if discard {
-		kind = KindDiscard
+		kind = journal.KindDiscard
 	}
-	rec := Record{Offset: aoff, Length: aend - aoff, Kind: kind}
-	if err := d.j.appendApply(ctx, &rec, false, func() error {
+	rec := journal.Record{Offset: aoff, Length: aend - aoff, Kind: kind}
+	if err := d.j.AppendApply(ctx, &rec, func() error {
 		if err := d.alloc.punch(d.img, aoff, aend); err != nil {
 			return fmt.Errorf("zero local image %d+%d: %w", aoff, aend-aoff, err)
 		}
@@ -438,8 +442,8 @@ func (d *Disk) Drain(ctx context.Context) error {
 
 // Stats is everything status shows about the write-back path.
 type Stats struct {
-	Journal JournalStats
-	Flusher FlusherStats
+	Journal journal.Stats
+	Flusher replicate.FlusherStats
 	LeaseID string
 }
 
@@ -496,7 +500,7 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 		// same state directory would take it back, but nobody else could).
 		var rerr error
 		for attempt := 0; attempt < 4; attempt++ {
-			if rerr = d.o.Remote.ReleaseLease(rctx, d.lease); rerr == nil || !IsTransient(rerr) {
+			if rerr = d.o.Remote.ReleaseLease(rctx, d.lease); rerr == nil || !remote.IsTransient(rerr) {
 				break
 			}
 			select {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/vhdsync/vhdsync/remote"
 )
 
 // BenchmarkDiskWriteAt4K measures the local write path alone (widen,
@@ -29,8 +31,8 @@ func BenchmarkDiskWriteAt1M(b *testing.B) {
 // aligned offsets.
 func benchWrite(b *testing.B, size, parallelism int) {
 	const disk = 1 << 30
-	r := NewMemRemote(disk + 512)
-	r.Fault = func(string, int64, int64) (bool, error) { return false, &TransientError{Msg: "remote down"} }
+	r := remote.NewMemRemote(disk + 512)
+	r.Fault = func(string, int64, int64) (bool, error) { return false, &remote.TransientError{Msg: "remote down"} }
 	d := newTestDisk(b, b.TempDir(), disk, r, DiskOptions{})
 	defer d.Close(context.Background(), false)
 	b.SetBytes(int64(size))

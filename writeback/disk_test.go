@@ -8,17 +8,19 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/vhdsync/vhdsync/remote"
 )
 
 // newTestDisk makes an image of size bytes in a temp dir and opens a Disk
 // on it with remote r.
-func newTestDisk(t testing.TB, dir string, size int64, r Remote, o DiskOptions) *Disk {
+func newTestDisk(t testing.TB, dir string, size int64, r remote.Remote, o DiskOptions) *Disk {
 	t.Helper()
 	if o.Flusher.Linger == 0 {
 		o.Flusher.Linger = 5 * time.Millisecond
 	}
-	o.Flusher.RetryMin = time.Millisecond
-	o.Flusher.RetryMax = 5 * time.Millisecond
+	o.Sender.RetryMin = time.Millisecond
+	o.Sender.RetryMax = 5 * time.Millisecond
 	return propOpenDisk(t, dir, size, r, o)
 }
 
@@ -35,7 +37,7 @@ func TestDiskConvergesSmoke(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	const size = 8 << 20
-	r := NewMemRemote(size + 512)
+	r := remote.NewMemRemote(size + 512)
 	d := newTestDisk(t, dir, size, r, DiskOptions{})
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := 0; i < 300; i++ {

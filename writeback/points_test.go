@@ -15,11 +15,13 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
+	"github.com/vhdsync/vhdsync/points"
+	"github.com/vhdsync/vhdsync/replicate"
 )
 
-// memSnaps is an in-memory Snapshotter whose blob sequence number the test
+// memSnaps is an in-memory points.Snapshotter whose blob sequence number the test
 // sets; fail makes the next calls of an operation fail.
 type memSnaps struct {
 	mu    sync.Mutex
@@ -80,13 +82,13 @@ func TestRecoveryPointsSchedule(t *testing.T) {
 	m := &memSnaps{fail: map[string]int{}}
 	m.snaps = append(m.snaps, pageblob.Snapshot{ID: "2025-01-01T00:00:00Z", SequenceNumber: 0, Metadata: map[string]string{"vhdsync_disk_id": "x"}})
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	if _, err := NewRecoveryPoints(m, RecoveryPointsOptions{Interval: 0, Keep: 1}); err == nil {
+	if _, err := points.NewRecoveryPoints(m, points.RecoveryPointsOptions{Interval: 0, Keep: 1}); err == nil {
 		t.Fatal("interval 0 accepted")
 	}
-	if _, err := NewRecoveryPoints(m, RecoveryPointsOptions{Interval: time.Second, Keep: 0}); err == nil {
+	if _, err := points.NewRecoveryPoints(m, points.RecoveryPointsOptions{Interval: time.Second, Keep: 0}); err == nil {
 		t.Fatal("keep 0 accepted")
 	}
-	rp, err := NewRecoveryPoints(m, RecoveryPointsOptions{Interval: time.Minute, Keep: 2, Now: func() time.Time { return now }})
+	rp, err := points.NewRecoveryPoints(m, points.RecoveryPointsOptions{Interval: time.Minute, Keep: 2, Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,12 +134,12 @@ func TestRecoveryPointsSchedule(t *testing.T) {
 	}
 	boundary(6)
 	boundary(7) // due again? no: the interval started at 6
-	points, foreign, err := ListPoints(ctx, m)
+	pts, foreign, err := points.ListPoints(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var epochs []uint64
-	for _, p := range points {
+	for _, p := range pts {
 		if !p.Consistent {
 			t.Errorf("inconsistent point kept: %+v", p)
 		}
@@ -152,7 +154,7 @@ func TestRecoveryPointsSchedule(t *testing.T) {
 
 	// A restart finds the newest point and waits for its interval.
 	now = now.Add(10 * time.Second)
-	rp2, _ := NewRecoveryPoints(m, RecoveryPointsOptions{Interval: time.Minute, Keep: 2, Now: func() time.Time { return now }})
+	rp2, _ := points.NewRecoveryPoints(m, points.RecoveryPointsOptions{Interval: time.Minute, Keep: 2, Now: func() time.Time { return now }})
 	boundary2 := func(e uint64) { m.seq = int64(2 * e); rp2.AfterBatch(ctx, e) }
 	boundary2(8)
 	if s := rp2.Stats(); s.Taken != 0 || s.LastEpoch != 6 || s.Count != 2 {
@@ -178,12 +180,12 @@ func TestAzuriteRecoveryPointsMatchEpochs(t *testing.T) {
 	const size = 8 * azMiB
 	url, _ := azBlob(t, s, "points.vhd", size)
 	c := azClient(t, url, nil, 30*time.Second)
-	rp, err := NewRecoveryPoints(c, RecoveryPointsOptions{Interval: 40 * time.Millisecond, Keep: 1000})
+	rp, err := points.NewRecoveryPoints(c, points.RecoveryPointsOptions{Interval: 40 * time.Millisecond, Keep: 1000})
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
 	rec := pointRecorder{byEpoch: map[uint64][32]byte{}}
 	rng := rand.New(rand.NewPCG(7, 7))
 	const rounds = 40
@@ -217,12 +219,12 @@ func TestAzuriteRecoveryPointsMatchEpochs(t *testing.T) {
 	if st.Failures != 0 {
 		t.Fatalf("recovery point failures: %+v", st)
 	}
-	points, foreign, err := ListPoints(ctx, c)
+	pts, foreign, err := points.ListPoints(ctx, c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if foreign != 0 || len(points) != int(st.Taken) || len(points) < 5 {
-		t.Fatalf("%d points (%d foreign), %d taken: want at least 5, all listed", len(points), foreign, st.Taken)
+	if foreign != 0 || len(pts) != int(st.Taken) || len(pts) < 5 {
+		t.Fatalf("%d points (%d foreign), %d taken: want at least 5, all listed", len(pts), foreign, st.Taken)
 	}
 	cred, _ := blob.NewSharedKeyCredential(azurite.DevAccount, azurite.DevKey)
 	base, err := blob.NewClientWithSharedKeyCredential(url, cred, nil)
@@ -230,7 +232,7 @@ func TestAzuriteRecoveryPointsMatchEpochs(t *testing.T) {
 		t.Fatal(err)
 	}
 	equal := 0
-	for _, p := range points {
+	for _, p := range pts {
 		want, ok := rec.byEpoch[p.Epoch]
 		if !ok {
 			t.Errorf("point %s names epoch %d, which no Flush closed", p.ID, p.Epoch)
@@ -253,7 +255,7 @@ func TestAzuriteRecoveryPointsMatchEpochs(t *testing.T) {
 		}
 		equal++
 	}
-	t.Logf("%d epochs closed by Flush, %d recovery points taken, %d checked, %d equal to the disk at their epoch", len(rec.byEpoch), st.Taken, len(points), equal)
+	t.Logf("%d epochs closed by Flush, %d recovery points taken, %d checked, %d equal to the disk at their epoch", len(rec.byEpoch), st.Taken, len(pts), equal)
 }
 
 // TestAzuriteRecoveryPointsRetention: with Keep 3, after seven points the
@@ -269,12 +271,12 @@ func TestAzuriteRecoveryPointsRetention(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp, err := NewRecoveryPoints(c, RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 3})
+	rp, err := points.NewRecoveryPoints(c, points.RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
 	var epochs []uint64
 	for i := range 7 {
 		if err := d.WriteAt(ctx, []byte{byte(i + 1)}, int64(i)*4096); err != nil {
@@ -293,7 +295,7 @@ func TestAzuriteRecoveryPointsRetention(t *testing.T) {
 	var got []uint64
 	foreignLeft := false
 	for _, sn := range snaps {
-		if p, ok := PointFromSnapshot(sn); ok {
+		if p, ok := points.PointFromSnapshot(sn); ok {
 			got = append(got, p.Epoch)
 		} else if sn.ID == foreignID {
 			foreignLeft = true
@@ -344,12 +346,12 @@ func TestAzuriteRecoveryPointFailureKeepsReplicating(t *testing.T) {
 	url, footer := azBlob(t, s, "fail.vhd", size)
 	c := azClient(t, url, nil, 30*time.Second)
 	fs := &failingSnaps{Client: c, n: 2}
-	rp, err := NewRecoveryPoints(fs, RecoveryPointsOptions{Interval: time.Hour, Keep: 3})
+	rp, err := points.NewRecoveryPoints(fs, points.RecoveryPointsOptions{Interval: time.Hour, Keep: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch}})
 	for i := range 3 {
 		if err := d.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 1)}, 8192), int64(i)<<20); err != nil {
 			t.Fatal(err)

@@ -12,11 +12,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vhdsync/vhdsync/writeback/segfile"
+	"github.com/vhdsync/vhdsync/internal/bytediff"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
+	"github.com/vhdsync/vhdsync/staged"
+	"github.com/vhdsync/vhdsync/staged/segfile"
 	"pgregory.net/rapid"
 )
 
-// memSegments is an in-memory SegmentStore for the property tests (the
+// memSegments is an in-memory staged.SegmentStore for the property tests (the
 // Azurite tests cover the real container).
 type memSegments struct {
 	mu   sync.Mutex
@@ -90,10 +94,10 @@ var errWorkerKilled = errors.New("injected: worker killed")
 
 // killableWorker runs Appliers on r one after another; kill() cancels the
 // running one at a random request (as kill -9 would: the request may or
-// may not land), and a fresh Applier starts from the blob's state.
+// may not land), and a fresh staged.Applier starts from the blob's state.
 type killableWorker struct {
-	r        *MemRemote
-	s        SegmentStore
+	r        *remote.MemRemote
+	s        staged.SegmentStore
 	calls    atomic.Int64
 	killAt   atomic.Int64 // request number that kills the worker (0: never)
 	every    int64
@@ -131,7 +135,7 @@ func (w *killableWorker) run(t propT, stop <-chan struct{}, done chan<- error) {
 			case <-ctx.Done():
 			}
 		}()
-		a, err := NewApplier(w.r, w.s, "worker", ApplierOptions{DiskID: "disk", DiskSize: int64(len(w.r.Bytes())) - 512, Workers: 3,
+		a, err := staged.NewApplier(w.r, w.s, "worker", staged.ApplierOptions{DiskID: "disk", DiskSize: int64(len(w.r.Bytes())) - 512, Workers: 3,
 			RetryMin: 100 * time.Microsecond, RetryMax: time.Millisecond, Poll: 200 * time.Microsecond})
 		if err != nil {
 			done <- err
@@ -179,7 +183,7 @@ func TestStagedOrderProperty(t *testing.T) {
 		tab := newSecTable()
 		m := newDiskModel(tab, size)
 		obs := newBlobObserver(tab, size)
-		r := NewMemRemote(size + 512)
+		r := remote.NewMemRemote(size + 512)
 		if _, err := r.AcquireLease(ctx, "worker"); err != nil {
 			rt.Fatal(err)
 		}
@@ -208,7 +212,7 @@ func TestStagedOrderProperty(t *testing.T) {
 				return true, nil
 			}
 		}
-		o.Flusher.StagedUploads = rapid.IntRange(1, 3).Draw(rt, "stagedUploads")
+		o.StagedUploads = rapid.IntRange(1, 3).Draw(rt, "stagedUploads")
 		jitter := rand.New(rand.NewPCG(uint64(nOps), 3))
 		var jmu sync.Mutex
 		store.latency = func() time.Duration {
@@ -324,23 +328,23 @@ func TestApplierRefusesBadSegments(t *testing.T) {
 		{"other disk", good("other", 0, 1, 7), segfile.ErrOtherDisk},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := NewMemRemote(1<<20 + 512)
+			r := remote.NewMemRemote(1<<20 + 512)
 			r.AcquireLease(ctx, "w")
 			s := newMemSegments()
 			s.PutSegment(ctx, segfile.Name(0, 1), tc.seg)
 			s.PutSegment(ctx, segfile.Name(1, 2), good("disk", 1, 2, 9))
-			a, _ := NewApplier(r, s, "w", ApplierOptions{DiskID: "disk", DiskSize: 1 << 20, Once: true})
+			a, _ := staged.NewApplier(r, s, "w", staged.ApplierOptions{DiskID: "disk", DiskSize: 1 << 20, Once: true})
 			err := a.Run(ctx)
-			if !errors.Is(err, ErrBadSegment) || !errors.Is(err, tc.want) {
+			if !errors.Is(err, staged.ErrBadSegment) || !errors.Is(err, tc.want) {
 				t.Fatalf("err %v, want %v", err, tc.want)
 			}
-			if seq, _ := r.Sequence(ctx); seq != 0 || !isZero(r.Bytes()) {
+			if seq, _ := r.Sequence(ctx); seq != 0 || !bytediff.Zero(r.Bytes()) {
 				t.Fatalf("blob changed: sequence %d", seq)
 			}
 			if s.len() != 2 {
 				t.Fatalf("%d segments left, want both kept", s.len())
 			}
-			if st := a.Stats(); st.State != StateFailed || st.LastError == "" {
+			if st := a.Stats(); st.State != replicate.StateFailed || st.LastError == "" {
 				t.Fatalf("stats %+v", st)
 			}
 		})

@@ -15,7 +15,7 @@ import (
 	"sync"
 	"syscall"
 
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 )
 
 // This file holds the test transports shared by the Azurite tests: an

@@ -11,9 +11,9 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/spf13/cobra"
-	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
-	"github.com/vhdsync/vhdsync/writeback/staging"
+	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/azure/staging"
+	"github.com/vhdsync/vhdsync/staged"
 )
 
 type applyFlags struct {
@@ -101,7 +101,7 @@ func runApply(ctx context.Context, g *globals, f applyFlags) (err error) {
 	if err := store.AcquireLock(ctx, staging.Worker, id, f.breakLease); err != nil {
 		return err
 	}
-	remote := writeback.AzureRemote{C: client}
+	remote := pageblob.Remote{C: client}
 	held, err := remote.AcquireLease(ctx, id)
 	if err != nil && f.breakLease {
 		log.Warn("breaking the blob's lease (--break-lease)")
@@ -137,7 +137,7 @@ func runApply(ctx context.Context, g *globals, f applyFlags) (err error) {
 	if err != nil {
 		return err
 	}
-	a, err := writeback.NewApplier(remote, store, held, writeback.ApplierOptions{
+	a, err := staged.NewApplier(remote, store, held, staged.ApplierOptions{
 		DiskID: diskID, DiskSize: int64(info.Footer.CurrentSize), Workers: f.workers,
 		Poll: f.poll, Once: f.once, Logger: log, AfterApply: afterBatchHook(points),
 	})

@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/statedir"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // errWrongBlob: the blob's footer is not the one the state directory

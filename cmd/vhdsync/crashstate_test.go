@@ -29,11 +29,14 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/pageblob"
 
+	azpageblob "github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/fusefs"
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/internal/crashcheck"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/testenv"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/replicate"
 	"github.com/vhdsync/vhdsync/writeback"
 )
 
@@ -324,12 +327,12 @@ func mountRecorded(t *testing.T, e *e2e, state string) *recordedMount {
 		ImagePath:   d.ImagePath(),
 		JournalDir:  d.JournalPath(),
 		VirtualSize: int64(d.State.VirtualSize),
-		Remote:      writeback.AzureRemote{C: client},
+		Remote:      azpageblob.Remote{C: client},
 		LeaseID:     d.State.LeaseID,
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
-		WriteOnce:   true, // the default path is covered by the other end-to-end tests
-		Journal:     writeback.JournalOptions{MaxPendingBytes: 1 << 30},
-		Flusher:     writeback.FlusherOptions{Workers: 8, Linger: 250 * time.Millisecond},
+		Journal:     journal.Options{MaxPendingBytes: 1 << 30},
+		Sender:      replicate.SenderOptions{Workers: 8},
+		Flusher:     replicate.FlusherOptions{Linger: 250 * time.Millisecond},
 		Logger:      log,
 	})
 	if err != nil {

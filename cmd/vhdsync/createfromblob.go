@@ -7,10 +7,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // registerFromBlob adds `create --from-blob URL`: one of --blob and

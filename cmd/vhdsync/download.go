@@ -7,9 +7,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 type downloadFlags struct {

@@ -4,12 +4,14 @@ import (
 	"errors"
 	"strings"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/azure/staging"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/transfer"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/staged"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
-	"github.com/vhdsync/vhdsync/writeback/staging"
 )
 
 // Exit codes: one per class of failure, so scripts can react without
@@ -52,7 +54,7 @@ func exitCode(err error) int {
 		return ExitBusy
 	case errors.Is(err, errNotDrained):
 		return ExitNotDrained
-	case errors.Is(err, writeback.ErrBadSegment):
+	case errors.Is(err, staged.ErrBadSegment):
 		return ExitBadSegment
 	case errors.Is(err, staging.ErrLocked):
 		return ExitLeased
@@ -71,7 +73,7 @@ func exitCode(err error) int {
 	case errors.Is(err, pageblob.ErrLeased):
 		return ExitLeased
 	case errors.Is(err, statedir.ErrExists), errors.Is(err, statedir.ErrNotState), errors.Is(err, statedir.ErrNotWritable),
-		errors.Is(err, writeback.ErrJournalDamaged):
+		errors.Is(err, journal.ErrJournalDamaged):
 		return ExitState
 	case errors.Is(err, pageblob.ErrNotPageBlob), errors.Is(err, pageblob.ErrNotFixedVHD), errors.Is(err, errInvalidVHD),
 		errors.Is(err, vhdlayer.ErrNotVHD), errors.Is(err, vhdlayer.ErrBadChecksum), errors.Is(err, vhdlayer.ErrNotFixed),

@@ -20,12 +20,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/testenv"
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // qemuDynamic makes a 256M dynamic VHD with qemu-img (268,886,016 bytes:

@@ -19,9 +19,13 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/fusefs"
 	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/replicate"
+	"github.com/vhdsync/vhdsync/staged"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
 )
@@ -39,7 +43,6 @@ type mountFlags struct {
 	foreground bool
 	breakLease bool
 	allowOther bool
-	writeOnce  bool
 	journalCap string
 	workers    int
 	linger     time.Duration
@@ -97,7 +100,6 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.BoolVar(&f.breakLease, "break-lease", false, "break another writer's lease on the blob (only if you are sure it is gone)")
 	fl.BoolVar(&f.allowOther, "allow-other", false, "let other users reach the mount (the files stay mode 0600)")
 	fl.StringVar(&f.journalCap, "journal-cap", "", "most journal bytes pending before writers wait, e.g. 8GiB (default: half the free space of the state directory's filesystem, at most 64 GiB)")
-	fl.BoolVar(&f.writeOnce, "write-once", false, "experimental: keep written data in the local image only, not in the journal too (faster sequential writes; slow when small writes hit large writes the blob does not hold yet, see README)")
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests")
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
 	f.staged.register(fl)
@@ -192,9 +194,6 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	}
 	if f.journalCap != "" {
 		a = append(a, "--journal-cap", f.journalCap)
-	}
-	if f.writeOnce {
-		a = append(a, "--write-once")
 	}
 	if f.staged.transfer != "" {
 		a = append(a, "--transfer", f.staged.transfer)
@@ -304,7 +303,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
-	points, err := startRecoveryPoints(g, d, f, log)
+	rp, err := startRecoveryPoints(g, d, f, log)
 	if err != nil {
 		return err
 	}
@@ -312,7 +311,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
-	var segStore writeback.SegmentStore
+	var segStore staged.SegmentStore
 	if store != nil {
 		segStore = store
 	}
@@ -322,13 +321,13 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		ImagePath:   d.ImagePath(),
 		JournalDir:  d.JournalPath(),
 		VirtualSize: int64(d.State.VirtualSize),
-		Remote:      writeback.AzureRemote{C: client},
+		Remote:      pageblob.Remote{C: client},
 		LeaseID:     d.State.LeaseID,
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
 		BreakLease:  f.breakLease,
-		WriteOnce:   f.writeOnce,
-		Journal:     writeback.JournalOptions{MaxPendingBytes: capBytes},
-		Flusher:     writeback.FlusherOptions{Workers: f.workers, Linger: f.linger, AfterBatch: afterBatchHook(points)},
+		Journal:     journal.Options{MaxPendingBytes: capBytes},
+		Sender:      replicate.SenderOptions{Workers: f.workers},
+		Flusher:     replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp)},
 		Logger:      log,
 	})
 	if err != nil {
@@ -365,9 +364,9 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 			Started: started, Phase: p, Note: n,
 		})
 		if store != nil {
-			stagedStatus(ctx, &out, store.URL(), writeback.AzureRemote{C: client}, s.Flusher)
+			stagedStatus(ctx, &out, store.URL(), pageblob.Remote{C: client}, s.Flusher)
 		}
-		out.RecoveryPoints = recoveryStatus(points)
+		out.RecoveryPoints = recoveryStatus(rp)
 		return out
 	})
 	if err != nil {

@@ -13,17 +13,17 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
-	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
+	"github.com/vhdsync/vhdsync/points"
 )
 
 // pointsReport is what `vhdsync points --json` prints.
 type pointsReport struct {
 	Blob string `json:"blob"`
 	// Points are the recovery points, oldest first (newest last).
-	Points []writeback.Point `json:"points"`
+	Points []points.Point `json:"points"`
 	// ForeignSnapshots counts the blob's other snapshots (not vhdsync's).
 	ForeignSnapshots int `json:"foreign_snapshots"`
 }
@@ -69,13 +69,13 @@ func runPoints(ctx context.Context, g *globals, blobURL string, asJSON bool) err
 	if _, err := c.Properties(ctx); err != nil {
 		return interrupted(ctx, err)
 	}
-	points, foreign, err := writeback.ListPoints(ctx, c)
+	pts, foreign, err := points.ListPoints(ctx, c)
 	if err != nil {
 		return interrupted(ctx, fmt.Errorf("list the recovery points of %s: %w", c.Location().URL(), err))
 	}
-	rep := pointsReport{Blob: c.Location().URL(), Points: points, ForeignSnapshots: foreign}
+	rep := pointsReport{Blob: c.Location().URL(), Points: pts, ForeignSnapshots: foreign}
 	if rep.Points == nil {
-		rep.Points = []writeback.Point{}
+		rep.Points = []points.Point{}
 	}
 	if asJSON {
 		enc := json.NewEncoder(g.stdout)
@@ -109,10 +109,10 @@ func printPoints(w io.Writer, r pointsReport) {
 	fmt.Fprintf(w, "%d recovery point(s)%s; restore one with: vhdsync download --blob URL --point ID FILE\n", len(r.Points), others)
 }
 
-// checkPointFlags validates --recovery-points (points) and --keep of
+// checkPointFlags validates --recovery-points (interval) and --keep of
 // mount and apply.
-func checkPointFlags(cmd *cobra.Command, points time.Duration, keep int) error {
-	if points == 0 {
+func checkPointFlags(cmd *cobra.Command, interval time.Duration, keep int) error {
+	if interval == 0 {
 		if cmd.Flags().Changed("keep") {
 			return usageError{fmt.Errorf("--keep %d: only with --recovery-points INTERVAL", keep)}
 		}
@@ -121,8 +121,8 @@ func checkPointFlags(cmd *cobra.Command, points time.Duration, keep int) error {
 		}
 		return nil
 	}
-	if points < time.Second {
-		return usageError{fmt.Errorf("--recovery-points %v: the interval must be at least 1s", points)}
+	if interval < time.Second {
+		return usageError{fmt.Errorf("--recovery-points %v: the interval must be at least 1s", interval)}
 	}
 	if keep < 1 {
 		return usageError{fmt.Errorf("--keep %d: keep at least 1 recovery point", keep)}
@@ -141,7 +141,7 @@ func registerPointFlags(fl *pflag.FlagSet, points *time.Duration, keep *int) {
 // --recovery-points is not given), on a client of its own: interactive
 // retry settings, since a failed point is simply retried at the next
 // epoch boundary.
-func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Logger) (*writeback.RecoveryPoints, error) {
+func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Logger) (*points.RecoveryPoints, error) {
 	if f.points == 0 {
 		return nil, nil
 	}
@@ -159,11 +159,11 @@ func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Lo
 
 // newRecoveryPoints makes the RecoveryPoints of a process that writes the
 // blob c (nil when interval is 0: off).
-func newRecoveryPoints(c *pageblob.Client, interval time.Duration, keep int, log *slog.Logger) (*writeback.RecoveryPoints, error) {
+func newRecoveryPoints(c *pageblob.Client, interval time.Duration, keep int, log *slog.Logger) (*points.RecoveryPoints, error) {
 	if interval == 0 {
 		return nil, nil
 	}
-	rp, err := writeback.NewRecoveryPoints(c, writeback.RecoveryPointsOptions{Interval: interval, Keep: keep, Logger: log})
+	rp, err := points.NewRecoveryPoints(c, points.RecoveryPointsOptions{Interval: interval, Keep: keep, Logger: log})
 	if err != nil {
 		return nil, usageError{err}
 	}
@@ -172,7 +172,7 @@ func newRecoveryPoints(c *pageblob.Client, interval time.Duration, keep int, log
 }
 
 // afterBatchHook is rp.AfterBatch, or nil when recovery points are off.
-func afterBatchHook(rp *writeback.RecoveryPoints) func(context.Context, uint64) {
+func afterBatchHook(rp *points.RecoveryPoints) func(context.Context, uint64) {
 	if rp == nil {
 		return nil
 	}
@@ -180,7 +180,7 @@ func afterBatchHook(rp *writeback.RecoveryPoints) func(context.Context, uint64) 
 }
 
 // recoveryStatus is the status section of a mount's recovery points.
-func recoveryStatus(rp *writeback.RecoveryPoints) *control.RecoveryPoints {
+func recoveryStatus(rp *points.RecoveryPoints) *control.RecoveryPoints {
 	if rp == nil {
 		return &control.RecoveryPoints{}
 	}
@@ -196,13 +196,13 @@ func recoveryStatus(rp *writeback.RecoveryPoints) *control.RecoveryPoints {
 // pointsOnBlob is the status section of an unmounted disk: what the blob
 // holds.
 func pointsOnBlob(ctx context.Context, c *pageblob.Client) *control.RecoveryPoints {
-	points, _, err := writeback.ListPoints(ctx, c)
+	pts, _, err := points.ListPoints(ctx, c)
 	if err != nil {
-		return &control.RecoveryPoints{LastError: "list recovery points: " + err.Error()}
+		return &control.RecoveryPoints{LastError: "list recovery pts: " + err.Error()}
 	}
-	r := &control.RecoveryPoints{Count: len(points)}
-	if n := len(points); n > 0 {
-		r.LastID, r.LastEpoch, r.LastTime = points[n-1].ID, points[n-1].Epoch, points[n-1].Time
+	r := &control.RecoveryPoints{Count: len(pts)}
+	if n := len(pts); n > 0 {
+		r.LastID, r.LastEpoch, r.LastTime = pts[n-1].ID, pts[n-1].Epoch, pts[n-1].Time
 	}
 	return r
 }
@@ -254,10 +254,10 @@ func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (
 	if err != nil {
 		return nil, err
 	}
-	p, ok := writeback.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
+	p, ok := points.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
 	switch {
 	case !ok:
-		fmt.Fprintf(g.stdout, "snapshot %s is not a vhdsync recovery point (no %s metadata): restoring it as it is\n", id, writeback.PointMetaEpoch)
+		fmt.Fprintf(g.stdout, "snapshot %s is not a vhdsync recovery point (no %s metadata): restoring it as it is\n", id, points.PointMetaEpoch)
 	case !p.Consistent:
 		fmt.Fprintf(g.stdout, "warning: recovery point %s names epoch %d but carries sequence number %d, not %d: it may not be a consistent disk\n", id, p.Epoch, p.Sequence, 2*p.Epoch)
 	default:

@@ -11,10 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/points"
+	"github.com/vhdsync/vhdsync/replicate"
 	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // TestPointsCLI: recovery points taken through writeback.Disk on a disk
@@ -45,14 +47,14 @@ func TestPointsCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp, err := writeback.NewRecoveryPoints(c, writeback.RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 10})
+	rp, err := points.NewRecoveryPoints(c, points.RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 10})
 	if err != nil {
 		t.Fatal(err)
 	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
 		ImagePath: sd.ImagePath(), JournalDir: sd.JournalPath(), VirtualSize: size,
-		Remote:  writeback.AzureRemote{C: c},
-		Flusher: writeback.FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch},
+		Remote:  pageblob.Remote{C: c},
+		Flusher: replicate.FlusherOptions{Linger: time.Hour, AfterBatch: rp.AfterBatch},
 	})
 	if err != nil {
 		t.Fatal(err)

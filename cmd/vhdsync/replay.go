@@ -6,7 +6,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/staged"
 	"github.com/vhdsync/vhdsync/writeback"
 )
 
@@ -63,14 +65,14 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	if err != nil {
 		return err
 	}
-	var segStore writeback.SegmentStore
+	var segStore staged.SegmentStore
 	if store != nil {
 		segStore = store
 	}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
 		Staging: segStore, DiskID: d.State.DiskID,
 		ImagePath: d.ImagePath(), JournalDir: d.JournalPath(), VirtualSize: int64(d.State.VirtualSize),
-		Remote: writeback.AzureRemote{C: c}, LeaseID: d.State.LeaseID,
+		Remote: pageblob.Remote{C: c}, LeaseID: d.State.LeaseID,
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
 		BreakLease:  breakLease, Logger: g.logger(),
 	})

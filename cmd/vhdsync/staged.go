@@ -10,11 +10,12 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/spf13/pflag"
+	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/azure/staging"
 	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
-	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
-	"github.com/vhdsync/vhdsync/writeback/staging"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 )
 
 // Transfer modes.
@@ -145,7 +146,7 @@ func setupTransfer(ctx context.Context, g *globals, d *statedir.Dir, sf stagingF
 // appliedSequence reads the blob's sequence number, which says how far the
 // worker has applied, for status; it answers within a second or says why
 // not.
-func appliedSequence(ctx context.Context, r writeback.Remote) (int64, error) {
+func appliedSequence(ctx context.Context, r remote.Remote) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	return r.Sequence(ctx)
@@ -155,7 +156,7 @@ func newLeaseID() string { return uuid.NewString() }
 
 // stagedStatus fills the staged transfer's part of status: what the
 // daemon staged, and how far the worker has applied (read from the blob).
-func stagedStatus(ctx context.Context, out *control.Status, stagingURL string, r writeback.Remote, s writeback.FlusherStats) {
+func stagedStatus(ctx context.Context, out *control.Status, stagingURL string, r remote.Remote, s replicate.FlusherStats) {
 	out.Transfer = transferStaged
 	out.StagingURL = stagingURL
 	out.StagedEpoch = s.RemoteEpoch

@@ -13,7 +13,8 @@ import (
 
 	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
-	"github.com/vhdsync/vhdsync/writeback"
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/remote"
 )
 
 type statusReport struct {
@@ -78,7 +79,7 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 		return statusReport{}, err
 	}
 	defer lock.Unlock()
-	j, err := writeback.OpenJournal(d.JournalPath(), writeback.JournalOptions{})
+	j, err := journal.Open(d.JournalPath(), journal.Options{})
 	if err != nil {
 		return statusReport{}, err
 	}
@@ -102,7 +103,7 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 		return rep, nil
 	}
 	rep.RemoteSequence = p.SequenceNumber
-	rep.RemoteEpoch = writeback.RemoteEpochFromSequence(p.SequenceNumber)
+	rep.RemoteEpoch = remote.Sequence(p.SequenceNumber).Epoch()
 	rep.LeaseState = p.LeaseState
 	rep.RecoveryPoints = pointsOnBlob(ctx, c)
 	return rep, nil

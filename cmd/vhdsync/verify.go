@@ -13,10 +13,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // verifyChunk is the comparison unit: one hash per 4 MiB.

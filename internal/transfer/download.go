@@ -11,8 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // DownloadOptions configure a download.

@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // TestDownloadSparse8GiB downloads an 8 GiB blob holding 10 MiB of data:

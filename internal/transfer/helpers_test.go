@@ -17,8 +17,8 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/testenv"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // wireCall is one operation the counting policy saw.

@@ -1,8 +1,8 @@
 package transfer
 
 import (
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 // WindowSize is the grid the importer works in: each window of the disk

@@ -10,7 +10,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 )
 
 // ProgressFile is the name of the importer's bookkeeping file inside the

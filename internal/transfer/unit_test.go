@@ -5,8 +5,8 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 func TestScanZerosAndMerge(t *testing.T) {

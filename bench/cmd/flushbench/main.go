@@ -42,17 +42,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
 )
 
 const page = 4 << 20
 
 // gated holds every write until open is closed.
 type gated struct {
-	writeback.AzureRemote
+	pageblob.Remote
 	open chan struct{}
 }
 
@@ -65,25 +67,25 @@ func (g gated) wait(ctx context.Context) error {
 	}
 }
 
-func (g gated) PutPages(ctx context.Context, off int64, data writeback.Pages, c writeback.Cond) error {
+func (g gated) PutPages(ctx context.Context, off int64, data remote.Pages, c remote.Cond) error {
 	if err := g.wait(ctx); err != nil {
 		return err
 	}
-	return g.AzureRemote.PutPages(ctx, off, data, c)
+	return g.Remote.PutPages(ctx, off, data, c)
 }
 
-func (g gated) ClearPages(ctx context.Context, off, n int64, c writeback.Cond) error {
+func (g gated) ClearPages(ctx context.Context, off, n int64, c remote.Cond) error {
 	if err := g.wait(ctx); err != nil {
 		return err
 	}
-	return g.AzureRemote.ClearPages(ctx, off, n, c)
+	return g.Remote.ClearPages(ctx, off, n, c)
 }
 
 func (g gated) RaiseSequence(ctx context.Context, n int64, lease string) error {
 	if err := g.wait(ctx); err != nil {
 		return err
 	}
-	return g.AzureRemote.RaiseSequence(ctx, n, lease)
+	return g.Remote.RaiseSequence(ctx, n, lease)
 }
 
 type result struct {
@@ -150,8 +152,8 @@ func (b *bench) raw(ctx context.Context, conc int) (float64, error) {
 
 // flush fills a journal with b.data (256 KiB writes, the FUSE max write)
 // behind a gated remote, then times the drain with the given workers.
-func (b *bench) flush(ctx context.Context, workers int) (float64, writeback.FlusherStats, error) {
-	var st writeback.FlusherStats
+func (b *bench) flush(ctx context.Context, workers int) (float64, replicate.FlusherStats, error) {
+	var st replicate.FlusherStats
 	c, _, err := b.newBlob(ctx)
 	if err != nil {
 		return 0, st, err
@@ -169,12 +171,12 @@ func (b *bench) flush(ctx context.Context, workers int) (float64, writeback.Flus
 	if err := os.Truncate(img, b.size); err != nil {
 		return 0, st, err
 	}
-	g := gated{AzureRemote: writeback.AzureRemote{C: c}, open: make(chan struct{})}
+	g := gated{Remote: pageblob.Remote{C: c}, open: make(chan struct{})}
 	disk, err := writeback.Open(ctx, writeback.DiskOptions{
 		ImagePath: img, JournalDir: filepath.Join(d, "journal"), VirtualSize: b.size,
 		Remote: g, SaveLeaseID: func(string) error { return nil },
-		Flusher: writeback.FlusherOptions{Workers: workers},
-		Logger:  slog.New(slog.DiscardHandler),
+		Sender: replicate.SenderOptions{Workers: workers},
+		Logger: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
 		return 0, st, err

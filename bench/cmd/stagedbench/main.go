@@ -30,11 +30,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/azure/staging"
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/staged"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
-	"github.com/vhdsync/vhdsync/writeback/staging"
 )
 
 type gate chan struct{}
@@ -49,22 +51,22 @@ func (g gate) wait(ctx context.Context) error {
 }
 
 type gatedRemote struct {
-	writeback.AzureRemote
+	pageblob.Remote
 	g gate
 }
 
-func (r gatedRemote) PutPages(ctx context.Context, off int64, d writeback.Pages, c writeback.Cond) error {
+func (r gatedRemote) PutPages(ctx context.Context, off int64, d remote.Pages, c remote.Cond) error {
 	if err := r.g.wait(ctx); err != nil {
 		return err
 	}
-	return r.AzureRemote.PutPages(ctx, off, d, c)
+	return r.Remote.PutPages(ctx, off, d, c)
 }
 
-func (r gatedRemote) ClearPages(ctx context.Context, off, n int64, c writeback.Cond) error {
+func (r gatedRemote) ClearPages(ctx context.Context, off, n int64, c remote.Cond) error {
 	if err := r.g.wait(ctx); err != nil {
 		return err
 	}
-	return r.AzureRemote.ClearPages(ctx, off, n, c)
+	return r.Remote.ClearPages(ctx, off, n, c)
 }
 
 type gatedStore struct {
@@ -139,7 +141,7 @@ func (b *bench) run(ctx context.Context, name string, data []byte, mode string) 
 	g := make(gate)
 	o := writeback.DiskOptions{
 		ImagePath: img, JournalDir: filepath.Join(d, "journal"), VirtualSize: b.size,
-		Remote: gatedRemote{AzureRemote: writeback.AzureRemote{C: c}, g: g}, SaveLeaseID: func(string) error { return nil },
+		Remote: gatedRemote{Remote: pageblob.Remote{C: c}, g: g}, SaveLeaseID: func(string) error { return nil },
 		Logger: slog.New(slog.DiscardHandler),
 	}
 	diskID := footer.UniqueID.String()
@@ -190,12 +192,12 @@ func (b *bench) run(ctx context.Context, name string, data []byte, mode string) 
 		if err != nil {
 			return res, err
 		}
-		r := writeback.AzureRemote{C: wc}
+		r := pageblob.Remote{C: wc}
 		lease, err := r.AcquireLease(ctx, "00000000-0000-4000-8000-000000000001")
 		if err != nil {
 			return res, err
 		}
-		a, err := writeback.NewApplier(r, ws, lease, writeback.ApplierOptions{DiskID: diskID, DiskSize: b.size, Once: true})
+		a, err := staged.NewApplier(r, ws, lease, staged.ApplierOptions{DiskID: diskID, DiskSize: b.size, Once: true})
 		if err != nil {
 			return res, err
 		}

@@ -20,18 +20,19 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vhdsync/vhdsync/remote"
 	"github.com/vhdsync/vhdsync/writeback"
 )
 
 // stuck is a remote whose writes wait for the context to end.
-type stuck struct{ *writeback.MemRemote }
+type stuck struct{ *remote.MemRemote }
 
-func (s stuck) PutPages(ctx context.Context, _ int64, _ writeback.Pages, _ writeback.Cond) error {
+func (s stuck) PutPages(ctx context.Context, _ int64, _ remote.Pages, _ remote.Cond) error {
 	<-ctx.Done()
 	return ctx.Err()
 }
 
-func (s stuck) ClearPages(ctx context.Context, _, _ int64, _ writeback.Cond) error {
+func (s stuck) ClearPages(ctx context.Context, _, _ int64, _ remote.Cond) error {
 	<-ctx.Done()
 	return ctx.Err()
 }
@@ -69,7 +70,7 @@ func main() {
 	ctx := context.Background()
 	d, err := writeback.Open(ctx, writeback.DiskOptions{
 		ImagePath: img, JournalDir: filepath.Join(*dir, "journal"), VirtualSize: size,
-		Remote: stuck{writeback.NewMemRemote(size)}, SaveLeaseID: func(string) error { return nil },
+		Remote: stuck{remote.NewMemRemote(size)}, SaveLeaseID: func(string) error { return nil },
 		Logger: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {

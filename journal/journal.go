@@ -1,0 +1,1362 @@
+package journal
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	badger "github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
+	"golang.org/x/sys/unix"
+)
+
+// Journal keys: records under "r" + big-endian seq (so key order is seq
+// order), metadata under "m/".
+var (
+	recPrefix  = []byte("r")
+	keyDrained = []byte("m/drained") // last seq deleted after a complete batch
+	keyEpoch   = []byte("m/epoch")   // last epoch the remote holds completely
+)
+
+func recKey(seq uint64) []byte {
+	k := make([]byte, 9)
+	k[0] = recPrefix[0]
+	binary.BigEndian.PutUint64(k[1:], seq)
+	return k
+}
+
+// Options tune a Journal.
+type Options struct {
+	// MaxPendingBytes caps the journal's pending bytes; Append blocks above
+	// it. 0 means no cap.
+	MaxPendingBytes int64
+	// Logger receives badger's warnings and the GC loop's messages.
+	Logger *slog.Logger
+	// GCInterval is how often value-log GC runs; 0 means 10 s.
+	GCInterval time.Duration
+	// MaxEpochBytes closes the open epoch once it holds this many bytes,
+	// as if the writer had issued a barrier, so that one epoch always fits
+	// in a flusher batch (and in memory). 0 means 32 MiB.
+	MaxEpochBytes int64
+	// SegmentBytes is the size of the payload segment files (default
+	// 64 MiB); a segment is deleted once all its records are drained.
+	SegmentBytes int64
+	// IntentLogSlots is the number of 128-byte slots an intent log file
+	// holds (see intentlog.go); 0 means 65,536 (8 MiB).
+	IntentLogSlots int64
+	// InlineMax is the largest payload the intent log carries (see
+	// intentlog.go): a barrier after writes no larger needs no segment
+	// fdatasync. 0 means 32 KiB, negative none; it is capped so that an
+	// entry fits a quarter of an intent log file.
+	InlineMax int
+	// MaxImageRecords caps the image-backed records not captured yet (see
+	// imageref.go); 0 means 65,536. Writes above it put their payload in a
+	// segment.
+	MaxImageRecords int
+	// BufferedIntents turns off direct intent log writes for writers that
+	// fsync after every write (see directCadence): every entry then goes
+	// through the page cache, and their barrier writes it back.
+	BufferedIntents bool
+}
+
+// Journal is the durable, ordered log of writes not yet on the remote.
+//
+// Concurrency: Append may be called from many goroutines. Seq numbers and
+// epochs are assigned under barrierMu held for reading; Barrier takes it
+// for writing, so when Barrier has bumped the epoch every record of the
+// closed epoch is in the intent log and queued for badger (reads wait for
+// the queue, see intentlog.go), and all its seqs are below every seq of the
+// next epoch. The flusher reads closed epochs only, so it never sees a seq
+// gap left by an Append still in flight.
+type Journal struct {
+	db   *badger.DB
+	segs *segments
+	dir  string
+	log  *slog.Logger
+	max  int64
+
+	barrierMu sync.RWMutex
+	applyMu   sync.RWMutex // held for reading from commit to applied, see appendApply
+	nextSeq   atomic.Uint64
+	epoch     uint64        // open epoch; guarded by barrierMu
+	openEpoch atomic.Uint64 // epoch, readable without barrierMu (may lag it)
+	epochUsed atomic.Bool   // the open epoch has records
+	closed    atomic.Uint64
+
+	group groupCommit // see groupcommit.go
+	ilog  *intentLog  // see intentlog.go
+	idx   *indexer    // see indexer.go
+	// replayedIntents counts the intent log entries Open committed
+	// to badger (tests).
+	replayedIntents int
+
+	// The local image, for image-backed records (see imageref.go): the
+	// pending ones, whether the image was written since the last Sync, and
+	// what captures cost.
+	img       *os.File
+	refs      imageRefs
+	maxRefs   int64
+	inlineMax int64        // see Options.InlineMax
+	appending atomic.Int64 // appends in flight (see inlineBusy)
+	// See directCadence: appends since the last Barrier, whether the
+	// epoch that Barrier closed held exactly one, and how many entries
+	// went to the intent log with O_DIRECT.
+	sinceBarrier            atomic.Int64
+	syncEach                atomic.Bool
+	directIntents           bool
+	directEntries           atomic.Uint64
+	imgDirty                atomic.Bool
+	captures, capturedBytes atomic.Int64
+
+	// syncMu is held by a barrier's sync (syncOnce) and while intent log
+	// files are recycled, which may close a file the sync would fdatasync.
+	syncMu sync.Mutex
+	// filesMu is held while badger's logs are fsync'ed (syncFiles) and the
+	// segments the indexer copied payloads to are (syncBeforeLogsGo), apart
+	// from syncMu so that barriers do not wait for those fsyncs.
+	filesMu sync.Mutex
+	// syncState guards the coalescing of Sync calls: syncs started and
+	// finished (numbered), whether one runs, and the last one's result.
+	syncState                 sync.Mutex
+	syncDone                  *sync.Cond
+	syncStarted, syncFinished uint64
+	syncRunning               bool
+	syncErr                   error
+	// Guarded by filesMu: badger logs that need no more fsync (rotated WALs
+	// and value logs, once synced, see logsToSync), and the names the
+	// directory held at its last fsync.
+	syncedLogs map[string]bool
+	dirNames   map[string]bool
+
+	mu             sync.Mutex // guards the pending accounting below
+	space          *sync.Cond
+	pendingBytes   int64
+	pendingRecords int64
+	oldest         time.Time // time of the oldest pending record
+	blocked        int       // writers waiting for space
+
+	epochsClosed  atomic.Uint64
+	drainedEpoch  atomic.Uint64 // the last epoch Delete recorded as delivered
+	epochBytes    atomic.Int64  // bytes in the open epoch
+	maxEpochBytes int64
+	stopGC        chan struct{}
+	gcDone        chan struct{}
+}
+
+// badgerOptions are chosen for a small, write-heavy queue: records are
+// written once, read once by the flusher and deleted soon after.
+func badgerOptions(dir string, log *slog.Logger) badger.Options {
+	o := badger.DefaultOptions(dir).
+		// Barrier syncs explicitly (DB.Sync plus an fsync of every log
+		// file, see syncFiles); syncing every Append would cost an fsync
+		// per write. Unsynced commits survive kill -9 (they are in the
+		// page cache through mmap), only power loss needs the barrier.
+		WithSyncWrites(false).
+		// Badger holds only the index (53-byte entries; payloads are in
+		// the image or in segment files, see segment.go): they stay in the
+		// LSM tree and its WAL, and the value log stays empty (syncFiles
+		// relies on it).
+		WithValueThreshold(valueThreshold).
+		WithValueLogFileSize(16 << 20).
+		// Small memtables: less memory, and records deleted soon rarely
+		// reach L1 anyway.
+		WithMemTableSize(8 << 20).
+		WithNumMemtables(2).
+		WithNumLevelZeroTables(2).
+		WithNumLevelZeroTablesStall(8).
+		WithBaseTableSize(2 << 20).
+		// Keys and headers are tiny and payloads live in the value log:
+		// compression would cost CPU for nothing. Without it, reads that
+		// are sequential and once need no block cache either.
+		WithCompression(options.None).
+		WithBlockCacheSize(0).
+		WithIndexCacheSize(0).
+		WithNumCompactors(2).
+		// Blind writes of unique keys never conflict.
+		WithDetectConflicts(false).
+		WithNumVersionsToKeep(1).
+		WithCompactL0OnClose(true).
+		WithLogger(badgerLogger{log})
+	if testBadgerMemTable > 0 {
+		o = o.WithMemTableSize(testBadgerMemTable).WithBaseTableSize(testBadgerMemTable).
+			WithNumLevelZeroTables(1).WithNumLevelZeroTablesStall(4).WithBaseLevelSize(4 * testBadgerMemTable)
+	}
+	return o
+}
+
+// Open opens (creating if needed) the journal in dir and recovers
+// its counters: seq continues after the highest record, the open epoch
+// after the highest epoch seen.
+// damagedAdvice follows every ErrJournalDamaged message.
+const damagedAdvice = "vhdsync neither replays nor deletes a damaged journal: keep the state directory as it is (its disk.img holds the newest data) and compare it with the blob using `vhdsync verify`"
+
+func Open(dir string, o Options) (*Journal, error) {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create journal directory: %w", err)
+	}
+	if err := removeEmptyLogs(dir, log); err != nil {
+		return nil, err
+	}
+	db, err := badger.Open(badgerOptions(dir, log))
+	if err != nil {
+		if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
+			return nil, fmt.Errorf("open journal %s: %w", dir, err)
+		}
+		return nil, fmt.Errorf("open journal %s: %w: %v; %s", dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	segs, err := openSegments(dir, o.SegmentBytes)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	j := &Journal{db: db, segs: segs, dir: dir, log: log, max: o.MaxPendingBytes, stopGC: make(chan struct{}), gcDone: make(chan struct{})}
+	j.space = sync.NewCond(&j.mu)
+	j.syncDone = sync.NewCond(&j.syncState)
+	j.group.init(db)
+	j.refs.init()
+	j.maxRefs = int64(o.MaxImageRecords)
+	if j.maxRefs <= 0 {
+		j.maxRefs = maxImageRefs
+	}
+	j.maxEpochBytes = o.MaxEpochBytes
+	if j.maxEpochBytes <= 0 {
+		j.maxEpochBytes = 32 << 20
+	}
+	j.inlineMax = inlineLimit(o.InlineMax, o.IntentLogSlots)
+	j.directIntents = !o.BufferedIntents
+	nextLog, gen, err := j.replayIntents()
+	if err != nil {
+		segs.close()
+		db.Close()
+		return nil, err
+	}
+	if err := j.recover(); err != nil {
+		segs.close()
+		db.Close()
+		return nil, err
+	}
+	j.ilog = newIntentLog(dir, o.IntentLogSlots, nextLog, gen)
+	j.idx = newIndexer(&j.group, j.indexed)
+	interval := o.GCInterval
+	if interval == 0 {
+		interval = 10 * time.Second
+	}
+	go j.gcLoop(interval)
+	return j, nil
+}
+
+// inlineBusy is the number of appends in flight above which payloads go to
+// their segment directly even when small. Inline payloads make a barrier
+// cheaper (write+fsync 1.9x as fast, measured) but each costs a copy, a
+// larger intent log write and a second write by the indexer: with many
+// writers in flight (random 4 KiB at iodepth 32) inline-always ran at
+// 0.8x the IOPS, and there a barrier's cost is shared by many writes.
+const inlineBusy = 2
+
+// A lone writer that issues a barrier after every write (a database's
+// commit, ext4's commit block through a loop device, fio --fsync=1) gets
+// its entry and inline payload written with O_DIRECT (writeDirect): the
+// bytes reach the device inside the write, as they do for a local file
+// opened with O_DIRECT, and the fsync that follows only flushes the
+// device's cache instead of writing pages back first. The write then
+// waits for the device, so only a writer whose last barrier closed an
+// epoch of one append, and only for the first append after that barrier,
+// pays it: a writer that never fsyncs, or writes several blocks per fsync
+// (whose barrier writes them back in one go), keeps the page cache.
+const directCadence = 1
+
+// inlineLimit is the largest inline payload for Options.InlineMax
+// and IntentLogSlots: what fits a quarter of a file, with its entry.
+func inlineLimit(max int, slots int64) int64 {
+	if max < 0 {
+		return -1
+	}
+	if max == 0 {
+		max = defaultInlineMax
+	}
+	if slots <= 0 {
+		slots = defaultIlogSlots
+	}
+	fit := (slots/4-1)*slotSize - inlineHeader
+	return min(int64(max), fit)
+}
+
+func (j *Journal) recover() error {
+	lastSeq, err := j.counter(keyDrained)
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	maxEpoch, err := j.counter(keyEpoch)
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	j.drainedEpoch.Store(maxEpoch)
+	err = j.db.View(func(txn *badger.Txn) error {
+		opts := badger.DefaultIteratorOptions
+		opts.PrefetchValues = false
+		opts.Prefix = recPrefix
+		it := txn.NewIterator(opts)
+		defer it.Close()
+		first := true
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			seq := binary.BigEndian.Uint64(item.Key()[1:])
+			var hdr Record
+			err := item.Value(func(v []byte) error {
+				r, err := decodeRecord(seq, v)
+				hdr = r
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if hdr.Kind == KindData && hdr.seg == 0 {
+				j.refs.add(&hdr)
+			} else if hdr.Kind == KindData {
+				seg, err := j.segs.get(hdr.seg)
+				if err != nil {
+					return fmt.Errorf("journal record %d: %w", seq, err)
+				}
+				seg.keep(seq)
+			}
+			if first {
+				j.oldest = hdr.Time
+				first = false
+			}
+			j.pendingRecords++
+			j.pendingBytes += hdr.payloadSize()
+			if seq > lastSeq {
+				lastSeq = seq
+			}
+			if hdr.Epoch > maxEpoch {
+				maxEpoch = hdr.Epoch
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	if err := j.recoverPieces(); err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	// Segments no pending record refers to (drained, or written by an
+	// append that died before its index entry) are deleted.
+	drained := lastSeq
+	if j.pendingRecords > 0 {
+		drained = 0
+		if err := j.db.View(func(txn *badger.Txn) error {
+			opts := badger.DefaultIteratorOptions
+			opts.PrefetchValues = false
+			opts.Prefix = recPrefix
+			it := txn.NewIterator(opts)
+			defer it.Close()
+			it.Rewind()
+			if it.Valid() {
+				drained = binary.BigEndian.Uint64(it.Item().Key()[1:]) - 1
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+		}
+	}
+	if _, err := j.segs.reclaim(drained, nil); err != nil {
+		return err
+	}
+	j.nextSeq.Store(lastSeq + 1)
+	// Records of the highest epoch may belong to an epoch that was open at
+	// the crash: it counts as closed, new writes start a new epoch.
+	j.closed.Store(maxEpoch)
+	j.epoch = maxEpoch + 1
+	j.openEpoch.Store(j.epoch)
+	return nil
+}
+
+// counter reads an 8-byte counter key (0 if it is absent).
+func (j *Journal) counter(k []byte) (uint64, error) {
+	var v uint64
+	err := j.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(k)
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		b, err := item.ValueCopy(nil)
+		if err != nil {
+			return err
+		}
+		if len(b) != 8 {
+			return fmt.Errorf("journal key %s is %d bytes", k, len(b))
+		}
+		v = binary.BigEndian.Uint64(b)
+		return nil
+	})
+	return v, err
+}
+
+// recoverPieces gives the image-backed records their pieces back (see
+// imageref.go) and keeps their segments alive. Pieces are deleted in the
+// transaction that deletes or wholly captures their record, so none should
+// lack one; any that does is deleted rather than trusted.
+func (j *Journal) recoverPieces() error {
+	var stale [][]byte
+	err := j.db.View(func(txn *badger.Txn) error {
+		opts := badger.DefaultIteratorOptions
+		opts.PrefetchValues = false
+		opts.Prefix = pieceKeyPrefix
+		it := txn.NewIterator(opts)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			k := item.KeyCopy(nil)
+			var seq uint64
+			var p capPiece
+			if err := item.Value(func(v []byte) error {
+				var err error
+				seq, p, err = decodePiece(k, v)
+				return err
+			}); err != nil {
+				return err
+			}
+			ref := j.refs.get(seq)
+			if ref == nil {
+				stale = append(stale, k)
+				continue
+			}
+			seg, err := j.segs.get(p.seg)
+			if err != nil {
+				return fmt.Errorf("journal record %d, piece at %d: %w", seq, p.off, err)
+			}
+			seg.keep(seq)
+			if len(ref.gaps(p.off, p.end)) != 1 || p.off < ref.off || p.end > ref.end {
+				return fmt.Errorf("journal record %d: piece %d-%d overlaps another or leaves the record (%d-%d)", seq, p.off, p.end, ref.off, ref.end)
+			}
+			ref.addPiece(p)
+		}
+		return nil
+	})
+	if err != nil || len(stale) == 0 {
+		return err
+	}
+	wb := j.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, k := range stale {
+		if err := wb.Delete(k); err != nil {
+			return err
+		}
+	}
+	return wb.Flush()
+}
+
+// removeEmptyLogs deletes 0-byte .mem and .vlog files. A kill between
+// badger creating such a file and sizing it leaves one behind, and badger
+// (v4.9.6, dgraph-io/badger#2207) then refuses to open the directory
+// ("Create a new file"). An empty log holds no entry, so removing it is the
+// state just before the kill. Found by TestJournalKill9Compaction.
+func removeEmptyLogs(dir string, log *slog.Logger) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("read journal directory: %w", err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if !e.Type().IsRegular() || (!strings.HasSuffix(name, ".mem") && !strings.HasSuffix(name, ".vlog")) {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || fi.Size() != 0 {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("remove the empty badger log %s left by a crash: %w", name, err)
+		}
+		log.Warn("removed an empty badger log left by a crash", "file", name)
+	}
+	return nil
+}
+
+// RaiseEpoch makes the open epoch at least e (used when the remote's
+// sequence number shows a later epoch than the journal remembers).
+func (j *Journal) RaiseEpoch(e uint64) {
+	j.barrierMu.Lock()
+	defer j.barrierMu.Unlock()
+	if j.epoch < e {
+		j.epoch = e
+		j.openEpoch.Store(e)
+		if j.closed.Load() < e-1 {
+			j.closed.Store(e - 1)
+		}
+	}
+}
+
+// Append journals r, assigning its Seq and Epoch, and returns once it is
+// in the intent log (it survives kill -9 from then on, and every read sees
+// it; Barrier makes it survive power loss). It blocks while the pending
+// bytes are above the cap, until the flusher drains or ctx ends; it never
+// fails for lack of space in the cap.
+func (j *Journal) Append(ctx context.Context, r *Record) error {
+	return j.appendApply(ctx, r, false, nil)
+}
+
+// appendApply is Append, then apply (the caller's write of r to the local
+// image), run before the record counts as applied: WaitApplied, which the
+// flusher calls before it syncs the image and deletes drained records,
+// waits for every record committed so far to be applied. Without it a
+// batch could be sent, the image synced and the record deleted between the
+// commit and the image write; a crash then, or a power loss before the
+// next image sync, leaves the write on the blob and in neither the journal
+// nor the image.
+//
+// With inImage, a data record's payload is not written to a segment: apply
+// writes it to the image, which then holds it (see imageref.go). Whenever
+// apply is given, pending image-backed records of earlier epochs that r's
+// range overlaps are captured first.
+func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, apply func() error) error {
+	if err := r.check(); err != nil {
+		return fmt.Errorf("append: %w", err)
+	}
+	if r.Kind == KindData && int64(len(r.Data)) != r.Length {
+		return fmt.Errorf("append: %d data bytes for a %d-byte write", len(r.Data), r.Length)
+	}
+	if r.Time.IsZero() {
+		r.Time = time.Now()
+	}
+	busy := j.appending.Add(1) > inlineBusy
+	first := j.sinceBarrier.Add(1) == 1
+	defer j.appending.Add(-1)
+	size := r.payloadSize()
+	if err := j.waitForSpace(ctx, size); err != nil {
+		return err
+	}
+	// The payload goes to a segment file first, outside any lock; the
+	// index entry, committed after it, is what makes the record exist.
+	// Above maxImageRefs the payload goes to a segment after all, so
+	// that memory stays bounded while the remote is far behind.
+	inImage = inImage && j.img != nil && j.refs.n.Load() < j.maxRefs
+	var seg *segment
+	var inline *inlinePayload
+	direct := false
+	if r.Kind == KindData && !inImage {
+		var err error
+		seg, r.segOff, err = j.segs.reserve(r.Length)
+		if err != nil {
+			j.release(size)
+			return err
+		}
+		r.seg, r.crc = seg.id, crc32c(r.Data)
+		if r.Length <= j.inlineMax && !busy {
+			// Small, and few writers: the intent log carries the
+			// payload, the indexer writes it to the segment (see
+			// intentlog.go and inlineBusy).
+			inline = &inlinePayload{seg: seg, off: r.segOff, data: r.Data, crc: r.crc}
+			direct = j.directIntents && first && j.syncEach.Load()
+		} else {
+			if err := seg.writePayload(r.Data, r.segOff); err != nil {
+				seg.inflight.Add(-1)
+				j.release(size)
+				return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+			}
+			seg.dirty.Store(true)
+		}
+	}
+	var pre []pendingCapture
+	if apply != nil && j.img != nil {
+		var err error
+		if pre, err = j.precopy(r.Offset, r.End(), j.openEpoch.Load()); err != nil {
+			if seg != nil {
+				seg.inflight.Add(-1)
+			}
+			j.release(size)
+			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+		}
+	}
+	j.applyMu.RLock()
+	j.barrierMu.RLock()
+	r.Seq = j.nextSeq.Add(1) - 1
+	r.Epoch = j.epoch
+	var err error
+	var caps []pendingCapture
+	kvs := []keyValue(nil)
+	if apply != nil && j.img != nil && (len(pre) > 0 || j.refs.n.Load() > 0) {
+		// Under barrierMu, so r.Epoch cannot change between the choice of
+		// what to capture and the commit. Skipped when nothing is indexed:
+		// the default (segment) path pays nothing for write once.
+		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch, pre)
+	}
+	// The entries go to the intent log (one pwrite) and, in the
+	// background, to badger (see intentlog.go). They are written before
+	// barrierMu is released, so Barrier's guarantee (every record of a
+	// closed epoch is logged, and queued for badger) and the range lock's
+	// seq order are unchanged.
+	if err == nil {
+		err = j.logEntries(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode(), inline: inline}), direct && len(kvs) == 0)
+	}
+	if caps != nil {
+		// A capture whose entries were partly logged when the log failed
+		// stays uncaptured: its entries point at segment copies of what
+		// the image still holds, which is right either way.
+		j.finishCaptures(caps, err)
+	}
+	full := false
+	if err == nil && inImage && r.Kind == KindData {
+		// Indexed before the caller releases its range lock, so the next
+		// overlapping write of a later epoch captures it.
+		j.refs.add(r)
+	}
+	if err == nil {
+		j.epochUsed.Store(true)
+		full = j.epochBytes.Add(size) >= j.maxEpochBytes
+		if seg != nil {
+			seg.keep(r.Seq)
+		}
+	}
+	j.barrierMu.RUnlock()
+	if seg != nil {
+		seg.inflight.Add(-1)
+	}
+	if err != nil {
+		j.applyMu.RUnlock()
+		j.release(size)
+		return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+	}
+	if apply != nil {
+		err = apply()
+		if inImage && r.Kind == KindData {
+			// The image holds the payload: a barrier must sync it. Set
+			// after the image write, so a Sync that sees the flag covers it
+			// (Sync holds syncMu from clearing the flag to the end of
+			// fsync). Other image writes are synced by the flusher before
+			// their records are deleted.
+			j.imgDirty.Store(true)
+		}
+	}
+	j.applyMu.RUnlock()
+	if full {
+		j.closeEpoch(r.Epoch)
+	}
+	return err
+}
+
+// WaitApplied waits until every record committed so far has been applied
+// (see appendApply).
+func (j *Journal) WaitApplied() {
+	j.applyMu.Lock()
+	j.applyMu.Unlock() //nolint:staticcheck // the empty critical section is the wait
+}
+
+// closeEpoch closes epoch e if it is still the open one. Closing an epoch
+// early only adds a barrier the writer did not ask for, which makes the
+// order stricter, never looser. It does not sync: the flusher syncs the
+// journal before it sends anything.
+func (j *Journal) closeEpoch(e uint64) {
+	j.barrierMu.Lock()
+	defer j.barrierMu.Unlock()
+	if j.epoch == e && j.epochUsed.Load() {
+		j.closeLocked()
+	}
+}
+
+func (j *Journal) closeLocked() {
+	j.closed.Store(j.epoch)
+	j.epoch++
+	j.openEpoch.Store(j.epoch)
+	j.epochUsed.Store(false)
+	j.epochBytes.Store(0)
+	j.epochsClosed.Add(1)
+}
+
+// waitForSpace reserves size bytes of the cap, blocking while it is full.
+// A record larger than the whole cap is admitted when nothing else is
+// pending, so no write can wait forever.
+func (j *Journal) waitForSpace(ctx context.Context, size int64) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.max > 0 && j.pendingBytes > 0 && j.pendingBytes+size > j.max {
+		stop := context.AfterFunc(ctx, func() {
+			j.mu.Lock()
+			j.space.Broadcast()
+			j.mu.Unlock()
+		})
+		defer stop()
+		j.blocked++
+		for j.pendingBytes > 0 && j.pendingBytes+size > j.max {
+			if err := ctx.Err(); err != nil {
+				j.blocked--
+				return fmt.Errorf("waiting for journal space: %w", err)
+			}
+			j.space.Wait()
+		}
+		j.blocked--
+	}
+	if j.pendingRecords == 0 {
+		j.oldest = time.Now()
+	}
+	j.pendingBytes += size
+	j.pendingRecords++
+	return nil
+}
+
+func (j *Journal) release(size int64) {
+	j.mu.Lock()
+	j.pendingBytes -= size
+	j.pendingRecords--
+	j.space.Broadcast()
+	j.mu.Unlock()
+}
+
+// CloseEpoch closes the open epoch without syncing (the flusher's own
+// barrier when a writer has not issued one for a while).
+func (j *Journal) CloseEpoch() {
+	j.barrierMu.Lock()
+	defer j.barrierMu.Unlock()
+	if j.epochUsed.Load() {
+		j.closeLocked()
+	}
+}
+
+// Barrier closes the open epoch (if it has records) and makes every record
+// appended before it durable. It returns the last closed epoch.
+func (j *Journal) Barrier() (uint64, error) {
+	j.syncEach.Store(j.sinceBarrier.Swap(0) == directCadence)
+	j.barrierMu.Lock()
+	if j.epochUsed.Load() {
+		j.closeLocked()
+	}
+	closed := j.closed.Load()
+	j.barrierMu.Unlock()
+	// Sync after releasing the lock: writers continue in the new epoch
+	// while the closed one reaches the disk.
+	if err := j.Sync(); err != nil {
+		return closed, err
+	}
+	return closed, nil
+}
+
+// DrainedEpoch is the last epoch whose records were all delivered and
+// deleted (to the blob, or to the staging container).
+func (j *Journal) DrainedEpoch() uint64 { return j.drainedEpoch.Load() }
+
+// ClosedEpoch is the highest closed epoch.
+func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
+
+// OpenEpochHasRecords reports whether the open epoch holds records.
+func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
+
+// Sync makes every record appended before it durable: the segment files
+// and intent log files written since the last sync, and the local image
+// when it was written since the last Sync (it holds the payloads of
+// image-backed records), all in parallel. Badger's logs are not synced
+// here: what a barrier promises is in the intent log; badger is synced
+// before anything depends on it (syncIndex).
+//
+// Concurrent calls share the work: a call returns with the result of the
+// first sync that started after it was made (waiting for one already
+// running, which may have missed its records, if need be). So a barrier
+// arriving while the flusher syncs costs at most one more sync, and N
+// writers fsyncing at once cost about two, not N.
+func (j *Journal) Sync() error {
+	j.syncState.Lock()
+	want := j.syncStarted + 1
+	for j.syncFinished < want {
+		if !j.syncRunning {
+			j.syncRunning = true
+			j.syncStarted++
+			n := j.syncStarted
+			j.syncState.Unlock()
+			err := j.syncOnce()
+			j.syncState.Lock()
+			j.syncRunning = false
+			j.syncFinished, j.syncErr = n, err
+			j.syncDone.Broadcast()
+			break
+		}
+		j.syncDone.Wait()
+	}
+	err := j.syncErr
+	j.syncState.Unlock()
+	return err
+}
+
+// syncOnce is one sync (Sync coalesces callers around it). The image,
+// the segments and the intent log are fdatasync'ed in parallel: a barrier
+// waits for the slowest file, not for their sum (serial, two fdatasyncs
+// each took 80-230 µs). Their relative order does
+// not matter: the kernel writes dirty pages back in any order anyway, and
+// the barrier only promises that all of them are durable when it returns.
+func (j *Journal) syncOnce() error {
+	j.syncMu.Lock()
+	defer j.syncMu.Unlock()
+	var wg sync.WaitGroup
+	var imgErr, segErr error
+	if j.img != nil && j.imgDirty.Swap(false) {
+		wg.Go(func() {
+			if imgErr = datasync(j.img); imgErr != nil {
+				j.imgDirty.Store(true)
+				imgErr = fmt.Errorf("sync local image: %w", imgErr)
+			}
+		})
+	}
+	wg.Go(func() { segErr = j.segs.sync() })
+	err := j.ilog.sync()
+	wg.Wait()
+	return errors.Join(segErr, err, imgErr)
+}
+
+// syncFiles makes badger's committed entries durable by fsyncing its log
+// files, then the directory if files appeared since its last fsync. It
+// replaces DB.Sync, which msyncs the whole mapping of the active memtable's
+// WAL and of the newest value log: about 190 µs even when nothing is dirty
+// (measured), more than the fsyncs themselves. fsync on Linux writes back
+// the pages dirtied through badger's shared mmaps (a write to a clean
+// shared page faults and marks it dirty). Only the newest .mem is
+// fsync'ed every time, every other log once (see logsToSync), in
+// parallel. Called with filesMu held, before drained segments or intent log
+// files go (syncIndex, indexed) and at Close: no longer at every barrier.
+func (j *Journal) syncFiles() error {
+	entries, err := os.ReadDir(j.dir)
+	if err != nil {
+		return fmt.Errorf("sync journal files: %w", err)
+	}
+	names := make(map[string]bool, len(entries))
+	for _, e := range entries {
+		names[e.Name()] = true
+	}
+	if j.syncedLogs == nil {
+		j.syncedLogs = map[string]bool{}
+	}
+	logs, done := logsToSync(names, j.syncedLogs)
+	errs := make([]error, len(logs))
+	var wg sync.WaitGroup
+	for i, name := range logs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f, err := os.Open(filepath.Join(j.dir, name))
+			if errors.Is(err, os.ErrNotExist) {
+				return // deleted by GC or a flush since the listing
+			}
+			if err == nil {
+				err = datasync(f)
+				f.Close()
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("sync journal file %s: %w", name, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	for _, name := range done {
+		j.syncedLogs[name] = true
+	}
+	for name := range j.syncedLogs {
+		if !names[name] {
+			delete(j.syncedLogs, name) // deleted by badger
+		}
+	}
+	appeared := false
+	for name := range names {
+		if !j.dirNames[name] {
+			appeared = true
+			break
+		}
+	}
+	if !appeared {
+		return nil
+	}
+	if err := syncDir(j.dir); err != nil {
+		return fmt.Errorf("sync journal directory: %w", err)
+	}
+	j.dirNames = names
+	return nil
+}
+
+// logsToSync picks, from the names in the journal directory, the badger
+// logs to fsync: the newest .mem (the WAL badger appends to) every time, and
+// every other log not synced yet, returned also as done (to be remembered
+// once synced). A .mem with a lower number has been rotated: badger never
+// writes it again. No .vlog is written after its creation either: every
+// value here (index entries of IndexSize bytes, 8-byte counters) is below
+// the value threshold, so badger keeps it in the WAL and the LSM tree (a
+// test checks the sizes).
+func logsToSync(names, synced map[string]bool) (logs, done []string) {
+	newestMem := uint64(0)
+	for name := range names {
+		if ext, n, ok := badgerLog(name); ok && ext == ".mem" && n >= newestMem {
+			newestMem = n
+		}
+	}
+	for name := range names {
+		ext, n, ok := badgerLog(name)
+		switch {
+		case !ok || synced[name]:
+		case ext == ".mem" && n == newestMem:
+			logs = append(logs, name)
+		default:
+			logs = append(logs, name)
+			done = append(done, name)
+		}
+	}
+	slices.Sort(logs)
+	slices.Sort(done)
+	return logs, done
+}
+
+// datasync is fdatasync: the data, and the metadata needed to read it back
+// (a size change, an unwritten extent converted), but not the timestamps
+// every write changes, whose journal commit doubled a barrier's latency. The
+// image and badger's logs keep their sizes, segment files grow (their size
+// is synced).
+// Datasync is fdatasync(2) on f, retried on EINTR.
+func Datasync(f *os.File) error { return datasync(f) }
+
+func datasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// valueThreshold is badger's value threshold: every value the journal
+// writes is smaller, so none goes to the value log.
+const valueThreshold = 1 << 10
+
+// badgerLog parses a badger log file name (00012.mem, 000003.vlog).
+func badgerLog(name string) (ext string, n uint64, ok bool) {
+	ext = filepath.Ext(name)
+	if ext != ".mem" && ext != ".vlog" {
+		return "", 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(name, ext), 10, 64)
+	return ext, n, err == nil
+}
+
+// ReadBatch returns the records of whole closed epochs with seq >= from,
+// in seq order: always the whole first epoch, then further whole epochs
+// while their data fits in maxBytes or while the last epoch is below
+// minLastEpoch (replay after a crash during a batch must resend at least
+// that batch). It never returns part of an epoch.
+func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([]Record, error) {
+	closed := j.closed.Load()
+	// Every record of a closed epoch is committed; once they are all in
+	// the image too, the image-backed ones read back whole.
+	j.WaitApplied()
+	var out []Record
+	var size int64
+	epochStart := 0 // index in out where the current epoch starts
+	advised := uint64(0)
+	err := j.scan(from, func(r Record) (bool, error) {
+		if r.Epoch > closed {
+			return true, nil
+		}
+		if r.seg != 0 && r.seg != advised {
+			// Start the device reading this segment's payloads while
+			// the scan goes on; loadAll reads them after it.
+			j.segs.willNeed(r.seg, r.segOff, maxBytes)
+			advised = r.seg
+		}
+		if len(out) > 0 && r.Epoch != out[len(out)-1].Epoch {
+			// An epoch boundary: stop here if the batch is big enough.
+			if size >= maxBytes && out[len(out)-1].Epoch >= minLastEpoch {
+				return true, nil
+			}
+			epochStart = len(out)
+		}
+		out = append(out, r)
+		size += r.payloadSize()
+		if size > maxBytes && epochStart > 0 && out[epochStart-1].Epoch >= minLastEpoch {
+			// This epoch does not fit: leave it whole for the next batch.
+			out = out[:epochStart]
+			return true, nil
+		}
+		return false, nil
+	})
+	if err == nil {
+		err = j.loadAll(out)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read journal from seq %d: %w", from, err)
+	}
+	if n := len(out); n > 0 && out[n-1].seg != 0 {
+		// The next batch's payloads most likely follow this one's: read
+		// them while this batch uploads.
+		last := out[n-1]
+		j.segs.willNeed(last.seg, last.segOff+last.Length, maxBytes)
+		j.segs.willNeed(last.seg+1, 0, maxBytes)
+	}
+	return out, nil
+}
+
+// batchReaders is how many payloads ReadBatch reads at once. Large
+// payloads are written around the page cache (see writePayload), so a
+// batch's reads go to the device; one at a time, a 32 MiB batch of
+// 256 KiB records took 26-277 ms between two batches' uploads.
+const batchReaders = 4
+
+// loadAll reads the payloads of recs, batchReaders at a time; after a
+// failure the readers stop taking records.
+func (j *Journal) loadAll(recs []Record) error {
+	readers := min(batchReaders, len(recs))
+	var next atomic.Int64
+	var failed atomic.Bool
+	errs := make([]error, readers)
+	var wg sync.WaitGroup
+	for w := range readers {
+		wg.Go(func() {
+			for !failed.Load() {
+				i := int(next.Add(1) - 1)
+				if i >= len(recs) {
+					return
+				}
+				if err := j.load(&recs[i]); err != nil {
+					errs[w] = err
+					failed.Store(true)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// AppendApply is Append with apply run once the record is committed and
+// before it counts as applied (see appendApply): the disk writes the local
+// image there.
+func (j *Journal) AppendApply(ctx context.Context, r *Record, apply func() error) error {
+	return j.appendApply(ctx, r, false, apply)
+}
+
+// Scan calls fn with the index entry (no payload) of every pending record
+// with seq >= from, in seq order, until fn asks to stop or fails.
+func (j *Journal) Scan(from uint64, fn func(Record) (stop bool, err error)) error {
+	return j.scan(from, fn)
+}
+
+// Payload reads the payload of a data record from its segment.
+func (j *Journal) Payload(r *Record) ([]byte, error) { return j.segs.read(r) }
+
+// ReadAll returns every pending record in seq order (replay uses it).
+func (j *Journal) ReadAll(fn func(Record) error) error {
+	return j.scan(0, func(r Record) (bool, error) {
+		if err := j.load(&r); err != nil {
+			return true, err
+		}
+		return false, fn(r)
+	})
+}
+
+// scan calls fn with the index entry (no payload) of every record with
+// seq >= from, in seq order, until fn asks to stop or fails.
+func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) error {
+	if err := j.idx.flush(); err != nil {
+		return err
+	}
+	return j.db.View(func(txn *badger.Txn) error {
+		opts := badger.DefaultIteratorOptions
+		opts.PrefetchValues = false
+		opts.Prefix = recPrefix
+		it := txn.NewIterator(opts)
+		defer it.Close()
+		for it.Seek(recKey(from)); it.Valid(); it.Next() {
+			item := it.Item()
+			seq := binary.BigEndian.Uint64(item.Key()[1:])
+			var r Record
+			if err := item.Value(func(v []byte) error {
+				var err error
+				r, err = decodeRecord(seq, v)
+				return err
+			}); err != nil {
+				return err
+			}
+			stop, err := fn(r)
+			if err != nil || stop {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// getRecord reads seq's index entry (no payload).
+func (j *Journal) getRecord(seq uint64) (Record, error) {
+	if err := j.idx.flush(); err != nil {
+		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
+	}
+	var r Record
+	err := j.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(recKey(seq))
+		if err != nil {
+			return err
+		}
+		return item.Value(func(v []byte) error {
+			r, err = decodeRecord(seq, v)
+			return err
+		})
+	})
+	if err != nil {
+		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
+	}
+	return r, nil
+}
+
+// load reads a data record's payload from its segment.
+func (j *Journal) load(r *Record) error {
+	if r.Kind != KindData {
+		return nil
+	}
+	if r.seg == 0 {
+		return j.loadImageBacked(r)
+	}
+	var err error
+	r.Data, err = j.segs.read(r)
+	return err
+}
+
+// Delete removes recs (drained, or already on the remote) and records
+// lastEpoch as the remote's complete progress.
+func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	pieceKeys := j.forget(recs)
+	// Entries still queued for badger (a capture's, made before forget)
+	// must land before these deletions, or they would outlive them.
+	if err := j.idx.flush(); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	wb := j.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, k := range pieceKeys {
+		if err := wb.Delete(k); err != nil {
+			return fmt.Errorf("delete drained records: %w", err)
+		}
+	}
+	var bytes int64
+	for i := range recs {
+		if err := wb.Delete(recKey(recs[i].Seq)); err != nil {
+			return fmt.Errorf("delete drained records: %w", err)
+		}
+		bytes += recs[i].payloadSize()
+	}
+	var v [8]byte
+	binary.BigEndian.PutUint64(v[:], recs[len(recs)-1].Seq)
+	if err := wb.Set(keyDrained, append([]byte(nil), v[:]...)); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	binary.BigEndian.PutUint64(v[:], lastEpoch)
+	if err := wb.Set(keyEpoch, append([]byte(nil), v[:]...)); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	if err := wb.Flush(); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
+	// Whole segments whose records are all drained are deleted, after the
+	// index deletions are durable (so no index entry can outlive its
+	// payload).
+	if _, err := j.segs.reclaim(recs[len(recs)-1].Seq, j.syncIndex); err != nil {
+		return err
+	}
+	next, err := j.firstPendingTime(recs[len(recs)-1].Seq + 1)
+	if err != nil {
+		return err
+	}
+	j.mu.Lock()
+	j.pendingBytes -= bytes
+	j.pendingRecords -= int64(len(recs))
+	if j.pendingRecords < 0 || j.pendingBytes < 0 {
+		j.pendingRecords, j.pendingBytes = max(j.pendingRecords, 0), max(j.pendingBytes, 0)
+	}
+	if !next.IsZero() {
+		j.oldest = next
+	}
+	j.space.Broadcast()
+	j.mu.Unlock()
+	return nil
+}
+
+func (j *Journal) firstPendingTime(from uint64) (time.Time, error) {
+	var t time.Time
+	err := j.scan(from, func(r Record) (bool, error) {
+		t = r.Time
+		return true, nil
+	})
+	if err != nil {
+		return t, fmt.Errorf("read journal head: %w", err)
+	}
+	return t, nil
+}
+
+// Stats is a snapshot of the journal's counters.
+type Stats struct {
+	PendingRecords int64
+	PendingBytes   int64
+	MaxBytes       int64
+	Oldest         time.Time // zero when nothing is pending
+	OpenEpoch      uint64
+	ClosedEpoch    uint64
+	EpochsClosed   uint64
+	BlockedWriters int
+	DiskBytes      int64 // LSM + value log on disk
+	// Captures counts image-backed records copied into a segment because a
+	// later epoch overwrote their range before they were drained, and
+	// CapturedBytes their bytes (see imageref.go).
+	Captures      int64
+	CapturedBytes int64
+	// DirectEntries counts the entries written to the intent log with
+	// O_DIRECT (see directCadence).
+	DirectEntries uint64
+}
+
+// Stats returns the journal's counters.
+func (j *Journal) Stats() Stats {
+	j.mu.Lock()
+	s := Stats{PendingRecords: j.pendingRecords, PendingBytes: j.pendingBytes, MaxBytes: j.max, BlockedWriters: j.blocked}
+	if j.pendingRecords > 0 {
+		s.Oldest = j.oldest
+	}
+	j.mu.Unlock()
+	j.barrierMu.RLock()
+	s.OpenEpoch = j.epoch
+	j.barrierMu.RUnlock()
+	s.ClosedEpoch = j.closed.Load()
+	s.EpochsClosed = j.epochsClosed.Load()
+	s.DiskBytes = dirBytes(j.dir)
+	s.Captures, s.CapturedBytes = j.captures.Load(), j.capturedBytes.Load()
+	s.DirectEntries = j.directEntries.Load()
+	return s
+}
+
+// dirBytes is the disk space the journal's files take (allocated blocks,
+// so sparse or preallocated files count for what they really use; badger's
+// own Size is refreshed only once a minute).
+func dirBytes(dir string) int64 {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			n += st.Blocks * 512
+		} else {
+			n += fi.Size()
+		}
+	}
+	return n
+}
+
+// gcLoop reclaims value-log space: a queue writes once and deletes soon,
+// so whole value-log files become garbage; RunValueLogGC rewrites at most
+// one file per call, so it is repeated until it finds nothing.
+func (j *Journal) gcLoop(every time.Duration) {
+	defer close(j.gcDone)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-j.stopGC:
+			return
+		case <-t.C:
+		}
+		for i := 0; i < 16; i++ {
+			if err := j.db.RunValueLogGC(0.5); err != nil {
+				if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
+					j.log.Warn("journal value-log GC", "err", err)
+				}
+				break
+			}
+		}
+	}
+}
+
+// Close syncs and closes the journal. Stats stays usable afterwards.
+func (j *Journal) Close() error {
+	close(j.stopGC)
+	<-j.gcDone
+	j.idx.close()
+	err := j.idx.failed()
+	if err == nil {
+		err = j.Sync()
+	}
+	clean := false
+	if err == nil {
+		// Everything is in badger: once its logs are synced, the intent
+		// logs can go, and a clean shutdown leaves none. Otherwise they
+		// stay, and the next open replays them.
+		j.filesMu.Lock()
+		err = j.syncBeforeLogsGo()
+		j.filesMu.Unlock()
+		clean = err == nil
+	}
+	err = errors.Join(err, j.ilog.close(clean))
+	defer j.segs.close()
+	if cerr := j.db.Close(); cerr != nil {
+		return fmt.Errorf("close journal: %w", cerr)
+	}
+	return err
+}
+
+// badgerLogger routes badger's messages to slog; its Info and Debug chatter
+// is dropped.
+type badgerLogger struct{ l *slog.Logger }
+
+// Errorf logs badger errors.
+func (b badgerLogger) Errorf(f string, a ...any) {
+	b.l.Error("badger: " + strings.TrimSpace(fmt.Sprintf(f, a...)))
+}
+
+// Warningf logs badger warnings.
+func (b badgerLogger) Warningf(f string, a ...any) {
+	b.l.Warn("badger: " + strings.TrimSpace(fmt.Sprintf(f, a...)))
+}
+
+// Infof drops badger chatter (tests may watch it, see testBadgerEvent).
+func (b badgerLogger) Infof(f string, a ...any) {
+	if testBadgerEvent != nil {
+		testBadgerEvent(fmt.Sprintf(f, a...))
+	}
+}
+
+// Debugf drops badger chatter (tests may watch it, see testBadgerEvent).
+func (b badgerLogger) Debugf(f string, a ...any) {
+	if testBadgerEvent != nil {
+		testBadgerEvent(fmt.Sprintf(f, a...))
+	}
+}
+
+// Test hooks, set only by the kill -9 child aimed at badger's background
+// work (kill_compact_test.go): every info/debug message of badger, and
+// memtables small enough that flushes and compactions happen every few
+// hundred appends. Nil and zero in production.
+var (
+	testBadgerEvent    func(string)
+	testBadgerMemTable int64
+)

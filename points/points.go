@@ -1,0 +1,335 @@
+// Package points keeps recovery points: snapshots of the page blob taken
+// at epoch boundaries (the blob exactly the disk at a barrier), named by
+// their metadata, pruned by a retention policy. See docs/DESIGN.md.
+package points
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vhdsync/vhdsync/remote"
+)
+
+// Metadata names that mark a blob snapshot as a vhdsync recovery point.
+// A snapshot is a recovery point when it carries both, well formed; any
+// other snapshot of the blob (taken by a user or another tool, even one
+// that copied the base blob's vhdsync_disk_id) is foreign and never
+// touched.
+const (
+	// PointMetaEpoch is the epoch e the point holds: the blob as of the
+	// barrier that closed epoch e, its sequence number 2e.
+	PointMetaEpoch = "vhdsync_epoch"
+	// PointMetaTime is when vhdsync took the point (RFC 3339, UTC).
+	PointMetaTime = "vhdsync_time"
+)
+
+// Snapshotter is the part of a page blob that recovery points need.
+// azure/pageblob.Client implements it.
+type Snapshotter interface {
+	// CreateSnapshot snapshots the blob with exactly these metadata and
+	// returns the snapshot's id.
+	CreateSnapshot(ctx context.Context, metadata map[string]string) (string, error)
+	// ListSnapshots lists the blob's snapshots, oldest first.
+	ListSnapshots(ctx context.Context) ([]remote.Snapshot, error)
+	// DeleteSnapshot deletes one snapshot; leaseID is the base blob's
+	// lease, sent only if the service asks for it ("" for none).
+	DeleteSnapshot(ctx context.Context, id, leaseID string) error
+}
+
+// Point is a recovery point: a snapshot vhdsync took of the blob at an
+// epoch boundary.
+type Point struct {
+	// ID is the snapshot id (its timestamp), what download --point takes.
+	ID string `json:"id"`
+	// Epoch is the epoch the point holds (metadata vhdsync_epoch).
+	Epoch uint64 `json:"epoch"`
+	// Time is when vhdsync took it (metadata vhdsync_time).
+	Time time.Time `json:"time"`
+	// Sequence is the blob sequence number the snapshot itself carries.
+	Sequence int64 `json:"sequence"`
+	// Consistent is true when Sequence is 2*Epoch: the snapshot was taken
+	// with the batch that completed epoch Epoch fully applied and nothing
+	// of a later one, so it is exactly the disk at that epoch's barrier.
+	Consistent bool `json:"consistent"`
+}
+
+// PointFromSnapshot reads a snapshot as a recovery point; ok is false for
+// a snapshot vhdsync did not take.
+func PointFromSnapshot(s remote.Snapshot) (p Point, ok bool) {
+	es, ts := s.Metadata[PointMetaEpoch], s.Metadata[PointMetaTime]
+	if es == "" || ts == "" {
+		return Point{}, false
+	}
+	e, err := strconv.ParseUint(es, 10, 63)
+	if err != nil {
+		return Point{}, false
+	}
+	t, err := time.Parse(time.RFC3339Nano, ts)
+	if err != nil {
+		return Point{}, false
+	}
+	return Point{ID: s.ID, Epoch: e, Time: t, Sequence: s.SequenceNumber, Consistent: remote.Sequence(s.SequenceNumber).IsComplete(e)}, true
+}
+
+// ListPoints lists the blob's recovery points, oldest first, and counts
+// its other (foreign) snapshots.
+func ListPoints(ctx context.Context, s Snapshotter) (points []Point, foreign int, err error) {
+	snaps, err := s.ListSnapshots(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	for _, sn := range snaps {
+		if p, ok := PointFromSnapshot(sn); ok {
+			points = append(points, p)
+		} else {
+			foreign++
+		}
+	}
+	return points, foreign, nil
+}
+
+// RecoveryPointsOptions configure RecoveryPoints.
+type RecoveryPointsOptions struct {
+	// Interval is the least time between two points (required, > 0).
+	Interval time.Duration
+	// Keep is how many points to keep (required, >= 1): after each new
+	// point, the oldest points beyond Keep are deleted.
+	Keep int
+	// LeaseID is the base blob's lease, sent with a delete only if the
+	// service asks for it (Azure and Azurite do not).
+	LeaseID string
+	// Timeout bounds the requests of one AfterBatch call (default 1 min),
+	// since the caller's next batch waits for them.
+	Timeout time.Duration
+	// Logger receives a line per point taken, deleted or failed.
+	Logger *slog.Logger
+	// Now is the clock (tests); nil means time.Now.
+	Now func() time.Time
+}
+
+// RecoveryPointStats are RecoveryPoints' counters, for status.
+type RecoveryPointStats struct {
+	Interval time.Duration
+	Keep     int
+	// Count is the number of recovery points the blob held at the last
+	// listing (after retention).
+	Count int
+	// Taken, Deleted and Failures count points created, points deleted by
+	// retention, and failed attempts (snapshot, listing or delete).
+	Taken, Deleted, Failures uint64
+	// LastID, LastEpoch and LastTime describe the newest point taken (or,
+	// before one is taken, the newest found on the blob).
+	LastID    string
+	LastEpoch uint64
+	LastTime  time.Time
+	// LastError is the last failure's text ("" once a point succeeds
+	// again) and LastErrorTime when it happened.
+	LastError     string
+	LastErrorTime time.Time
+}
+
+// RecoveryPoints takes a blob snapshot at the first epoch boundary after
+// each interval and keeps the newest Keep of them. It is driven by
+// AfterBatch, which the flusher calls each time it completes a batch (and
+// the staged-transfer apply worker each time it applies a segment).
+type RecoveryPoints struct {
+	s   Snapshotter
+	o   RecoveryPointsOptions
+	log *slog.Logger
+
+	run      sync.Mutex // serialises AfterBatch; guards the fields up to st
+	anchored bool       // the blob's existing points were looked at
+	due      bool       // take a point at the next boundary (a failure, or none yet)
+	last     time.Time  // when the newest point was taken
+	// taken and takenEpoch: the epoch of the newest point this process took.
+	taken      bool
+	takenEpoch uint64
+
+	mu sync.Mutex // guards st only: Stats never waits for a request
+	st RecoveryPointStats
+}
+
+// NewRecoveryPoints validates o and returns a RecoveryPoints for the blob
+// s. It sends no request.
+func NewRecoveryPoints(s Snapshotter, o RecoveryPointsOptions) (*RecoveryPoints, error) {
+	if o.Interval <= 0 {
+		return nil, fmt.Errorf("recovery points: interval %v: must be positive", o.Interval)
+	}
+	if o.Keep < 1 {
+		return nil, fmt.Errorf("recovery points: keep %d: must be at least 1", o.Keep)
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = time.Minute
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &RecoveryPoints{s: s, o: o, log: o.Logger, st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
+}
+
+// update changes the counters under their lock.
+func (p *RecoveryPoints) update(f func(*RecoveryPointStats)) {
+	p.mu.Lock()
+	f(&p.st)
+	p.mu.Unlock()
+}
+
+// Stats returns the counters; it never waits for a request in flight.
+func (p *RecoveryPoints) Stats() RecoveryPointStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.st
+}
+
+// AfterBatch is called right after the blob reached an epoch boundary:
+// every write up to the barrier that closed epoch epoch is on it, nothing
+// later, and its sequence number is the even 2*epoch. The caller must not
+// write to the blob until AfterBatch returns (the flusher calls it inside
+// sendBatch, before the next batch starts), so a snapshot taken here is
+// exactly the disk at that barrier.
+//
+// A point is taken when the interval has passed since the last one (or
+// none exists, or the previous attempt failed), then points beyond Keep
+// are deleted, oldest first. Failures never reach the caller: replication
+// goes on; they are counted, logged, kept in Stats, and the point is
+// attempted again at the next boundary.
+func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
+	p.run.Lock()
+	defer p.run.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, p.o.Timeout)
+	defer cancel()
+	if !p.anchored {
+		p.anchor(ctx)
+	}
+	now := p.o.Now()
+	if !p.due && now.Sub(p.last) < p.o.Interval {
+		return
+	}
+	if p.taken && epoch <= p.takenEpoch {
+		// The blob has not moved on since this process's newest point.
+		return
+	}
+	meta := map[string]string{
+		PointMetaEpoch: strconv.FormatUint(epoch, 10),
+		PointMetaTime:  now.UTC().Format(time.RFC3339Nano),
+	}
+	id, err := p.s.CreateSnapshot(ctx, meta)
+	if err != nil {
+		p.fail(ctx, fmt.Errorf("take recovery point of epoch %d: %w", epoch, err))
+		return
+	}
+	p.due = false
+	p.last = now
+	p.taken, p.takenEpoch = true, epoch
+	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", 2*epoch)
+	p.update(func(st *RecoveryPointStats) { st.LastError, st.LastErrorTime = "", time.Time{} })
+	kept := p.retain(ctx, id, epoch)
+	// Taken last, so that whoever waits for it sees this point's
+	// retention (Count, Deleted) done too.
+	p.update(func(st *RecoveryPointStats) {
+		st.Taken++
+		if kept {
+			st.LastID, st.LastEpoch, st.LastTime = id, epoch, now
+		}
+	})
+}
+
+// anchor reads the points the blob already has, so that a restart does
+// not take a point before the interval since the newest one has passed.
+// Without any (or if the listing fails) the next boundary takes one.
+func (p *RecoveryPoints) anchor(ctx context.Context) {
+	p.anchored = true // once: a listing that fails now will fail at retention too
+	points, _, err := ListPoints(ctx, p.s)
+	if err != nil {
+		p.fail(ctx, fmt.Errorf("list recovery points: %w", err))
+		return
+	}
+	if len(points) == 0 {
+		p.due = true
+		return
+	}
+	newest := points[len(points)-1]
+	p.last = newest.Time
+	p.update(func(st *RecoveryPointStats) {
+		st.Count = len(points)
+		st.LastID, st.LastEpoch, st.LastTime = newest.ID, newest.Epoch, newest.Time
+	})
+}
+
+// retain checks the new point id of epoch in a fresh listing and deletes
+// the oldest points beyond Keep. Only vhdsync's points are counted and
+// deleted. kept is false when the new point proved inconsistent (and was
+// deleted).
+func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) (kept bool) {
+	points, _, err := ListPoints(ctx, p.s)
+	if err != nil {
+		p.fail(ctx, fmt.Errorf("list recovery points for retention: %w", err))
+		return true
+	}
+	kept = true
+	for i, pt := range points {
+		if pt.ID != id {
+			continue
+		}
+		if !pt.Consistent {
+			// Someone else wrote to the blob: never keep a point that
+			// claims an epoch it does not hold.
+			err := fmt.Errorf("recovery point %s of epoch %d carries sequence number %d, not %d: the blob changed while it was taken; deleted it", id, epoch, pt.Sequence, 2*epoch)
+			if derr := p.s.DeleteSnapshot(ctx, id, p.o.LeaseID); derr != nil {
+				err = fmt.Errorf("%w (and deleting it failed: %w)", err, derr)
+			} else {
+				points = append(points[:i:i], points[i+1:]...)
+			}
+			kept = false
+			p.fail(ctx, err)
+		}
+		break
+	}
+	var errs []error
+	for len(points) > p.o.Keep {
+		old := points[0]
+		if err := p.s.DeleteSnapshot(ctx, old.ID, p.o.LeaseID); err != nil {
+			errs = append(errs, fmt.Errorf("delete recovery point %s (epoch %d): %w", old.ID, old.Epoch, err))
+			break
+		}
+		p.update(func(st *RecoveryPointStats) { st.Deleted++ })
+		p.log.Info("recovery point deleted (retention)", "point", old.ID, "epoch", old.Epoch, "keep", p.o.Keep)
+		points = points[1:]
+	}
+	p.update(func(st *RecoveryPointStats) { st.Count = len(points) })
+	if err := errors.Join(errs...); err != nil {
+		p.failRetention(ctx, err)
+	}
+	return kept
+}
+
+// fail records a failed point attempt: the next boundary tries again.
+func (p *RecoveryPoints) fail(ctx context.Context, err error) {
+	p.due = true
+	p.failRetention(ctx, err)
+}
+
+// failRetention records a failure that does not need a new point (a
+// delete that failed is retried after the next point).
+func (p *RecoveryPoints) failRetention(ctx context.Context, err error) {
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		// Stopping (unmount): not a failure of the remote.
+		p.log.Debug("recovery points: stopped", "err", err)
+		return
+	}
+	msg, _, _ := strings.Cut(err.Error(), "\n")
+	p.update(func(st *RecoveryPointStats) {
+		st.Failures++
+		st.LastError, st.LastErrorTime = msg, p.o.Now()
+	})
+	p.log.Warn("recovery point failed; replication goes on, retrying at the next epoch boundary", "err", msg)
+}

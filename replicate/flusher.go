@@ -1,0 +1,438 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/remote"
+)
+
+// FlusherOptions tune a Flusher. Zero values take the defaults.
+type FlusherOptions struct {
+	// MaxBatchBytes bounds the journal bytes read into one batch: several
+	// small epochs are merged up to this size (default 64 MiB).
+	MaxBatchBytes int64
+	// Linger is how long the flusher lets an open epoch collect writes
+	// before it closes it itself (default 250 ms). It bounds how far the
+	// blob falls behind a writer that never issues fsync.
+	Linger time.Duration
+	// SyncImage makes the local image durable; it runs before drained
+	// records are deleted, so a power loss never leaves data in neither.
+	SyncImage func() error
+	// Logger receives progress messages.
+	Logger *slog.Logger
+	// Sink, when set, selects the staged transfer: batches are delivered
+	// to it (staged.Sink packs them into segments) instead of being sent
+	// to the blob.
+	Sink Sink
+	// AfterBatch, when set, is called each time a batch is complete on
+	// the blob (its sequence number raised to remote.Complete(epoch)),
+	// before the next batch starts: the blob is then exactly the disk at
+	// the barrier that closed epoch. RecoveryPoints.AfterBatch fits here.
+	// It must not fail the flusher: it reports its own errors. Direct
+	// transfer only: with a Sink the flusher never writes the blob (the
+	// apply worker calls RecoveryPoints.AfterBatch after each segment).
+	AfterBatch func(ctx context.Context, epoch uint64)
+}
+
+// Batch is one batch of whole epochs First..Last, read from the journal
+// and coalesced: what a Sink delivers.
+type Batch struct {
+	First, Last uint64
+	// Records are the batch's journal records, payloads dropped (the
+	// spans reference what they send); the commit deletes them.
+	Records []journal.Record
+	// Spans are the coalesced requests, disjoint.
+	Spans []Span
+}
+
+// Delivered is a batch a Sink has delivered: the flusher commits it.
+type Delivered struct {
+	Records []journal.Record
+	Last    uint64
+	// What describes the delivery for the log.
+	What string
+	// Counters: segments stored, bytes uploaded, data and cleared bytes
+	// they carry.
+	Segments, BytesSent, DataBytes, BytesCleared uint64
+}
+
+// Sink delivers batches somewhere other than the blob: the staged
+// transfer. The flusher reads, coalesces and commits; the sink delivers,
+// and reports deliveries strictly in order.
+type Sink interface {
+	// Epoch is the last epoch delivered before this run.
+	Epoch() uint64
+	// Deliver hands one batch over. It may return before the batch is
+	// delivered; it returns the batches delivered since the last call,
+	// oldest first, waiting for the oldest while too many are in flight.
+	Deliver(ctx context.Context, b Batch) ([]Delivered, error)
+	// Settle waits until every batch handed over is delivered and
+	// returns them, oldest first.
+	Settle(ctx context.Context) ([]Delivered, error)
+	// Pending reports whether batches handed over are not settled yet.
+	Pending() bool
+	// Wait waits for deliveries still running after Deliver's or
+	// Settle's context ended, so none touches the remote after the
+	// flusher stopped.
+	Wait()
+}
+
+// FlusherStats is a snapshot of the flusher's counters.
+type FlusherStats struct {
+	SenderStats
+	RemoteEpoch uint64 // last epoch the blob holds completely
+	Batches     uint64
+	// Staged transfer: segments stored and the data bytes they carry
+	// (BytesSent is then the compressed bytes uploaded).
+	Segments        uint64
+	StagedDataBytes uint64
+}
+
+// Flusher drains the journal to the remote in order, through a Sender
+// (which keeps the ordering rule) or a Sink (the staged transfer).
+type Flusher struct {
+	j   *journal.Journal
+	s   *Sender
+	o   FlusherOptions
+	log *slog.Logger
+
+	next    uint64 // next seq to read
+	minLast uint64 // the first batch must reach this epoch (crash mid-batch)
+	epoch   atomic.Uint64
+
+	kick   chan struct{}
+	urgent atomic.Bool
+	mu     sync.Mutex
+	done   chan struct{} // closed and replaced after every batch
+
+	batches, segments, stagedData, stagedSent, stagedCleared atomic.Uint64
+	committer                                                *committer // commits in the background
+}
+
+// NewFlusher prepares a flusher for journal j that sends through s (whose
+// sequence number is the blob's now).
+func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
+	if o.MaxBatchBytes <= 0 {
+		o.MaxBatchBytes = 64 << 20
+	}
+	if o.Linger <= 0 {
+		o.Linger = 250 * time.Millisecond
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	f := &Flusher{j: j, s: s, o: o, log: o.Logger, kick: make(chan struct{}, 1), done: make(chan struct{})}
+	seq := s.Sequence()
+	f.epoch.Store(seq.Epoch())
+	if o.Sink != nil {
+		// Progress is what was staged; the apply worker owns the blob's
+		// sequence number.
+		f.epoch.Store(o.Sink.Epoch())
+	} else if seq.InProgress() {
+		// A batch ending at epoch seq.Target() was in progress when the
+		// last writer stopped: the first batch must cover it again.
+		f.minLast = seq.Target()
+	}
+	return f
+}
+
+// Kick wakes the flusher (a write arrived).
+func (f *Flusher) Kick() {
+	select {
+	case f.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Stats returns the flusher's counters.
+func (f *Flusher) Stats() FlusherStats {
+	s := FlusherStats{SenderStats: f.s.Stats()}
+	s.RemoteEpoch = f.epoch.Load()
+	s.Batches = f.batches.Load()
+	s.Segments = f.segments.Load()
+	s.StagedDataBytes = f.stagedData.Load()
+	s.BytesSent += f.stagedSent.Load()
+	s.BytesCleared += f.stagedCleared.Load()
+	return s
+}
+
+// Run drains the journal until ctx ends or a permanent error (lease lost,
+// authentication, a fence that fired) stops it; that error is returned and
+// stays visible in Stats. Transient errors are retried forever.
+func (f *Flusher) Run(ctx context.Context) error {
+	// Uploads still running when Run returns end with ctx; wait for them
+	// so none touches the store after the flusher stopped.
+	ctx, cancel := context.WithCancel(ctx)
+	f.startCommitter()
+	defer func() {
+		cancel()
+		if f.o.Sink != nil {
+			f.o.Sink.Wait()
+		}
+		f.stopCommitter()
+	}()
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
+	lingering := false
+	// emptyAt is the closed epoch at the last scan that found nothing.
+	// Appends only ever go to the open epoch, so until another epoch
+	// closes a new scan would find nothing either: every write kicks the
+	// flusher, and skipping the scan keeps badger off the write path.
+	emptyAt, scanned := uint64(0), false
+	for {
+		if ctx.Err() != nil {
+			f.s.SetState(StateStopped, nil)
+			return nil
+		}
+		if err := f.commitErr(); err != nil {
+			return f.stop(ctx, err)
+		}
+		var recs []journal.Record
+		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
+			var err error
+			recs, err = f.j.ReadBatch(f.next, f.o.MaxBatchBytes, f.minLast)
+			if err != nil {
+				f.s.SetState(StateFailed, err)
+				return err
+			}
+			scanned, emptyAt = len(recs) == 0, closed
+		}
+		if len(recs) > 0 {
+			lingering = false
+			f.s.SetState(StateDraining, nil)
+			if err := f.sendBatch(ctx, recs); err != nil {
+				return f.stop(ctx, err)
+			}
+			continue
+		}
+		if f.o.Sink != nil && f.o.Sink.Pending() {
+			// Nothing more to read: commit the segments still uploading
+			// (Drain waits for an empty journal).
+			ds, err := f.o.Sink.Settle(ctx)
+			if err == nil {
+				err = f.commitDelivered(ds)
+			}
+			if err != nil {
+				return f.stop(ctx, err)
+			}
+			continue
+		}
+		if f.j.OpenEpochHasRecords() {
+			if f.urgent.Load() {
+				f.j.CloseEpoch()
+				continue
+			}
+			if !lingering {
+				lingering = true
+				linger.Reset(f.o.Linger)
+			}
+		} else {
+			f.s.SetState(StateIdle, nil)
+		}
+		select {
+		case <-ctx.Done():
+		case <-f.kick:
+		case <-linger.C:
+			lingering = false
+			f.j.CloseEpoch()
+		}
+	}
+}
+
+// stop ends Run after err: a cancelled ctx is a normal stop, anything else
+// a failure that stays visible in Stats.
+func (f *Flusher) stop(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		f.s.SetState(StateStopped, nil)
+		return nil
+	}
+	f.s.SetState(StateFailed, err)
+	f.log.Error("flusher stopped", "err", err)
+	return err
+}
+
+// Drain asks the flusher to send everything journaled so far without
+// lingering and waits until the journal is empty (or ctx ends, or the
+// flusher fails).
+func (f *Flusher) Drain(ctx context.Context) error {
+	f.urgent.Store(true)
+	defer f.urgent.Store(false)
+	for {
+		f.mu.Lock()
+		done := f.done
+		f.mu.Unlock()
+		state, lastErr := f.s.stateErr()
+		if state == StateFailed {
+			return fmt.Errorf("drain: the flusher stopped: %w", lastErr)
+		}
+		if f.j.Stats().PendingRecords == 0 {
+			return nil
+		}
+		f.Kick()
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("drain: %w", ctx.Err())
+		case <-done:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// sendBatch delivers one batch: whole epochs first..last, coalesced, sent
+// through the Sender (which keeps the order, see Sender.SendEpochs) or
+// handed to the Sink.
+func (f *Flusher) sendBatch(ctx context.Context, recs []journal.Record) error {
+	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
+	// The records must be durable locally before the blob (or the staging
+	// store) has them: otherwise a power loss could leave the blob ahead of
+	// the image.
+	if err := f.j.Sync(); err != nil {
+		return err
+	}
+	var c coalescer
+	for i := range recs {
+		c.add(&recs[i])
+	}
+	spans := c.spans(remote.MaxPutPage)
+	// The spans reference the payloads they send from: a payload none of
+	// them references (overwritten by a later record of the batch, or
+	// cleared whole) is freed now rather than held while the batch is
+	// retried for as long as the remote is down; the commit needs none.
+	for i := range recs {
+		recs[i].Data = nil
+	}
+	f.next = recs[len(recs)-1].Seq + 1
+	if f.o.Sink != nil {
+		ds, err := f.o.Sink.Deliver(ctx, Batch{First: first, Last: last, Records: recs, Spans: spans})
+		if err != nil {
+			return err
+		}
+		f.minLast = 0
+		return f.commitDelivered(ds)
+	}
+	if err := f.s.SendEpochs(ctx, first, last, spans, false); err != nil {
+		return err
+	}
+	f.epoch.Store(last)
+	if f.o.AfterBatch != nil {
+		f.o.AfterBatch(ctx, last)
+	}
+	// The blob holds the batch: the next batch may go out while this one
+	// is committed locally (image sync, journal delete) in the background;
+	// the commit needs no payload (dropped above).
+	f.minLast = 0
+	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), f.s.Sequence()))
+}
+
+// commitDelivered commits, in order, the batches a Sink delivered.
+func (f *Flusher) commitDelivered(ds []Delivered) error {
+	for _, d := range ds {
+		f.segments.Add(d.Segments)
+		f.stagedSent.Add(d.BytesSent)
+		f.stagedData.Add(d.DataBytes)
+		f.stagedCleared.Add(d.BytesCleared)
+		f.epoch.Store(d.Last)
+		if err := f.commitBatch(d.Records, d.What); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// committer commits batches the blob already holds, one at a time and in
+// order, so the image sync and the journal delete of batch n overlap the
+// upload of batch n+1. Nothing it does touches the remote: the order of
+// the blob's contents is kept by sendBatch alone.
+type committer struct {
+	jobs chan commitJob
+	done chan struct{}
+	err  error // set before done is closed
+}
+
+type commitJob struct {
+	recs []journal.Record
+	what string
+}
+
+func (f *Flusher) startCommitter() {
+	c := &committer{jobs: make(chan commitJob, 1), done: make(chan struct{})}
+	f.committer = c
+	go func() {
+		defer close(c.done)
+		for job := range c.jobs {
+			if err := f.commitBatch(job.recs, job.what); err != nil {
+				c.err = err
+				// Later jobs are not committed: their records stay in the
+				// journal and are sent again by the next flusher.
+				for range c.jobs {
+				}
+				return
+			}
+		}
+	}()
+}
+
+// stopCommitter lets the committer finish the batches queued (the blob
+// holds them) and waits for it.
+func (f *Flusher) stopCommitter() {
+	close(f.committer.jobs)
+	<-f.committer.done
+}
+
+// commitErr returns the error that stopped the committer, if it stopped.
+func (f *Flusher) commitErr() error {
+	select {
+	case <-f.committer.done:
+		return f.committer.err
+	default:
+		return nil
+	}
+}
+
+func (f *Flusher) queueCommit(ctx context.Context, recs []journal.Record, what string) error {
+	if err := f.commitErr(); err != nil {
+		return err
+	}
+	select {
+	case f.committer.jobs <- commitJob{recs: recs, what: what}:
+		return nil
+	case <-f.committer.done:
+		return f.committer.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// commitBatch ends a batch the remote (blob or staging) holds: the image
+// is made durable, then the batch's records are deleted from the journal.
+func (f *Flusher) commitBatch(recs []journal.Record, what string) error {
+	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
+	// Every record of the batch must be in the image before the image is
+	// synced and the records deleted (see Journal.appendApply).
+	f.j.WaitApplied()
+	if f.o.SyncImage != nil {
+		if err := f.o.SyncImage(); err != nil {
+			return fmt.Errorf("sync local image: %w", err)
+		}
+	}
+	if err := f.j.Delete(recs, last); err != nil {
+		return err
+	}
+	f.batches.Add(1)
+	f.log.Debug("batch committed", "epochs", fmt.Sprintf("%d-%d", first, last), "records", len(recs), "delivered", what)
+	f.mu.Lock()
+	close(f.done)
+	f.done = make(chan struct{})
+	f.mu.Unlock()
+	return nil
+}
+
+// ErrFlusherStopped is returned by Drain when the flusher is not running.
+var ErrFlusherStopped = errors.New("flusher stopped")
