@@ -17,7 +17,7 @@ import (
 	"github.com/vhdsync/vhdsync/internal/azurite"
 	"github.com/vhdsync/vhdsync/internal/azurite/throttle"
 	"github.com/vhdsync/vhdsync/vhdlayer"
-	"github.com/vhdsync/vhdsync/writeback/pageblob"
+	"github.com/vhdsync/vhdsync/azure/pageblob"
 )
 
 // TestStormThroughAzurite sends a burst of concurrent Put Pages through the
