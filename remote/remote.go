@@ -101,6 +101,14 @@ type Remote interface {
 	ReleaseLease(ctx context.Context, id string) error
 }
 
+// Throttling is implemented by remotes that pace themselves against the
+// service's rate limits (azure/pageblob): how many answers were throttled
+// (and sent again), and how many requests may be in flight now.
+type Throttling interface {
+	Throttled() uint64
+	InFlightLimit() int
+}
+
 // transient is implemented by errors that say whether a retry can help
 // (the Azure edge's service errors, TransientError).
 type transient interface{ Transient() bool }

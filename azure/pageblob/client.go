@@ -56,7 +56,17 @@ type Client struct {
 	cc   *container.Client
 	// snapshot is the snapshot this client reads (AtSnapshot), or "".
 	snapshot string
+	// bp paces the requests to the blob (shared with its snapshots'
+	// clients: the service's limits are per blob).
+	bp *backpressure
 }
+
+// Throttled counts the answers the service refused for its rate limits
+// (503 ServerBusy, 500 OperationTimedOut, 429); each was sent again.
+func (c *Client) Throttled() uint64 { return c.bp.throttled.Load() }
+
+// InFlightLimit is the adaptive limit on requests in flight to the blob.
+func (c *Client) InFlightLimit() int { return c.bp.InFlightLimit() }
 
 // Open prepares a client for the blob at rawURL. It sends no request:
 // errors here are about the URL or the credentials' format.
@@ -72,14 +82,16 @@ func Open(rawURL string, o *Options) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	copts := azcore.ClientOptions{Transport: o.Transport, PerCallPolicies: o.PerCallPolicies}
+	bp := newBackpressure()
+	copts := azcore.ClientOptions{Transport: o.Transport, PerCallPolicies: o.PerCallPolicies,
+		PerRetryPolicies: []policy.Policy{bp.policy()}}
 	copts.Retry.MaxRetries = o.MaxRetries
 	copts.Retry.TryTimeout = o.TryTimeout
 	// Never log request URLs or headers: they may carry a SAS.
 	copts.Logging.AllowedQueryParams = nil
 	popts := &pageblob.ClientOptions{ClientOptions: copts}
 	ccopts := &container.ClientOptions{ClientOptions: copts}
-	c := &Client{loc: loc}
+	c := &Client{loc: loc, bp: bp}
 
 	blobURL, contURL := loc.URL(), loc.ContainerURL()
 	key, account := "", loc.Account

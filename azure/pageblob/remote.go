@@ -10,7 +10,16 @@ import (
 // replication core writes through.
 type Remote struct{ C *Client }
 
-var _ remote.Remote = Remote{}
+var (
+	_ remote.Remote     = Remote{}
+	_ remote.Throttling = Remote{}
+)
+
+// Throttled implements remote.Throttling.
+func (a Remote) Throttled() uint64 { return a.C.Throttled() }
+
+// InFlightLimit implements remote.Throttling.
+func (a Remote) InFlightLimit() int { return a.C.InFlightLimit() }
 
 // PutPages implements remote.Remote.
 func (a Remote) PutPages(ctx context.Context, off int64, data remote.Pages, c remote.Cond) error {
