@@ -1173,20 +1173,27 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
+	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes)
+}
+
+// drained updates the journal after the deletion of drained records up to
+// lastSeq (durable in badger): the drained epoch, the segments no pending
+// record needs, and the pending counters.
+func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64) error {
 	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
 	// Whole segments whose records are all drained are deleted, after the
 	// index deletions are durable (so no index entry can outlive its
 	// payload).
-	if _, err := j.segs.reclaim(recs[len(recs)-1].Seq, j.syncIndex); err != nil {
+	if _, err := j.segs.reclaim(lastSeq, j.syncIndex); err != nil {
 		return err
 	}
-	next, err := j.firstPendingTime(recs[len(recs)-1].Seq + 1)
+	next, err := j.firstPendingTime(lastSeq + 1)
 	if err != nil {
 		return err
 	}
 	j.mu.Lock()
 	j.pendingBytes -= bytes
-	j.pendingRecords -= int64(len(recs))
+	j.pendingRecords -= records
 	if j.pendingRecords < 0 || j.pendingBytes < 0 {
 		j.pendingRecords, j.pendingBytes = max(j.pendingRecords, 0), max(j.pendingBytes, 0)
 	}

@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"bytes"
+	"context"
 	"cmp"
 	"slices"
 
@@ -17,6 +18,9 @@ type extent struct {
 	zero     bool   // zero or discard: cleared on the remote
 	data     []byte // len == end-off when !zero (nil when only ranges are coalesced)
 	src      int32  // index of the record it came from (replay)
+	// rec is the record whose payload holds the data (lazy batches: the
+	// payload is read from the journal when the span is sent).
+	rec *journal.Record
 }
 
 // coalescer builds the coalesced view of a batch: non-overlapping extents
@@ -134,7 +138,7 @@ func (h *ageHeap) pop() {
 }
 
 func (e extent) slice(from, to int64) extent {
-	s := extent{off: from, end: to, zero: e.zero, src: e.src}
+	s := extent{off: from, end: to, zero: e.zero, src: e.src, rec: e.rec}
 	if !e.zero && e.data != nil {
 		s.data = e.data[from-e.off : to-e.off]
 	}
@@ -151,6 +155,11 @@ type Span struct {
 	// copied every byte of a batch once more and held the batch twice
 	// while the spans were built.
 	Data remote.Pages
+	// Load, when set, reads the payload of a planned Put Page when it is
+	// sent (Data is nil then): the requests it becomes, and what its fills
+	// found. Fill is the planned fill bytes (see plan.go).
+	Load func(ctx context.Context) ([]Span, LoadStats, error)
+	Fill int64
 }
 
 // zeroPages backs the zero runs sent inside a Put Page that no single

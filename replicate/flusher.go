@@ -15,9 +15,27 @@ import (
 
 // FlusherOptions tune a Flusher. Zero values take the defaults.
 type FlusherOptions struct {
-	// MaxBatchBytes bounds the journal bytes read into one batch: several
-	// small epochs are merged up to this size (default 64 MiB).
+	// MaxBatchBytes bounds the journal bytes of one batch while the
+	// flusher keeps up: several small epochs are merged up to this size
+	// (default 64 MiB). When the journal holds more (a backlog), batches
+	// are bounded by MaxBatchDistinct instead.
 	MaxBatchBytes int64
+	// MaxBatchDistinct bounds the distinct bytes (after the last write
+	// wins) one batch sends while the flusher catches up (default 1 GiB):
+	// how long the blob stays odd (not a consistent disk) while a backlog
+	// drains, at the blob's byte rate. Payloads are read when sent, so it
+	// costs no memory.
+	MaxBatchDistinct int64
+	// MaxBatchExtents bounds the distinct ranges of a batch: its memory
+	// (about 100 bytes each; default 1 Mi).
+	MaxBatchExtents int
+	// RequestCost is what one request costs in bytes of Put Page payload,
+	// the cost model for joining ranges (fills) and clearing zero runs
+	// (default: a standard page blob's 60 MiB/s over 500 requests/s).
+	RequestCost int64
+	// Image, when set, lets Put Pages carry clean sectors read from the
+	// local image between pending ranges (fills, see plan.go).
+	Image Image
 	// Linger is how long the flusher lets an open epoch collect writes
 	// before it closes it itself (default 250 ms). It bounds how far the
 	// blob falls behind a writer that never issues fsync.
@@ -45,16 +63,16 @@ type FlusherOptions struct {
 // and coalesced: what a Sink delivers.
 type Batch struct {
 	First, Last uint64
-	// Records are the batch's journal records, payloads dropped (the
-	// spans reference what they send); the commit deletes them.
-	Records []journal.Record
-	// Spans are the coalesced requests, disjoint.
+	// Drained is the batch's records, which the commit deletes.
+	Drained journal.Drained
+	// Spans are the coalesced requests, disjoint; planned ones are read
+	// by Span.Load, which must be called before Deliver returns.
 	Spans []Span
 }
 
 // Delivered is a batch a Sink has delivered: the flusher commits it.
 type Delivered struct {
-	Records []journal.Record
+	Drained journal.Drained
 	Last    uint64
 	// What describes the delivery for the log.
 	What string
@@ -121,6 +139,15 @@ type Flusher struct {
 func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 	if o.MaxBatchBytes <= 0 {
 		o.MaxBatchBytes = 64 << 20
+	}
+	if o.MaxBatchDistinct <= 0 {
+		o.MaxBatchDistinct = 1 << 30
+	}
+	if o.MaxBatchExtents <= 0 {
+		o.MaxBatchExtents = 1 << 20
+	}
+	if o.RequestCost <= 0 {
+		o.RequestCost = requestCost
 	}
 	if o.Linger <= 0 {
 		o.Linger = 250 * time.Millisecond
@@ -194,20 +221,21 @@ func (f *Flusher) Run(ctx context.Context) error {
 		if err := f.commitErr(); err != nil {
 			return f.stop(ctx, err)
 		}
-		var recs []journal.Record
+		var b *batch
 		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
 			var err error
-			recs, err = f.j.ReadBatch(f.next, f.o.MaxBatchBytes, f.minLast)
-			if err != nil {
+			if b, err = f.plan(); err != nil {
 				f.s.SetState(StateFailed, err)
 				return err
 			}
-			scanned, emptyAt = len(recs) == 0, closed
+			scanned, emptyAt = b == nil, closed
 		}
-		if len(recs) > 0 {
+		if b != nil {
 			lingering = false
 			f.s.SetState(StateDraining, nil)
-			if err := f.sendBatch(ctx, recs); err != nil {
+			err := f.sendBatch(ctx, b)
+			b.done()
+			if err != nil {
 				return f.stop(ctx, err)
 			}
 			continue
@@ -288,29 +316,18 @@ func (f *Flusher) Drain(ctx context.Context) error {
 // sendBatch delivers one batch: whole epochs first..last, coalesced, sent
 // through the Sender (which keeps the order, see Sender.SendEpochs) or
 // handed to the Sink.
-func (f *Flusher) sendBatch(ctx context.Context, recs []journal.Record) error {
-	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
+func (f *Flusher) sendBatch(ctx context.Context, b *batch) error {
+	first, last := b.first, b.last
 	// The records must be durable locally before the blob (or the staging
 	// store) has them: otherwise a power loss could leave the blob ahead of
 	// the image.
 	if err := f.j.Sync(); err != nil {
 		return err
 	}
-	var c coalescer
-	for i := range recs {
-		c.add(&recs[i])
-	}
-	spans := c.spans(remote.MaxPutPage)
-	// The spans reference the payloads they send from: a payload none of
-	// them references (overwritten by a later record of the batch, or
-	// cleared whole) is freed now rather than held while the batch is
-	// retried for as long as the remote is down; the commit needs none.
-	for i := range recs {
-		recs[i].Data = nil
-	}
-	f.next = recs[len(recs)-1].Seq + 1
+	spans := b.spans(f.j, remote.MaxPutPage, f.o.RequestCost)
+	f.next = b.drained.LastSeq + 1
 	if f.o.Sink != nil {
-		ds, err := f.o.Sink.Deliver(ctx, Batch{First: first, Last: last, Records: recs, Spans: spans})
+		ds, err := f.o.Sink.Deliver(ctx, Batch{First: first, Last: last, Drained: b.drained, Spans: spans})
 		if err != nil {
 			return err
 		}
@@ -325,10 +342,9 @@ func (f *Flusher) sendBatch(ctx context.Context, recs []journal.Record) error {
 		f.o.AfterBatch(ctx, last)
 	}
 	// The blob holds the batch: the next batch may go out while this one
-	// is committed locally (image sync, journal delete) in the background;
-	// the commit needs no payload (dropped above).
+	// is committed locally (image sync, journal delete) in the background.
 	f.minLast = 0
-	return f.queueCommit(ctx, recs, fmt.Sprintf("%d spans, sequence %d", len(spans), f.s.Sequence()))
+	return f.queueCommit(ctx, b.drained, fmt.Sprintf("%d spans, sequence %d", len(spans), f.s.Sequence()))
 }
 
 // commitDelivered commits, in order, the batches a Sink delivered.
@@ -339,7 +355,7 @@ func (f *Flusher) commitDelivered(ds []Delivered) error {
 		f.stagedData.Add(d.DataBytes)
 		f.stagedCleared.Add(d.BytesCleared)
 		f.epoch.Store(d.Last)
-		if err := f.commitBatch(d.Records, d.What); err != nil {
+		if err := f.commitBatch(d.Drained, d.What); err != nil {
 			return err
 		}
 	}
@@ -357,7 +373,7 @@ type committer struct {
 }
 
 type commitJob struct {
-	recs []journal.Record
+	d    journal.Drained
 	what string
 }
 
@@ -367,7 +383,7 @@ func (f *Flusher) startCommitter() {
 	go func() {
 		defer close(c.done)
 		for job := range c.jobs {
-			if err := f.commitBatch(job.recs, job.what); err != nil {
+			if err := f.commitBatch(job.d, job.what); err != nil {
 				c.err = err
 				// Later jobs are not committed: their records stay in the
 				// journal and are sent again by the next flusher.
@@ -396,12 +412,12 @@ func (f *Flusher) commitErr() error {
 	}
 }
 
-func (f *Flusher) queueCommit(ctx context.Context, recs []journal.Record, what string) error {
+func (f *Flusher) queueCommit(ctx context.Context, d journal.Drained, what string) error {
 	if err := f.commitErr(); err != nil {
 		return err
 	}
 	select {
-	case f.committer.jobs <- commitJob{recs: recs, what: what}:
+	case f.committer.jobs <- commitJob{d: d, what: what}:
 		return nil
 	case <-f.committer.done:
 		return f.committer.err
@@ -412,8 +428,7 @@ func (f *Flusher) queueCommit(ctx context.Context, recs []journal.Record, what s
 
 // commitBatch ends a batch the remote (blob or staging) holds: the image
 // is made durable, then the batch's records are deleted from the journal.
-func (f *Flusher) commitBatch(recs []journal.Record, what string) error {
-	first, last := recs[0].Epoch, recs[len(recs)-1].Epoch
+func (f *Flusher) commitBatch(d journal.Drained, what string) error {
 	// Every record of the batch must be in the image before the image is
 	// synced and the records deleted (see Journal.appendApply).
 	f.j.WaitApplied()
@@ -422,11 +437,11 @@ func (f *Flusher) commitBatch(recs []journal.Record, what string) error {
 			return fmt.Errorf("sync local image: %w", err)
 		}
 	}
-	if err := f.j.Delete(recs, last); err != nil {
+	if err := f.j.DeleteRange(d); err != nil {
 		return err
 	}
 	f.batches.Add(1)
-	f.log.Debug("batch committed", "epochs", fmt.Sprintf("%d-%d", first, last), "records", len(recs), "delivered", what)
+	f.log.Debug("batch committed", "seqs", fmt.Sprintf("%d-%d", d.FirstSeq, d.LastSeq), "last_epoch", d.LastEpoch, "records", d.Records, "delivered", what)
 	f.mu.Lock()
 	close(f.done)
 	f.done = make(chan struct{})

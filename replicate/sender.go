@@ -53,6 +53,15 @@ type SenderStats struct {
 	BytesSent      uint64
 	BytesCleared   uint64
 	Retries        uint64
+	// FilledBytes are clean bytes read from the image and sent inside Put
+	// Pages to join pending ranges (fills); UnfilledBytes the planned fill
+	// bytes that were not sent (written since the plan, or holes).
+	FilledBytes, UnfilledBytes uint64
+	// Throttled counts the answers the service refused for its rate
+	// limits (sent again); InFlightLimit is the remote's adaptive limit on
+	// requests in flight (0: the remote does not pace itself).
+	Throttled     uint64
+	InFlightLimit int
 }
 
 // Sender is the one fenced writer of epochs to the blob: both the flusher
@@ -71,6 +80,7 @@ type Sender struct {
 	lastErr error
 
 	puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
+	filled, unfilled                               atomic.Uint64
 }
 
 // NewSender prepares a sender for remote r, whose sequence number is seq
@@ -140,6 +150,12 @@ func (s *Sender) Stats() SenderStats {
 	out.BytesSent = s.sent.Load()
 	out.BytesCleared = s.cleared.Load()
 	out.Retries = s.retries.Load()
+	out.FilledBytes = s.filled.Load()
+	out.UnfilledBytes = s.unfilled.Load()
+	if t, ok := s.r.(remote.Throttling); ok {
+		out.Throttled = t.Throttled()
+		out.InFlightLimit = t.InFlightLimit()
+	}
 	return out
 }
 
@@ -233,8 +249,23 @@ func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond) err
 	return ctx.Err()
 }
 
-// sendSpan sends one span, retried until it lands or fails for good.
+// sendSpan sends one span, retried until it lands or fails for good. A
+// planned span is loaded first and sent as the requests it becomes.
 func (s *Sender) sendSpan(ctx context.Context, sp Span, c remote.Cond) error {
+	if sp.Load != nil {
+		subs, st, err := sp.Load(ctx)
+		if err != nil {
+			return fmt.Errorf("read the payload of %d+%d: %w", sp.Off, sp.End-sp.Off, err)
+		}
+		s.filled.Add(uint64(st.Filled))
+		s.unfilled.Add(uint64(st.Unfilled))
+		for _, sub := range subs {
+			if err := s.sendSpan(ctx, sub, c); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	if sp.Clear {
 		err := s.Retry(ctx, "clear pages", func(ctx context.Context) error {
 			return s.r.ClearPages(ctx, sp.Off, sp.End-sp.Off, c)

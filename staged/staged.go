@@ -119,9 +119,22 @@ func (k *Sink) Deliver(ctx context.Context, b replicate.Batch) ([]replicate.Deli
 	if b.Last <= prev {
 		return nil, fmt.Errorf("stage epochs %d-%d: not after the staged epoch %d (a bug: please report it with the log)", b.First, b.Last, prev)
 	}
-	ranges := make([]segfile.Range, len(b.Spans))
+	// Planned spans are read now: the segment is built in memory.
+	var spans []replicate.Span
+	for _, sp := range b.Spans {
+		if sp.Load == nil {
+			spans = append(spans, sp)
+			continue
+		}
+		subs, _, err := sp.Load(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("read the payload of %d+%d: %w", sp.Off, sp.End-sp.Off, err)
+		}
+		spans = append(spans, subs...)
+	}
+	ranges := make([]segfile.Range, len(spans))
 	var data, cleared uint64
-	for i, s := range b.Spans {
+	for i, s := range spans {
 		ranges[i] = segfile.Range{Off: s.Off, Len: s.End - s.Off, Zero: s.Clear}
 		if s.Clear {
 			cleared += uint64(s.End - s.Off)
@@ -137,9 +150,8 @@ func (k *Sink) Deliver(ctx context.Context, b replicate.Batch) ([]replicate.Deli
 		}
 		k.enc = enc
 	}
-	recs := b.Records
 	h := segfile.Header{DiskID: k.o.DiskID, PrevEpoch: prev, FirstEpoch: b.First, LastEpoch: b.Last,
-		FirstSeq: recs[0].Seq, LastSeq: recs[len(recs)-1].Seq}
+		FirstSeq: b.Drained.FirstSeq, LastSeq: b.Drained.LastSeq}
 	seg, err := segfile.Encode(h, ranges, k.enc)
 	if err != nil {
 		return nil, err
@@ -147,7 +159,7 @@ func (k *Sink) Deliver(ctx context.Context, b replicate.Batch) ([]replicate.Deli
 	name := segfile.Name(prev, b.Last)
 	// Only the segment is kept in memory while it uploads.
 	u := &upload{name: name, done: make(chan struct{}), d: replicate.Delivered{
-		Records: recs, Last: b.Last, Segments: 1, BytesSent: uint64(len(seg)), DataBytes: data, BytesCleared: cleared,
+		Drained: b.Drained, Last: b.Last, Segments: 1, BytesSent: uint64(len(seg)), DataBytes: data, BytesCleared: cleared,
 		What: fmt.Sprintf("segment %s, %d ranges, %d bytes", name, len(ranges), len(seg)),
 	}}
 	k.uploads.Add(1)

@@ -40,6 +40,9 @@ type DiskOptions struct {
 	// sequence number). DiskID names the disk in every segment.
 	Staging staged.SegmentStore
 	DiskID  string
+	// NoFills keeps Put Pages to pending ranges only: no clean sectors
+	// read from the image join them (see fill.go). For comparisons.
+	NoFills bool
 	// StagedUploads is how many segments upload in parallel (default 2).
 	StagedUploads int
 	Journal       journal.Options
@@ -149,6 +152,9 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	}
 	d.j.RaiseEpoch(above + 1)
 	o.Flusher.SyncImage = func() error { return journal.Datasync(d.img) }
+	if !o.NoFills {
+		o.Flusher.Image = d
+	}
 	d.f = replicate.NewFlusher(d.j, sender, o.Flusher)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	d.cancel = cancel

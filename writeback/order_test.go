@@ -654,7 +654,7 @@ func propFinalCheck(t propT, dir string, r *remote.MemRemote, m *diskModel, clos
 // state the blob passes through is checked by checkOrder.
 func TestOrderProperty(t *testing.T) {
 	var total orderStats
-	cases, steps, batches := 0, 0, uint64(0)
+	cases, steps, batches, filled, unfilled := 0, 0, uint64(0), uint64(0), uint64(0)
 	base := propBaseDir(t)
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
@@ -717,9 +717,14 @@ func TestOrderProperty(t *testing.T) {
 		steps += m.last()
 		total.add(ost)
 		batches += st.Flusher.Batches
+		filled += st.Flusher.FilledBytes
+		unfilled += st.Flusher.UnfilledBytes
 	})
-	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches",
-		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches)
+	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches, %d bytes filled from the image (%d planned fill bytes refused: written since, or holes)",
+		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches, filled, unfilled)
+	if cases > 20 && filled == 0 {
+		t.Errorf("no Put Page carried clean sectors from the image: the test does not exercise fills")
+	}
 	if cases > 20 && (total.marked == 0 || total.unmarked == 0) {
 		t.Errorf("the workload never produced both kinds of in-progress state (marked %d, unmarked %d): the test is too weak", total.marked, total.unmarked)
 	}

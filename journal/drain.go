@@ -1,0 +1,55 @@
+package journal
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// JournalBytes is what the record counts for against the journal's cap:
+// its payload and its index entry.
+func (r *Record) JournalBytes() int64 { return r.payloadSize() }
+
+// Drained describes a batch the remote holds: every pending record with a
+// seq in [FirstSeq, LastSeq], Records of them holding Bytes journal bytes
+// (JournalBytes), up to and including epoch LastEpoch.
+type Drained struct {
+	FirstSeq, LastSeq uint64
+	Records           int64
+	Bytes             int64
+	LastEpoch         uint64
+}
+
+// DeleteRange deletes a drained batch given as a seq range, so that the
+// flusher need not keep every record of a large batch in memory to delete
+// it: it keeps only what coalescing left of them. Every seq in the range
+// must belong to the batch (whole epochs read in seq order make it so); a
+// seq no record holds costs a tombstone and nothing else. Like Delete, it
+// must only run once the image holds the batch durably.
+func (j *Journal) DeleteRange(d Drained) error {
+	if d.Records == 0 {
+		return nil
+	}
+	if err := j.idx.flush(); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	wb := j.db.NewWriteBatch()
+	defer wb.Cancel()
+	for seq := d.FirstSeq; seq <= d.LastSeq; seq++ {
+		if err := wb.Delete(recKey(seq)); err != nil {
+			return fmt.Errorf("delete drained records: %w", err)
+		}
+	}
+	var v [8]byte
+	binary.BigEndian.PutUint64(v[:], d.LastSeq)
+	if err := wb.Set(keyDrained, append([]byte(nil), v[:]...)); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	binary.BigEndian.PutUint64(v[:], d.LastEpoch)
+	if err := wb.Set(keyEpoch, append([]byte(nil), v[:]...)); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	if err := wb.Flush(); err != nil {
+		return fmt.Errorf("delete drained records: %w", err)
+	}
+	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes)
+}

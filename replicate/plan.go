@@ -1,0 +1,338 @@
+package replicate
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"slices"
+
+	"github.com/vhdsync/vhdsync/journal"
+)
+
+// A batch is planned from the journal's index alone: records are
+// coalesced as extents that point at the record holding their bytes, and a
+// span's payload is read from the journal only when the span is sent
+// (Span.Load). Memory is therefore bounded by the distinct extents of a
+// batch, not by its bytes, and a batch may grow far beyond what fits in
+// memory when the journal holds a backlog (docs/DESIGN.md, "Catching up").
+//
+// Fills: a Put Page may carry clean sectors between two pending ranges
+// when one larger request costs less than two (the cost model: a request
+// costs RequestCost bytes). Clean sectors are read from the local image,
+// and only where no pending record of any epoch covers them, so they are
+// exactly what the blob holds already; the write is idempotent and cannot
+// break the order (invariant 3). Three checks make sure of it:
+//   - at planning, a gap is a fill candidate only if no record outside the
+//     batch (a later epoch, the open epoch) covers any of it: the scan that
+//     reads the batch goes on over every pending record after it;
+//   - records appended after the scan are seen by the Watch, started
+//     before the scan: Image.Watch records every range a writer releases
+//     from then on, and ReadClean holds the writers' range lock while it
+//     checks and reads, so no write can land between the check and the
+//     read;
+//   - holes in the image are never sent as data: the blob holds them
+//     cleared or never written, and written pages are billed.
+// A fill that fails a check is not sent: the span is cut around it.
+
+// Image is the local image as the flusher may read it to fill gaps.
+// writeback.Disk implements it.
+type Image interface {
+	// Watch starts recording the ranges writers change from now on.
+	Watch() Watch
+}
+
+// Watch is a window in which fills may be read (see Image).
+type Watch interface {
+	// ReadClean holds the writers' range lock over [off, off+len(p)) and,
+	// if no writer changed any of it since the watch started, reads the
+	// image there into p and returns the parts of it that are holes. ok is
+	// false when a writer changed some of it: p must not be used.
+	ReadClean(off int64, p []byte) (holes []Range, ok bool, err error)
+	// Stop ends the watch.
+	Stop()
+}
+
+// Range is a byte range [Off, End).
+type Range struct{ Off, End int64 }
+
+// part is a piece of a planned span: bytes of a record's payload, or (rec
+// nil) a fill read from the image.
+type part struct {
+	off, end int64
+	rec      *journal.Record
+}
+
+// batch is one planned batch: whole epochs first..last.
+type batch struct {
+	first, last uint64
+	drained     journal.Drained
+	c           coalescer
+	// pendingLen is the length of the extents queued in c since the last
+	// resolve (an upper bound of what they add to distinct).
+	pendingLen, distinct int64
+	// later is every range a pending record outside the batch covers
+	// (sorted, disjoint after plan).
+	later []Range
+	watch Watch
+}
+
+// resolve merges the queued extents and recomputes the distinct bytes.
+func (b *batch) resolve() {
+	b.c.resolve()
+	b.pendingLen, b.distinct = 0, 0
+	for _, e := range b.c.ext {
+		b.distinct += e.end - e.off
+	}
+}
+
+// full reports whether the batch should end at this epoch boundary.
+func (b *batch) full(o *FlusherOptions, backlog bool) bool {
+	if !backlog {
+		return b.drained.Bytes >= o.MaxBatchBytes
+	}
+	if b.distinct+b.pendingLen < o.MaxBatchDistinct && len(b.c.ext)+len(b.c.pending) < o.MaxBatchExtents {
+		return false
+	}
+	b.resolve()
+	return b.distinct >= o.MaxBatchDistinct || len(b.c.ext) >= o.MaxBatchExtents
+}
+
+// resolveEvery bounds the extents queued in the coalescer between merges,
+// so that a batch of a million overwrites holds its distinct extents, not
+// a million.
+const resolveEvery = 1 << 16
+
+// plan reads the next batch's index entries from the journal: whole
+// closed epochs from seq next, the first batch reaching at least epoch
+// minLast. Without a backlog the batch ends at the first epoch boundary
+// past MaxBatchBytes journal bytes (as small as freshness wants); with one
+// (more pending than MaxBatchBytes) it grows until its distinct bytes
+// reach MaxBatchDistinct, so that data overwritten many times is sent once
+// and dense regions become whole 4 MiB Put Pages. nil: nothing to send.
+func (f *Flusher) plan() (*batch, error) {
+	closed := f.j.ClosedEpoch()
+	// Every record of a closed epoch is committed; wait until they are
+	// all in the image too, so that the image is the disk up to them.
+	f.j.WaitApplied()
+	b := &batch{}
+	if f.o.Image != nil {
+		b.watch = f.o.Image.Watch()
+	}
+	backlog := f.j.Stats().PendingBytes > f.o.MaxBatchBytes
+	cut := false
+	var cur uint64
+	err := f.j.Scan(f.next, func(r journal.Record) (bool, error) {
+		if !cut && r.Epoch <= closed && b.drained.Records > 0 && r.Epoch != cur && cur >= f.minLast && b.full(&f.o, backlog) {
+			cut = true
+		}
+		if cut || r.Epoch > closed {
+			if b.watch == nil {
+				return true, nil
+			}
+			b.later = append(b.later, Range{r.Offset, r.End()})
+			return false, nil
+		}
+		if b.drained.Records == 0 {
+			b.first, b.drained.FirstSeq = r.Epoch, r.Seq
+		}
+		cur = r.Epoch
+		b.last, b.drained.LastSeq, b.drained.LastEpoch = r.Epoch, r.Seq, r.Epoch
+		b.drained.Records++
+		b.drained.Bytes += r.JournalBytes()
+		e := extent{off: r.Offset, end: r.End(), zero: r.Kind != journal.KindData}
+		if !e.zero {
+			rec := r
+			e.rec = &rec
+		}
+		b.c.addExtent(e)
+		b.pendingLen += e.end - e.off
+		if len(b.c.pending) >= resolveEvery {
+			b.resolve()
+		}
+		return false, nil
+	})
+	if err == nil && b.drained.Records > 0 && b.last < f.minLast {
+		err = fmt.Errorf("the journal ends at epoch %d, but the blob's odd sequence number says a batch up to epoch %d was being sent: the journal lost records (a bug or a damaged state directory; `vhdsync verify` shows what differs)", b.last, f.minLast)
+	}
+	if err != nil || b.drained.Records == 0 {
+		if b.watch != nil {
+			b.watch.Stop()
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read journal from seq %d: %w", f.next, err)
+		}
+		return nil, nil
+	}
+	b.resolve()
+	b.later = mergeRanges(b.later)
+	return b, nil
+}
+
+// done ends the batch's watch: its fills are read.
+func (b *batch) done() {
+	if b.watch != nil {
+		b.watch.Stop()
+	}
+}
+
+// mergeRanges sorts rs and merges overlapping or touching ranges.
+func mergeRanges(rs []Range) []Range {
+	if len(rs) == 0 {
+		return nil
+	}
+	slices.SortFunc(rs, func(a, b Range) int { return cmp.Compare(a.Off, b.Off) })
+	out := rs[:1]
+	for _, r := range rs[1:] {
+		if last := &out[len(out)-1]; r.Off <= last.End {
+			last.End = max(last.End, r.End)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// overlaps reports whether [off, end) touches any range of the sorted,
+// disjoint rs.
+func overlaps(rs []Range, off, end int64) bool {
+	i, _ := slices.BinarySearchFunc(rs, off, func(r Range, off int64) int {
+		if r.End <= off {
+			return -1
+		}
+		return 1
+	})
+	return i < len(rs) && rs[i].Off < end
+}
+
+// spans turns the batch into requests: adjacent zero extents joined into
+// Clear Pages; data extents joined into Put Pages of at most maxPut bytes,
+// across gaps of at most reqCost bytes that may be filled (no pending
+// record outside the batch covers them). Each Put Page is loaded when it
+// is sent (Span.Load).
+func (b *batch) spans(j *journal.Journal, maxPut, reqCost int64) []Span {
+	var out []Span
+	var cur []part // the data span being built
+	flush := func() {
+		if len(cur) > 0 {
+			out = append(out, b.lazySpan(j, cur, maxPut, reqCost))
+			cur = nil
+		}
+	}
+	for _, e := range b.c.ext {
+		if e.zero {
+			flush()
+			if n := len(out); n > 0 && out[n-1].Clear && out[n-1].End == e.off {
+				out[n-1].End = e.end
+			} else {
+				out = append(out, Span{Off: e.off, End: e.end, Clear: true})
+			}
+			continue
+		}
+		for off := e.off; off < e.end; {
+			if n := len(cur); n > 0 {
+				start, end := cur[0].off, cur[n-1].end
+				gap := off - end
+				switch {
+				case end-start >= maxPut:
+					flush()
+				case gap == 0:
+				case gap <= reqCost && off-start < maxPut && b.watch != nil && !overlaps(b.later, end, off):
+					cur = append(cur, part{off: end, end: off})
+				default:
+					flush()
+				}
+			}
+			start := off
+			if len(cur) > 0 {
+				start = cur[0].off
+			}
+			take := min(e.end, start+maxPut) - off
+			cur = append(cur, part{off: off, end: off + take, rec: e.rec})
+			off += take
+		}
+	}
+	flush()
+	return out
+}
+
+// lazySpan is a Put Page of parts whose payload is read when it is sent.
+func (b *batch) lazySpan(j *journal.Journal, parts []part, maxPut, reqCost int64) Span {
+	sp := Span{Off: parts[0].off, End: parts[len(parts)-1].end}
+	for _, p := range parts {
+		if p.rec == nil {
+			sp.Fill += p.end - p.off
+		}
+	}
+	sp.Load = func(ctx context.Context) ([]Span, LoadStats, error) {
+		return b.load(j, sp.Off, sp.End, parts, maxPut, reqCost)
+	}
+	return sp
+}
+
+// LoadStats says what loading a span found.
+type LoadStats struct {
+	// Filled is the clean bytes read from the image and sent; Unfilled
+	// the fill bytes that could not be (written since, or holes).
+	Filled, Unfilled int64
+}
+
+// load reads a planned Put Page: record payloads from the journal, fills
+// from the image (see the checks above). The result is one or more
+// requests: the span cut around fills that failed their checks, and
+// all-zero runs cleared instead of sent where that costs less (as in
+// spansCost).
+func (b *batch) load(j *journal.Journal, off, end int64, parts []part, maxPut, reqCost int64) ([]Span, LoadStats, error) {
+	var st LoadStats
+	buf := make([]byte, end-off)
+	var runs []Range // the parts of buf that hold the bytes to send
+	addRun := func(o, e int64) {
+		if n := len(runs); n > 0 && runs[n-1].End == o {
+			runs[n-1].End = e
+			return
+		}
+		runs = append(runs, Range{o, e})
+	}
+	var cached *journal.Record
+	var payload []byte
+	for _, p := range parts {
+		dst := buf[p.off-off : p.end-off]
+		if p.rec != nil {
+			if p.rec != cached {
+				var err error
+				if payload, err = j.Payload(p.rec); err != nil {
+					return nil, st, err
+				}
+				cached = p.rec
+			}
+			copy(dst, payload[p.off-p.rec.Offset:p.end-p.rec.Offset])
+			addRun(p.off, p.end)
+			continue
+		}
+		holes, ok, err := b.watch.ReadClean(p.off, dst)
+		if err != nil {
+			return nil, st, fmt.Errorf("fill %d+%d from the local image: %w", p.off, p.end-p.off, err)
+		}
+		if !ok {
+			st.Unfilled += p.end - p.off
+			continue
+		}
+		at := p.off
+		for _, h := range holes {
+			if h.Off > at {
+				addRun(at, h.Off)
+				st.Filled += h.Off - at
+			}
+			st.Unfilled += h.End - h.Off
+			at = h.End
+		}
+		if at < p.end {
+			addRun(at, p.end)
+			st.Filled += p.end - at
+		}
+	}
+	var c coalescer
+	for _, r := range runs {
+		c.ext = append(c.ext, extent{off: r.Off, end: r.End, data: buf[r.Off-off : r.End-off]})
+	}
+	return c.spansCost(maxPut, reqCost), st, nil
+}
