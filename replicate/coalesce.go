@@ -2,8 +2,8 @@ package replicate
 
 import (
 	"bytes"
-	"context"
 	"cmp"
+	"context"
 	"slices"
 
 	"github.com/vhdsync/vhdsync/journal"
