@@ -12,8 +12,8 @@ import (
 // in the background and in order (see intentlog.go), after writing their
 // inline payloads to their segments. Reads wait for it
 // with flush. A failed commit is retried, from the failed entry on, so the
-// entries reach badger in the order they were written: a capture's change
-// of a record never lands before the record itself.
+// entries reach badger in the order they were written: a later entry for a
+// key never lands before an earlier one.
 type indexer struct {
 	g *groupCommit
 	// onCommitted runs after each successful commit, outside mu, with the

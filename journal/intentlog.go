@@ -17,10 +17,10 @@ import (
 // The intent log makes an append's index entries survive kill -9 with one
 // pwrite, instead of a badger commit on the write path.
 //
-// Every entry an append makes (its record, and what its captures change,
-// see imageref.go) is written to the intent log as a fixed-size slot; the
-// append is then complete. The indexer (indexer.go) commits the entries to
-// badger in large transactions, in the background. A badger commit per
+// The index entry an append makes (its record) is written to the intent
+// log as a fixed-size slot; the append is then complete. The indexer
+// (indexer.go) commits the entries to badger in large transactions, in
+// the background. A badger commit per
 // write, even shared by a group of concurrent writes, cost 45 % of random
 // 4 KiB IOPS through FUSE (27 k against 48 k with the commit skipped, same
 // run), mostly in goroutine hand-offs and thread wake-ups rather than in
@@ -39,10 +39,8 @@ import (
 // data only, without a filesystem journal commit. A slot counts only with
 // the right magic, CRC, the file's incarnation and its own index: a slot
 // torn by a kill, never written, or left from the file's previous use, is
-// ignored. Each slot stands alone: an append's entries need not all land
-// (a capture without the write that caused it is harmless, see
-// prepareCaptures), and slots are replayed in generation and slot order,
-// which is the order their appends reserved them in. Once a file is full,
+// ignored. Each slot stands alone, and slots are replayed in generation
+// and slot order, which is the order their appends reserved them in. Once a file is full,
 // every slot in it is in badger and badger's logs have been fsync'ed since,
 // it is recycled: a new header (next generation, new incarnation) makes it
 // the next file, with no fsync and no directory change. Making files (in
@@ -360,8 +358,7 @@ func (l *intentLog) write(kvs []keyValue) ([]slotSpan, error) {
 			// The append fails: none of its slots goes to badger. Those
 			// already written may still be replayed after a crash, which
 			// is harmless: the write was never acknowledged, and replay
-			// makes the image and the blob agree on it (a lone capture
-			// entry is safe too, see prepareCaptures).
+			// makes the image and the blob agree on it.
 			l.abandon(spans)
 			return nil, fmt.Errorf("write intent log %s: %w", ilogName(sp.file.id), err)
 		}
@@ -774,8 +771,9 @@ func (j *Journal) syncIndex() error {
 	return j.syncFiles()
 }
 
-// entrySeq is the record seq a journal key belongs to (records and
-// pieces).
+// entrySeq is the record seq a journal key belongs to: records, and the
+// pieces of image-backed records an older binary may have left in its
+// intent log (see legacy.go).
 func entrySeq(key []byte) (uint64, bool) {
 	switch {
 	case len(key) == 9 && key[0] == recPrefix[0]:
