@@ -19,7 +19,9 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
-	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/journal/intentlog"
+	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
 // Journal keys: records under "r" + big-endian seq (so key order is seq
@@ -54,10 +56,10 @@ type Options struct {
 	// 64 MiB); a segment is deleted once all its records are drained.
 	SegmentBytes int64
 	// IntentLogSlots is the number of 128-byte slots an intent log file
-	// holds (see intentlog.go); 0 means 65,536 (8 MiB).
+	// holds (see package intentlog); 0 means 65,536 (8 MiB).
 	IntentLogSlots int64
 	// InlineMax is the largest payload the intent log carries (see
-	// intentlog.go): a barrier after writes no larger needs no segment
+	// package intentlog): a barrier after writes no larger needs no segment
 	// fdatasync. 0 means 32 KiB, negative none; it is capped so that an
 	// entry fits a quarter of an intent log file.
 	InlineMax int
@@ -73,7 +75,7 @@ type Options struct {
 // epochs are assigned under barrierMu held for reading; Barrier takes it
 // for writing, so when Barrier has bumped the epoch every record of the
 // closed epoch is in the intent log and queued for badger (reads wait for
-// the queue, see intentlog.go), and all its seqs are below every seq of the
+// the queue, see package intentlog), and all its seqs are below every seq of the
 // next epoch. The flusher reads closed epochs only, so it never sees a seq
 // gap left by an Append still in flight.
 type Journal struct {
@@ -92,8 +94,8 @@ type Journal struct {
 	closed    atomic.Uint64
 
 	group groupCommit // see groupcommit.go
-	ilog  *intentLog  // see intentlog.go
-	idx   *indexer    // see indexer.go
+	ilog  *intentlog.Log
+	idx   *indexer // see indexer.go
 	// replayedIntents counts the intent log entries Open committed
 	// to badger (tests).
 	replayedIntents int
@@ -241,7 +243,7 @@ func Open(dir string, o Options) (*Journal, error) {
 		db.Close()
 		return nil, err
 	}
-	j.ilog = newIntentLog(dir, o.IntentLogSlots, nextLog, gen)
+	j.ilog = intentlog.New(dir, o.IntentLogSlots, nextLog, gen)
 	j.idx = newIndexer(&j.group, j.indexed)
 	interval := o.GCInterval
 	if interval == 0 {
@@ -261,7 +263,7 @@ const inlineBusy = 2
 
 // A lone writer that issues a barrier after every write (a database's
 // commit, ext4's commit block through a loop device, fio --fsync=1) gets
-// its entry and inline payload written with O_DIRECT (writeDirect): the
+// its entry and inline payload written with O_DIRECT (Log.WriteDirect): the
 // bytes reach the device inside the write, as they do for a local file
 // opened with O_DIRECT, and the fsync that follows only flushes the
 // device's cache instead of writing pages back first. The write then
@@ -271,8 +273,13 @@ const inlineBusy = 2
 // (whose barrier writes them back in one go), keeps the page cache.
 const directCadence = 1
 
-// inlineLimit is the largest inline payload for Options.InlineMax
-// and IntentLogSlots: what fits a quarter of a file, with its entry.
+// defaultInlineMax is the largest inline payload by default (see
+// Options.InlineMax).
+const defaultInlineMax = 32 << 10
+
+// inlineLimit is the largest inline payload for Options.InlineMax and
+// IntentLogSlots: at most what the intent log takes in files of that
+// size.
 func inlineLimit(max int, slots int64) int64 {
 	if max < 0 {
 		return -1
@@ -280,11 +287,7 @@ func inlineLimit(max int, slots int64) int64 {
 	if max == 0 {
 		max = defaultInlineMax
 	}
-	if slots <= 0 {
-		slots = defaultIlogSlots
-	}
-	fit := (slots/4-1)*slotSize - inlineHeader
-	return min(int64(max), fit)
+	return min(int64(max), intentlog.MaxInline(slots))
 }
 
 func (j *Journal) recover() error {
@@ -488,7 +491,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	// The payload goes to a segment file first, outside any lock; the
 	// index entry, committed after it, is what makes the record exist.
 	var seg *segment
-	var inline *inlinePayload
+	var inline *intentlog.Inline
 	direct := false
 	if r.Kind == KindData {
 		var err error
@@ -501,8 +504,8 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		if r.Length <= j.inlineMax && !busy {
 			// Small, and few writers: the intent log carries the
 			// payload, the indexer writes it to the segment (see
-			// intentlog.go and inlineBusy).
-			inline = &inlinePayload{seg: seg, off: r.segOff, data: r.Data, crc: r.crc}
+			// package intentlog and inlineBusy).
+			inline = &intentlog.Inline{Data: r.Data, CRC: r.crc}
 			direct = j.directIntents && first && j.syncEach.Load()
 		} else {
 			if err := seg.writePayload(r.Data, r.segOff); err != nil {
@@ -518,11 +521,11 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	r.Seq = j.nextSeq.Add(1) - 1
 	r.Epoch = j.epoch
 	// The entry goes to the intent log (one pwrite) and, in the
-	// background, to badger (see intentlog.go). It is written before
+	// background, to badger (see package intentlog). It is written before
 	// barrierMu is released, so Barrier's guarantee (every record of a
 	// closed epoch is logged, and queued for badger) and the range lock's
 	// seq order hold.
-	err := j.logEntries([]keyValue{{key: recKey(r.Seq), val: r.encode(), inline: inline}}, direct)
+	err := j.logEntry(intentlog.Entry{Key: recKey(r.Seq), Val: r.encode(), Inline: inline}, seg, r.segOff, direct)
 	full := false
 	if err == nil {
 		j.epochUsed.Store(true)
@@ -704,7 +707,7 @@ func (j *Journal) syncOnce() error {
 	var wg sync.WaitGroup
 	var segErr error
 	wg.Go(func() { segErr = j.segs.sync() })
-	err := j.ilog.sync()
+	err := j.ilog.Sync()
 	wg.Wait()
 	return errors.Join(segErr, err)
 }
@@ -743,7 +746,7 @@ func (j *Journal) syncFiles() error {
 				return // deleted by GC or a flush since the listing
 			}
 			if err == nil {
-				err = datasync(f)
+				err = files.Datasync(f)
 				f.Close()
 			}
 			if err != nil {
@@ -773,7 +776,7 @@ func (j *Journal) syncFiles() error {
 	if !appeared {
 		return nil
 	}
-	if err := syncDir(j.dir); err != nil {
+	if err := files.SyncDir(j.dir); err != nil {
 		return fmt.Errorf("sync journal directory: %w", err)
 	}
 	j.dirNames = names
@@ -811,22 +814,13 @@ func logsToSync(names, synced map[string]bool) (logs, done []string) {
 	return logs, done
 }
 
-// datasync is fdatasync: the data, and the metadata needed to read it back
-// (a size change, an unwritten extent converted), but not the timestamps
-// every write changes, whose journal commit doubled a barrier's latency. The
-// image and badger's logs keep their sizes, segment files grow (their size
-// is synced).
-// Datasync is fdatasync(2) on f, retried on EINTR.
-func Datasync(f *os.File) error { return datasync(f) }
-
-func datasync(f *os.File) error {
-	for {
-		err := unix.Fdatasync(int(f.Fd()))
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
+// Datasync is fdatasync(2) on f, retried on EINTR: the data, and the
+// metadata needed to read it back (a size change, an unwritten extent
+// converted), but not the timestamps every write changes, whose journal
+// commit doubled a barrier's latency. The image and badger's logs keep
+// their sizes, segment files grow (their size is synced). The flusher
+// syncs the local image with it.
+func Datasync(f *os.File) error { return files.Datasync(f) }
 
 // valueThreshold is badger's value threshold: every value the journal
 // writes is smaller, so none goes to the value log.
@@ -1209,7 +1203,7 @@ func (j *Journal) Close() error {
 		j.filesMu.Unlock()
 		clean = err == nil
 	}
-	err = errors.Join(err, j.ilog.close(clean))
+	err = errors.Join(err, j.ilog.Close(clean))
 	defer j.segs.close()
 	if cerr := j.db.Close(); cerr != nil {
 		return fmt.Errorf("close journal: %w", cerr)
