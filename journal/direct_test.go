@@ -9,6 +9,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
 // resident says, page by page, whether [off, off+n) of the file at path is
@@ -78,7 +80,7 @@ func TestSegmentDirectWrites(t *testing.T) {
 	path := filepath.Join(dir, segName(seg.id))
 	for i, r := range recs {
 		direct := directSized(r.Length)
-		if direct && r.segOff%directAlign != 0 {
+		if direct && r.segOff%files.DirectAlign != 0 {
 			t.Errorf("record %d (%d bytes) at segment offset %d: not aligned for O_DIRECT", i, r.Length, r.segOff)
 		}
 		// Only whole pages: a small payload may share its page.

@@ -5,6 +5,11 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/journal/intentlog"
+	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
 // step is one write of the direct-intent test: a payload of n bytes of
@@ -81,12 +86,19 @@ func runDirectIntents(t *testing.T, steps []step, o Options, wantDirect uint64) 
 	if got := j.Stats().DirectEntries; got != wantDirect {
 		t.Errorf("%d entries written direct, want %d", got, wantDirect)
 	}
-	// Every entry is in the first file (the next one is made ahead).
-	cur := j.ilog.cur
-	if cur.direct == nil {
-		t.Skipf("the filesystem of %s refuses O_DIRECT: nothing to check", dir)
+	// Every entry is in the first file, the lowest id (the next one is
+	// made ahead).
+	ids, err := intentlog.List(dir)
+	if err != nil || len(ids) == 0 {
+		t.Fatalf("intent log files: %v %v", ids, err)
 	}
-	path := filepath.Join(dir, ilogName(cur.id))
+	path := filepath.Join(dir, intentlog.Name(ids[0]))
+	// The log writes direct where the filesystem opens its files so.
+	if f, err := os.OpenFile(path, os.O_WRONLY|unix.O_DIRECT, 0); err != nil {
+		t.Skipf("the filesystem of %s refuses O_DIRECT: nothing to check", dir)
+	} else {
+		f.Close()
+	}
 	st, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
@@ -102,8 +114,8 @@ func runDirectIntents(t *testing.T, steps []step, o Options, wantDirect uint64) 
 		if p < 0 {
 			t.Fatalf("write %d: its payload is not in the intent log", i)
 		}
-		entry := int64(p) - slotSize - inlineHeader
-		if s.direct && (entry%directAlign != 0 || entry < ilogHeaderSize) {
+		entry := int64(p) - intentlog.SlotSize - intentlog.InlineHeader
+		if s.direct && (entry%files.DirectAlign != 0 || entry < intentlog.HeaderSize) {
 			t.Errorf("write %d: direct entry at offset %d, not at a block boundary", i, entry)
 		}
 		// A direct entry's pages must be out of the page cache: its write
@@ -126,7 +138,7 @@ func runDirectIntents(t *testing.T, steps []step, o Options, wantDirect uint64) 
 	held = false
 	// Without the segment, replay must take every payload from the intent
 	// log, direct or buffered.
-	segs, err := listNumbered(killed, "seg-")
+	segs, err := files.ListNumbered(killed, "seg-")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,11 +29,17 @@ func (j *Journal) DeleteRange(d Drained) error {
 	if d.Records == 0 {
 		return nil
 	}
+	legacy, pieceKeys := j.legacyInRange(d.FirstSeq, d.LastSeq)
 	if err := j.idx.flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
 	wb := j.db.NewWriteBatch()
 	defer wb.Cancel()
+	for _, k := range pieceKeys {
+		if err := wb.Delete(k); err != nil {
+			return fmt.Errorf("delete drained records: %w", err)
+		}
+	}
 	for seq := d.FirstSeq; seq <= d.LastSeq; seq++ {
 		if err := wb.Delete(recKey(seq)); err != nil {
 			return fmt.Errorf("delete drained records: %w", err)
@@ -51,5 +57,5 @@ func (j *Journal) DeleteRange(d Drained) error {
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
-	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes)
+	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes, legacy)
 }

@@ -5,6 +5,8 @@ import (
 	"sync/atomic"
 
 	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/vhdsync/vhdsync/journal/intentlog"
 )
 
 // maxGroupEntries caps the index entries of one group commit; badger
@@ -27,19 +29,11 @@ type groupCommit struct {
 	failCommit func() error
 }
 
-// groupEntry is one append's entries, committed in one transaction.
+// groupEntry is one append's entries (set or delete a key, as the intent
+// log carries them), committed in one transaction.
 type groupEntry struct {
-	kvs []keyValue
+	kvs []intentlog.Entry
 	err error
-}
-
-// keyValue is one badger entry of a group commit: set key to val, or
-// delete key (del). inline, on a record's entry only, is its payload when
-// the intent log carries it (see intentlog.go).
-type keyValue struct {
-	key, val []byte
-	del      bool
-	inline   *inlinePayload
 }
 
 func (g *groupCommit) init(db *badger.DB) {
@@ -59,10 +53,10 @@ func (g *groupCommit) writeSome(batch []*groupEntry) int {
 			break
 		}
 		for _, kv := range e.kvs {
-			if kv.del {
-				err = txn.Delete(kv.key)
+			if kv.Del {
+				err = txn.Delete(kv.Key)
 			} else {
-				err = txn.Set(kv.key, kv.val)
+				err = txn.Set(kv.Key, kv.Val)
 			}
 			if err != nil {
 				break

@@ -6,19 +6,20 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vhdsync/vhdsync/journal/intentlog"
 )
 
 // indexer commits the entries appends wrote to the intent log into badger,
-// in the background and in order (see intentlog.go), after writing their
-// inline payloads to their segments. Reads wait for it
-// with flush. A failed commit is retried, from the failed entry on, so the
-// entries reach badger in the order they were written: a capture's change
-// of a record never lands before the record itself.
+// in the background and in order (see package intentlog), after writing
+// their inline payloads to their segments. Reads wait for it with flush. A failed commit is retried, from the failed entry on, so the
+// entries reach badger in the order they were written: a later entry for a
+// key never lands before an earlier one.
 type indexer struct {
 	g *groupCommit
 	// onCommitted runs after each successful commit, outside mu, with the
 	// spans whose entries it made durable in badger's memtable.
-	onCommitted func([]slotSpan)
+	onCommitted func([]intentlog.Span)
 
 	mu        sync.Mutex
 	cond      *sync.Cond // progress, new work, or stop
@@ -33,13 +34,19 @@ type indexer struct {
 	gate sync.Mutex
 }
 
+// indexItem is one append's entries, queued for badger, and the intent
+// log spans they took. An inline payload (the intent log's copy) goes to
+// seg at off first.
 type indexItem struct {
-	kvs   []keyValue
-	spans []slotSpan
+	entries []intentlog.Entry
+	spans   []intentlog.Span
+	seg     *segment
+	off     int64
+	inline  []byte
 }
 
 // ErrIndexRefused: badger refuses the journal's index entries, or a segment
-// the inline payloads of small writes (see intentlog.go) are copied to
+// the inline payloads of small writes (see package intentlog) are copied to
 // (a full or failing state filesystem). Writes then fail; those
 // acknowledged before are in the intent log.
 var ErrIndexRefused = errors.New("the journal cannot index its entries (badger or a segment write fails)")
@@ -50,17 +57,17 @@ const indexAdvice = "every write acknowledged so far is kept in the intent log a
 // indexerRetry is the wait before a failed commit is tried again.
 const indexerRetry = 100 * time.Millisecond
 
-func newIndexer(g *groupCommit, onCommitted func([]slotSpan)) *indexer {
+func newIndexer(g *groupCommit, onCommitted func([]intentlog.Span)) *indexer {
 	x := &indexer{g: g, onCommitted: onCommitted, finished: make(chan struct{})}
 	x.cond = sync.NewCond(&x.mu)
 	go x.run()
 	return x
 }
 
-// add queues kvs (already in the intent log at spans) for badger.
-func (x *indexer) add(kvs []keyValue, spans []slotSpan) {
+// add queues it (already in the intent log) for badger.
+func (x *indexer) add(it indexItem) {
 	x.mu.Lock()
-	x.queue = append(x.queue, indexItem{kvs: kvs, spans: spans})
+	x.queue = append(x.queue, it)
 	x.enq++
 	x.cond.Broadcast()
 	x.mu.Unlock()
@@ -120,7 +127,7 @@ func (x *indexer) run() {
 		x.gate.Lock()
 		n, err := x.commit(batch)
 		x.gate.Unlock()
-		var spans []slotSpan
+		var spans []intentlog.Span
 		for _, it := range batch[:n] {
 			spans = append(spans, it.spans...)
 		}
@@ -171,7 +178,7 @@ func (x *indexer) commit(batch []indexItem) (int, error) {
 func (x *indexer) commitEntries(batch []indexItem) (int, error) {
 	entries := make([]*groupEntry, len(batch))
 	for i := range batch {
-		entries[i] = &groupEntry{kvs: batch[i].kvs}
+		entries[i] = &groupEntry{kvs: batch[i].entries}
 	}
 	done := 0
 	for done < len(entries) {

@@ -8,6 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhdsync/vhdsync/journal/intentlog"
+	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
 // copyDir copies every file of src into a new directory: with the journal
@@ -45,7 +48,7 @@ func copyDir(t *testing.T, src string) string {
 
 func ilogFiles(t *testing.T, dir string) int {
 	t.Helper()
-	ids, err := listIntentLogs(dir)
+	ids, err := intentlog.List(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,120 +143,37 @@ func TestIntentLogReplay(t *testing.T) {
 	}
 }
 
-// TestIntentLogSlots: a recycled file's earlier slots, a torn slot and a
-// slot copied to another index are all ignored; replay follows the
-// generations, not the file names.
-func TestIntentLogSlots(t *testing.T) {
-	dir := t.TempDir()
-	l := newIntentLog(dir, 4, 1, 0)
-	defer l.close(false)
-	kv := func(i int) keyValue { return keyValue{key: recKey(uint64(i)), val: []byte{byte(i)}} }
-	if _, err := l.write([]keyValue{kv(1), kv(2), kv(3), kv(4)}); err != nil {
-		t.Fatal(err)
-	}
-	first := l.cur
-	if _, err := l.write([]keyValue{kv(5)}); err != nil { // rotates to a second file
-		t.Fatal(err)
-	}
-	if l.cur == first {
-		t.Fatal("no rotation after 4 slots")
-	}
-	// The first file is full and, say, in badger: recycle it; it becomes
-	// the third file (generation 3) with one entry.
-	first.resolved.Store(first.used)
-	if err := l.recycle(l.done()); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.write([]keyValue{kv(6), kv(7), kv(8)}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.write([]keyValue{kv(9)}); err != nil {
-		t.Fatal(err)
-	}
-	if l.cur != first {
-		t.Fatalf("the recycled file was not reused (current %s)", ilogName(l.cur.id))
-	}
-	type result struct {
-		gen  uint64
-		keys []byte
-	}
-	read := func() map[uint64]result {
-		ids, err := listIntentLogs(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out := map[uint64]result{}
-		for _, id := range ids {
-			gen, kvs, err := readIntentLog(dir, id)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var keys []byte
-			for _, e := range kvs {
-				keys = append(keys, byte(e.key[8]))
-			}
-			out[id] = result{gen, keys}
-		}
-		return out
-	}
-	got := read()
-	if r := got[first.id]; r.gen != 3 || !bytes.Equal(r.keys, []byte{9}) {
-		t.Fatalf("recycled file: generation %d entries %v, want 3 [9] (its first use's slots void)", r.gen, r.keys)
-	}
-	second := got[first.id+1]
-	if second.gen != 2 || !bytes.Equal(second.keys, []byte{5, 6, 7, 8}) {
-		t.Fatalf("second file: generation %d entries %v, want 2 [5 6 7 8]", second.gen, second.keys)
-	}
-	// A torn slot, and a valid slot copied to another index, are ignored.
-	f := l.files[first.id+1].f
-	b := make([]byte, slotSize)
-	if _, err := f.ReadAt(b, ilogHeaderSize+slotSize); err != nil {
-		t.Fatal(err)
-	}
-	b[slotValOff] ^= 0xff
-	if _, err := f.WriteAt(b, ilogHeaderSize+slotSize); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.ReadAt(b, ilogHeaderSize); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteAt(b, ilogHeaderSize+3*slotSize); err != nil {
-		t.Fatal(err)
-	}
-	if r := read()[first.id+1]; !bytes.Equal(r.keys, []byte{5, 7}) {
-		t.Fatalf("after tearing slot 1 and copying slot 0 over slot 3: entries %v, want [5 7]", r.keys)
-	}
-}
-
 // TestIntentLogReplayOrder: a key set in two files is replayed in the
 // order it was written (by generation), not by file name: a recycled file
 // has the lowest id and the newest entries.
 func TestIntentLogReplayOrder(t *testing.T) {
 	dir := t.TempDir()
-	l := newIntentLog(dir, 2, 1, 0)
-	rec := func(seq uint64, off int64) keyValue {
+	l := intentlog.New(dir, 2, 1, 0)
+	rec := func(seq uint64, off int64) intentlog.Entry {
 		r := Record{Seq: seq, Epoch: 1, Offset: off, Length: SectorSize, Kind: KindZero}
-		return keyValue{key: recKey(seq), val: r.encode()}
+		return intentlog.Entry{Key: recKey(seq), Val: r.encode()}
 	}
-	steps := [][]keyValue{{rec(1, 0), rec(2, 0)}, {rec(5, 0), rec(3, 0)}}
-	for _, kvs := range steps {
-		if _, err := l.write(kvs); err != nil {
+	steps := [][]intentlog.Entry{{rec(1, 0), rec(2, 0)}, {rec(5, 0), rec(3, 0)}}
+	var spans [][]intentlog.Span
+	for _, entries := range steps {
+		sp, err := l.Write(entries)
+		if err != nil {
 			t.Fatal(err)
 		}
+		spans = append(spans, sp)
 	}
-	first := l.files[1]
-	first.resolved.Store(first.used)
-	if err := l.recycle(l.done()); err != nil {
+	l.Resolve(spans[0]) // file 1 is in badger
+	if err := l.Recycle(l.Done()); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.write([]keyValue{rec(5, 4096)}); err != nil { // into file 1, generation 3
+	if _, err := l.Write([]intentlog.Entry{rec(5, 4096)}); err != nil { // into file 1, generation 3
 		t.Fatal(err)
 	}
-	if l.cur != first {
-		t.Fatal("the recycled file was not reused")
-	}
-	if err := l.close(false); err != nil {
+	if err := l.Close(false); err != nil {
 		t.Fatal(err)
+	}
+	if gen, entries, err := intentlog.Read(dir, 1); err != nil || gen != 3 || len(entries) != 1 {
+		t.Fatalf("the recycled file was not reused: generation %d, %d entries (%v)", gen, len(entries), err)
 	}
 	j, err := Open(dir, Options{})
 	if err != nil {
@@ -418,7 +338,7 @@ func TestInlinePayloadReplay(t *testing.T) {
 	killed := copyDir(t, dir)
 	j.idx.gate.Unlock()
 	held = false
-	segs, err := listNumbered(killed, "seg-")
+	segs, err := files.ListNumbered(killed, "seg-")
 	if err != nil || len(segs) != 1 {
 		t.Fatalf("segments in the copy: %v %v", segs, err)
 	}
@@ -432,13 +352,13 @@ func TestInlinePayloadReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Tear record 7's payload: flip one byte of it in the intent log.
-	ids, err := listIntentLogs(killed)
+	ids, err := intentlog.List(killed)
 	if err != nil {
 		t.Fatal(err)
 	}
 	torn := false
 	for _, id := range ids {
-		p := filepath.Join(killed, ilogName(id))
+		p := filepath.Join(killed, intentlog.Name(id))
 		b, err := os.ReadFile(p)
 		if err != nil {
 			t.Fatal(err)

@@ -19,7 +19,9 @@ import (
 
 	badger "github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
-	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/journal/intentlog"
+	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
 // Journal keys: records under "r" + big-endian seq (so key order is seq
@@ -54,17 +56,13 @@ type Options struct {
 	// 64 MiB); a segment is deleted once all its records are drained.
 	SegmentBytes int64
 	// IntentLogSlots is the number of 128-byte slots an intent log file
-	// holds (see intentlog.go); 0 means 65,536 (8 MiB).
+	// holds (see package intentlog); 0 means 65,536 (8 MiB).
 	IntentLogSlots int64
 	// InlineMax is the largest payload the intent log carries (see
-	// intentlog.go): a barrier after writes no larger needs no segment
+	// package intentlog): a barrier after writes no larger needs no segment
 	// fdatasync. 0 means 32 KiB, negative none; it is capped so that an
 	// entry fits a quarter of an intent log file.
 	InlineMax int
-	// MaxImageRecords caps the image-backed records not captured yet (see
-	// imageref.go); 0 means 65,536. Writes above it put their payload in a
-	// segment.
-	MaxImageRecords int
 	// BufferedIntents turns off direct intent log writes for writers that
 	// fsync after every write (see directCadence): every entry then goes
 	// through the page cache, and their barrier writes it back.
@@ -77,7 +75,7 @@ type Options struct {
 // epochs are assigned under barrierMu held for reading; Barrier takes it
 // for writing, so when Barrier has bumped the epoch every record of the
 // closed epoch is in the intent log and queued for badger (reads wait for
-// the queue, see intentlog.go), and all its seqs are below every seq of the
+// the queue, see package intentlog), and all its seqs are below every seq of the
 // next epoch. The flusher reads closed epochs only, so it never sees a seq
 // gap left by an Append still in flight.
 type Journal struct {
@@ -96,29 +94,25 @@ type Journal struct {
 	closed    atomic.Uint64
 
 	group groupCommit // see groupcommit.go
-	ilog  *intentLog  // see intentlog.go
-	idx   *indexer    // see indexer.go
+	ilog  *intentlog.Log
+	idx   *indexer // see indexer.go
 	// replayedIntents counts the intent log entries Open committed
 	// to badger (tests).
 	replayedIntents int
 
-	// The local image, for image-backed records (see imageref.go): the
-	// pending ones, whether the image was written since the last Sync, and
-	// what captures cost.
+	// img is the local image, read only for the image-backed records an
+	// older binary left (see legacy.go); legacyN counts those pending.
 	img       *os.File
-	refs      imageRefs
-	maxRefs   int64
+	legacyN   atomic.Int64
 	inlineMax int64        // see Options.InlineMax
 	appending atomic.Int64 // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
 	// epoch that Barrier closed held exactly one, and how many entries
 	// went to the intent log with O_DIRECT.
-	sinceBarrier            atomic.Int64
-	syncEach                atomic.Bool
-	directIntents           bool
-	directEntries           atomic.Uint64
-	imgDirty                atomic.Bool
-	captures, capturedBytes atomic.Int64
+	sinceBarrier  atomic.Int64
+	syncEach      atomic.Bool
+	directIntents bool
+	directEntries atomic.Uint64
 
 	// syncMu is held by a barrier's sync (syncOnce) and while intent log
 	// files are recycled, which may close a file the sync would fdatasync.
@@ -145,7 +139,10 @@ type Journal struct {
 	pendingBytes   int64
 	pendingRecords int64
 	oldest         time.Time // time of the oldest pending record
-	blocked        int       // writers waiting for space
+	blocked        int       // writers waiting for space (or for a legacy record)
+	// legacy are the pending image-backed records an older binary left,
+	// by seq (see legacy.go).
+	legacy map[uint64]*legacyRecord
 
 	epochsClosed  atomic.Uint64
 	drainedEpoch  atomic.Uint64 // the last epoch Delete recorded as delivered
@@ -165,9 +162,8 @@ func badgerOptions(dir string, log *slog.Logger) badger.Options {
 		// page cache through mmap), only power loss needs the barrier.
 		WithSyncWrites(false).
 		// Badger holds only the index (53-byte entries; payloads are in
-		// the image or in segment files, see segment.go): they stay in the
-		// LSM tree and its WAL, and the value log stays empty (syncFiles
-		// relies on it).
+		// segment files, see segment.go): they stay in the LSM tree and
+		// its WAL, and the value log stays empty (syncFiles relies on it).
 		WithValueThreshold(valueThreshold).
 		WithValueLogFileSize(16 << 20).
 		// Small memtables: less memory, and records deleted soon rarely
@@ -196,12 +192,12 @@ func badgerOptions(dir string, log *slog.Logger) badger.Options {
 	return o
 }
 
-// Open opens (creating if needed) the journal in dir and recovers
-// its counters: seq continues after the highest record, the open epoch
-// after the highest epoch seen.
 // damagedAdvice follows every ErrJournalDamaged message.
 const damagedAdvice = "vhdsync neither replays nor deletes a damaged journal: keep the state directory as it is (its disk.img holds the newest data) and compare it with the blob using `vhdsync verify`"
 
+// Open opens (creating if needed) the journal in dir and recovers
+// its counters: seq continues after the highest record, the open epoch
+// after the highest epoch seen.
 func Open(dir string, o Options) (*Journal, error) {
 	log := o.Logger
 	if log == nil {
@@ -229,11 +225,7 @@ func Open(dir string, o Options) (*Journal, error) {
 	j.space = sync.NewCond(&j.mu)
 	j.syncDone = sync.NewCond(&j.syncState)
 	j.group.init(db)
-	j.refs.init()
-	j.maxRefs = int64(o.MaxImageRecords)
-	if j.maxRefs <= 0 {
-		j.maxRefs = maxImageRefs
-	}
+	j.legacy = map[uint64]*legacyRecord{}
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
@@ -251,7 +243,7 @@ func Open(dir string, o Options) (*Journal, error) {
 		db.Close()
 		return nil, err
 	}
-	j.ilog = newIntentLog(dir, o.IntentLogSlots, nextLog, gen)
+	j.ilog = intentlog.New(dir, o.IntentLogSlots, nextLog, gen)
 	j.idx = newIndexer(&j.group, j.indexed)
 	interval := o.GCInterval
 	if interval == 0 {
@@ -271,7 +263,7 @@ const inlineBusy = 2
 
 // A lone writer that issues a barrier after every write (a database's
 // commit, ext4's commit block through a loop device, fio --fsync=1) gets
-// its entry and inline payload written with O_DIRECT (writeDirect): the
+// its entry and inline payload written with O_DIRECT (Log.WriteDirect): the
 // bytes reach the device inside the write, as they do for a local file
 // opened with O_DIRECT, and the fsync that follows only flushes the
 // device's cache instead of writing pages back first. The write then
@@ -281,8 +273,13 @@ const inlineBusy = 2
 // (whose barrier writes them back in one go), keeps the page cache.
 const directCadence = 1
 
-// inlineLimit is the largest inline payload for Options.InlineMax
-// and IntentLogSlots: what fits a quarter of a file, with its entry.
+// defaultInlineMax is the largest inline payload by default (see
+// Options.InlineMax).
+const defaultInlineMax = 32 << 10
+
+// inlineLimit is the largest inline payload for Options.InlineMax and
+// IntentLogSlots: at most what the intent log takes in files of that
+// size.
 func inlineLimit(max int, slots int64) int64 {
 	if max < 0 {
 		return -1
@@ -290,11 +287,7 @@ func inlineLimit(max int, slots int64) int64 {
 	if max == 0 {
 		max = defaultInlineMax
 	}
-	if slots <= 0 {
-		slots = defaultIlogSlots
-	}
-	fit := (slots/4-1)*slotSize - inlineHeader
-	return min(int64(max), fit)
+	return min(int64(max), intentlog.MaxInline(slots))
 }
 
 func (j *Journal) recover() error {
@@ -326,8 +319,8 @@ func (j *Journal) recover() error {
 			if err != nil {
 				return err
 			}
-			if hdr.Kind == KindData && hdr.seg == 0 {
-				j.refs.add(&hdr)
+			if hdr.InImage() {
+				j.legacy[seq] = &legacyRecord{off: hdr.Offset, end: hdr.End()}
 			} else if hdr.Kind == KindData {
 				seg, err := j.segs.get(hdr.seg)
 				if err != nil {
@@ -353,7 +346,7 @@ func (j *Journal) recover() error {
 	if err != nil {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 	}
-	if err := j.recoverPieces(); err != nil {
+	if err := j.recoverLegacy(); err != nil {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 	}
 	// Segments no pending record refers to (drained, or written by an
@@ -412,60 +405,6 @@ func (j *Journal) counter(k []byte) (uint64, error) {
 	return v, err
 }
 
-// recoverPieces gives the image-backed records their pieces back (see
-// imageref.go) and keeps their segments alive. Pieces are deleted in the
-// transaction that deletes or wholly captures their record, so none should
-// lack one; any that does is deleted rather than trusted.
-func (j *Journal) recoverPieces() error {
-	var stale [][]byte
-	err := j.db.View(func(txn *badger.Txn) error {
-		opts := badger.DefaultIteratorOptions
-		opts.PrefetchValues = false
-		opts.Prefix = pieceKeyPrefix
-		it := txn.NewIterator(opts)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			item := it.Item()
-			k := item.KeyCopy(nil)
-			var seq uint64
-			var p capPiece
-			if err := item.Value(func(v []byte) error {
-				var err error
-				seq, p, err = decodePiece(k, v)
-				return err
-			}); err != nil {
-				return err
-			}
-			ref := j.refs.get(seq)
-			if ref == nil {
-				stale = append(stale, k)
-				continue
-			}
-			seg, err := j.segs.get(p.seg)
-			if err != nil {
-				return fmt.Errorf("journal record %d, piece at %d: %w", seq, p.off, err)
-			}
-			seg.keep(seq)
-			if len(ref.gaps(p.off, p.end)) != 1 || p.off < ref.off || p.end > ref.end {
-				return fmt.Errorf("journal record %d: piece %d-%d overlaps another or leaves the record (%d-%d)", seq, p.off, p.end, ref.off, ref.end)
-			}
-			ref.addPiece(p)
-		}
-		return nil
-	})
-	if err != nil || len(stale) == 0 {
-		return err
-	}
-	wb := j.db.NewWriteBatch()
-	defer wb.Cancel()
-	for _, k := range stale {
-		if err := wb.Delete(k); err != nil {
-			return err
-		}
-	}
-	return wb.Flush()
-}
-
 // removeEmptyLogs deletes 0-byte .mem and .vlog files. A kill between
 // badger creating such a file and sizing it leaves one behind, and badger
 // (v4.9.6, dgraph-io/badger#2207) then refuses to open the directory
@@ -513,7 +452,7 @@ func (j *Journal) RaiseEpoch(e uint64) {
 // bytes are above the cap, until the flusher drains or ctx ends; it never
 // fails for lack of space in the cap.
 func (j *Journal) Append(ctx context.Context, r *Record) error {
-	return j.appendApply(ctx, r, false, nil)
+	return j.appendApply(ctx, r, nil)
 }
 
 // appendApply is Append, then apply (the caller's write of r to the local
@@ -525,11 +464,9 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 // next image sync, leaves the write on the blob and in neither the journal
 // nor the image.
 //
-// With inImage, a data record's payload is not written to a segment: apply
-// writes it to the image, which then holds it (see imageref.go). Whenever
-// apply is given, pending image-backed records of earlier epochs that r's
-// range overlaps are captured first.
-func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, apply func() error) error {
+// With apply, r waits first for any image-backed record an older binary
+// left over its range to drain (see legacy.go).
+func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error) error {
 	if err := r.check(); err != nil {
 		return fmt.Errorf("append: %w", err)
 	}
@@ -542,19 +479,21 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 	busy := j.appending.Add(1) > inlineBusy
 	first := j.sinceBarrier.Add(1) == 1
 	defer j.appending.Add(-1)
+	if apply != nil && j.legacyN.Load() > 0 {
+		if err := j.waitLegacy(ctx, r.Offset, r.End()); err != nil {
+			return err
+		}
+	}
 	size := r.payloadSize()
 	if err := j.waitForSpace(ctx, size); err != nil {
 		return err
 	}
 	// The payload goes to a segment file first, outside any lock; the
 	// index entry, committed after it, is what makes the record exist.
-	// Above maxImageRefs the payload goes to a segment after all, so
-	// that memory stays bounded while the remote is far behind.
-	inImage = inImage && j.img != nil && j.refs.n.Load() < j.maxRefs
 	var seg *segment
-	var inline *inlinePayload
+	var inline *intentlog.Inline
 	direct := false
-	if r.Kind == KindData && !inImage {
+	if r.Kind == KindData {
 		var err error
 		seg, r.segOff, err = j.segs.reserve(r.Length)
 		if err != nil {
@@ -565,8 +504,8 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 		if r.Length <= j.inlineMax && !busy {
 			// Small, and few writers: the intent log carries the
 			// payload, the indexer writes it to the segment (see
-			// intentlog.go and inlineBusy).
-			inline = &inlinePayload{seg: seg, off: r.segOff, data: r.Data, crc: r.crc}
+			// package intentlog and inlineBusy).
+			inline = &intentlog.Inline{Data: r.Data, CRC: r.crc}
 			direct = j.directIntents && first && j.syncEach.Load()
 		} else {
 			if err := seg.writePayload(r.Data, r.segOff); err != nil {
@@ -577,50 +516,17 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 			seg.dirty.Store(true)
 		}
 	}
-	var pre []pendingCapture
-	if apply != nil && j.img != nil {
-		var err error
-		if pre, err = j.precopy(r.Offset, r.End(), j.openEpoch.Load()); err != nil {
-			if seg != nil {
-				seg.inflight.Add(-1)
-			}
-			j.release(size)
-			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
-		}
-	}
 	j.applyMu.RLock()
 	j.barrierMu.RLock()
 	r.Seq = j.nextSeq.Add(1) - 1
 	r.Epoch = j.epoch
-	var err error
-	var caps []pendingCapture
-	kvs := []keyValue(nil)
-	if apply != nil && j.img != nil && (len(pre) > 0 || j.refs.n.Load() > 0) {
-		// Under barrierMu, so r.Epoch cannot change between the choice of
-		// what to capture and the commit. Skipped when nothing is indexed:
-		// the default (segment) path pays nothing for write once.
-		caps, kvs, err = j.prepareCaptures(r.Offset, r.End(), r.Epoch, pre)
-	}
-	// The entries go to the intent log (one pwrite) and, in the
-	// background, to badger (see intentlog.go). They are written before
+	// The entry goes to the intent log (one pwrite) and, in the
+	// background, to badger (see package intentlog). It is written before
 	// barrierMu is released, so Barrier's guarantee (every record of a
 	// closed epoch is logged, and queued for badger) and the range lock's
-	// seq order are unchanged.
-	if err == nil {
-		err = j.logEntries(append(kvs, keyValue{key: recKey(r.Seq), val: r.encode(), inline: inline}), direct && len(kvs) == 0)
-	}
-	if caps != nil {
-		// A capture whose entries were partly logged when the log failed
-		// stays uncaptured: its entries point at segment copies of what
-		// the image still holds, which is right either way.
-		j.finishCaptures(caps, err)
-	}
+	// seq order hold.
+	err := j.logEntry(intentlog.Entry{Key: recKey(r.Seq), Val: r.encode(), Inline: inline}, seg, r.segOff, direct)
 	full := false
-	if err == nil && inImage && r.Kind == KindData {
-		// Indexed before the caller releases its range lock, so the next
-		// overlapping write of a later epoch captures it.
-		j.refs.add(r)
-	}
 	if err == nil {
 		j.epochUsed.Store(true)
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
@@ -638,15 +544,9 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, inImage bool, appl
 		return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
 	}
 	if apply != nil {
+		// The flusher syncs the image before it deletes the records
+		// applied to it (WaitApplied).
 		err = apply()
-		if inImage && r.Kind == KindData {
-			// The image holds the payload: a barrier must sync it. Set
-			// after the image write, so a Sync that sees the flag covers it
-			// (Sync holds syncMu from clearing the flag to the end of
-			// fsync). Other image writes are synced by the flusher before
-			// their records are deleted.
-			j.imgDirty.Store(true)
-		}
 	}
 	j.applyMu.RUnlock()
 	if full {
@@ -761,11 +661,11 @@ func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
 func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
 
 // Sync makes every record appended before it durable: the segment files
-// and intent log files written since the last sync, and the local image
-// when it was written since the last Sync (it holds the payloads of
-// image-backed records), all in parallel. Badger's logs are not synced
-// here: what a barrier promises is in the intent log; badger is synced
-// before anything depends on it (syncIndex).
+// and intent log files written since the last sync, in parallel. Badger's
+// logs are not synced here: what a barrier promises is in the intent log;
+// badger is synced before anything depends on it (syncIndex). Nor is the
+// local image: the flusher syncs it before it deletes what was applied to
+// it.
 //
 // Concurrent calls share the work: a call returns with the result of the
 // first sync that started after it was made (waiting for one already
@@ -795,29 +695,21 @@ func (j *Journal) Sync() error {
 	return err
 }
 
-// syncOnce is one sync (Sync coalesces callers around it). The image,
-// the segments and the intent log are fdatasync'ed in parallel: a barrier
-// waits for the slowest file, not for their sum (serial, two fdatasyncs
-// each took 80-230 µs). Their relative order does
-// not matter: the kernel writes dirty pages back in any order anyway, and
-// the barrier only promises that all of them are durable when it returns.
+// syncOnce is one sync (Sync coalesces callers around it). The segments
+// and the intent log are fdatasync'ed in parallel: a barrier waits for the
+// slowest file, not for their sum (serial, two fdatasyncs each took
+// 80-230 µs). Their relative order does not matter: the kernel writes
+// dirty pages back in any order anyway, and the barrier only promises that
+// all of them are durable when it returns.
 func (j *Journal) syncOnce() error {
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
 	var wg sync.WaitGroup
-	var imgErr, segErr error
-	if j.img != nil && j.imgDirty.Swap(false) {
-		wg.Go(func() {
-			if imgErr = datasync(j.img); imgErr != nil {
-				j.imgDirty.Store(true)
-				imgErr = fmt.Errorf("sync local image: %w", imgErr)
-			}
-		})
-	}
+	var segErr error
 	wg.Go(func() { segErr = j.segs.sync() })
-	err := j.ilog.sync()
+	err := j.ilog.Sync()
 	wg.Wait()
-	return errors.Join(segErr, err, imgErr)
+	return errors.Join(segErr, err)
 }
 
 // syncFiles makes badger's committed entries durable by fsyncing its log
@@ -854,7 +746,7 @@ func (j *Journal) syncFiles() error {
 				return // deleted by GC or a flush since the listing
 			}
 			if err == nil {
-				err = datasync(f)
+				err = files.Datasync(f)
 				f.Close()
 			}
 			if err != nil {
@@ -884,7 +776,7 @@ func (j *Journal) syncFiles() error {
 	if !appeared {
 		return nil
 	}
-	if err := syncDir(j.dir); err != nil {
+	if err := files.SyncDir(j.dir); err != nil {
 		return fmt.Errorf("sync journal directory: %w", err)
 	}
 	j.dirNames = names
@@ -922,22 +814,13 @@ func logsToSync(names, synced map[string]bool) (logs, done []string) {
 	return logs, done
 }
 
-// datasync is fdatasync: the data, and the metadata needed to read it back
-// (a size change, an unwritten extent converted), but not the timestamps
-// every write changes, whose journal commit doubled a barrier's latency. The
-// image and badger's logs keep their sizes, segment files grow (their size
-// is synced).
-// Datasync is fdatasync(2) on f, retried on EINTR.
-func Datasync(f *os.File) error { return datasync(f) }
-
-func datasync(f *os.File) error {
-	for {
-		err := unix.Fdatasync(int(f.Fd()))
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
+// Datasync is fdatasync(2) on f, retried on EINTR: the data, and the
+// metadata needed to read it back (a size change, an unwritten extent
+// converted), but not the timestamps every write changes, whose journal
+// commit doubled a barrier's latency. The image and badger's logs keep
+// their sizes, segment files grow (their size is synced). The flusher
+// syncs the local image with it.
+func Datasync(f *os.File) error { return files.Datasync(f) }
 
 // valueThreshold is badger's value threshold: every value the journal
 // writes is smaller, so none goes to the value log.
@@ -961,7 +844,8 @@ func badgerLog(name string) (ext string, n uint64, ok bool) {
 func (j *Journal) ReadBatch(from uint64, maxBytes int64, minLastEpoch uint64) ([]Record, error) {
 	closed := j.closed.Load()
 	// Every record of a closed epoch is committed; once they are all in
-	// the image too, the image-backed ones read back whole.
+	// the image too, the blob never gets a write the image lacks (see
+	// appendApply).
 	j.WaitApplied()
 	var out []Record
 	var size int64
@@ -1046,7 +930,7 @@ func (j *Journal) loadAll(recs []Record) error {
 // before it counts as applied (see appendApply): the disk writes the local
 // image there.
 func (j *Journal) AppendApply(ctx context.Context, r *Record, apply func() error) error {
-	return j.appendApply(ctx, r, false, apply)
+	return j.appendApply(ctx, r, apply)
 }
 
 // Scan calls fn with the index entry (no payload) of every pending record
@@ -1055,8 +939,16 @@ func (j *Journal) Scan(from uint64, fn func(Record) (stop bool, err error)) erro
 	return j.scan(from, fn)
 }
 
-// Payload reads the payload of a data record from its segment.
-func (j *Journal) Payload(r *Record) ([]byte, error) { return j.segs.read(r) }
+// Payload reads the payload of a data record: from its segment, or, for
+// an image-backed record an older binary left, from the image with its
+// pieces laid over (legacy.go).
+func (j *Journal) Payload(r *Record) ([]byte, error) {
+	c := *r
+	if err := j.load(&c); err != nil {
+		return nil, err
+	}
+	return c.Data, nil
+}
 
 // ReadAll returns every pending record in seq order (replay uses it).
 func (j *Journal) ReadAll(fn func(Record) error) error {
@@ -1122,7 +1014,8 @@ func (j *Journal) getRecord(seq uint64) (Record, error) {
 	return r, nil
 }
 
-// load reads a data record's payload from its segment.
+// load reads a data record's payload from its segment (or, for an
+// image-backed record an older binary left, from the image).
 func (j *Journal) load(r *Record) error {
 	if r.Kind != KindData {
 		return nil
@@ -1141,9 +1034,9 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	pieceKeys := j.forget(recs)
-	// Entries still queued for badger (a capture's, made before forget)
-	// must land before these deletions, or they would outlive them.
+	legacy, pieceKeys := j.legacyKeys(recs)
+	// Entries still queued for badger must land before these deletions,
+	// or they would outlive them.
 	if err := j.idx.flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
@@ -1173,13 +1066,20 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
-	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes)
+	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes, legacy)
 }
 
 // drained updates the journal after the deletion of drained records up to
-// lastSeq (durable in badger): the drained epoch, the segments no pending
-// record needs, and the pending counters.
-func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64) error {
+// lastSeq (durable in badger, legacy among them): the drained epoch, the
+// segments no pending record needs, and the pending counters.
+func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legacy []uint64) error {
+	if legacy != nil {
+		// The writers waiting for these records go on once their deletion
+		// is durable (see legacy.go).
+		if err := j.syncIndex(); err != nil {
+			return fmt.Errorf("delete drained records: %w", err)
+		}
+	}
 	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
 	// Whole segments whose records are all drained are deleted, after the
 	// index deletions are durable (so no index entry can outlive its
@@ -1200,6 +1100,7 @@ func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64) error
 	if !next.IsZero() {
 		j.oldest = next
 	}
+	j.forgetLegacy(legacy)
 	j.space.Broadcast()
 	j.mu.Unlock()
 	return nil
@@ -1228,11 +1129,6 @@ type Stats struct {
 	EpochsClosed   uint64
 	BlockedWriters int
 	DiskBytes      int64 // LSM + value log on disk
-	// Captures counts image-backed records copied into a segment because a
-	// later epoch overwrote their range before they were drained, and
-	// CapturedBytes their bytes (see imageref.go).
-	Captures      int64
-	CapturedBytes int64
 	// DirectEntries counts the entries written to the intent log with
 	// O_DIRECT (see directCadence).
 	DirectEntries uint64
@@ -1252,7 +1148,6 @@ func (j *Journal) Stats() Stats {
 	s.ClosedEpoch = j.closed.Load()
 	s.EpochsClosed = j.epochsClosed.Load()
 	s.DiskBytes = dirBytes(j.dir)
-	s.Captures, s.CapturedBytes = j.captures.Load(), j.capturedBytes.Load()
 	s.DirectEntries = j.directEntries.Load()
 	return s
 }
@@ -1323,7 +1218,7 @@ func (j *Journal) Close() error {
 		j.filesMu.Unlock()
 		clean = err == nil
 	}
-	err = errors.Join(err, j.ilog.close(clean))
+	err = errors.Join(err, j.ilog.Close(clean))
 	defer j.segs.close()
 	if cerr := j.db.Close(); cerr != nil {
 		return fmt.Errorf("close journal: %w", cerr)

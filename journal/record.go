@@ -122,5 +122,9 @@ func (r *Record) payloadSize() int64 {
 }
 
 // InImage reports whether the record's payload lives in the local image
-// only (an image-backed record), not in a segment.
+// only, not in a segment: an image-backed record, which only the removed
+// mount --write-once wrote. It stays because a state directory left by a
+// binary that had it may still hold pending ones, whose only copy is the
+// image: replay must leave that alone rather than ask for a segment that
+// does not exist (see legacy.go).
 func (r *Record) InImage() bool { return r.Kind == KindData && r.seg == 0 }

@@ -7,15 +7,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
 // Payloads live in segment files, not in badger: badger keeps only the
@@ -97,29 +95,6 @@ type segments struct {
 
 func segName(id uint64) string { return fmt.Sprintf("seg-%016x.dat", id) }
 
-// listNumbered returns, sorted, the ids of the files in dir named
-// prefix + 16 hex digits + ".dat" (segments, intent logs).
-func listNumbered(dir, prefix string) ([]uint64, error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, err
-	}
-	var ids []uint64
-	for _, e := range entries {
-		name := e.Name()
-		if !strings.HasPrefix(name, prefix) || !strings.HasSuffix(name, ".dat") {
-			continue
-		}
-		id, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(name, prefix), ".dat"), 16, 64)
-		if err != nil {
-			continue
-		}
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	return ids, nil
-}
-
 // openSegments opens every segment file in dir for reading; new payloads
 // go to a fresh segment.
 func openSegments(dir string, maxSize int64) (*segments, error) {
@@ -127,7 +102,7 @@ func openSegments(dir string, maxSize int64) (*segments, error) {
 		maxSize = defaultSegmentSize
 	}
 	s := &segments{dir: dir, maxSize: maxSize, all: map[uint64]*segment{}, next: 1}
-	ids, err := listNumbered(dir, "seg-")
+	ids, err := files.ListNumbered(dir, "seg-")
 	if err != nil {
 		return nil, fmt.Errorf("list journal segments: %w", err)
 	}
@@ -162,7 +137,7 @@ func (s *segments) reserve(n int64) (*segment, int64, error) {
 	if s.cur != nil {
 		off = s.cur.size
 		if s.cur.direct != nil && directSized(n) {
-			off = (off + directAlign - 1) &^ (directAlign - 1)
+			off = (off + files.DirectAlign - 1) &^ (files.DirectAlign - 1)
 		}
 	}
 	if s.cur == nil || (s.cur.size > 0 && off+n > s.maxSize) {
@@ -210,7 +185,7 @@ func preallocate(f *os.File, n int64) {
 // needs for preallocate to allocate one.
 const preallocFree = 4
 
-// Payloads of at least directMin bytes, in whole directAlign blocks, are
+// Payloads of at least directMin bytes, in whole files.DirectAlign blocks, are
 // written with O_DIRECT. Through the page cache, a streaming writer's
 // segment writes cost most of the daemon's CPU: perf put 68 % of the
 // samples of fio sequential 1 MiB writes (remote detached) in their
@@ -218,32 +193,19 @@ const preallocFree = 4
 // pages, which a journal written once and read once by the flusher gains
 // nothing from. Small payloads stay buffered: a direct write waits for the
 // device.
-const (
-	directAlign = 4096
-	directMin   = 64 << 10
-)
+const directMin = 64 << 10
 
-func directSized(n int64) bool { return n >= directMin && n%directAlign == 0 }
+func directSized(n int64) bool { return n >= directMin && n%files.DirectAlign == 0 }
 
 // directBufs holds directMax-byte buffers aligned for O_DIRECT.
 var directBufs = sync.Pool{New: func() any {
-	b := alignedBuf(directMax)
+	b := files.AlignedBuf(directMax)
 	return &b
 }}
 
 // directMax is the size of a pooled direct buffer: the default largest
 // FUSE write (fusefs.Options.MaxWrite).
 const directMax = 256 << 10
-
-// alignedBuf returns n bytes starting at a directAlign boundary.
-func alignedBuf(n int) []byte {
-	b := make([]byte, n+directAlign)
-	skip := directAlign - int(uintptr(unsafe.Pointer(&b[0]))%directAlign)
-	if skip == directAlign {
-		skip = 0
-	}
-	return b[skip : skip+n : skip+n]
-}
 
 // writePayload writes an append's payload p at off (from reserve). A
 // directSized payload at an aligned offset goes through the O_DIRECT
@@ -253,15 +215,15 @@ func alignedBuf(n int) []byte {
 // fdatasync to be durable (a direct write may sit in the device's cache).
 func (seg *segment) writePayload(p []byte, off int64) error {
 	n := int64(len(p))
-	if seg.direct != nil && directSized(n) && off%directAlign == 0 && !seg.directRefused.Load() {
+	if seg.direct != nil && directSized(n) && off%files.DirectAlign == 0 && !seg.directRefused.Load() {
 		buf := p
 		var pooled *[]byte
-		if !isAligned(p) {
+		if !files.IsAligned(p) {
 			if n <= directMax {
 				pooled = directBufs.Get().(*[]byte)
 				buf = (*pooled)[:n]
 			} else {
-				buf = alignedBuf(int(n))
+				buf = files.AlignedBuf(int(n))
 			}
 			copy(buf, p)
 		}
@@ -279,8 +241,6 @@ func (seg *segment) writePayload(p []byte, off int64) error {
 	_, err := seg.f.WriteAt(p, off)
 	return err
 }
-
-func isAligned(p []byte) bool { return uintptr(unsafe.Pointer(&p[0]))%directAlign == 0 }
 
 // writeAt writes an inline payload replayed from the intent log at off
 // in segment id, making the file if a power loss took it.
@@ -328,20 +288,17 @@ func writeInline(items []indexItem) (int, error) {
 		return nil
 	}
 	for i, it := range items {
-		for _, kv := range it.kvs {
-			p := kv.inline
-			if p == nil {
-				continue
-			}
-			if p.seg != seg || p.off != end || len(iov) == maxIOV {
-				if err := flush(); err != nil {
-					return first, err
-				}
-				seg, off, end, first = p.seg, p.off, p.off, i
-			}
-			iov = append(iov, p.data)
-			end += int64(len(p.data))
+		if it.inline == nil {
+			continue
 		}
+		if it.seg != seg || it.off != end || len(iov) == maxIOV {
+			if err := flush(); err != nil {
+				return first, err
+			}
+			seg, off, end, first = it.seg, it.off, it.off, i
+		}
+		iov = append(iov, it.inline)
+		end += int64(len(it.inline))
 	}
 	if err := flush(); err != nil {
 		return first, err
@@ -417,7 +374,7 @@ func (s *segments) syncMarked(mark func(*segment) *atomic.Bool, count *atomic.Ui
 	s.dirMu.Lock()
 	defer s.dirMu.Unlock()
 	if s.created.Swap(false) {
-		if err := syncDir(s.dir); err != nil {
+		if err := files.SyncDir(s.dir); err != nil {
 			s.created.Store(true)
 			return fmt.Errorf("sync journal directory: %w", err)
 		}
@@ -444,7 +401,7 @@ func (s *segments) syncListed(mark func(*segment) *atomic.Bool, count *atomic.Ui
 		if count != nil {
 			count.Add(1)
 		}
-		if err := datasync(seg.f); err != nil {
+		if err := files.Datasync(seg.f); err != nil {
 			m.Store(true)
 			return fmt.Errorf("sync journal segment %s: %w", segName(seg.id), err)
 		}

@@ -175,7 +175,6 @@ func TestCrashRecovery(t *testing.T) {
 		after := rapid.SliceOfN(genOp(size, 96<<10, defaultKinds), 0, 6).Draw(rt, "opsAfterRestart")
 		o := DiskOptions{}
 		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 64<<10).Draw(rt, "maxEpochBytes")
-		o.Journal.MaxImageRecords = rapid.SampledFrom([]int{0, 1, 4}).Draw(rt, "maxImageRecords")
 		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
 		o.Sender.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond

@@ -663,9 +663,6 @@ func TestOrderProperty(t *testing.T) {
 		ops := rapid.SliceOfN(genOp(size, min(size, 320<<10), defaultKinds), nOps, nOps).Draw(rt, "ops")
 		o := DiskOptions{}
 		o.Journal.MaxEpochBytes = rapid.Int64Range(4<<10, 128<<10).Draw(rt, "maxEpochBytes")
-		// Sometimes only a few records may stay in the image: the others go
-		// to segments, so both kinds mix.
-		o.Journal.MaxImageRecords = rapid.SampledFrom([]int{0, 1, 4}).Draw(rt, "maxImageRecords")
 		// rapid favours small numbers: count down from the large end, so that
 		// batches often have room for several epochs.
 		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
