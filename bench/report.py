@@ -188,9 +188,11 @@ def drained_figures(prefix, distinct):
     """the drain of stage PREFIX: counters from its start, at the workload's
     end and at the drain's end (or give-up), and the ratios to distinct bytes."""
     st, fe, dr = (load(os.path.join(res, f"{prefix}-{x}.json")) for x in ("start", "fioend", "drain"))
-    if not dr: return None
+    if not (st or fe or dr): return None
+    dr = dr or {}
     last = dr.get("last") or {}
-    d = {"drained": bool(dr.get("drained")), "drain_limit_s": dr.get("limit_s")}
+    # drained: None when the drain was not recorded
+    d = {"drained": bool(dr.get("drained")) if "drained" in dr else None, "drain_limit_s": dr.get("limit_s")}
     d["drain_seconds"] = dr.get("seconds") if d["drained"] else None
     d["gave_up_after_s"] = None if d["drained"] else dr.get("seconds")
     d["pending_bytes_at_fio_end"] = (fe or {}).get("journal_bytes")
@@ -334,7 +336,9 @@ if smp or fw:
             vals = [s[k] for s in smp if k in s]
             if vals: d[f"daemon_{k}_last"] = vals[-1]
     fe = load(os.path.join(res, "steady-fioend.json"))
-    if fe: d["pending_bytes_at_fio_end"] = fe.get("journal_bytes")
+    if fe:
+        d["pending_bytes_at_fio_end"] = fe.get("journal_bytes")
+        if d.get("pending_bytes_end") is None: d["pending_bytes_end"] = fe.get("journal_bytes")
     dr = drained_figures("steady", fw["distinct_bytes"] if fw else None)
     if dr: d.update({k: dr[k] for k in ("drained", "drain_seconds", "gave_up_after_s", "pending_bytes_left", "bytes_sent", "requests", "throttled")})
     ps = load(os.path.join(res, "steady-proxy.json"))
