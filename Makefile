@@ -46,7 +46,8 @@ demo: deps build
 
 ## bench: issue 5's measurements (root; fio and s3backer installed where
 ## missing); writes bench/results.json and bench/results.md. Knobs:
-## BENCH_REPS, BENCH_RUNTIME, BENCH_SKIP, BENCH_RTT, BENCH_FLUSH_SIZE (bench/run.sh).
+## BENCH_REPS, BENCH_RUNTIME, BENCH_SKIP, BENCH_RTT, BENCH_FLUSH_SIZE,
+## BENCH_BURST_DRAIN_LIMIT and the rest in bench/run.sh's header.
 bench: deps build
 	@command -v s3backer >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install s3backer"; exit 1; fi; \

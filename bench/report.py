@@ -149,6 +149,220 @@ if mem or "lag" in R:
         md.append(f"| lag {k} | {v} |")
     md.append("")
 
+# 7. burst, outage, steady ---------------------------------------------------------
+def fio_write(p):
+    """fio's write figures and the region it wrote over (size option)."""
+    j = load(p)
+    try:
+        jj = j["jobs"][0]; w = jj["write"]
+    except Exception:
+        return None
+    size = str(jj.get("job options", {}).get("size") or (j.get("global options") or {}).get("size") or "0")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    m = re.match(r"(\d+)([kmgt])?", size.lower())
+    region = int(m.group(1)) * mult.get(m.group(2) or "", 1) if m else 0
+    return {"io_bytes": w.get("io_bytes", 0), "mibs": w.get("bw", 0) / 1024, "iops": w.get("iops", 0),
+            "runtime_s": w.get("runtime", 0) / 1000, "region_bytes": region,
+            # fio's random map writes each block of the region once per pass
+            "distinct_bytes": min(w.get("io_bytes", 0), region) if region else w.get("io_bytes", 0)}
+def delta(a, b, k):
+    """counter k from status a to status b (None where either lacks it)."""
+    if not a or not b or k not in a or k not in b: return None
+    return b[k] - a[k]
+def load_lines(p):
+    out = []
+    try:
+        for line in open(p):
+            try: out.append(json.loads(line))
+            except ValueError: pass
+    except OSError: pass
+    return out
+def quant(v, f):
+    v = sorted(v); return v[min(len(v) - 1, int(f * len(v)))] if v else None
+def blob_of(j, name):
+    """a proxy stats / wire summary entry for the blob bench/NAME.vhd"""
+    for k, v in ((j or {}).get("blobs") or {}).items():
+        if k.endswith(f"/bench/{name}.vhd"): return v
+    return None
+def drained_figures(prefix, distinct):
+    """the drain of stage PREFIX: counters from its start, at the workload's
+    end and at the drain's end (or give-up), and the ratios to distinct bytes."""
+    st, fe, dr = (load(os.path.join(res, f"{prefix}-{x}.json")) for x in ("start", "fioend", "drain"))
+    if not (st or fe or dr): return None
+    dr = dr or {}
+    last = dr.get("last") or {}
+    # drained: None when the drain was not recorded
+    d = {"drained": bool(dr.get("drained")) if "drained" in dr else None, "drain_limit_s": dr.get("limit_s")}
+    d["drain_seconds"] = dr.get("seconds") if d["drained"] else None
+    d["gave_up_after_s"] = None if d["drained"] else dr.get("seconds")
+    d["pending_bytes_at_fio_end"] = (fe or {}).get("journal_bytes")
+    d["pending_records_at_fio_end"] = (fe or {}).get("journal_records")
+    d["pending_bytes_left"] = None if d["drained"] else last.get("journal_bytes")
+    for k in ("bytes_sent", "put_calls", "clear_calls", "sequence_calls", "retries", "throttled"):
+        d[k] = delta(st, last, k)
+        d[k + "_in_drain"] = delta(fe, last, k)
+    reqs = None if d["put_calls"] is None else d["put_calls"] + (d["clear_calls"] or 0)
+    d["requests"] = reqs
+    d["requests_in_drain"] = None if d["put_calls_in_drain"] is None else d["put_calls_in_drain"] + (d["clear_calls_in_drain"] or 0)
+    sent = d["bytes_sent"]
+    d["requests_per_gib_sent"] = r(ratio(reqs, sent and sent / (1 << 30)), 1)
+    d["sent_over_distinct"] = r(ratio(sent, distinct), 3)
+    for k in ("requests_per_second", "mib_per_second", "catch_up_seconds"):
+        if k in (fe or {}): d[k + "_at_fio_end"] = fe[k]
+    return d
+def add_wire(d, prefix, name):
+    w = blob_of(load(os.path.join(res, f"{prefix}-wire.json")), name)
+    if w:
+        t, a = w.get("total", {}), w.get("after", {})
+        d["wire"] = {"requests": t.get("requests"), "throttled": t.get("throttled"), "timed_out": t.get("timed_out"),
+                     "put_pages": t.get("put_pages"), "clear_pages": t.get("clear_pages"), "bytes_put": t.get("bytes_put"),
+                     "requests_in_drain": a.get("requests"), "throttled_in_drain": a.get("throttled")}
+    p = blob_of(load(os.path.join(res, f"{prefix}-proxy.json")), name)
+    if p: d["proxy"] = p
+def mib(x): return "-" if x is None else f"{x / (1 << 20):.0f}"
+def num(x, f="{:.1f}"): return "-" if x is None else f.format(x)
+
+burst = {}
+for v in ["bare", "throttled", "ext4"]:
+    fw = fio_write(os.path.join(res, f"burst-{v}-fio.json"))
+    if not fw: continue
+    d = {"fio": fw, "distinct_bytes": fw["distinct_bytes"]}
+    d.update(drained_figures(f"burst-{v}", fw["distinct_bytes"]) or {})
+    raw = load(os.path.join(res, f"burst-{v}-raw.json"))
+    if raw and raw.get("mib_per_second"):
+        d["raw_mibs"] = raw["mib_per_second"]
+        # the baseline: the burst's distinct bytes as 4 MiB Put Pages at rawput's rate
+        d["raw_seconds"] = fw["distinct_bytes"] / (raw["mib_per_second"] * (1 << 20))
+    if d.get("drain_seconds") is not None:
+        d["total_seconds"] = fw["runtime_s"] + d["drain_seconds"]
+        d["drain_over_raw"] = r(ratio(d["drain_seconds"], d.get("raw_seconds")), 2)
+    elif d.get("gave_up_after_s") is not None:
+        # not drained: a lower bound
+        d["drain_over_raw_at_least"] = r(ratio(d["gave_up_after_s"], d.get("raw_seconds")), 2)
+    add_wire(d, f"burst-{v}", f"burst{v}")
+    burst[v] = d
+lim = load(os.path.join(res, "throttle.json")) or {}
+if lim: R["throttle_limits"] = lim
+if burst:
+    R["burst"] = burst
+    md += ["## 7a. Drain after a burst: 4 KiB random writes (iodepth 32, direct) over 1 GiB of a 4 GiB disk, the remote live", "",
+           "| variant | fio MiB/s | written MiB | distinct MiB | pending at fio end MiB | drain s | raw s | drain ÷ raw | Put+Clear calls | calls / GiB sent | sent ÷ distinct | wire requests / 503 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v, d in burst.items():
+        fw = d["fio"]
+        if d.get("drained"):
+            ds, q = f"{d['drain_seconds']:.1f}", num(d.get("drain_over_raw"), "{:.2f}")
+        elif d.get("gave_up_after_s") is not None:
+            ds = f"not drained at {d['gave_up_after_s']:.0f} ({mib(d.get('pending_bytes_left'))} MiB left)"
+            q = num(d.get("drain_over_raw_at_least"), "> {:.1f}")
+        else:
+            ds, q = "-", "-"
+        wi = d.get("wire")
+        ws = f"{wi['requests']:,} / {wi['throttled']:,}" if wi else "-"
+        md.append(f"| {v} | {fw['mibs']:.0f} | {mib(fw['io_bytes'])} | {mib(d['distinct_bytes'])} | {mib(d.get('pending_bytes_at_fio_end'))} | "
+                  f"{ds} | {num(d.get('raw_seconds'))} | {q} | {num(d.get('requests'), '{:,}')} | {num(d.get('requests_per_gib_sent'), '{:,.0f}')} | "
+                  f"{num(d.get('sent_over_distinct'), '{:.2f}')} | {ws} |")
+    md += ["", "bare = Azurite itself; throttled = through azurite-throttle at a standard page blob's targets "
+           f"({lim.get('rps', '-')} req/s, {lim.get('mibps', '-')} MiB/s per blob), the baseline through it too; "
+           "ext4 = the same fio on a 1 GiB file (laid out before) of ext4 on a loop device over the .img, bare Azurite. "
+           "drain = from fio's end to `vhdsync unmount` done (the journal on the blob, lease released); "
+           "raw = the distinct bytes as 4 MiB Put Pages, 8 in flight, at the rate rawput measured first on the same quiet emulator. "
+           "distinct = the region fio's random map covered (at most 1 GiB; ext4's metadata not counted). "
+           "Calls and bytes sent are the daemon's counters from the mount to the drain's end (or the give-up); "
+           "wire requests count every request to the blob at the proxy, refused ones included.", ""]
+
+fw = fio_write(os.path.join(res, "outage-fio.json"))
+if fw:
+    d = {"fio": fw, "distinct_bytes": fw["distinct_bytes"]}
+    d.update(drained_figures("outage", fw["distinct_bytes"]) or {})
+    win = load(os.path.join(res, "outage-window.json")) or {}
+    if win:
+        d["outage_at_s"] = r(win["stop"] - win["fio_start"], 1); d["outage_s"] = r(win["cont"] - win["stop"], 1)
+    smp = load_lines(os.path.join(res, "outage-samples.jsonl"))
+    if smp:
+        d["peak_pending_bytes"] = max(s.get("journal_bytes", 0) for s in smp)
+        d["peak_lag_s"] = max(s.get("lag_seconds", 0) for s in smp)
+        if win:
+            at = [s for s in smp if s["t"] <= win["cont"]]
+            if at: d["pending_bytes_at_resume"] = at[-1].get("journal_bytes")
+    raw = load(os.path.join(res, "outage-raw.json"))
+    if raw and raw.get("mib_per_second"):
+        d["raw_mibs"] = raw["mib_per_second"]
+        d["raw_seconds"] = fw["distinct_bytes"] / (raw["mib_per_second"] * (1 << 20))
+    if d.get("drain_seconds") is not None:
+        d["drain_over_raw"] = r(ratio(d["drain_seconds"], d.get("raw_seconds")), 2)
+    elif d.get("gave_up_after_s") is not None:
+        d["drain_over_raw_at_least"] = r(ratio(d["gave_up_after_s"], d.get("raw_seconds")), 2)
+    R["outage"] = d
+    if d.get("drained"):
+        ds, q = f"{d['drain_seconds']:.1f}", num(d.get("drain_over_raw"), "{:.2f}")
+    elif d.get("gave_up_after_s") is not None:
+        ds, q = f"not drained at {d['gave_up_after_s']:.0f} ({mib(d.get('pending_bytes_left'))} MiB left)", num(d.get("drain_over_raw_at_least"), "> {:.1f}")
+    else:
+        ds, q = "-", "-"
+    md += [f"## 7b. Drain after an outage: {fw['runtime_s']:.0f} s of 16 KiB random writes (iodepth 16, direct) over {mib(fw['region_bytes'])} MiB, "
+           f"Azurite frozen (SIGSTOP) {d.get('outage_at_s', '-')} s in for {d.get('outage_s', '-')} s", "",
+           "| figure | value |", "|---|---:|",
+           f"| fio MiB/s / written MiB | {fw['mibs']:.0f} / {mib(fw['io_bytes'])} |",
+           f"| distinct MiB | {mib(d['distinct_bytes'])} |",
+           f"| journal pending at resume / peak MiB | {mib(d.get('pending_bytes_at_resume'))} / {mib(d.get('peak_pending_bytes'))} |",
+           f"| lag peak s | {num(d.get('peak_lag_s'))} |",
+           f"| journal pending at fio end MiB | {mib(d.get('pending_bytes_at_fio_end'))} |",
+           f"| drain s (fio end to unmount done) | {ds} |",
+           f"| raw s (distinct as 4 MiB Put Pages, rawput {num(d.get('raw_mibs'), '{:.0f}')} MiB/s) | {num(d.get('raw_seconds'))} |",
+           f"| drain ÷ raw | {q} |",
+           f"| bytes sent MiB (in the drain) | {mib(d.get('bytes_sent'))} ({mib(d.get('bytes_sent_in_drain'))}) |",
+           f"| bytes sent ÷ distinct | {num(d.get('sent_over_distinct'), '{:.2f}')} |",
+           f"| Put+Clear calls (in the drain) | {num(d.get('requests'), '{:,}')} ({num(d.get('requests_in_drain'), '{:,}')}) |", ""]
+
+smp = load_lines(os.path.join(res, "steady-samples.jsonl"))
+fw = fio_write(os.path.join(res, "steady-fio.json"))
+if smp or fw:
+    d = {"fio": fw}
+    lag = [s.get("lag_seconds", 0) for s in smp]
+    d.update({"samples": len(smp), "lag_p50_s": quant(lag, 0.5), "lag_p99_s": quant(lag, 0.99), "lag_max_s": max(lag) if lag else None})
+    if smp:
+        at10 = min(smp, key=lambda s: abs(s["rel"] - 10))
+        d["pending_bytes_at_10s"] = at10.get("journal_bytes")
+        d["pending_bytes_end"] = smp[-1].get("journal_bytes")
+        late = [(s["rel"], s.get("journal_bytes", 0)) for s in smp if s["rel"] >= 10]
+        if len(late) >= 2:
+            mx = sum(x for x, _ in late) / len(late); my = sum(y for _, y in late) / len(late)
+            den = sum((x - mx) ** 2 for x, _ in late)
+            d["pending_slope_bytes_per_s"] = sum((x - mx) * (y - my) for x, y in late) / den if den else 0
+            # growing: the journal gains over a MiB per 10 s after the first 10 s
+            d["journal_growing"] = d["pending_slope_bytes_per_s"] * 10 > (1 << 20)
+        for k in ("throttled", "requests_per_second", "mib_per_second", "catch_up_seconds"):
+            vals = [s[k] for s in smp if k in s]
+            if vals: d[f"daemon_{k}_last"] = vals[-1]
+    fe = load(os.path.join(res, "steady-fioend.json"))
+    if fe:
+        d["pending_bytes_at_fio_end"] = fe.get("journal_bytes")
+        if d.get("pending_bytes_end") is None: d["pending_bytes_end"] = fe.get("journal_bytes")
+    dr = drained_figures("steady", fw["distinct_bytes"] if fw else None)
+    if dr: d.update({k: dr[k] for k in ("drained", "drain_seconds", "gave_up_after_s", "pending_bytes_left", "bytes_sent", "requests", "throttled")})
+    ps = load(os.path.join(res, "steady-proxy.json"))
+    if ps:
+        d["proxy_total"] = ps.get("total")
+        b = blob_of(ps, "steady")
+        if b: d["proxy_blob"] = b
+        d["proxy_throttled"] = (b or ps.get("total") or {}).get("throttled")
+    R["steady"] = d
+    fiops = f"{fw['iops']:.0f}" if fw else "-"
+    md += [f"## 7c. Replica lag at Azure's limits: 8 KiB random writes at a fixed rate through azurite-throttle ({lim.get('rps', '-')} req/s, {lim.get('mibps', '-')} MiB/s per blob)", "",
+           "| target IOPS / achieved | lag p50 s | lag p99 s | lag max s | pending at 10 s MiB | pending at end MiB | journal | proxy 503s | daemon throttled | drain s |",
+           "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    tgt = (((load(os.path.join(res, "steady-fio.json")) or {}).get("jobs") or [{}])[0].get("job options") or {}).get("rate_iops", "-")
+    grow = {True: "growing", False: "not growing"}.get(d.get("journal_growing"), "-")
+    if d.get("pending_slope_bytes_per_s") is not None: grow += f" ({d['pending_slope_bytes_per_s'] / 1024:+.0f} KiB/s)"
+    dsec = num(d.get("drain_seconds")) if d.get("drained") else (f"not drained at {d['gave_up_after_s']:.0f}" if d.get("gave_up_after_s") is not None else "-")
+    md += [f"| {tgt} / {fiops} | {num(d['lag_p50_s'], '{:.2f}')} | {num(d['lag_p99_s'], '{:.2f}')} | {num(d['lag_max_s'], '{:.2f}')} | "
+           f"{num(d.get('pending_bytes_at_10s') and d['pending_bytes_at_10s'] / (1 << 20), '{:.1f}')} | "
+           f"{num(d.get('pending_bytes_end') and d['pending_bytes_end'] / (1 << 20), '{:.1f}')} | {grow} | "
+           f"{num(d.get('proxy_throttled'), '{:,}')} | {num(d.get('daemon_throttled_last'), '{:,}')} | {dsec} |", "",
+           "Lag and the journal's pending bytes are sampled every second from `vhdsync status --json`; growing = the pending "
+           "bytes' trend after the first 10 s exceeds 1 MiB per 10 s. drain = from fio's end to `vhdsync unmount` done.", ""]
+
 m = R.get("machine") or {}
 head = [f"# vhdsync benchmarks ({m.get('date','')}, commit {m.get('commit','')})", "",
         f"Machine: {m.get('nproc')} CPUs ({m.get('cpu','')}), `free -g`: {m.get('mem','')}, kernel {m.get('kernel')}, disk: {m.get('disk','')}; "

@@ -6,12 +6,33 @@
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
 # BENCH_SKIP (space-separated stages to skip: write fsync fsynclive flush wire
-# staged lag backlog),
+# staged lag backlog burst outage steady),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the server's measured ceiling for the lag
 # workload's own pattern, random 64 KiB Put Pages), BENCH_SYNC
 # (1: sync before every fio run), BENCH_OUT (directory of the results, bench),
-# BENCH_BIN (the vhdsync binary to measure, bin/vhdsync).
+# BENCH_BIN (the vhdsync binary to measure, bin/vhdsync), BENCH_RAW (a directory
+# to keep a copy of the raw results in).
+#
+# Burst, outage and steady (drain after a write burst, after an outage of
+# the server, and the replica's lag under a steady load at Azure's limits;
+# each against a rawput baseline measured first on the same quiet emulator):
+# BENCH_THROTTLE_RPS (500) and BENCH_THROTTLE_MIBPS (60): the per-blob limits
+# azurite-throttle enforces where a stage runs through it (a standard page
+# blob's targets);
+# BENCH_BURST_VARIANTS ("bare throttled ext4": 4 KiB random writes, iodepth
+# 32, on the .img with the remote live, on bare Azurite, through
+# azurite-throttle, and on a 1 GiB file of ext4 on a loop device over the
+# .img, bare Azurite), BENCH_BURST_RUNTIME (10 s), BENCH_BURST_SIZE (MiB
+# written over, 1024), BENCH_BURST_DRAIN_LIMIT (900 s: past it, unmount gives
+# up and the burst is recorded "not drained" with what was sent so far);
+# BENCH_OUTAGE_RUNTIME (60 s of 16 KiB random writes, iodepth 16),
+# BENCH_OUTAGE_SIZE (MiB written over, 256), BENCH_OUTAGE_AT (15 s into the
+# run Azurite is frozen, SIGSTOP) for BENCH_OUTAGE_FOR (30 s, then SIGCONT),
+# BENCH_OUTAGE_DRAIN_LIMIT (BENCH_BURST_DRAIN_LIMIT);
+# BENCH_STEADY_RUNTIME (60 s of 8 KiB random writes through azurite-throttle),
+# BENCH_STEADY_IOPS (1000), BENCH_STEADY_SIZE (MiB written over, 64),
+# BENCH_STEADY_DRAIN_LIMIT (BENCH_BURST_DRAIN_LIMIT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "make bench needs root (FUSE mounts, losetup, mount)"; exit 1; }
@@ -23,9 +44,11 @@ repo=$PWD
 bin=${BENCH_BIN:-$repo/bin/vhdsync}
 work=$(mktemp -d /var/tmp/vhdsync-bench.XXXXXX)
 res=$work/res; mkdir -p "$res"
-pids=() loops=() fsmounts=() fusemounts=() vpids=()
+pids=() loops=() fsmounts=() fusemounts=() vpids=() frozen=()
 cleanup() {
   set +e
+  # a frozen Azurite (outage stage) first resumes, so that it can be stopped
+  for g in "${frozen[@]}"; do kill -CONT -- "-$g" 2>/dev/null; done
   for m in "${fsmounts[@]}"; do mountpoint -q "$m" && umount "$m"; done
   for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
   for p in "${vpids[@]}"; do kill -9 "$p" 2>/dev/null; done
@@ -81,17 +104,74 @@ stop_servers() {
   for m in "${fusemounts[@]}"; do if grep -q " $m " /proc/mounts; then umount -l "$m"; fi; done
   fusemounts=() pids=()
 }
-# mount_vhdsync NAME [mount flags]: sets VST (state), VMNT, VPID, VAZ
+# mount_vhdsync NAME [mount flags]: a fresh Azurite and mount_on it; sets
+# VAZ too
 mount_vhdsync() {
   local name=$1; shift
+  start_azurite "$work/$name"; VAZ=$AZPID
+  mount_on "$EP" "$name" "$@"
+}
+# mount_on ENDPOINT NAME [mount flags]: create NAME's blob (VSIZE) at
+# ENDPOINT (an Azurite, or a proxy in front of one) and mount it at
+# $work/NAME/mnt; sets VST (state), VMNT, VPID
+mount_on() {
+  local ep=$1 name=$2; shift 2
   local d=$work/$name; mkdir -p "$d/mnt"
-  start_azurite "$d"; VAZ=$AZPID
-  "$bin" create --blob "$EP/bench/$name.vhd" --size "$VSIZE" --state "$d/st" --create-container >/dev/null
-  # @EP@ in a flag stands for this Azurite's endpoint (e.g. --staging @EP@/staging)
-  "$bin" mount --state "$d/st" "${@//@EP@/$EP}" "$d/mnt" >/dev/null
+  "$bin" create --blob "$ep/bench/$name.vhd" --size "$VSIZE" --state "$d/st" --create-container >/dev/null
+  # @EP@ in a flag stands for this endpoint (e.g. --staging @EP@/staging)
+  "$bin" mount --state "$d/st" "${@//@EP@/$ep}" "$d/mnt" >/dev/null
   fusemounts+=("$d/mnt")
   VST=$d/st VMNT=$d/mnt VPID=$(vpid "$d/st"); vpids+=("$VPID")
 }
+# unlist ARRAY VALUE: drop VALUE from the cleanup array ARRAY once it is
+# undone here (a stopped process's pid can be reused)
+unlist() {
+  local -n arr=$1; local x=$2 keep=() e
+  for e in "${arr[@]}"; do [ "$e" = "$x" ] || keep+=("$e"); done
+  arr=("${keep[@]}")
+}
+# start_throttle DIR TARGET [azurite-throttle flags]: the Azure-limits proxy
+# in front of the Azurite at TARGET, logging every request to DIR/wire.jsonl
+# and writing its counters to DIR/proxy-stats.json when stopped; sets TPID
+# and TEP (its endpoint, which clients use instead of TARGET)
+start_throttle() {
+  local d=$1 target=$2; shift 2
+  mkdir -p "$d"; rm -f "$d/proxy.out"; mkfifo "$d/proxy.out"
+  "$work/azurite-throttle" --target "$target" --endpoint-file "$d/proxy.url" --wire-log "$d/wire.jsonl" \
+    --stats-file "$d/proxy-stats.json" "$@" > "$d/proxy.out" 2> "$d/proxy.log" &
+  TPID=$!; pids+=("$TPID")
+  # its one line of output is the endpoint, printed once it listens
+  TEP=
+  read -r -t 60 TEP < "$d/proxy.out" || true
+  rm -f "$d/proxy.out"
+  [ -n "$TEP" ] || { log "azurite-throttle did not start"; cat "$d/proxy.log" >&2; exit 1; }
+}
+# stop_throttle PID: SIGTERM makes the proxy write its stats file
+stop_throttle() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; unlist pids "$1"; }
+# drain_mount PREFIX LIMIT T0: `vhdsync unmount` of the current mount (VST,
+# VMNT, VPID) with LIMIT seconds to drain, timed from T0 (the workload's end,
+# epoch seconds) into $res/PREFIX-drain.json; past LIMIT ("not drained") the
+# daemon is killed and what is left mounted is detached lazily, as the
+# cleanup trap does
+drain_mount() {
+  local prefix=$1 limit=$2 t0=$3
+  if python3 bench/stages.py drain --bin "$bin" --state "$VST" --mnt "$VMNT" --limit "$limit" --t0 "$t0" \
+       --out "$res/$prefix-drain.json"; then
+    log "$prefix: drained in $(python3 -c "import json;print(json.load(open('$res/$prefix-drain.json'))['seconds'])") s"
+  else
+    log "$prefix: not drained within ${limit} s (see $res/$prefix-drain.json)"
+  fi
+  if kill -0 "$VPID" 2>/dev/null; then
+    kill -9 "$VPID"
+    python3 bench/stages.py waitpid --pid "$VPID" --timeout 60 || log "daemon $VPID still there"
+  fi
+  unlist vpids "$VPID"
+  if grep -q " $VMNT " /proc/mounts; then umount -l "$VMNT"; fi
+  unlist fusemounts "$VMNT"
+}
+# azurite_group AZPID: the process group of the Azurite (node) that
+# azurite-run AZPID started in a group of its own
+azurite_group() { pgrep -P "$1" | head -1; }
 # wire_workload IMG DIR [scan]: the wire stage's workload on IMG: loop,
 # mkfs.ext4 (discards the device), copy Go's src, sync, [scan the image for
 # the ideal into wire-scan.json,] delete every other file, sync, fstrim,
@@ -355,7 +435,132 @@ if ! skip backlog; then
   stop_azurite "$VAZ"
 fi
 
+############ 7: drain after a write burst, after an outage, and lag at Azure's
+# limits. Each workload runs on a fresh 4 GiB disk with the remote live (the
+# flusher drains as the writes come); each baseline is rawput (the same
+# amount as 4 MiB Put Pages, 8 in flight) on the same Azurite, through the
+# same proxy where there is one, measured first, while nothing else runs.
+THR_RPS=${BENCH_THROTTLE_RPS:-500} THR_MIBPS=${BENCH_THROTTLE_MIBPS:-60}
+BURST_RT=${BENCH_BURST_RUNTIME:-10} BURST_MIB=${BENCH_BURST_SIZE:-1024}
+BURST_LIMIT=${BENCH_BURST_DRAIN_LIMIT:-900}
+OUT_RT=${BENCH_OUTAGE_RUNTIME:-60} OUT_MIB=${BENCH_OUTAGE_SIZE:-256}
+OUT_AT=${BENCH_OUTAGE_AT:-15} OUT_FOR=${BENCH_OUTAGE_FOR:-30} OUT_LIMIT=${BENCH_OUTAGE_DRAIN_LIMIT:-$BURST_LIMIT}
+ST_RT=${BENCH_STEADY_RUNTIME:-60} ST_IOPS=${BENCH_STEADY_IOPS:-1000} ST_MIB=${BENCH_STEADY_SIZE:-64}
+ST_LIMIT=${BENCH_STEADY_DRAIN_LIMIT:-$BURST_LIMIT}
+if ! skip burst || ! skip outage || ! skip steady; then
+  go build -o "$work/rawput" ./bench/cmd/rawput
+  go build -o "$work/azurite-throttle" ./internal/azurite/cmd/azurite-throttle
+  echo "{\"rps\": $THR_RPS, \"mibps\": $THR_MIBPS}" > "$res/throttle.json"
+fi
+# rawput_base ENDPOINT MIB OUT: the baseline, MIB MiB as 4 MiB Put Pages at
+# random offsets in the first GiB of a fresh blob, 8 in flight
+rawput_base() {
+  "$work/rawput" --endpoint "$1" --bs 4194304 --conc 8 --total-mib "$2" --span-gib 1 > "$3" || { log "rawput failed"; rm -f "$3"; }
+}
+# proxy_done DIR PREFIX T0: stop the current proxy (TPID) and keep its
+# counters and its wire log summed per blob, before and after T0
+proxy_done() {
+  stop_throttle "$TPID"
+  cp "$1/proxy-stats.json" "$res/$2-proxy.json" 2>/dev/null || log "$2: no proxy stats"
+  python3 bench/stages.py wire --log "$1/wire.jsonl" --t0 "$3" --out "$res/$2-wire.json" || log "$2: wire log summary failed"
+  rm -f "$1/wire.jsonl"
+}
+
+# burst_run VARIANT: bare | throttled | ext4
+burst_run() {
+  local v=$1 name=burst$1 d=$work/burst$1 ep file t0 fs=""
+  log "burst ($v)"
+  VSIZE=4GiB
+  start_azurite "$d"; VAZ=$AZPID; ep=$EP; TPID=
+  if [ "$v" = throttled ]; then start_throttle "$d" "$EP" --rps "$THR_RPS" --mibps "$THR_MIBPS"; ep=$TEP; fi
+  rawput_base "$ep" "$BURST_MIB" "$res/burst-$v-raw.json"
+  mount_on "$ep" "$name"
+  file=$VMNT/$name.img
+  if [ "$v" = ext4 ]; then
+    fs=$d/fs
+    attach_ext4 "$VMNT/$name.img" 0 $((4 << 30)) "$fs"
+    file=$fs/burst.dat
+    # the file is laid out (fallocated) before the burst, and mkfs's and the
+    # layout's writes are on the blob before it starts
+    fio --name=layout --filename="$file" --size="${BURST_MIB}M" --rw=randwrite --create_only=1 >/dev/null
+    sync; wait_drained "$VST"
+  fi
+  vstatus "$VST" > "$res/burst-$v-start.json"
+  fio --name=burst --filename="$file" --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio --direct=1 \
+      --size="${BURST_MIB}M" --offset=0 --time_based=1 --runtime="$BURST_RT" --group_reporting --output-format=json \
+      > "$res/burst-$v-fio.json" 2> "$res/burst-$v-fio.err" || log "burst ($v): fio failed"
+  t0=$(date +%s.%N)
+  vstatus "$VST" > "$res/burst-$v-fioend.json" || true
+  if [ -n "$fs" ]; then
+    umount "$fs"; unlist fsmounts "$fs"
+    losetup -d "$LOOPDEV"; unlist loops "$LOOPDEV"
+  fi
+  drain_mount "burst-$v" "$BURST_LIMIT" "$t0"
+  if [ -n "$TPID" ]; then proxy_done "$d" "burst-$v" "$t0"; fi
+  stop_azurite "$VAZ"; unlist pids "$VAZ"
+  rm -rf "$d"
+}
+if ! skip burst; then
+  for v in ${BENCH_BURST_VARIANTS:-bare throttled ext4}; do burst_run "$v"; done
+fi
+
+if ! skip outage; then
+  log "outage: ${OUT_RT} s of 16 KiB random writes, Azurite frozen from ${OUT_AT} s for ${OUT_FOR} s"
+  VSIZE=4GiB
+  d=$work/outage
+  start_azurite "$d"; VAZ=$AZPID
+  rawput_base "$EP" "$OUT_MIB" "$res/outage-raw.json"
+  mount_on "$EP" outage
+  vstatus "$VST" > "$res/outage-start.json"
+  fio --name=outage --filename="$VMNT/outage.img" --rw=randwrite --bs=16k --iodepth=16 --ioengine=libaio --direct=1 \
+      --size="${OUT_MIB}M" --time_based=1 --runtime="$OUT_RT" --group_reporting --output-format=json \
+      > "$res/outage-fio.json" 2> "$res/outage-fio.err" &
+  fp=$!; pids+=("$fp"); tf=$(date +%s.%N)
+  python3 bench/stages.py sample --bin "$bin" --state "$VST" --out "$res/outage-samples.jsonl" &
+  sp=$!; pids+=("$sp")
+  sleep "$OUT_AT"
+  g=$(azurite_group "$VAZ")
+  kill -STOP -- "-$g"; frozen+=("$g"); ts=$(date +%s.%N)
+  sleep "$OUT_FOR"
+  kill -CONT -- "-$g"; unlist frozen "$g"; tc=$(date +%s.%N)
+  echo "{\"fio_start\": $tf, \"stop\": $ts, \"cont\": $tc}" > "$res/outage-window.json"
+  wait "$fp" || log "outage: fio failed"
+  unlist pids "$fp"
+  t0=$(date +%s.%N)
+  vstatus "$VST" > "$res/outage-fioend.json" || true
+  kill "$sp"; wait "$sp" || true; unlist pids "$sp"
+  drain_mount outage "$OUT_LIMIT" "$t0"
+  stop_azurite "$VAZ"; unlist pids "$VAZ"
+  rm -rf "$d"
+fi
+
+if ! skip steady; then
+  log "steady: ${ST_IOPS} x 8 KiB random writes/s through azurite-throttle (${THR_RPS} req/s, ${THR_MIBPS} MiB/s)"
+  VSIZE=4GiB
+  d=$work/steady
+  start_azurite "$d"; VAZ=$AZPID
+  start_throttle "$d" "$EP" --rps "$THR_RPS" --mibps "$THR_MIBPS"
+  mount_on "$TEP" steady
+  vstatus "$VST" > "$res/steady-start.json"
+  fio --name=steady --filename="$VMNT/steady.img" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
+      --rate_iops="$ST_IOPS" --size="${ST_MIB}M" --time_based=1 --runtime="$ST_RT" --group_reporting --output-format=json \
+      > "$res/steady-fio.json" 2> "$res/steady-fio.err" &
+  fp=$!; pids+=("$fp")
+  python3 bench/stages.py sample --bin "$bin" --state "$VST" --out "$res/steady-samples.jsonl" &
+  sp=$!; pids+=("$sp")
+  wait "$fp" || log "steady: fio failed"
+  unlist pids "$fp"
+  t0=$(date +%s.%N)
+  vstatus "$VST" > "$res/steady-fioend.json" || true
+  kill "$sp"; wait "$sp" || true; unlist pids "$sp"
+  drain_mount steady "$ST_LIMIT" "$t0"
+  proxy_done "$d" steady "$t0"
+  stop_azurite "$VAZ"; unlist pids "$VAZ"
+  rm -rf "$d"
+fi
+
 out=${BENCH_OUT:-bench}; mkdir -p "$out"
+if [ -n "${BENCH_RAW:-}" ]; then mkdir -p "$BENCH_RAW"; cp -r "$res/." "$BENCH_RAW/"; fi
 python3 bench/report.py "$res" "$out/results.json" "$out/results.md"
 cat "$out/results.md"
 if [ -s "$res/staged.md" ]; then cp "$res/staged.md" "$out/results-staged.md"; cat "$out/results-staged.md"; fi
