@@ -9,6 +9,10 @@ import (
 // its payload and its index entry.
 func (r *Record) JournalBytes() int64 { return r.payloadSize() }
 
+// Appended counts the records appended so far (the next seq): a reader
+// that sees it unchanged for a while knows the writers are idle.
+func (j *Journal) Appended() uint64 { return j.nextSeq.Load() }
+
 // Drained describes a batch the remote holds: every pending record with a
 // seq in [FirstSeq, LastSeq], Records of them holding Bytes journal bytes
 // (JournalBytes), up to and including epoch LastEpoch.

@@ -36,6 +36,18 @@ type FlusherOptions struct {
 	// Image, when set, lets Put Pages carry clean sectors read from the
 	// local image between pending ranges (fills, see plan.go).
 	Image Image
+	// MergeWait is how long a request-bound batch (its requests cost
+	// more than its bytes, in the cost model: small writes scattered over
+	// the disk) may wait for more epochs while writers are busy, so that
+	// later writes join it and its ranges merge into fewer, fuller Put
+	// Pages (default 1 s; negative: never wait). It adds at most this much
+	// to the lag of such writes, which the blob could not take one request
+	// each anyway.
+	MergeWait time.Duration
+	// PreemptAfter is how many spans a batch must still have to send for
+	// it to be stopped for a larger one once the writers stop (see
+	// preempt; default 64; negative: never).
+	PreemptAfter int
 	// Linger is how long the flusher lets an open epoch collect writes
 	// before it closes it itself (default 250 ms). It bounds how far the
 	// blob falls behind a writer that never issues fsync.
@@ -107,6 +119,13 @@ type FlusherStats struct {
 	SenderStats
 	RemoteEpoch uint64 // last epoch the blob holds completely
 	Batches     uint64
+	// DrainedBytes is the journal bytes (JournalBytes) of every record
+	// the remote holds and the journal deleted: the drain rate in the
+	// journal's own unit, for the catch-up estimate.
+	DrainedBytes uint64
+	// HeldBatches counts the plans that waited for more epochs (MergeWait);
+	// PreemptedBatches the batches stopped for a larger one.
+	HeldBatches, PreemptedBatches uint64
 	// Staged transfer: segments stored and the data bytes they carry
 	// (BytesSent is then the compressed bytes uploaded).
 	Segments        uint64
@@ -131,6 +150,7 @@ type Flusher struct {
 	done   chan struct{} // closed and replaced after every batch
 
 	batches, segments, stagedData, stagedSent, stagedCleared atomic.Uint64
+	drainedBytes, held, preempted                            atomic.Uint64
 	committer                                                *committer // commits in the background
 }
 
@@ -148,6 +168,12 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 	}
 	if o.RequestCost <= 0 {
 		o.RequestCost = requestCost
+	}
+	if o.PreemptAfter == 0 {
+		o.PreemptAfter = 64
+	}
+	if o.MergeWait == 0 {
+		o.MergeWait = time.Second
 	}
 	if o.Linger <= 0 {
 		o.Linger = 250 * time.Millisecond
@@ -183,6 +209,9 @@ func (f *Flusher) Stats() FlusherStats {
 	s := FlusherStats{SenderStats: f.s.Stats()}
 	s.RemoteEpoch = f.epoch.Load()
 	s.Batches = f.batches.Load()
+	s.DrainedBytes = f.drainedBytes.Load()
+	s.HeldBatches = f.held.Load()
+	s.PreemptedBatches = f.preempted.Load()
 	s.Segments = f.segments.Load()
 	s.StagedDataBytes = f.stagedData.Load()
 	s.BytesSent += f.stagedSent.Load()
@@ -208,6 +237,11 @@ func (f *Flusher) Run(ctx context.Context) error {
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	lingering := false
+	// holdUntil: a request-bound batch waits for more epochs (MergeWait);
+	// no new plan before then unless a drain is asked for.
+	var holdUntil time.Time
+	hold := time.NewTimer(time.Hour)
+	hold.Stop()
 	// emptyAt is the closed epoch at the last scan that found nothing.
 	// Appends only ever go to the open epoch, so until another epoch
 	// closes a new scan would find nothing either: every write kicks the
@@ -222,7 +256,8 @@ func (f *Flusher) Run(ctx context.Context) error {
 			return f.stop(ctx, err)
 		}
 		var b *batch
-		if closed := f.j.ClosedEpoch(); !scanned || closed != emptyAt {
+		holding := time.Now().Before(holdUntil) && !f.urgent.Load()
+		if closed := f.j.ClosedEpoch(); !holding && (!scanned || closed != emptyAt) {
 			var err error
 			if b, err = f.plan(); err != nil {
 				f.s.SetState(StateFailed, err)
@@ -231,14 +266,22 @@ func (f *Flusher) Run(ctx context.Context) error {
 			scanned, emptyAt = b == nil, closed
 		}
 		if b != nil {
-			lingering = false
-			f.s.SetState(StateDraining, nil)
-			err := f.sendBatch(ctx, b)
-			b.done()
-			if err != nil {
-				return f.stop(ctx, err)
+			spans := b.spans(f.j, remote.MaxPutPage, f.o.RequestCost)
+			if wait := f.mergeWait(b, spans); wait > 0 {
+				b.done()
+				holdUntil = time.Now().Add(wait)
+				hold.Reset(wait)
+				f.held.Add(1)
+			} else {
+				lingering = false
+				f.s.SetState(StateDraining, nil)
+				err := f.sendBatch(ctx, b, spans)
+				b.done()
+				if err != nil {
+					return f.stop(ctx, err)
+				}
+				continue
 			}
-			continue
 		}
 		if f.o.Sink != nil && f.o.Sink.Pending() {
 			// Nothing more to read: commit the segments still uploading
@@ -270,6 +313,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 		case <-linger.C:
 			lingering = false
 			f.j.CloseEpoch()
+		case <-hold.C:
 		}
 	}
 }
@@ -316,7 +360,7 @@ func (f *Flusher) Drain(ctx context.Context) error {
 // sendBatch delivers one batch: whole epochs first..last, coalesced, sent
 // through the Sender (which keeps the order, see Sender.SendEpochs) or
 // handed to the Sink.
-func (f *Flusher) sendBatch(ctx context.Context, b *batch) error {
+func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 	first, last := b.first, b.last
 	// The records must be durable locally before the blob (or the staging
 	// store) has them: otherwise a power loss could leave the blob ahead of
@@ -324,7 +368,6 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch) error {
 	if err := f.j.Sync(); err != nil {
 		return err
 	}
-	spans := b.spans(f.j, remote.MaxPutPage, f.o.RequestCost)
 	f.next = b.drained.LastSeq + 1
 	if f.o.Sink != nil {
 		ds, err := f.o.Sink.Deliver(ctx, Batch{First: first, Last: last, Drained: b.drained, Spans: spans})
@@ -334,8 +377,35 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch) error {
 		f.minLast = 0
 		return f.commitDelivered(ds)
 	}
-	if err := f.s.SendEpochs(ctx, first, last, spans, false); err != nil {
+	before := f.s.Stats()
+	start := time.Now()
+	// A batch that may be preempted is always marked in progress: a
+	// reader of the blob then sees, from the odd mark that does not name
+	// the batch that completes it, that a superset took over.
+	preemptable := f.o.PreemptAfter >= 0 && len(spans) >= f.o.PreemptAfter
+	err := f.s.SendEpochs(ctx, first, last, spans, preemptable, f.preempt(b))
+	if errors.Is(err, ErrPreempted) {
+		// The next batch starts where this one did and reaches further
+		// (see preempt).
+		f.next, f.minLast = b.drained.FirstSeq, b.last
+		f.preempted.Add(1)
+		f.log.Info("batch preempted by a larger one", "epochs", fmt.Sprintf("%d-%d", first, last), "spans", len(spans))
+		return nil
+	}
+	if err != nil {
 		return err
+	}
+	if f.log.Enabled(ctx, slog.LevelDebug) {
+		after := f.s.Stats()
+		var fill int64
+		for _, sp := range spans {
+			fill += sp.Fill
+		}
+		f.log.Debug("batch sent", "epochs", fmt.Sprintf("%d-%d", first, last), "records", b.drained.Records,
+			"journal_bytes", b.drained.Bytes, "distinct", b.distinct, "planned_spans", len(spans), "planned_fill", fill,
+			"puts", after.PutCalls-before.PutCalls, "clears", after.ClearCalls-before.ClearCalls,
+			"filled", after.FilledBytes-before.FilledBytes, "unfilled", after.UnfilledBytes-before.UnfilledBytes,
+			"seconds", time.Since(start).Seconds())
 	}
 	f.epoch.Store(last)
 	if f.o.AfterBatch != nil {
@@ -345,6 +415,72 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch) error {
 	// is committed locally (image sync, journal delete) in the background.
 	f.minLast = 0
 	return f.queueCommit(ctx, b.drained, fmt.Sprintf("%d spans, sequence %d", len(spans), f.s.Sequence()))
+}
+
+// preempt decides whether batch b, being sent, should stop for a larger
+// one: when the writers have stopped (nothing appended for two lingers, or
+// a drain is asked for) and later epochs wait, while many of b's spans
+// are still to go. A batch planned while writers were busy is often the worst
+// possible one: its gaps could not be filled (later records covered them,
+// or writes landed there while it was sent), so it is thousands of small
+// requests. Its superset, planned now, fills them: after a burst of
+// random writes it is a few whole Put Pages per 4 MiB of the region
+// instead of one request per write.
+//
+// Why this is safe: the superset (the same first epoch, a later last one)
+// is marked in progress with remote.Started(last'), above b's fence, so
+// every request of b still in the network is refused (412); every sector
+// b may have written is written again by the superset, whose last writer
+// per sector is at least as new; the blob is no consistent disk until the
+// superset completes, which its odd mark says.
+func (f *Flusher) preempt(b *batch) func(remaining int) bool {
+	if f.o.PreemptAfter < 0 || b.cut {
+		// A batch cut at its size bound has no larger superset: the next
+		// plan would end at the same place.
+		return nil
+	}
+	seen, since := f.j.Appended(), time.Now()
+	return func(remaining int) bool {
+		if remaining < f.o.PreemptAfter {
+			return false
+		}
+		if f.urgent.Load() {
+			return f.j.OpenEpochHasRecords() || f.j.ClosedEpoch() > b.last
+		}
+		// The writers are idle when nothing was appended for two lingers;
+		// the run loop, busy with b, cannot close their last epoch, so
+		// this does (as the linger would).
+		if n := f.j.Appended(); n != seen {
+			seen, since = n, time.Now()
+			return false
+		}
+		if time.Since(since) < 2*f.o.Linger {
+			return false
+		}
+		f.j.CloseEpoch()
+		return f.j.ClosedEpoch() > b.last
+	}
+}
+
+// mergeWait is how long batch b should wait for more epochs before it is
+// sent (0: send it now): only a request-bound batch (its requests cost
+// more than its bytes) while writers are busy, until its oldest record is
+// MergeWait old. Never when a drain is asked for, nor for the batch that
+// must finish one cut short by a crash.
+func (f *Flusher) mergeWait(b *batch, spans []Span) time.Duration {
+	if f.o.MergeWait <= 0 || f.urgent.Load() || f.minLast > 0 || !f.j.OpenEpochHasRecords() {
+		return 0
+	}
+	var bytes int64
+	for _, sp := range spans {
+		if !sp.Clear {
+			bytes += sp.End - sp.Off
+		}
+	}
+	if int64(len(spans))*f.o.RequestCost <= bytes {
+		return 0
+	}
+	return f.o.MergeWait - time.Since(b.oldest)
 }
 
 // commitDelivered commits, in order, the batches a Sink delivered.
@@ -440,6 +576,7 @@ func (f *Flusher) commitBatch(d journal.Drained, what string) error {
 	if err := f.j.DeleteRange(d); err != nil {
 		return err
 	}
+	f.drainedBytes.Add(uint64(d.Bytes))
 	f.batches.Add(1)
 	f.log.Debug("batch committed", "seqs", fmt.Sprintf("%d-%d", d.FirstSeq, d.LastSeq), "last_epoch", d.LastEpoch, "records", d.Records, "delivered", what)
 	f.mu.Lock()

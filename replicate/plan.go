@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/vhdsync/vhdsync/journal"
 )
@@ -70,10 +71,17 @@ type batch struct {
 	// pendingLen is the length of the extents queued in c since the last
 	// resolve (an upper bound of what they add to distinct).
 	pendingLen, distinct int64
+	// atBound is the distinct bytes when the batch first reached
+	// MaxBatchDistinct (0: not yet).
+	atBound int64
 	// later is every range a pending record outside the batch covers
 	// (sorted, disjoint after plan).
 	later []Range
 	watch Watch
+	// oldest is when the batch's first record was written.
+	oldest time.Time
+	// cut: the batch ended at its size bound, with closed epochs left.
+	cut bool
 }
 
 // resolve merges the queued extents and recomputes the distinct bytes.
@@ -86,6 +94,11 @@ func (b *batch) resolve() {
 }
 
 // full reports whether the batch should end at this epoch boundary.
+// Without a backlog: at MaxBatchBytes journal bytes. With one: at
+// MaxBatchExtents ranges, or at MaxBatchDistinct distinct bytes, but only
+// while the epochs still add new ranges: epochs that only overwrite what
+// the batch holds already cost it nothing to send (the last write wins),
+// so a region rewritten over and over is sent once.
 func (b *batch) full(o *FlusherOptions, backlog bool) bool {
 	if !backlog {
 		return b.drained.Bytes >= o.MaxBatchBytes
@@ -94,7 +107,18 @@ func (b *batch) full(o *FlusherOptions, backlog bool) bool {
 		return false
 	}
 	b.resolve()
-	return b.distinct >= o.MaxBatchDistinct || len(b.c.ext) >= o.MaxBatchExtents
+	switch {
+	case len(b.c.ext) >= o.MaxBatchExtents:
+		return true
+	case b.distinct < o.MaxBatchDistinct:
+		return false
+	case b.atBound == 0:
+		// First time at the bound: note where, and go on while later
+		// epochs add (almost) nothing new.
+		b.atBound = b.distinct
+		return false
+	}
+	return b.distinct-b.atBound > o.MaxBatchDistinct/64
 }
 
 // resolveEvery bounds the extents queued in the coalescer between merges,
@@ -110,20 +134,28 @@ const resolveEvery = 1 << 16
 // reach MaxBatchDistinct, so that data overwritten many times is sent once
 // and dense regions become whole 4 MiB Put Pages. nil: nothing to send.
 func (f *Flusher) plan() (*batch, error) {
-	closed := f.j.ClosedEpoch()
-	// Every record of a closed epoch is committed; wait until they are
-	// all in the image too, so that the image is the disk up to them.
-	f.j.WaitApplied()
 	b := &batch{}
 	if f.o.Image != nil {
 		b.watch = f.o.Image.Watch()
 	}
 	backlog := f.j.Stats().PendingBytes > f.o.MaxBatchBytes
+	if backlog {
+		// Catching up: the open epoch's writes join this batch rather
+		// than stay behind as later records, whose scattered ranges would
+		// keep the batch's gaps from being filled. Closing an epoch early
+		// is what the linger does anyway.
+		f.j.CloseEpoch()
+	}
+	closed := f.j.ClosedEpoch()
+	// Every record of a closed epoch is committed; wait until they are
+	// all in the image too, so that the image is the disk up to them.
+	f.j.WaitApplied()
 	cut := false
 	var cur uint64
 	err := f.j.Scan(f.next, func(r journal.Record) (bool, error) {
 		if !cut && r.Epoch <= closed && b.drained.Records > 0 && r.Epoch != cur && cur >= f.minLast && b.full(&f.o, backlog) {
 			cut = true
+			b.cut = true
 		}
 		if cut || r.Epoch > closed {
 			if b.watch == nil {
@@ -133,7 +165,7 @@ func (f *Flusher) plan() (*batch, error) {
 			return false, nil
 		}
 		if b.drained.Records == 0 {
-			b.first, b.drained.FirstSeq = r.Epoch, r.Seq
+			b.first, b.drained.FirstSeq, b.oldest = r.Epoch, r.Seq, r.Time
 		}
 		cur = r.Epoch
 		b.last, b.drained.LastSeq, b.drained.LastEpoch = r.Epoch, r.Seq, r.Epoch

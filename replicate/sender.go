@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -184,7 +185,16 @@ func (s *Sender) Stats() SenderStats {
 //     by the service (412) once the batch is over: it can never land on
 //     top of a later batch. Retries within the batch resend the same bytes
 //     to the same disjoint span, which is idempotent.
-func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Span, alwaysMark bool) error {
+//
+// preempt, when set, is asked before each span is handed to a worker,
+// with the number of spans not handed out yet; when it answers true the
+// batch stops unfinished and SendEpochs returns ErrPreempted. The blob is
+// then odd (or still at the batch's fence), and the caller must send a
+// superset of the batch (the same first epoch, a later last one) next:
+// its mark is above this batch's fence, so a request of this batch still
+// in the network is refused, and it rewrites every sector this batch may
+// have written (see Flusher's preemption).
+func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Span, alwaysMark bool, preempt func(remaining int) bool) error {
 	fence := s.Sequence()
 	if alwaysMark || first != last || fence.InProgress() {
 		mark := remote.Started(last)
@@ -200,7 +210,7 @@ func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Spa
 		fence = max(mark, s.Sequence())
 	}
 	f := int64(fence)
-	if err := s.sendSpans(ctx, spans, remote.Cond{LeaseID: s.lease, IfSequenceEq: &f}); err != nil {
+	if err := s.sendSpans(ctx, spans, remote.Cond{LeaseID: s.lease, IfSequenceEq: &f}, preempt); err != nil {
 		return err
 	}
 	done := remote.Complete(last)
@@ -217,7 +227,8 @@ func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Spa
 // sendSpans sends the disjoint spans of one batch with the configured
 // number of workers and returns when all are acknowledged, or on the first
 // permanent error.
-func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond) error {
+func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond, preempt func(int) bool) error {
+	parent := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	work := make(chan Span)
@@ -238,9 +249,22 @@ func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond) err
 	}
 	// A feed cut short by a failed worker is reported through errc, one
 	// cut by the caller through ctx.Err below.
-	_ = feed(ctx, spans, work)
+	preempted := false
+	for i, sp := range spans {
+		if preempt != nil && preempt(len(spans)-i) {
+			preempted = true
+			cancel()
+			break
+		}
+		if feed(ctx, []Span{sp}, work) != nil {
+			break
+		}
+	}
 	close(work)
 	wg.Wait()
+	if preempted && parent.Err() == nil {
+		return ErrPreempted
+	}
 	select {
 	case err := <-errc:
 		return err
@@ -248,6 +272,10 @@ func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond) err
 	}
 	return ctx.Err()
 }
+
+// ErrPreempted: the batch was stopped unfinished for a superset (see
+// SendEpochs).
+var ErrPreempted = errors.New("batch preempted by a larger one")
 
 // sendSpan sends one span, retried until it lands or fails for good. A
 // planned span is loaded first and sent as the requests it becomes.

@@ -238,7 +238,7 @@ func (a *Applier) apply(ctx context.Context, name string, prev, last uint64) err
 	}
 	// The same fenced send as the direct transfer, always marked in
 	// progress: see the Applier's doc.
-	if err := a.f.SendEpochs(ctx, h.FirstEpoch, last, spans, true); err != nil {
+	if err := a.f.SendEpochs(ctx, h.FirstEpoch, last, spans, true, nil); err != nil {
 		return err
 	}
 	a.segments.Add(1)

@@ -178,6 +178,11 @@ func TestCrashRecovery(t *testing.T) {
 		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
 		o.Sender.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
+		// Batches stopped for a superset as soon as the writer pauses,
+		// and request-bound batches held for more epochs: both must keep
+		// every state the blob shows a state of the disk.
+		o.Flusher.PreemptAfter = rapid.IntRange(1, 16).Draw(rt, "preemptAfter")
+		o.Flusher.MergeWait = time.Duration(rapid.IntRange(-1, 3000).Draw(rt, "mergeWaitMicros")) * time.Microsecond
 
 		dir := propTempDir(base, rt)
 		tab := newSecTable()

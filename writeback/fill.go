@@ -18,10 +18,11 @@ import (
 // finished and recorded, or not started, when the check and the read run.
 
 // watchChunk is the granularity of a watch's record of written ranges: a
-// fill touching a chunk written since the watch began is not sent. Coarse
-// on purpose: a watch costs a few map entries per write while a batch is
-// sent, and a refused fill costs one request.
-const watchChunk = 64 << 10
+// fill touching a chunk written since the watch began is not sent. A page:
+// writes of a busy disk land all over while a large batch is sent, and a
+// coarser record refused most fills next to them (each refusal costs a
+// request); a watch costs a map entry per page written while it is open.
+const watchChunk = 4 << 10
 
 // watch is one open watch (see replicate.Watch).
 type watch struct {

@@ -526,25 +526,53 @@ func journalCap(flag, dir string) (int64, error) {
 	return max(c, 64<<20), nil
 }
 
-// rateMeter turns a byte counter into a recent rate.
+// rateMeter turns the flusher's counters into recent rates: requests and
+// bytes sent over the last rateWindow, journal bytes drained over the last
+// drainWindow (batches commit in steps, so the drain rate needs the longer
+// view).
 type rateMeter struct {
-	mu        sync.Mutex
-	lastBytes uint64
-	lastTime  time.Time
-	rate      float64
+	mu      sync.Mutex
+	samples []rateSample // oldest first, at most drainWindow old
 }
 
-func newRateMeter() *rateMeter { return &rateMeter{lastTime: time.Now()} }
+type rateSample struct {
+	at                      time.Time
+	requests, sent, drained uint64
+}
 
-func (r *rateMeter) update(total uint64) float64 {
+const (
+	rateWindow  = 10 * time.Second
+	drainWindow = 60 * time.Second
+)
+
+func newRateMeter() *rateMeter { return &rateMeter{} }
+
+// rates records the counters now and returns requests/s, bytes/s and
+// drained journal bytes/s (0 until two samples a second apart exist).
+func (r *rateMeter) rates(requests, sent, drained uint64) (rps, bps, dps float64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
-	if dt := now.Sub(r.lastTime).Seconds(); dt >= 1 {
-		r.rate = float64(total-r.lastBytes) / dt
-		r.lastBytes, r.lastTime = total, now
+	r.samples = append(r.samples, rateSample{now, requests, sent, drained})
+	for len(r.samples) > 2 && now.Sub(r.samples[0].at) > drainWindow {
+		r.samples = r.samples[1:]
 	}
-	return r.rate
+	since := func(window time.Duration) (rateSample, float64) {
+		for _, s := range r.samples {
+			if now.Sub(s.at) <= window {
+				return s, now.Sub(s.at).Seconds()
+			}
+		}
+		return r.samples[len(r.samples)-1], 0
+	}
+	if s, dt := since(rateWindow); dt >= 1 {
+		rps = float64(requests-s.requests) / dt
+		bps = float64(sent-s.sent) / dt
+	}
+	if s, dt := since(drainWindow); dt >= 1 {
+		dps = float64(drained-s.drained) / dt
+	}
+	return rps, bps, dps
 }
 
 func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base control.Status) control.Status {
@@ -572,7 +600,17 @@ func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base co
 	out.BytesSent = s.Flusher.BytesSent
 	out.BytesCleared = s.Flusher.BytesCleared
 	out.Retries = s.Flusher.Retries
-	out.SendRate = rate.update(s.Flusher.BytesSent)
+	requests := s.Flusher.PutCalls + s.Flusher.ClearCalls + s.Flusher.SequenceCalls
+	rps, bps, dps := rate.rates(requests, s.Flusher.BytesSent, s.Flusher.DrainedBytes)
+	out.SendRate = bps
+	out.RequestRate = rps
+	out.MiBPerSecond = bps / (1 << 20)
+	out.Throttled = s.Flusher.Throttled
+	out.InFlightLimit = s.Flusher.InFlightLimit
+	out.FilledBytes = s.Flusher.FilledBytes
+	if s.Journal.PendingBytes > 0 && dps > 0 {
+		out.CatchUpSeconds = float64(s.Journal.PendingBytes) / dps
+	}
 	if c != nil {
 		out.FuseWrites = c.Writes.Load()
 		out.FuseBytesWritten = c.BytesWritten.Load()

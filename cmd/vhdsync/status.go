@@ -156,9 +156,12 @@ func printStatus(w io.Writer, r statusReport) {
 	if r.Mounted {
 		fmt.Fprintf(tw, "epochs:\t%d closed, open epoch %d\n", r.EpochsClosed, r.OpenEpoch)
 		fmt.Fprintf(tw, "lease:\t%s\n", r.LeaseID)
-		fmt.Fprintf(tw, "flusher:\t%s, %.1f MiB/s\n", r.FlusherState, r.SendRate/(1<<20))
-		fmt.Fprintf(tw, "sent:\t%s in %d Put Page, %s cleared in %d Clear Pages, %d sequence updates, %d batches, %d retries\n",
-			humanBytes(int64(r.BytesSent)), r.PutCalls, humanBytes(int64(r.BytesCleared)), r.ClearCalls, r.SequenceCalls, r.Batches, r.Retries)
+		fmt.Fprintf(tw, "flusher:\t%s, %.1f MiB/s, %.0f requests/s%s\n", r.FlusherState, r.SendRate/(1<<20), r.RequestRate, catchUp(r.CatchUpSeconds))
+		if r.Throttled > 0 {
+			fmt.Fprintf(tw, "throttled:\t%d answers (503 ServerBusy or 500 OperationTimedOut, each sent again); %d requests in flight allowed now\n", r.Throttled, r.InFlightLimit)
+		}
+		fmt.Fprintf(tw, "sent:\t%s in %d Put Page (%s of it clean sectors joining ranges), %s cleared in %d Clear Pages, %d sequence updates, %d batches, %d retries\n",
+			humanBytes(int64(r.BytesSent)), r.PutCalls, humanBytes(int64(r.FilledBytes)), humanBytes(int64(r.BytesCleared)), r.ClearCalls, r.SequenceCalls, r.Batches, r.Retries)
 		fmt.Fprintf(tw, "fuse:\t%d writes (%s), %d reads, %d fsyncs, %d discards, %d refused\n",
 			r.FuseWrites, humanBytes(int64(r.FuseBytesWritten)), r.FuseReads, r.FuseFsyncs, r.FuseDiscards, r.FuseRefused)
 	} else if r.LeaseState != "" {
@@ -169,4 +172,12 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, "last error:\t%s\n", r.LastError)
 	}
 	tw.Flush()
+}
+
+// catchUp formats the catch-up estimate for the flusher line.
+func catchUp(sec float64) string {
+	if sec <= 0 {
+		return ""
+	}
+	return fmt.Sprintf(", caught up in about %s at this rate", (time.Duration(sec) * time.Second).Round(time.Second))
 }

@@ -52,6 +52,17 @@ type Status struct {
 	BytesCleared   uint64  `json:"bytes_cleared"`
 	Retries        uint64  `json:"retries"`
 	SendRate       float64 `json:"send_bytes_per_second"`
+	// Catching up: request and byte rates over the last seconds, answers
+	// the service throttled (and that were sent again), the adaptive limit
+	// on requests in flight, clean bytes sent to join ranges (fills), and
+	// an estimate of the time until the blob holds everything pending at
+	// the current rates (0: nothing pending or no estimate yet).
+	RequestRate    float64 `json:"requests_per_second"`
+	MiBPerSecond   float64 `json:"mib_per_second"`
+	Throttled      uint64  `json:"throttled"`
+	InFlightLimit  int     `json:"in_flight_limit,omitempty"`
+	FilledBytes    uint64  `json:"filled_bytes"`
+	CatchUpSeconds float64 `json:"catch_up_seconds"`
 
 	// The staged transfer (Transfer "staged"): StagedEpoch is what the
 	// daemon has stored in StagingURL, AppliedEpoch what the worker has
