@@ -44,7 +44,7 @@ test: deps vet
 demo: deps build
 	./scripts/demo.sh
 
-## bench: issue 5's measurements (root; fio and s3backer installed where
+## bench: the benchmarks of BENCHMARKS.md (root; fio and s3backer installed where
 ## missing); writes bench/results.json and bench/results.md. Knobs:
 ## BENCH_REPS, BENCH_RUNTIME, BENCH_SKIP, BENCH_RTT, BENCH_FLUSH_SIZE,
 ## BENCH_BURST_DRAIN_LIMIT and the rest in bench/run.sh's header.
@@ -54,7 +54,7 @@ bench: deps build
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq s3backer >/dev/null; }
 	./bench/run.sh
 
-## soak: issue 6's long form, about DURATION in all (default 10m): half a
+## soak: the long reliability run of RELIABILITY.md, about DURATION in all (default 10m): half a
 ## kill -9 loop, half rounds of network faults each lasting FAULT_WINDOW
 ## (default 60s); then the crash-state checker for CRASH_DURATION (default
 ## 2m; e2fsck at every fsync; needs ~4 GiB of memory for 3 minutes); prints

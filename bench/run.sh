@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make bench: the measurements of issue 5, each against baselines measured in
+# make bench: the measurements of BENCHMARKS.md, each against baselines measured in
 # the same run, in alternating repetitions; medians go to bench/results.json
 # and bench/results.md (bench/report.py). Everything started here (Azurite,
 # daemons, FUSE mounts, loop devices, ext4 mounts) is undone on exit.
@@ -20,6 +20,8 @@
 # BENCH_THROTTLE_RPS (500) and BENCH_THROTTLE_MIBPS (60): the per-blob limits
 # azurite-throttle enforces where a stage runs through it (a standard page
 # blob's targets);
+# BENCH_BURST_PREFILL (1: the region is written once and drained before the
+# burst, so the burst overwrites data as a database does; 0: a fresh region),
 # BENCH_BURST_VARIANTS ("bare throttled ext4": 4 KiB random writes, iodepth
 # 32, on the .img with the remote live, on bare Azurite, through
 # azurite-throttle, and on a 1 GiB file of ext4 on a loop device over the
@@ -348,7 +350,7 @@ if ! skip wire; then
   stop_azurite "$VAZ"
 fi
 
-############ 4b: staged transfer vs direct (issue 7): the wire workload again
+############ 4b: staged transfer vs direct: the wire workload again
 # through --transfer staged, and drain time through a shared-rate uplink
 if ! skip staged; then
   log "staged transfer"
@@ -442,7 +444,7 @@ fi
 # same proxy where there is one, measured first, while nothing else runs.
 THR_RPS=${BENCH_THROTTLE_RPS:-500} THR_MIBPS=${BENCH_THROTTLE_MIBPS:-60}
 BURST_RT=${BENCH_BURST_RUNTIME:-10} BURST_MIB=${BENCH_BURST_SIZE:-1024}
-BURST_LIMIT=${BENCH_BURST_DRAIN_LIMIT:-900}
+BURST_LIMIT=${BENCH_BURST_DRAIN_LIMIT:-900} BURST_PREFILL=${BENCH_BURST_PREFILL:-1}
 OUT_RT=${BENCH_OUTAGE_RUNTIME:-60} OUT_MIB=${BENCH_OUTAGE_SIZE:-256}
 OUT_AT=${BENCH_OUTAGE_AT:-15} OUT_FOR=${BENCH_OUTAGE_FOR:-30} OUT_LIMIT=${BENCH_OUTAGE_DRAIN_LIMIT:-$BURST_LIMIT}
 ST_RT=${BENCH_STEADY_RUNTIME:-60} ST_IOPS=${BENCH_STEADY_IOPS:-1000} ST_MIB=${BENCH_STEADY_SIZE:-64}
@@ -483,6 +485,16 @@ burst_run() {
     # the file is laid out (fallocated) before the burst, and mkfs's and the
     # layout's writes are on the blob before it starts
     fio --name=layout --filename="$file" --size="${BURST_MIB}M" --rw=randwrite --create_only=1 >/dev/null
+    sync; wait_drained "$VST"
+  fi
+  if [ "$BURST_PREFILL" = 1 ]; then
+    # The region holds data first, as a database's data file does, and the
+    # blob has it: the burst overwrites data. On a never-written region the
+    # gaps between the burst's pages are holes, which are never sent as
+    # data (written pages are billed), so its drain is one request per run
+    # of written pages however the flusher batches.
+    fio --name=prefill --filename="$file" --size="${BURST_MIB}M" --offset=0 --rw=write --bs=1M --iodepth=8 \
+        --ioengine=libaio --direct=1 >/dev/null 2>&1 || log "burst ($v): prefill failed"
     sync; wait_drained "$VST"
   fi
   vstatus "$VST" > "$res/burst-$v-start.json"

@@ -6,8 +6,9 @@
 // (package intentlog) with one pwrite; an indexer commits the entries to
 // badger in the background (indexer.go, groupcommit.go), and small
 // payloads to their segment (segment.go). Badger is the ordered index
-// that every read goes through: the flusher reads whole closed epochs in
-// seq order (ReadBatch) and deletes them once delivered (Delete), which
+// that every read goes through: the flusher scans whole closed epochs in
+// seq order (Scan), reads each payload when it sends it (Payload), and
+// deletes a batch once delivered (DeleteRange; replay uses Delete), which
 // frees their segments. Image-backed records, which only the removed
 // write-once mode wrote, are still read back (legacy.go).
 //

@@ -16,7 +16,7 @@ import (
 	"time"
 )
 
-// kill -9 aimed at badger's background work (issue 6, item 2): the child
+// kill -9 aimed at badger's background work: the child
 // appends, closes epochs and deletes drained records as the flusher does,
 // with memtables so small that badger flushes a memtable and compacts
 // level 0 every few hundred appends; it prints a line whenever badger says

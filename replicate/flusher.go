@@ -1,3 +1,10 @@
+// Package replicate drains the journal to the page blob in order: the
+// flusher plans batches of whole epochs from the journal's index
+// (coalesced, filled, merged while catching up), the Sender writes them
+// under the ordering protocol (odd/even marks, fenced requests), and the
+// committer deletes what the blob holds once the image is durable. It
+// keeps invariants 3 (order) and 4 (image before delete) of
+// docs/DESIGN.md; the staged transfer plugs in as a Sink.
 package replicate
 
 import (

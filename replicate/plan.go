@@ -56,6 +56,11 @@ type Watch interface {
 // Range is a byte range [Off, End).
 type Range struct{ Off, End int64 }
 
+// payloads reads records' payloads: the journal (Journal.Payload).
+type payloads interface {
+	Payload(r *journal.Record) ([]byte, error)
+}
+
 // part is a piece of a planned span: bytes of a record's payload, or (rec
 // nil) a fill read from the image.
 type part struct {
@@ -241,7 +246,7 @@ func overlaps(rs []Range, off, end int64) bool {
 // across gaps of at most reqCost bytes that may be filled (no pending
 // record outside the batch covers them). Each Put Page is loaded when it
 // is sent (Span.Load).
-func (b *batch) spans(j *journal.Journal, maxPut, reqCost int64) []Span {
+func (b *batch) spans(j payloads, maxPut, reqCost int64) []Span {
 	var out []Span
 	var cur []part // the data span being built
 	flush := func() {
@@ -288,7 +293,7 @@ func (b *batch) spans(j *journal.Journal, maxPut, reqCost int64) []Span {
 }
 
 // lazySpan is a Put Page of parts whose payload is read when it is sent.
-func (b *batch) lazySpan(j *journal.Journal, parts []part, maxPut, reqCost int64) Span {
+func (b *batch) lazySpan(j payloads, parts []part, maxPut, reqCost int64) Span {
 	sp := Span{Off: parts[0].off, End: parts[len(parts)-1].end}
 	for _, p := range parts {
 		if p.rec == nil {
@@ -313,7 +318,7 @@ type LoadStats struct {
 // requests: the span cut around fills that failed their checks, and
 // all-zero runs cleared instead of sent where that costs less (as in
 // spansCost).
-func (b *batch) load(j *journal.Journal, off, end int64, parts []part, maxPut, reqCost int64) ([]Span, LoadStats, error) {
+func (b *batch) load(j payloads, off, end int64, parts []part, maxPut, reqCost int64) ([]Span, LoadStats, error) {
 	var st LoadStats
 	buf := make([]byte, end-off)
 	var runs []Range // the parts of buf that hold the bytes to send

@@ -247,12 +247,11 @@ func (d *Disk) replayJournal(seq remote.Sequence, keepAll bool) error {
 // reapply writes the journal's last word on every sector to the image and
 // returns the data bytes it wrote. Records are coalesced first (the last
 // record wins per sector) rather than re-applied one by one in seq order:
-// the payload of an image-backed record is the image itself, so a zero
-// record re-applied under it would destroy the only copy. Image-backed
-// winners are left alone, zero winners punched again, and segment winners
-// (older journals, or records captured before a later epoch overwrote
-// part of them) written again: a captured record wins only on sectors
-// nothing wrote since the capture, where the image holds the same bytes.
+// each sector is written once, and the payload of an image-backed record
+// (left by an older binary's write-once mode, see journal/legacy.go) is
+// the image itself, so a zero record re-applied under it would destroy the
+// only copy. Image-backed winners are left alone, zero winners punched
+// again, and segment winners written again.
 func (d *Disk) reapply(recs []journal.Record) (int64, error) {
 	var bytes int64
 	cur, payload := -1, []byte(nil)
@@ -331,8 +330,9 @@ func (d *Disk) check(off, n int64) error {
 }
 
 // WriteAt journals p at off and writes it to the local image; when it
-// returns nil the write is acknowledged (invariant 1: it is in badger, and
-// a later Flush makes it durable). Unaligned writes are widened to whole
+// returns nil the write is acknowledged (invariant 1: it is in the
+// journal's intent log and, for a large payload, a segment file; a later
+// Flush makes it durable). Unaligned writes are widened to whole
 // sectors with the edges read from the image under the range lock. p is
 // not retained.
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
@@ -366,8 +366,6 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := d.alloc.ensure(d.img, aoff, aend); err != nil {
 		return fmt.Errorf("allocate local image %d+%d: %w", aoff, aend-aoff, err)
 	}
-	// With WriteOnce the image holds the payload, the journal only the
-	// record (see imageref.go).
 	rec := journal.Record{Offset: aoff, Length: aend - aoff, Kind: journal.KindData, Data: buf}
 	if err := d.j.AppendApply(ctx, &rec, func() error {
 		if _, err := d.img.WriteAt(buf, aoff); err != nil {

@@ -4,7 +4,7 @@
 # on its .img: sequential 1 MiB QD8, random 4 KiB QD32, 4 KiB write+fsync, sequential, random
 # again, 5 s each, all on the same 2 GiB, so each phase meets what the earlier ones left pending.
 # Prints "BIN seq1=.. rand1=.. fsync1=.. seq2=.. rand2=.." (IOPS). A wrapper script that adds
-# mount flags (e.g. --write-once) can stand for a binary. AB_REMOTE=live keeps Azurite running, so
+# mount flags (e.g. --no-fills) can stand for a binary. AB_REMOTE=live keeps Azurite running, so
 # the flusher drains while fio writes. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

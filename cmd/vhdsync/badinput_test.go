@@ -1,6 +1,6 @@
 package main
 
-// Bad input to `vhdsync mount` (issue 6, item 5): each case gives a clear
+// Bad input to `vhdsync mount`: each case gives a clear
 // message and its class's exit code, and leaves the blob (properties,
 // ETag, sequence number, lease) and the state directory (every file's
 // mode, size and content) as they were. The table in RELIABILITY.md is

@@ -1,6 +1,6 @@
 package main
 
-// The crash-state checker (issue 6, item 1): a real workload on ext4 over a
+// The crash-state checker: a real workload on ext4 over a
 // loop device over the FUSE view, with every write and fsync that reaches
 // the disk recorded by internal/crashcheck (independently of the journal),
 // while the blob is snapshotted again and again; each snapshot is judged

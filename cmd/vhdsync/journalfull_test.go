@@ -1,6 +1,6 @@
 package main
 
-// Journal full (issue 6, item 4): the state directory on a tiny tmpfs that
+// Journal full: the state directory on a tiny tmpfs that
 // the writes fill. The writer gets an error (ENOSPC or EIO), never an
 // acknowledgement that is later lost; once space returns (the tmpfs is
 // grown) the same mount takes writes again, drains, and the blob equals

@@ -47,6 +47,12 @@ type mountFlags struct {
 	workers    int
 	linger     time.Duration
 	fuseDebug  bool
+	// Catching up (docs/DESIGN.md): the blob's limits for the cost model,
+	// the longest odd window of a backlog batch, the merge wait.
+	blobLimits string
+	oddWindow  time.Duration
+	mergeWait  time.Duration
+	noFills    bool
 	// Recovery points (points.go): interval (0: off) and how many to keep.
 	points time.Duration
 	keep   int
@@ -84,6 +90,12 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
   qemu-nbd -f vpc --socket /tmp/nbd.sock /mnt/vhd/data.vhd`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := parseBlobLimits(f.blobLimits); err != nil {
+				return err
+			}
+			if f.oddWindow < time.Second {
+				return usageError{fmt.Errorf("--max-odd-window %v: give at least 1s", f.oddWindow)}
+			}
 			if err := checkPointFlags(cmd, f.points, f.keep); err != nil {
 				return err
 			}
@@ -102,6 +114,10 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.StringVar(&f.journalCap, "journal-cap", "", "most journal bytes pending before writers wait, e.g. 8GiB (default: half the free space of the state directory's filesystem, at most 64 GiB)")
 	fl.IntVar(&f.workers, "workers", 8, "parallel Put Page / Clear Pages requests")
 	fl.DurationVar(&f.linger, "linger", 250*time.Millisecond, "longest time a write waits before the flusher closes its epoch on its own")
+	fl.StringVar(&f.blobLimits, "blob-limits", "500,60", "the page blob's targets as `REQUESTS,MIBPS` (requests per second, MiB per second): the cost model that decides when one larger Put Page beats several small ones; a standard page blob is 500,60, a premium one up to 7500,250 by tier")
+	fl.DurationVar(&f.oddWindow, "max-odd-window", 20*time.Second, "while catching up, how long one batch may keep the blob odd (not a consistent disk) at the --blob-limits byte rate; larger batches send data overwritten many times once")
+	fl.DurationVar(&f.mergeWait, "merge-wait", time.Second, "how long a batch of small scattered writes may wait for more writes to merge with while writers are busy (0: never)")
+	fl.BoolVar(&f.noFills, "no-fills", false, "send only pending ranges, never clean sectors between them (measurement only)")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
 	registerPointFlags(fl, &f.points, &f.keep)
@@ -110,7 +126,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	fl.IntVar(&f.fuseMaxWrite, "fuse-max-write", 256<<10, "largest FUSE write request (measurement only)")
 	fl.IntVar(&f.fuseMaxBg, "fuse-max-background", 64, "kernel limit of outstanding async FUSE requests (measurement only)")
 	fl.StringVar(&f.pprofAddr, "debug-pprof", "", "serve Go's pprof profiles (CPU, block, mutex) on `ADDR`, e.g. 127.0.0.1:6060 (measurement only)")
-	for _, h := range []string{"fuse-no-direct-io", "fuse-no-parallel-writes", "fuse-max-write", "fuse-max-background", "debug-pprof"} {
+	for _, h := range []string{"fuse-no-direct-io", "fuse-no-parallel-writes", "fuse-max-write", "fuse-max-background", "debug-pprof", "no-fills"} {
 		_ = fl.MarkHidden(h)
 	}
 	_ = cmd.MarkFlagRequired("state")
@@ -197,6 +213,10 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	}
 	if f.staged.transfer != "" {
 		a = append(a, "--transfer", f.staged.transfer)
+	}
+	a = append(a, "--blob-limits", f.blobLimits, "--max-odd-window", f.oddWindow.String(), "--merge-wait", f.mergeWait.String())
+	if f.noFills {
+		a = append(a, "--no-fills")
 	}
 	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String(),
 		"--fuse-max-write", strconv.Itoa(f.fuseMaxWrite), "--fuse-max-background", strconv.Itoa(f.fuseMaxBg))
@@ -303,6 +323,10 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
+	limits, err := parseBlobLimits(f.blobLimits)
+	if err != nil {
+		return err
+	}
 	rp, err := startRecoveryPoints(g, d, f, log)
 	if err != nil {
 		return err
@@ -326,8 +350,10 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
 		BreakLease:  f.breakLease,
 		Journal:     journal.Options{MaxPendingBytes: capBytes},
+		NoFills:     f.noFills,
 		Sender:      replicate.SenderOptions{Workers: f.workers},
-		Flusher:     replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp)},
+		Flusher: replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp),
+			RequestCost: limits.requestCost(), MaxBatchDistinct: limits.bytesIn(f.oddWindow), MergeWait: mergeWaitOption(f.mergeWait)},
 		Logger:      log,
 	})
 	if err != nil {
@@ -620,4 +646,36 @@ func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base co
 		out.FuseRefused = c.Refused.Load()
 	}
 	return out
+}
+
+// blobLimits are a page blob's scalability targets (--blob-limits).
+type blobLimits struct{ rps, mibps float64 }
+
+// parseBlobLimits reads "REQUESTS,MIBPS".
+func parseBlobLimits(s string) (blobLimits, error) {
+	r, m, ok := strings.Cut(s, ",")
+	rps, err1 := strconv.ParseFloat(strings.TrimSpace(r), 64)
+	mibps, err2 := strconv.ParseFloat(strings.TrimSpace(m), 64)
+	if !ok || err1 != nil || err2 != nil || rps < 1 || mibps < 1 {
+		return blobLimits{}, usageError{fmt.Errorf("--blob-limits %q: give requests per second and MiB per second, both at least 1, e.g. 500,60 for a standard page blob", s)}
+	}
+	return blobLimits{rps, mibps}, nil
+}
+
+// requestCost is what one request costs in bytes of payload: the bytes
+// the blob takes in the time of one request.
+func (l blobLimits) requestCost() int64 { return int64(l.mibps * (1 << 20) / l.rps) }
+
+// bytesIn is how many bytes the blob takes in d (at least 64 MiB).
+func (l blobLimits) bytesIn(d time.Duration) int64 {
+	return max(int64(d.Seconds()*l.mibps*(1<<20)), 64<<20)
+}
+
+// mergeWaitOption maps --merge-wait to the flusher's option (0 there
+// means the default, negative never).
+func mergeWaitOption(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }

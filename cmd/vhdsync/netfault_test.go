@@ -1,6 +1,6 @@
 package main
 
-// Network faults (issue 6, item 3): the daemon reaches Azurite through a
+// Network faults: the daemon reaches Azurite through a
 // toxiproxy in this test process. During each fault a writer keeps writing
 // and fsync'ing through the mount; when the fault ends the test measures
 // the time until the journal is empty, then counts the bytes in which the

@@ -1,6 +1,6 @@
 package main
 
-// Security (issue 6, item 6): the mount is not allow_other unless asked;
+// Security: the mount is not allow_other unless asked;
 // every file vhdsync makes is private (0600 files, 0700 directories, the
 // badger journal included); a SAS never reaches the daemon's command line,
 // its log, the state directory or `status`.

@@ -1,6 +1,6 @@
 package main
 
-// kill -9 loop (issue 6, item 2): cycles of a writer (32 KiB slots at
+// kill -9 loop: cycles of a writer (32 KiB slots at
 // random, each write followed by an fsync: small enough for the journal
 // to carry it in its intent log; every other write covers 4 slots, 128
 // KiB, which the journal writes to its segment with O_DIRECT) and a kill

@@ -1,4 +1,4 @@
-// Package crashcheck is a test-only crash-state checker (issue 6, item 1).
+// Package crashcheck is a test-only crash-state checker.
 //
 // A Recorder sits between the FUSE files and the disk (it implements the
 // fusefs.Disk interface around the real writeback.Disk) and logs every

@@ -1,4 +1,4 @@
-// Command flushbench measures the flush path of issue 5: how fast the
+// Command flushbench measures the flush path: how fast the
 // flusher drains 1 GiB of random data from the journal to Azurite with 1..16
 // workers, against two baselines measured in the same run: the
 // single-threaded loop of 4 MiB Put Pages a straightforward replication

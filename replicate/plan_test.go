@@ -1,0 +1,244 @@
+package replicate
+
+import (
+	"testing"
+
+	"pgregory.net/rapid"
+
+	"github.com/vhdsync/vhdsync/journal"
+	"github.com/vhdsync/vhdsync/remote"
+)
+
+// planCase draws a batch (records over a small disk), the ranges of later
+// pending records, and a cost of a request.
+func planCase(t *rapid.T) (recs []journal.Record, later []Range, reqCost int64) {
+	const sectors = 4096 // a 2 MiB disk, small enough for gaps to matter
+	n := rapid.IntRange(1, 60).Draw(t, "records")
+	for i := range n {
+		off := int64(rapid.IntRange(0, sectors-1).Draw(t, "off")) * journal.SectorSize
+		l := int64(rapid.IntRange(1, 256).Draw(t, "sectors")) * journal.SectorSize
+		l = min(l, sectors*journal.SectorSize-off)
+		kind := journal.KindData
+		if rapid.IntRange(0, 5).Draw(t, "kind") == 0 {
+			kind = journal.KindZero
+		}
+		recs = append(recs, journal.Record{Seq: uint64(i), Epoch: 1, Offset: off, Length: l, Kind: kind})
+	}
+	for range rapid.IntRange(0, 10).Draw(t, "later") {
+		off := int64(rapid.IntRange(0, sectors-1).Draw(t, "laterOff")) * journal.SectorSize
+		l := int64(rapid.IntRange(1, 64).Draw(t, "laterSectors")) * journal.SectorSize
+		later = append(later, Range{off, off + l})
+	}
+	reqCost = int64(rapid.IntRange(0, 512).Draw(t, "costSectors")) * journal.SectorSize
+	return recs, mergeRanges(later), reqCost
+}
+
+// TestPlanSpansProperty: the planned requests of a batch are disjoint and
+// sorted; Put Pages are at most maxPut bytes; every sector the batch
+// writes is in exactly one request of the right kind (data in a Put Page,
+// zeros in a Clear Pages); the only other sectors a Put Page covers are
+// planned fills, each between two data parts, no longer than the cost of
+// a request, and touching no later record's range.
+func TestPlanSpansProperty(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		recs, later, reqCost := planCase(t)
+		maxPut := int64(rapid.SampledFrom([]int{4096, 64 << 10, remote.MaxPutPage}).Draw(t, "maxPut"))
+		b := &batch{later: later, watch: nopWatch{}}
+		for i := range recs {
+			r := &recs[i]
+			e := extent{off: r.Offset, end: r.End(), zero: r.Kind != journal.KindData}
+			if !e.zero {
+				e.rec = r
+			}
+			b.c.addExtent(e)
+		}
+		b.resolve()
+		want := map[int64]bool{} // sector -> written as data (false: zero)
+		for _, e := range b.c.ext {
+			for x := e.off; x < e.end; x += journal.SectorSize {
+				want[x] = !e.zero
+			}
+		}
+		spans := b.spans(nil, maxPut, reqCost)
+		seen := map[int64]bool{}
+		var prevEnd int64 = -1
+		for k, sp := range spans {
+			if sp.Off < prevEnd || sp.End <= sp.Off {
+				t.Fatalf("span %d [%d,%d) not after %d or empty", k, sp.Off, sp.End, prevEnd)
+			}
+			prevEnd = sp.End
+			if sp.Clear {
+				for x := sp.Off; x < sp.End; x += journal.SectorSize {
+					if w, ok := want[x]; !ok || w {
+						t.Fatalf("clear span %d covers sector %d, which the batch does not zero", k, x)
+					}
+					seen[x] = true
+				}
+				continue
+			}
+			if sp.End-sp.Off > maxPut {
+				t.Fatalf("Put Page %d of %d bytes, cap %d", k, sp.End-sp.Off, maxPut)
+			}
+			if sp.Load == nil {
+				t.Fatalf("Put Page %d is not planned", k)
+			}
+			parts := spanParts(b, sp)
+			for i, p := range parts {
+				if p.rec == nil {
+					if i == 0 || i == len(parts)-1 || parts[i-1].rec == nil || parts[i+1].rec == nil {
+						t.Fatalf("span %d: fill [%d,%d) not between two data parts", k, p.off, p.end)
+					}
+					if p.end-p.off > reqCost {
+						t.Fatalf("span %d: fill of %d bytes costs more than a request (%d)", k, p.end-p.off, reqCost)
+					}
+					if overlaps(later, p.off, p.end) {
+						t.Fatalf("span %d: fill [%d,%d) touches a later record's range", k, p.off, p.end)
+					}
+					for x := p.off; x < p.end; x += journal.SectorSize {
+						if _, ok := want[x]; ok {
+							t.Fatalf("span %d: fill covers sector %d, which the batch writes", k, x)
+						}
+					}
+					continue
+				}
+				for x := p.off; x < p.end; x += journal.SectorSize {
+					if !want[x] {
+						t.Fatalf("span %d: data part covers sector %d, which the batch does not write as data", k, x)
+					}
+					seen[x] = true
+				}
+			}
+		}
+		if len(seen) != len(want) {
+			t.Fatalf("the requests cover %d of the batch's %d sectors", len(seen), len(want))
+		}
+	})
+}
+
+// spanParts recovers a planned span's parts by loading it with a watch
+// that refuses every fill and records what was asked.
+func spanParts(b *batch, sp Span) []part {
+	var parts []part
+	at := sp.Off
+	for _, e := range b.c.ext {
+		if e.zero || e.end <= sp.Off || e.off >= sp.End {
+			continue
+		}
+		off, end := max(e.off, sp.Off), min(e.end, sp.End)
+		if off > at {
+			parts = append(parts, part{off: at, end: off})
+		}
+		parts = append(parts, part{off: off, end: end, rec: e.rec})
+		at = end
+	}
+	return parts
+}
+
+// nopWatch refuses nothing and reads zeros.
+type nopWatch struct{}
+
+func (nopWatch) ReadClean(off int64, p []byte) ([]Range, bool, error) { return nil, true, nil }
+func (nopWatch) Stop()                                                {}
+
+// fakeWatch reads fills from an image and refuses the ranges in dirty.
+type fakeWatch struct {
+	img   []byte
+	dirty []Range
+	holes []Range
+}
+
+func (w fakeWatch) ReadClean(off int64, p []byte) ([]Range, bool, error) {
+	end := off + int64(len(p))
+	if overlaps(w.dirty, off, end) {
+		return nil, false, nil
+	}
+	copy(p, w.img[off:end])
+	var hs []Range
+	for _, h := range w.holes {
+		if h.Off < end && off < h.End {
+			hs = append(hs, Range{max(h.Off, off), min(h.End, end)})
+		}
+	}
+	return hs, true, nil
+}
+func (fakeWatch) Stop() {}
+
+// TestLoadFillsAndRefusals: a planned Put Page loads its records' bytes
+// and its fills from the image; a fill the watch refuses, and a hole, are
+// not sent: the request is cut around them.
+func TestLoadFillsAndRefusals(t *testing.T) {
+	const sz = 64 << 10
+	img := make([]byte, sz)
+	for i := range img {
+		img[i] = byte(i/512 + 1)
+	}
+	payload := func(n int, v byte) []byte {
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = v
+		}
+		return p
+	}
+	a := &journal.Record{Offset: 0, Length: 4096, Kind: journal.KindData, Data: payload(4096, 0xA1)}
+	c := &journal.Record{Offset: 8192, Length: 4096, Kind: journal.KindData, Data: payload(4096, 0xC1)}
+	d := &journal.Record{Offset: 16384, Length: 4096, Kind: journal.KindData, Data: payload(4096, 0xD1)}
+	parts := []part{{0, 4096, a}, {4096, 8192, nil}, {8192, 12288, c}, {12288, 16384, nil}, {16384, 20480, d}}
+	for _, tc := range []struct {
+		name         string
+		dirty, holes []Range
+		want         []Range
+	}{
+		{"all filled", nil, nil, []Range{{0, 20480}}},
+		{"second fill refused", []Range{{13000, 13100}}, nil, []Range{{0, 12288}, {16384, 20480}}},
+		{"hole in the first fill", nil, []Range{{5120, 6144}}, []Range{{0, 5120}, {6144, 20480}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := &batch{watch: fakeWatch{img: img, dirty: tc.dirty, holes: tc.holes}}
+			subs, st, err := b.load(payloadReader{}, 0, 20480, parts, remote.MaxPutPage, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []Range
+			for _, s := range subs {
+				if s.Clear {
+					t.Fatalf("a clear request %d-%d (cost 0 sends zeros as data)", s.Off, s.End)
+				}
+				got = append(got, Range{s.Off, s.End})
+				data := s.Data.Bytes()
+				for x := s.Off; x < s.End; x++ {
+					var w byte
+					switch {
+					case x < 4096:
+						w = 0xA1
+					case x >= 8192 && x < 12288:
+						w = 0xC1
+					case x >= 16384:
+						w = 0xD1
+					default:
+						w = img[x]
+					}
+					if data[x-s.Off] != w {
+						t.Fatalf("byte %d is %#x, want %#x", x, data[x-s.Off], w)
+					}
+				}
+			}
+			if len(got) != len(tc.want) {
+				t.Fatalf("requests %v, want %v", got, tc.want)
+			}
+			for i := range got {
+				if got[i] != tc.want[i] {
+					t.Fatalf("requests %v, want %v", got, tc.want)
+				}
+			}
+			var planned int64 = 8192
+			if st.Filled+st.Unfilled != planned {
+				t.Fatalf("filled %d + unfilled %d, want the planned %d", st.Filled, st.Unfilled, planned)
+			}
+		})
+	}
+}
+
+// payloadReader serves records' payloads from their Data.
+type payloadReader struct{}
+
+func (payloadReader) Payload(r *journal.Record) ([]byte, error) { return r.Data, nil }
