@@ -354,7 +354,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		Sender:      replicate.SenderOptions{Workers: f.workers},
 		Flusher: replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp),
 			RequestCost: limits.requestCost(), MaxBatchDistinct: limits.bytesIn(f.oddWindow), MergeWait: mergeWaitOption(f.mergeWait)},
-		Logger:      log,
+		Logger: log,
 	})
 	if err != nil {
 		return err

@@ -1,5 +1,5 @@
 // Command stagedbench compares the staged transfer with the direct one
-//: bytes on the wire and time to drain the journal through a
+// : bytes on the wire and time to drain the journal through a
 // bandwidth-limited uplink (one rate shared by all connections) to Azurite, for
 // compressible data (Go's own source tree, as a tar stream) and for random
 // data. The staged apply worker then runs next to the storage (no limit)
