@@ -26,6 +26,7 @@ import (
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/azurite/throttle"
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/remote"
 	"github.com/vhdsync/vhdsync/replicate"
@@ -312,7 +313,7 @@ func TestAzuritePutPageRules(t *testing.T) {
 		case "clear":
 			clears++
 			if r.ContentLen != 0 {
-				t.Errorf("request %d: Clear remote.Pages with a %d-byte body", r.N, r.ContentLen)
+				t.Errorf("request %d: Clear Pages with a %d-byte body", r.N, r.ContentLen)
 			}
 		case "seq":
 			seqs++
@@ -322,17 +323,17 @@ func TestAzuritePutPageRules(t *testing.T) {
 		}
 	}
 	// 9 MiB -> 4+4+1, 12 MiB contiguous -> 4+4+4: at least five full 4 MiB
-	// Put remote.Pages, which shows large writes were split and small ones joined.
+	// Put Pages, which shows large writes were split and small ones joined.
 	if full4 < 5 {
-		t.Errorf("%d Put remote.Pages of exactly 4 MiB, want >= 5 (split and coalesced)", full4)
+		t.Errorf("%d Put Pages of exactly 4 MiB, want >= 5 (split and coalesced)", full4)
 	}
 	if clears == 0 {
-		t.Error("the zero range and the discard sent no Clear remote.Pages")
+		t.Error("the zero range and the discard sent no Clear Pages")
 	}
 	if uint64(puts) != st.PutCalls || uint64(clears) != st.ClearCalls || uint64(seqs) != st.SequenceCalls || uint64(sent) != st.BytesSent {
 		t.Errorf("wire: %d puts, %d clears, %d seq, %d bytes; stats: %+v", puts, clears, seqs, sent, st)
 	}
-	t.Logf("wire: %d Put Page (%d of 4 MiB), %d Clear remote.Pages, %d sequence updates, %d bytes sent; %d requests in all", puts, full4, clears, seqs, sent, len(reqs))
+	t.Logf("wire: %d Put Page (%d of 4 MiB), %d Clear Pages, %d sequence updates, %d bytes sent; %d requests in all", puts, full4, clears, seqs, sent, len(reqs))
 
 	if err := d.Close(ctx, true); err != nil {
 		t.Fatal(err)
@@ -784,7 +785,7 @@ func TestAzuriteConverges64MiB(t *testing.T) {
 	if uint64(n["put"]) != st.Flusher.PutCalls || uint64(n["clear"]) != st.Flusher.ClearCalls {
 		t.Errorf("wire counts %v, flusher stats %+v", n, st.Flusher)
 	}
-	t.Logf("64 MiB workload in %v: %d batches, %d Put Page (%.1f MiB), %d Clear remote.Pages (%.1f MiB), %d sequence updates, %d retries; %d epochs closed",
+	t.Logf("64 MiB workload in %v: %d batches, %d Put Page (%.1f MiB), %d Clear Pages (%.1f MiB), %d sequence updates, %d retries; %d epochs closed",
 		wrote.Round(time.Millisecond), st.Flusher.Batches, st.Flusher.PutCalls, float64(st.Flusher.BytesSent)/azMiB,
 		st.Flusher.ClearCalls, float64(st.Flusher.BytesCleared)/azMiB, st.Flusher.SequenceCalls, st.Flusher.Retries, st.Journal.EpochsClosed)
 }
@@ -1248,3 +1249,65 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+// TestAzuriteThrottledConverges runs the disk against Azurite behind a
+// proxy that enforces a page blob's request and byte rates as Azure does
+// (503 ServerBusy beyond them, some 500 OperationTimedOut), at a tenth of
+// a standard blob's: scattered small writes with barriers, zero ranges and
+// discards. Every throttled answer must be absorbed (sent again, counted),
+// no writer and no flusher request may fail, and the blob must end equal
+// to the image.
+func TestAzuriteThrottledConverges(t *testing.T) {
+	s := azurite.Start(t)
+	ctx := context.Background()
+	const size = 16 * azMiB
+	url, footer := azBlob(t, s, "throttled.vhd", size)
+	px := throttle.Start(t, s.Endpoint, throttle.Limits{RequestsPerSecond: 50, BytesPerSecond: 6 << 20, TimeoutFraction: 0.2})
+	c := azClient(t, px.BlobURL("disks", "throttled.vhd"), nil, 30*time.Second)
+	dir := t.TempDir()
+	d := azMustOpenDisk(t, dir, size, c, DiskOptions{Flusher: replicate.FlusherOptions{Linger: 5 * time.Millisecond}})
+	dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	rng := rand.New(rand.NewPCG(7, 7))
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 1500 {
+		// A hot 4 MiB region and the rest of the disk, 4-16 KiB each.
+		off := rng.Int64N(4*azMiB) &^ 511
+		if i%3 == 0 {
+			off = rng.Int64N(size-16<<10) &^ 511
+		}
+		must(d.WriteAt(dctx, azRandBytes(rng, 4096*(1+rng.IntN(4))), off))
+		if i%200 == 199 {
+			must(d.Zero(dctx, rng.Int64N(size-azMiB), 1+rng.Int64N(256<<10), rng.IntN(2) == 0))
+		}
+		if i%50 == 49 {
+			must(d.Flush())
+		}
+	}
+	must(d.Drain(dctx))
+	st := d.Stats()
+	if err := d.FlusherErr(); err != nil {
+		t.Fatalf("the flusher failed: %v", err)
+	}
+	must(d.Close(dctx, true))
+	azCheckConverged(t, url, dir, size, footer)
+	ps := px.Proxy.Stats().Total
+	t.Logf("throttled: %d Put Page, %d Clear Pages, %d sequence updates, %s filled; the proxy refused %d (503) and timed out %d (500) of %d admitted; in-flight limit %d",
+		st.Flusher.PutCalls, st.Flusher.ClearCalls, st.Flusher.SequenceCalls, humanMiB(st.Flusher.FilledBytes), ps.Throttled, ps.TimedOut, ps.Admitted, st.Flusher.InFlightLimit)
+	if st.Flusher.ClearCalls == 0 {
+		t.Errorf("no Clear Pages: the zero ranges and discards were not exercised")
+	}
+	if ps.Throttled == 0 || ps.TimedOut == 0 {
+		t.Fatalf("the proxy refused %d and timed out %d requests: the test does not throttle", ps.Throttled, ps.TimedOut)
+	}
+	if st.Flusher.Throttled != uint64(ps.Throttled+ps.TimedOut) {
+		t.Errorf("the flusher counted %d throttled answers, the proxy gave %d", st.Flusher.Throttled, ps.Throttled+ps.TimedOut)
+	}
+}
+
+func humanMiB(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/azMiB) }

@@ -521,7 +521,7 @@ func TestFlusherWaitsForImageWrites(t *testing.T) {
 	}
 }
 
-// delayingRemote holds back some Put Page and Clear remote.Pages requests, as a
+// delayingRemote holds back some Put Page and Clear Pages requests, as a
 // network that delays a request after the client gave up on it: the
 // caller sees a transient error, and the request can be delivered later.
 type delayingRemote struct {
@@ -566,7 +566,7 @@ func (d *delayingRemote) ClearPages(ctx context.Context, off, n int64, c remote.
 	return d.MemRemote.ClearPages(ctx, off, n, c)
 }
 
-// TestDelayedRequestsAreFenced: every Put Page and Clear remote.Pages carries the
+// TestDelayedRequestsAreFenced: every Put Page and Clear Pages carries the
 // lease and a sequence-number fence, so a request delayed in the network
 // and delivered after its batch completed is refused and cannot overwrite
 // newer data.
