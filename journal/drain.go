@@ -1,10 +1,5 @@
 package journal
 
-import (
-	"encoding/binary"
-	"fmt"
-)
-
 // JournalBytes is what the record counts for against the journal's cap:
 // its payload and its index entry.
 func (r *Record) JournalBytes() int64 { return r.payloadSize() }
@@ -34,32 +29,15 @@ func (j *Journal) DeleteRange(d Drained) error {
 		return nil
 	}
 	legacy, pieceKeys := j.legacyInRange(d.FirstSeq, d.LastSeq)
-	if err := j.idx.flush(); err != nil {
-		return fmt.Errorf("delete drained records: %w", err)
-	}
-	wb := j.db.NewWriteBatch()
-	defer wb.Cancel()
-	for _, k := range pieceKeys {
-		if err := wb.Delete(k); err != nil {
-			return fmt.Errorf("delete drained records: %w", err)
+	seqs := func(yield func(uint64) bool) {
+		for seq := d.FirstSeq; seq <= d.LastSeq; seq++ {
+			if !yield(seq) {
+				return
+			}
 		}
 	}
-	for seq := d.FirstSeq; seq <= d.LastSeq; seq++ {
-		if err := wb.Delete(recKey(seq)); err != nil {
-			return fmt.Errorf("delete drained records: %w", err)
-		}
-	}
-	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], d.LastSeq)
-	if err := wb.Set(keyDrained, append([]byte(nil), v[:]...)); err != nil {
-		return fmt.Errorf("delete drained records: %w", err)
-	}
-	binary.BigEndian.PutUint64(v[:], d.LastEpoch)
-	if err := wb.Set(keyEpoch, append([]byte(nil), v[:]...)); err != nil {
-		return fmt.Errorf("delete drained records: %w", err)
-	}
-	if err := wb.Flush(); err != nil {
-		return fmt.Errorf("delete drained records: %w", err)
+	if err := j.deleteKeys(pieceKeys, seqs, d.LastSeq, d.LastEpoch); err != nil {
+		return err
 	}
 	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes, legacy)
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"iter"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -1035,6 +1036,27 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 		return nil
 	}
 	legacy, pieceKeys := j.legacyKeys(recs)
+	var bytes int64
+	for i := range recs {
+		bytes += recs[i].payloadSize()
+	}
+	seqs := func(yield func(uint64) bool) {
+		for i := range recs {
+			if !yield(recs[i].Seq) {
+				return
+			}
+		}
+	}
+	if err := j.deleteKeys(pieceKeys, seqs, recs[len(recs)-1].Seq, lastEpoch); err != nil {
+		return err
+	}
+	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes, legacy)
+}
+
+// deleteKeys deletes, in one badger write batch, the index entries of the
+// records with the given seqs and the pieces' keys, and records lastSeq
+// and lastEpoch as drained.
+func (j *Journal) deleteKeys(pieceKeys [][]byte, seqs iter.Seq[uint64], lastSeq, lastEpoch uint64) error {
 	// Entries still queued for badger must land before these deletions,
 	// or they would outlive them.
 	if err := j.idx.flush(); err != nil {
@@ -1047,15 +1069,13 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 			return fmt.Errorf("delete drained records: %w", err)
 		}
 	}
-	var bytes int64
-	for i := range recs {
-		if err := wb.Delete(recKey(recs[i].Seq)); err != nil {
+	for seq := range seqs {
+		if err := wb.Delete(recKey(seq)); err != nil {
 			return fmt.Errorf("delete drained records: %w", err)
 		}
-		bytes += recs[i].payloadSize()
 	}
 	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], recs[len(recs)-1].Seq)
+	binary.BigEndian.PutUint64(v[:], lastSeq)
 	if err := wb.Set(keyDrained, append([]byte(nil), v[:]...)); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
@@ -1066,7 +1086,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
 	}
-	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes, legacy)
+	return nil
 }
 
 // drained updates the journal after the deletion of drained records up to
