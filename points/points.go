@@ -230,7 +230,7 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	p.due = false
 	p.last = now
 	p.taken, p.takenEpoch = true, epoch
-	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", 2*epoch)
+	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", remote.Complete(epoch))
 	p.update(func(st *RecoveryPointStats) { st.LastError, st.LastErrorTime = "", time.Time{} })
 	kept := p.retain(ctx, id, epoch)
 	// Taken last, so that whoever waits for it sees this point's
@@ -283,7 +283,7 @@ func (p *RecoveryPoints) retain(ctx context.Context, id string, epoch uint64) (k
 		if !pt.Consistent {
 			// Someone else wrote to the blob: never keep a point that
 			// claims an epoch it does not hold.
-			err := fmt.Errorf("recovery point %s of epoch %d carries sequence number %d, not %d: the blob changed while it was taken; deleted it", id, epoch, pt.Sequence, 2*epoch)
+			err := fmt.Errorf("recovery point %s of epoch %d carries sequence number %d, not %d: the blob changed while it was taken; deleted it", id, epoch, pt.Sequence, remote.Complete(epoch))
 			if derr := p.s.DeleteSnapshot(ctx, id, p.o.LeaseID); derr != nil {
 				err = fmt.Errorf("%w (and deleting it failed: %w)", err, derr)
 			} else {

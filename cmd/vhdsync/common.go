@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/azure/staging"
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/writeback"
 )
 
 // errWrongBlob: the blob's footer is not the one the state directory
@@ -167,3 +169,24 @@ func loopDevicesOn(dir string) []string {
 
 // errNotDrained: a stop or unmount ended with writes still in the journal.
 var errNotDrained = errors.New("not drained")
+
+// diskOptions are the options of writeback.Open that the state directory
+// and the transfer decide, for mount and replay alike: the image, journal
+// and size of d, the blob c, the staging store (nil: direct), and the
+// lease remembered in d (saved when it changes).
+func diskOptions(d *statedir.Dir, c *pageblob.Client, store *staging.Store, breakLease bool) writeback.DiskOptions {
+	o := writeback.DiskOptions{
+		DiskID:      d.State.DiskID,
+		ImagePath:   d.ImagePath(),
+		JournalDir:  d.JournalPath(),
+		VirtualSize: int64(d.State.VirtualSize),
+		Remote:      pageblob.Remote{C: c},
+		LeaseID:     d.State.LeaseID,
+		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
+		BreakLease:  breakLease,
+	}
+	if store != nil {
+		o.Staging = store
+	}
+	return o
+}

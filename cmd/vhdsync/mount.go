@@ -25,7 +25,6 @@ import (
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/replicate"
-	"github.com/vhdsync/vhdsync/staged"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
 )
@@ -335,27 +334,14 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
-	var segStore staged.SegmentStore
-	if store != nil {
-		segStore = store
-	}
-	disk, err := writeback.Open(ctx, writeback.DiskOptions{
-		Staging:     segStore,
-		DiskID:      d.State.DiskID,
-		ImagePath:   d.ImagePath(),
-		JournalDir:  d.JournalPath(),
-		VirtualSize: int64(d.State.VirtualSize),
-		Remote:      pageblob.Remote{C: client},
-		LeaseID:     d.State.LeaseID,
-		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
-		BreakLease:  f.breakLease,
-		Journal:     journal.Options{MaxPendingBytes: capBytes},
-		NoFills:     f.noFills,
-		Sender:      replicate.SenderOptions{Workers: f.workers},
-		Flusher: replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp),
-			RequestCost: limits.requestCost(), MaxBatchDistinct: limits.bytesIn(f.oddWindow), MergeWait: mergeWaitOption(f.mergeWait)},
-		Logger: log,
-	})
+	o := diskOptions(d, client, store, f.breakLease)
+	o.Journal = journal.Options{MaxPendingBytes: capBytes}
+	o.NoFills = f.noFills
+	o.Sender = replicate.SenderOptions{Workers: f.workers}
+	o.Flusher = replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp),
+		RequestCost: limits.requestCost(), MaxBatchDistinct: limits.bytesIn(f.oddWindow), MergeWait: mergeWaitOption(f.mergeWait)}
+	o.Logger = log
+	disk, err := writeback.Open(ctx, o)
 	if err != nil {
 		return err
 	}

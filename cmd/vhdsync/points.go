@@ -17,6 +17,7 @@ import (
 	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/points"
+	"github.com/vhdsync/vhdsync/remote"
 )
 
 // pointsReport is what `vhdsync points --json` prints.
@@ -101,7 +102,7 @@ func printPoints(w io.Writer, r pointsReport) {
 	for _, p := range r.Points {
 		ok := "yes"
 		if !p.Consistent {
-			ok = fmt.Sprintf("NO (sequence %d, not %d)", p.Sequence, 2*p.Epoch)
+			ok = fmt.Sprintf("NO (sequence %d, not %d)", p.Sequence, remote.Complete(p.Epoch))
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\n", p.ID, p.Epoch, p.Time.UTC().Format(time.RFC3339), ok)
 	}
@@ -259,7 +260,7 @@ func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (
 	case !ok:
 		fmt.Fprintf(g.stdout, "snapshot %s is not a vhdsync recovery point (no %s metadata): restoring it as it is\n", id, points.PointMetaEpoch)
 	case !p.Consistent:
-		fmt.Fprintf(g.stdout, "warning: recovery point %s names epoch %d but carries sequence number %d, not %d: it may not be a consistent disk\n", id, p.Epoch, p.Sequence, 2*p.Epoch)
+		fmt.Fprintf(g.stdout, "warning: recovery point %s names epoch %d but carries sequence number %d, not %d: it may not be a consistent disk\n", id, p.Epoch, p.Sequence, remote.Complete(p.Epoch))
 	default:
 		fmt.Fprintf(g.stdout, "recovery point %s: the disk as of epoch %d, taken %s (consistent: sequence number %d)\n", id, p.Epoch, p.Time.UTC().Format(time.RFC3339), p.Sequence)
 	}

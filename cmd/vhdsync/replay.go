@@ -6,9 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/internal/statedir"
-	"github.com/vhdsync/vhdsync/staged"
 	"github.com/vhdsync/vhdsync/writeback"
 )
 
@@ -65,17 +63,9 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	if err != nil {
 		return err
 	}
-	var segStore staged.SegmentStore
-	if store != nil {
-		segStore = store
-	}
-	disk, err := writeback.Open(ctx, writeback.DiskOptions{
-		Staging: segStore, DiskID: d.State.DiskID,
-		ImagePath: d.ImagePath(), JournalDir: d.JournalPath(), VirtualSize: int64(d.State.VirtualSize),
-		Remote: pageblob.Remote{C: c}, LeaseID: d.State.LeaseID,
-		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
-		BreakLease:  breakLease, Logger: g.logger(),
-	})
+	o := diskOptions(d, c, store, breakLease)
+	o.Logger = g.logger()
+	disk, err := writeback.Open(ctx, o)
 	if err != nil {
 		return err
 	}

@@ -168,6 +168,6 @@ func stagedStatus(ctx context.Context, out *control.Status, stagingURL string, r
 		return
 	}
 	out.RemoteSequence = seq
-	out.AppliedEpoch = uint64(seq / 2)
+	out.AppliedEpoch = remote.Sequence(seq).Epoch()
 	out.RemoteEpoch = out.AppliedEpoch
 }

@@ -135,7 +135,7 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, "blocked writers:\t%d (the journal is at its cap; they resume as the flusher drains)\n", r.BlockedWriters)
 	}
 	parity := "even: crash-consistent"
-	if r.RemoteSequence%2 == 1 {
+	if remote.Sequence(r.RemoteSequence).InProgress() {
 		parity = "odd: a merged batch is being applied"
 	}
 	if !r.Mounted && r.LastError != "" {
