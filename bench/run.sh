@@ -32,6 +32,7 @@
 # BENCH_OUTAGE_SIZE (MiB written over, 256), BENCH_OUTAGE_AT (15 s into the
 # run Azurite is frozen, SIGSTOP) for BENCH_OUTAGE_FOR (30 s, then SIGCONT),
 # BENCH_OUTAGE_DRAIN_LIMIT (BENCH_BURST_DRAIN_LIMIT);
+# BENCH_STEADY_PREFILL (1: the hot region is written and drained first),
 # BENCH_STEADY_RUNTIME (60 s of 8 KiB random writes through azurite-throttle),
 # BENCH_STEADY_IOPS (1000), BENCH_STEADY_SIZE (MiB written over, 64),
 # BENCH_STEADY_DRAIN_LIMIT (BENCH_BURST_DRAIN_LIMIT).
@@ -553,6 +554,13 @@ if ! skip steady; then
   start_azurite "$d"; VAZ=$AZPID
   start_throttle "$d" "$EP" --rps "$THR_RPS" --mibps "$THR_MIBPS"
   mount_on "$TEP" steady
+  if [ "${BENCH_STEADY_PREFILL:-1}" = 1 ]; then
+    # The hot region is a database's working set: data that exists, on
+    # the blob, before the load starts (see BENCH_BURST_PREFILL).
+    fio --name=prefill --filename="$VMNT/steady.img" --size="${ST_MIB}M" --offset=0 --rw=write --bs=1M --iodepth=8 \
+        --ioengine=libaio --direct=1 >/dev/null 2>&1 || log "steady: prefill failed"
+    wait_drained "$VST"
+  fi
   vstatus "$VST" > "$res/steady-start.json"
   fio --name=steady --filename="$VMNT/steady.img" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
       --rate_iops="$ST_IOPS" --size="${ST_MIB}M" --time_based=1 --runtime="$ST_RT" --group_reporting --output-format=json \

@@ -263,6 +263,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 			return f.stop(ctx, err)
 		}
 		var b *batch
+		planStart := time.Now()
 		holding := time.Now().Before(holdUntil) && !f.urgent.Load()
 		if closed := f.j.ClosedEpoch(); !holding && (!scanned || closed != emptyAt) {
 			var err error
@@ -274,6 +275,8 @@ func (f *Flusher) Run(ctx context.Context) error {
 		}
 		if b != nil {
 			spans := b.spans(f.j, remote.MaxPutPage, f.o.RequestCost)
+			f.log.Debug("batch planned", "epochs", fmt.Sprintf("%d-%d", b.first, b.last), "records", b.drained.Records,
+				"spans", len(spans), "later_ranges", len(b.later), "seconds", time.Since(planStart).Seconds())
 			if wait := f.mergeWait(b, spans); wait > 0 {
 				b.done()
 				holdUntil = time.Now().Add(wait)
@@ -427,7 +430,8 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 // preempt decides whether batch b, being sent, should stop for a larger
 // one: when the writers have stopped (nothing appended for two lingers, or
 // a drain is asked for) and later epochs wait, while many of b's spans
-// are still to go. A batch planned while writers were busy is often the worst
+// are still to go, or while the later epochs hold more bytes than b has
+// left to send. A batch planned while writers were busy is often the worst
 // possible one: its gaps could not be filled (later records covered them,
 // or writes landed there while it was sent), so it is thousands of small
 // requests. Its superset, planned now, fills them: after a burst of
@@ -440,32 +444,42 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 // b may have written is written again by the superset, whose last writer
 // per sector is at least as new; the blob is no consistent disk until the
 // superset completes, which its odd mark says.
-func (f *Flusher) preempt(b *batch) func(remaining int) bool {
+func (f *Flusher) preempt(b *batch) func(rest []Span) bool {
 	if f.o.PreemptAfter < 0 || b.cut {
 		// A batch cut at its size bound has no larger superset: the next
 		// plan would end at the same place.
 		return nil
 	}
 	seen, since := f.j.Appended(), time.Now()
-	return func(remaining int) bool {
-		if remaining < f.o.PreemptAfter {
-			return false
-		}
-		if f.urgent.Load() {
-			return f.j.OpenEpochHasRecords() || f.j.ClosedEpoch() > b.last
-		}
-		// The writers are idle when nothing was appended for two lingers;
-		// the run loop, busy with b, cannot close their last epoch, so
-		// this does (as the linger would).
-		if n := f.j.Appended(); n != seen {
-			seen, since = n, time.Now()
-			return false
-		}
-		if time.Since(since) < 2*f.o.Linger {
-			return false
+	return func(rest []Span) bool {
+		if !f.urgent.Load() {
+			// The writers are idle when nothing was appended for two
+			// lingers; the run loop, busy with b, cannot close their last
+			// epoch, so this does (as the linger would).
+			if n := f.j.Appended(); n != seen {
+				seen, since = n, time.Now()
+				return false
+			}
+			if time.Since(since) < 2*f.o.Linger {
+				return false
+			}
 		}
 		f.j.CloseEpoch()
-		return f.j.ClosedEpoch() > b.last
+		if f.j.ClosedEpoch() <= b.last {
+			return false
+		}
+		if len(rest) >= f.o.PreemptAfter {
+			return true
+		}
+		// Few requests left, but large ones: worth it when the later
+		// epochs hold at least as many bytes as are left to send, as when
+		// the writers kept rewriting the same region while b was sent
+		// (the superset sends that region once instead of twice).
+		var left int64
+		for _, sp := range rest {
+			left += sp.End - sp.Off
+		}
+		return f.j.Stats().PendingBytes-b.drained.Bytes >= left
 	}
 }
 
@@ -574,18 +588,21 @@ func (f *Flusher) queueCommit(ctx context.Context, d journal.Drained, what strin
 func (f *Flusher) commitBatch(d journal.Drained, what string) error {
 	// Every record of the batch must be in the image before the image is
 	// synced and the records deleted (see Journal.appendApply).
+	start := time.Now()
 	f.j.WaitApplied()
 	if f.o.SyncImage != nil {
 		if err := f.o.SyncImage(); err != nil {
 			return fmt.Errorf("sync local image: %w", err)
 		}
 	}
+	synced := time.Now()
 	if err := f.j.DeleteRange(d); err != nil {
 		return err
 	}
 	f.drainedBytes.Add(uint64(d.Bytes))
 	f.batches.Add(1)
-	f.log.Debug("batch committed", "seqs", fmt.Sprintf("%d-%d", d.FirstSeq, d.LastSeq), "last_epoch", d.LastEpoch, "records", d.Records, "delivered", what)
+	f.log.Debug("batch committed", "seqs", fmt.Sprintf("%d-%d", d.FirstSeq, d.LastSeq), "last_epoch", d.LastEpoch, "records", d.Records, "delivered", what,
+		"sync_seconds", synced.Sub(start).Seconds(), "delete_seconds", time.Since(synced).Seconds())
 	f.mu.Lock()
 	close(f.done)
 	f.done = make(chan struct{})

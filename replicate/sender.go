@@ -187,14 +187,14 @@ func (s *Sender) Stats() SenderStats {
 //     to the same disjoint span, which is idempotent.
 //
 // preempt, when set, is asked before each span is handed to a worker,
-// with the number of spans not handed out yet; when it answers true the
+// with the spans not handed out yet; when it answers true the
 // batch stops unfinished and SendEpochs returns ErrPreempted. The blob is
 // then odd (or still at the batch's fence), and the caller must send a
 // superset of the batch (the same first epoch, a later last one) next:
 // its mark is above this batch's fence, so a request of this batch still
 // in the network is refused, and it rewrites every sector this batch may
 // have written (see Flusher's preemption).
-func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Span, alwaysMark bool, preempt func(remaining int) bool) error {
+func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Span, alwaysMark bool, preempt func(rest []Span) bool) error {
 	fence := s.Sequence()
 	if alwaysMark || first != last || fence.InProgress() {
 		mark := remote.Started(last)
@@ -227,7 +227,7 @@ func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Spa
 // sendSpans sends the disjoint spans of one batch with the configured
 // number of workers and returns when all are acknowledged, or on the first
 // permanent error.
-func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond, preempt func(int) bool) error {
+func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond, preempt func([]Span) bool) error {
 	parent := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -251,7 +251,7 @@ func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond, pre
 	// cut by the caller through ctx.Err below.
 	preempted := false
 	for i, sp := range spans {
-		if preempt != nil && preempt(len(spans)-i) {
+		if preempt != nil && preempt(spans[i:]) {
 			preempted = true
 			cancel()
 			break
