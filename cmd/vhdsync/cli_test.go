@@ -251,3 +251,28 @@ func TestHelpForEveryCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestMountCatchUpFlagErrors: bad --blob-limits and --max-odd-window
+// values are usage errors that say what to give, before anything is
+// opened or started.
+func TestMountCatchUpFlagErrors(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "never-made")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--blob-limits", "500"}, "e.g. 500,60"},
+		{[]string{"--blob-limits", "500,zero"}, "MiB per second"},
+		{[]string{"--blob-limits", "0,60"}, "at least 1"},
+		{[]string{"--max-odd-window", "100ms"}, "at least 1s"},
+	} {
+		args := append([]string{"mount", "--state", state}, c.args...)
+		code, _, errOut := vhdsync(t, nil, append(args, t.TempDir())...)
+		if code != ExitUsage || !strings.Contains(errOut, c.want) {
+			t.Errorf("%v: exit %d, %q; want exit %d and %q", c.args, code, errOut, ExitUsage, c.want)
+		}
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Fatalf("a refused mount made the state directory: %v", err)
+	}
+}
