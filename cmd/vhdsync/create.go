@@ -32,7 +32,7 @@ func newCreateCmd(g *globals) *cobra.Command {
 		Long: `Create a new, empty fixed VHD disk of SIZE bytes.
 
 In Azure: a page blob of SIZE + 512 bytes whose last 512 bytes are a valid
-fixed-VHD footer (so the blob is a disk Azure can attach from the start).
+fixed-VHD footer (so a managed disk can be made from the blob from the start).
 Locally: the state directory DIR with the disk's description (vhdsync.json)
 and a sparse local image of SIZE bytes; mount it with ` + "`vhdsync mount`" + `.
 

@@ -212,7 +212,7 @@ func (r *inspectReport) print(w io.Writer) {
 		fmt.Fprintf(tw, "saved state:\t%d\n", f.SavedState)
 	}
 	if r.Valid {
-		fmt.Fprintf(tw, "verdict:\tvalid fixed VHD, accepted by Azure as a page-blob disk\n")
+		fmt.Fprintf(tw, "verdict:\tvalid fixed VHD that Azure accepts as a managed disk's source\n")
 	} else {
 		fmt.Fprintf(tw, "verdict:\tNOT VALID\n")
 		for _, p := range r.Problems {

@@ -46,8 +46,10 @@ func newRootCmd(g *globals) *cobra.Command {
 		Short: "Keep a virtual fixed VHD disk replicated, live, to an Azure page blob",
 		Long: `vhdsync exposes a virtual fixed-format VHD disk through FUSE. Every write
 is journaled locally and replicated in order to an Azure page blob with Put
-Page / Clear Pages, so the blob is at every moment a crash-consistent disk
-that Azure can attach to a VM.
+Page / Clear Pages, so the blob is a crash-consistent replica of the disk
+(whenever its sequence number is even). To run it in Azure, make a managed
+disk from the blob (az disk create --source BLOB-URL), or from a recovery
+point copied to a blob; Azure no longer attaches page blobs to VMs.
 
 Blob URLs look like https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB.vhd
 (or http://127.0.0.1:PORT/devstoreaccount1/CONTAINER/BLOB.vhd for Azurite).
