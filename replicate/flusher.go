@@ -393,7 +393,14 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 	// reader of the blob then sees, from the odd mark that does not name
 	// the batch that completes it, that a superset took over.
 	preemptable := f.o.PreemptAfter >= 0 && len(spans) >= f.o.PreemptAfter
-	err := f.s.SendEpochs(ctx, first, last, spans, preemptable, f.preempt(b))
+	marked := preemptable || first != last || f.s.Sequence().InProgress()
+	var preempt func([]Span) bool
+	if marked {
+		// Only a batch under an odd mark may be preempted: an unmarked one
+		// would leave the blob changed under an even number.
+		preempt = f.preempt(b)
+	}
+	err := f.s.SendEpochs(ctx, first, last, spans, preemptable, preempt)
 	if errors.Is(err, ErrPreempted) {
 		// The next batch starts where this one did and reaches further
 		// (see preempt).
