@@ -252,8 +252,10 @@ func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond, pre
 	preempted := false
 	for i, sp := range spans {
 		if preempt != nil && preempt(spans[i:]) {
+			// No more spans are handed out; those in flight finish, so
+			// every request that reached the blob is one the counters
+			// (and the caller) know of.
 			preempted = true
-			cancel()
 			break
 		}
 		if feed(ctx, []Span{sp}, work) != nil {
@@ -262,13 +264,13 @@ func (s *Sender) sendSpans(ctx context.Context, spans []Span, c remote.Cond, pre
 	}
 	close(work)
 	wg.Wait()
-	if preempted && parent.Err() == nil {
-		return ErrPreempted
-	}
 	select {
 	case err := <-errc:
 		return err
 	default:
+	}
+	if preempted && parent.Err() == nil {
+		return ErrPreempted
 	}
 	return ctx.Err()
 }
