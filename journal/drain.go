@@ -8,6 +8,15 @@ func (r *Record) JournalBytes() int64 { return r.payloadSize() }
 // that sees it unchanged for a while knows the writers are idle.
 func (j *Journal) Appended() uint64 { return j.nextSeq.Load() }
 
+// PendingBytes is Stats().PendingBytes without the rest of Stats (which
+// measures the journal's files on disk): the flusher asks for it at every
+// plan and while it decides on preemption.
+func (j *Journal) PendingBytes() int64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.pendingBytes
+}
+
 // Drained describes a batch the remote holds: every pending record with a
 // seq in [FirstSeq, LastSeq], Records of them holding Bytes journal bytes
 // (JournalBytes), up to and including epoch LastEpoch.

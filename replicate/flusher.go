@@ -486,7 +486,7 @@ func (f *Flusher) preempt(b *batch) func(rest []Span) bool {
 		for _, sp := range rest {
 			left += sp.End - sp.Off
 		}
-		return f.j.Stats().PendingBytes-b.drained.Bytes >= left
+		return f.j.PendingBytes()-b.drained.Bytes >= left
 	}
 }
 

@@ -143,7 +143,7 @@ func (f *Flusher) plan() (*batch, error) {
 	if f.o.Image != nil {
 		b.watch = f.o.Image.Watch()
 	}
-	backlog := f.j.Stats().PendingBytes > f.o.MaxBatchBytes
+	backlog := f.j.PendingBytes() > f.o.MaxBatchBytes
 	if backlog {
 		// Catching up: the open epoch's writes join this batch rather
 		// than stay behind as later records, whose scattered ranges would
