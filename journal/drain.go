@@ -30,22 +30,21 @@ type Drained struct {
 // DeleteRange deletes a drained batch given as a seq range, so that the
 // flusher need not keep every record of a large batch in memory to delete
 // it: it keeps only what coalescing left of them. Every seq in the range
-// must belong to the batch (whole epochs read in seq order make it so); a
-// seq no record holds costs a tombstone and nothing else. Like Delete, it
-// must only run once the image holds the batch durably.
+// must belong to the batch, and every record before it must be drained
+// already (whole epochs read and committed in seq order make it so). Like
+// Delete, it must only run once the image holds the batch durably.
+//
+// It writes one key, the drained seq, rather than a deletion per record:
+// a burst drained as one batch is hundreds of thousands of records, whose
+// deletions took seconds at the end of every drain (an unmount's). The
+// records' index entries are deleted later, in the background (trim.go);
+// until then every reader skips them.
 func (j *Journal) DeleteRange(d Drained) error {
 	if d.Records == 0 {
 		return nil
 	}
 	legacy, pieceKeys := j.legacyInRange(d.FirstSeq, d.LastSeq)
-	seqs := func(yield func(uint64) bool) {
-		for seq := d.FirstSeq; seq <= d.LastSeq; seq++ {
-			if !yield(seq) {
-				return
-			}
-		}
-	}
-	if err := j.deleteKeys(pieceKeys, seqs, d.LastSeq, d.LastEpoch); err != nil {
+	if err := j.deleteKeys(pieceKeys, nil, d.LastSeq, d.LastEpoch); err != nil {
 		return err
 	}
 	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes, legacy)

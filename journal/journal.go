@@ -151,6 +151,10 @@ type Journal struct {
 	maxEpochBytes int64
 	stopGC        chan struct{}
 	gcDone        chan struct{}
+	// drainedSeq is keyDrained: every record with a seq up to it is
+	// drained, whether or not its index entry is deleted yet (see trim.go).
+	drainedSeq atomic.Uint64
+	trim       trimmer
 }
 
 // badgerOptions are chosen for a small, write-heavy queue: records are
@@ -251,6 +255,7 @@ func Open(dir string, o Options) (*Journal, error) {
 		interval = 10 * time.Second
 	}
 	go j.gcLoop(interval)
+	j.trim.start(j)
 	return j, nil
 }
 
@@ -301,6 +306,9 @@ func (j *Journal) recover() error {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 	}
 	j.drainedEpoch.Store(maxEpoch)
+	j.drainedSeq.Store(lastSeq)
+	// Index entries up to lastSeq are drained records whose deletion the
+	// trimmer had not reached (see trim.go): recovery starts after them.
 	err = j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
@@ -308,7 +316,7 @@ func (j *Journal) recover() error {
 		it := txn.NewIterator(opts)
 		defer it.Close()
 		first := true
-		for it.Rewind(); it.Valid(); it.Next() {
+		for it.Seek(recKey(lastSeq + 1)); it.Valid(); it.Next() {
 			item := it.Item()
 			seq := binary.BigEndian.Uint64(item.Key()[1:])
 			var hdr Record
@@ -361,7 +369,7 @@ func (j *Journal) recover() error {
 			opts.Prefix = recPrefix
 			it := txn.NewIterator(opts)
 			defer it.Close()
-			it.Rewind()
+			it.Seek(recKey(j.drainedSeq.Load() + 1))
 			if it.Valid() {
 				drained = binary.BigEndian.Uint64(it.Item().Key()[1:]) - 1
 			}
@@ -967,6 +975,8 @@ func (j *Journal) scan(from uint64, fn func(Record) (stop bool, err error)) erro
 	if err := j.idx.flush(); err != nil {
 		return err
 	}
+	// Entries up to drainedSeq may outlive their records (see trim.go).
+	from = max(from, j.drainedSeq.Load()+1)
 	return j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
@@ -998,6 +1008,14 @@ func (j *Journal) getRecord(seq uint64) (Record, error) {
 	if err := j.idx.flush(); err != nil {
 		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
 	}
+	if seq <= j.drainedSeq.Load() {
+		return Record{}, fmt.Errorf("journal record %d: %w", seq, badger.ErrKeyNotFound)
+	}
+	return j.getRecordRaw(seq)
+}
+
+// getRecordRaw reads seq's index entry, drained or not.
+func (j *Journal) getRecordRaw(seq uint64) (Record, error) {
 	var r Record
 	err := j.db.View(func(txn *badger.Txn) error {
 		item, err := txn.Get(recKey(seq))
@@ -1069,9 +1087,11 @@ func (j *Journal) deleteKeys(pieceKeys [][]byte, seqs iter.Seq[uint64], lastSeq,
 			return fmt.Errorf("delete drained records: %w", err)
 		}
 	}
-	for seq := range seqs {
-		if err := wb.Delete(recKey(seq)); err != nil {
-			return fmt.Errorf("delete drained records: %w", err)
+	if seqs != nil {
+		for seq := range seqs {
+			if err := wb.Delete(recKey(seq)); err != nil {
+				return fmt.Errorf("delete drained records: %w", err)
+			}
 		}
 	}
 	var v [8]byte
@@ -1085,6 +1105,10 @@ func (j *Journal) deleteKeys(pieceKeys [][]byte, seqs iter.Seq[uint64], lastSeq,
 	}
 	if err := wb.Flush(); err != nil {
 		return fmt.Errorf("delete drained records: %w", err)
+	}
+	if lastSeq > j.drainedSeq.Load() {
+		j.drainedSeq.Store(lastSeq)
+		j.trim.kick()
 	}
 	return nil
 }
@@ -1223,6 +1247,7 @@ func (j *Journal) gcLoop(every time.Duration) {
 func (j *Journal) Close() error {
 	close(j.stopGC)
 	<-j.gcDone
+	j.trim.stop()
 	j.idx.close()
 	err := j.idx.failed()
 	if err == nil {

@@ -55,6 +55,10 @@ type FlusherOptions struct {
 	// it to be stopped for a larger one once the writers stop (see
 	// preempt; default 64; negative: never).
 	PreemptAfter int
+	// FillAhead bounds the memory of the fills read when a batch is
+	// planned rather than when its spans are sent (see batch.readAhead;
+	// default 64 MiB; negative: none).
+	FillAhead int64
 	// Linger is how long the flusher lets an open epoch collect writes
 	// before it closes it itself (default 250 ms). It bounds how far the
 	// blob falls behind a writer that never issues fsync.
@@ -181,6 +185,9 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 	}
 	if o.MergeWait == 0 {
 		o.MergeWait = time.Second
+	}
+	if o.FillAhead == 0 {
+		o.FillAhead = 64 << 20
 	}
 	if o.Linger <= 0 {
 		o.Linger = 250 * time.Millisecond
@@ -372,6 +379,9 @@ func (f *Flusher) Drain(ctx context.Context) error {
 // handed to the Sink.
 func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 	first, last := b.first, b.last
+	if err := b.readAhead(f.o.FillAhead); err != nil {
+		return err
+	}
 	// The records must be durable locally before the blob (or the staging
 	// store) has them: otherwise a power loss could leave the blob ahead of
 	// the image.
@@ -505,7 +515,10 @@ func (f *Flusher) mergeWait(b *batch, spans []Span) time.Duration {
 			bytes += sp.End - sp.Off
 		}
 	}
-	if int64(len(spans))*f.o.RequestCost <= bytes {
+	// Spans fill their gaps until requests and bytes cost about the same
+	// (fillThreshold): a batch whose requests still cost more than twice
+	// its bytes could not fill them, and more epochs may.
+	if int64(len(spans))*f.o.RequestCost <= 2*bytes {
 		return 0
 	}
 	return f.o.MergeWait - time.Since(b.oldest)

@@ -66,6 +66,16 @@ type payloads interface {
 type part struct {
 	off, end int64
 	rec      *journal.Record
+	// pre is the fill read ahead, before the batch was sent (see
+	// batch.readAhead); nil: it is read when its span is sent.
+	pre *filled
+}
+
+// filled is a fill read from the image: what Watch.ReadClean returned.
+type filled struct {
+	data  []byte
+	holes []Range
+	ok    bool
 }
 
 // batch is one planned batch: whole epochs first..last.
@@ -87,6 +97,9 @@ type batch struct {
 	oldest time.Time
 	// cut: the batch ended at its size bound, with closed epochs left.
 	cut bool
+	// spanParts holds the parts of every lazy span, in span order (see
+	// readAhead).
+	spanParts [][]part
 }
 
 // resolve merges the queued extents and recomputes the distinct bytes.
@@ -241,12 +254,88 @@ func overlaps(rs []Range, off, end int64) bool {
 	return i < len(rs) && rs[i].Off < end
 }
 
+// fillable reports whether the gap [end, off) between two data extents of
+// the batch may be filled: fills are on and no pending record outside the
+// batch covers any of it.
+func (b *batch) fillable(end, off int64) bool {
+	return b.watch != nil && !overlaps(b.later, end, off)
+}
+
+// fillThreshold is the largest gap between data extents spans fills. The
+// blob's two limits are separate budgets, spent at once: a batch of R
+// requests carrying B bytes takes max(R/requests-per-second,
+// B/bytes-per-second), which is max(R*reqCost, B) in bytes. Filling a gap
+// of g bytes takes one request off R and puts g on B, so the best batch
+// fills the smallest gaps until the two meet: a batch bound by its
+// requests (small writes scattered over a region) fills its small gaps, a
+// batch bound by its bytes fills none (each fill would only lengthen it).
+// Filling every gap under reqCost, as a sum of the two costs would have
+// it, sends a hot region whole at every batch where half of it would do.
+// No gap over reqCost is filled.
+func (b *batch) fillThreshold(maxPut, reqCost int64) int64 {
+	var gaps []int64
+	var reqs, bytes int64
+	var runStart, runEnd int64 = -1, -1
+	endRun := func() {
+		if runStart >= 0 {
+			reqs += 1 + (runEnd-runStart-1)/maxPut
+		}
+		runStart = -1
+	}
+	for _, e := range b.c.ext {
+		if e.zero {
+			endRun()
+			continue
+		}
+		bytes += e.end - e.off
+		switch {
+		case runStart >= 0 && e.off == runEnd:
+		case runStart >= 0 && e.off-runEnd < maxPut && b.fillable(runEnd, e.off):
+			gaps = append(gaps, e.off-runEnd)
+			endRun()
+		default:
+			endRun()
+		}
+		if runStart < 0 {
+			runStart = e.off
+		}
+		runEnd = e.end
+	}
+	endRun()
+	if reqs*reqCost <= bytes || len(gaps) == 0 {
+		return 0
+	}
+	slices.Sort(gaps)
+	// Fill gaps in order of size while that shortens the batch: while
+	// the requests cost more than the bytes.
+	var thr int64
+	for _, g := range gaps {
+		if g > reqCost {
+			// Never more than a request's worth: the blob is not always
+			// at its limits, and then a fill is bytes that buy nothing.
+			break
+		}
+		if (reqs-1)*reqCost < bytes+g {
+			// Past the meeting point: this fill would cost more bytes than
+			// the request it saves, unless the requests still dominate.
+			if max((reqs-1)*reqCost, bytes+g) >= max(reqs*reqCost, bytes) {
+				break
+			}
+		}
+		reqs--
+		bytes += g
+		thr = g
+	}
+	return thr
+}
+
 // spans turns the batch into requests: adjacent zero extents joined into
 // Clear Pages; data extents joined into Put Pages of at most maxPut bytes,
-// across gaps of at most reqCost bytes that may be filled (no pending
-// record outside the batch covers them). Each Put Page is loaded when it
-// is sent (Span.Load).
+// across the gaps that may be filled (no pending record outside the batch
+// covers them) and are worth filling (fillThreshold). Each Put Page is
+// loaded when it is sent (Span.Load).
 func (b *batch) spans(j payloads, maxPut, reqCost int64) []Span {
+	thr := b.fillThreshold(maxPut, reqCost)
 	var out []Span
 	var cur []part // the data span being built
 	flush := func() {
@@ -273,7 +362,7 @@ func (b *batch) spans(j payloads, maxPut, reqCost int64) []Span {
 				case end-start >= maxPut:
 					flush()
 				case gap == 0:
-				case gap <= reqCost && off-start < maxPut && b.watch != nil && !overlaps(b.later, end, off):
+				case gap <= thr && off-start < maxPut && b.fillable(end, off):
 					cur = append(cur, part{off: end, end: off})
 				default:
 					flush()
@@ -295,6 +384,7 @@ func (b *batch) spans(j payloads, maxPut, reqCost int64) []Span {
 // lazySpan is a Put Page of parts whose payload is read when it is sent.
 func (b *batch) lazySpan(j payloads, parts []part, maxPut, reqCost int64) Span {
 	sp := Span{Off: parts[0].off, End: parts[len(parts)-1].end}
+	b.spanParts = append(b.spanParts, parts)
 	for _, p := range parts {
 		if p.rec == nil {
 			sp.Fill += p.end - p.off
@@ -304,6 +394,43 @@ func (b *batch) lazySpan(j payloads, parts []part, maxPut, reqCost int64) Span {
 		return b.load(j, sp.Off, sp.End, parts, maxPut, reqCost)
 	}
 	return sp
+}
+
+// readAhead reads the fills of the batch's first spans, up to budget
+// bytes, before any of it is sent. While the batch is sent the writers go
+// on, and a fill a writer has touched since the watch began can no longer
+// be sent (its bytes would be a later epoch's): its span is cut there, one
+// request more for each. Under small random writes that race is lost for
+// most fills of a batch sent over seconds, so they are read at once, at the
+// plan's moment, into memory (bounded by budget; the rest are read when
+// their spans are sent). The checks are the same (ReadClean), only earlier.
+func (b *batch) readAhead(budget int64) error {
+	if b.watch == nil {
+		return nil
+	}
+	for _, parts := range b.spanParts {
+		for i := range parts {
+			p := &parts[i]
+			if p.rec != nil || p.pre != nil {
+				continue
+			}
+			n := p.end - p.off
+			if n > budget {
+				return nil
+			}
+			budget -= n
+			buf := make([]byte, n)
+			holes, ok, err := b.watch.ReadClean(p.off, buf)
+			if err != nil {
+				return fmt.Errorf("fill %d+%d from the local image: %w", p.off, n, err)
+			}
+			if !ok {
+				buf = nil
+			}
+			p.pre = &filled{data: buf, holes: holes, ok: ok}
+		}
+	}
+	return nil
 }
 
 // LoadStats says what loading a span found.
@@ -331,7 +458,7 @@ func (b *batch) load(j payloads, off, end int64, parts []part, maxPut, reqCost i
 	}
 	var cached *journal.Record
 	var payload []byte
-	for _, p := range parts {
+	for i, p := range parts {
 		dst := buf[p.off-off : p.end-off]
 		if p.rec != nil {
 			if p.rec != cached {
@@ -345,9 +472,17 @@ func (b *batch) load(j payloads, off, end int64, parts []part, maxPut, reqCost i
 			addRun(p.off, p.end)
 			continue
 		}
-		holes, ok, err := b.watch.ReadClean(p.off, dst)
-		if err != nil {
-			return nil, st, fmt.Errorf("fill %d+%d from the local image: %w", p.off, p.end-p.off, err)
+		var holes []Range
+		var ok bool
+		if p.pre != nil {
+			copy(dst, p.pre.data)
+			holes, ok = p.pre.holes, p.pre.ok
+			parts[i].pre = nil // its memory goes with the span's
+		} else {
+			var err error
+			if holes, ok, err = b.watch.ReadClean(p.off, dst); err != nil {
+				return nil, st, fmt.Errorf("fill %d+%d from the local image: %w", p.off, p.end-p.off, err)
+			}
 		}
 		if !ok {
 			st.Unfilled += p.end - p.off

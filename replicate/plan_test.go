@@ -1,6 +1,8 @@
 package replicate
 
 import (
+	"bytes"
+	"context"
 	"testing"
 
 	"pgregory.net/rapid"
@@ -182,7 +184,7 @@ func TestLoadFillsAndRefusals(t *testing.T) {
 	a := &journal.Record{Offset: 0, Length: 4096, Kind: journal.KindData, Data: payload(4096, 0xA1)}
 	c := &journal.Record{Offset: 8192, Length: 4096, Kind: journal.KindData, Data: payload(4096, 0xC1)}
 	d := &journal.Record{Offset: 16384, Length: 4096, Kind: journal.KindData, Data: payload(4096, 0xD1)}
-	parts := []part{{0, 4096, a}, {4096, 8192, nil}, {8192, 12288, c}, {12288, 16384, nil}, {16384, 20480, d}}
+	parts := []part{{off: 0, end: 4096, rec: a}, {off: 4096, end: 8192}, {off: 8192, end: 12288, rec: c}, {off: 12288, end: 16384}, {off: 16384, end: 20480, rec: d}}
 	for _, tc := range []struct {
 		name         string
 		dirty, holes []Range
@@ -242,3 +244,137 @@ func TestLoadFillsAndRefusals(t *testing.T) {
 type payloadReader struct{}
 
 func (payloadReader) Payload(r *journal.Record) ([]byte, error) { return r.Data, nil }
+
+// TestFillThresholdBalancesLimits: fills are chosen for the blob's two
+// separate budgets, requests and bytes, spent at once (fillThreshold). A
+// batch bound by its requests fills its smallest gaps until the two cost
+// about the same, and ends up faster than filling no gap and than filling
+// every gap under a request's cost; a batch bound by its bytes fills none.
+func TestFillThresholdBalancesLimits(t *testing.T) {
+	const reqCost = 120 << 10
+	build := func(exts [][2]int64) *batch {
+		b := &batch{watch: nopWatch{}}
+		for _, e := range exts {
+			r := &journal.Record{Offset: e[0], Length: e[1] - e[0], Kind: journal.KindData}
+			b.c.addExtent(extent{off: e[0], end: e[1], rec: r})
+		}
+		b.resolve()
+		return b
+	}
+	// cost is the time a batch's requests take at the limits, in bytes:
+	// max(requests * reqCost, bytes).
+	cost := func(spans []Span) (reqs, bytes, c int64) {
+		for _, sp := range spans {
+			reqs++
+			bytes += sp.End - sp.Off
+		}
+		return reqs, bytes, max(reqs*reqCost, bytes)
+	}
+	costWith := func(exts [][2]int64, fillUpTo int64) int64 {
+		var reqs, bytes int64
+		for i, e := range exts {
+			bytes += e[1] - e[0]
+			if i > 0 && e[0]-exts[i-1][1] <= fillUpTo {
+				bytes += e[0] - exts[i-1][1]
+				continue
+			}
+			reqs++
+		}
+		return max(reqs*reqCost, bytes)
+	}
+
+	// Request-bound: 200 writes of 8 KiB over a hot region, gaps of 4 KiB
+	// to 100 KiB (all under a request's cost).
+	var exts [][2]int64
+	off := int64(0)
+	for i := range 200 {
+		exts = append(exts, [2]int64{off, off + 8192})
+		off += 8192 + int64(1+i%25)*4096
+	}
+	spans := build(exts).spans(nil, remote.MaxPutPage, reqCost)
+	reqs, bytes, c := cost(spans)
+	none, all := costWith(exts, 0), costWith(exts, reqCost)
+	// Here: 56 requests and 6.9 MiB against 200 requests (23 MiB's worth)
+	// or 11.6 MiB.
+	if 4*c > 3*none || 4*c > 3*all {
+		t.Fatalf("request-bound batch: %d requests, %d bytes, cost %d; no fills would cost %d, every gap filled %d: want at most 3/4 of both", reqs, bytes, c, none, all)
+	}
+	if reqs*reqCost > 2*bytes || bytes > 2*reqs*reqCost {
+		t.Fatalf("request-bound batch: %d requests (%d bytes' worth) against %d bytes: not balanced", reqs, reqs*reqCost, bytes)
+	}
+
+	// Byte-bound: two 2 MiB writes 4 KiB apart are two requests, the gap
+	// not sent.
+	two := [][2]int64{{0, 2 << 20}, {2<<20 + 4096, 4<<20 + 4096}}
+	spans = build(two).spans(nil, remote.MaxPutPage, reqCost)
+	if reqs, bytes, _ := cost(spans); reqs != 2 || bytes != 4<<20 {
+		t.Fatalf("byte-bound batch: %d requests of %d bytes, want 2 of %d (no fill)", reqs, bytes, 4<<20)
+	}
+}
+
+// liveWatch is a fakeWatch a test can write to after the plan, as a
+// writer would: the bytes change and the range turns dirty.
+type liveWatch struct{ w fakeWatch }
+
+func (l *liveWatch) ReadClean(off int64, p []byte) ([]Range, bool, error) {
+	return l.w.ReadClean(off, p)
+}
+func (l *liveWatch) Stop() {}
+func (l *liveWatch) write(off int64, v byte, n int) {
+	for i := range n {
+		l.w.img[off+int64(i)] = v
+	}
+	l.w.dirty = mergeRanges(append(l.w.dirty, Range{off, off + int64(n)}))
+}
+
+// TestReadAheadKeepsFillsFromLaterWrites: fills read when the batch is
+// planned (readAhead) are sent as read then, whatever writers do to those
+// sectors while the batch is sent, so the Put Page is not cut; beyond the
+// read-ahead budget a fill a writer touched is cut out (one request more),
+// and never sent with the later write's bytes.
+func TestReadAheadKeepsFillsFromLaterWrites(t *testing.T) {
+	img := make([]byte, 64<<10)
+	for i := range img {
+		img[i] = 0x11
+	}
+	data := func(off int64, v byte) *journal.Record {
+		return &journal.Record{Offset: off, Length: 4096, Kind: journal.KindData, Data: bytes.Repeat([]byte{v}, 4096)}
+	}
+	for _, tc := range []struct {
+		name     string
+		budget   int64
+		wantReqs int
+	}{{"read ahead", 64 << 10, 1}, {"no budget", 0, 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &liveWatch{fakeWatch{img: bytes.Clone(img)}}
+			b := &batch{watch: w}
+			for _, r := range []*journal.Record{data(0, 0xA1), data(8192, 0xB1)} {
+				b.c.addExtent(extent{off: r.Offset, end: r.End(), rec: r})
+			}
+			b.resolve()
+			spans := b.spans(payloadReader{}, remote.MaxPutPage, 1<<20)
+			if len(spans) != 1 || spans[0].Fill != 4096 {
+				t.Fatalf("planned %d spans (fill %d), want one with a 4 KiB fill", len(spans), spans[0].Fill)
+			}
+			if err := b.readAhead(tc.budget); err != nil {
+				t.Fatal(err)
+			}
+			w.write(4096, 0xEE, 4096) // a later epoch's write, in the gap
+			subs, _, err := spans[0].Load(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(subs) != tc.wantReqs {
+				t.Fatalf("%d requests, want %d", len(subs), tc.wantReqs)
+			}
+			for _, s := range subs {
+				got := s.Data.Bytes()
+				for x := s.Off; x < s.End; x++ {
+					if x >= 4096 && x < 8192 && got[x-s.Off] != 0x11 {
+						t.Fatalf("byte %d sent as %#x: the later write's, not the fill's 0x11", x, got[x-s.Off])
+					}
+				}
+			}
+		})
+	}
+}
