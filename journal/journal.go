@@ -1125,16 +1125,17 @@ func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legac
 		}
 	}
 	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
-	// Whole segments whose records are all drained are deleted, after the
-	// index deletions are durable (so no index entry can outlive its
-	// payload).
-	if _, err := j.segs.reclaim(lastSeq, j.syncIndex); err != nil {
-		return err
-	}
+	// Whole segments whose records are all drained are deleted by the
+	// trimmer, after the drained seq is durable (so no index entry it does
+	// not cover can outlive its payload): deleting gigabytes of segment
+	// files took seconds at the end of a drain (trim.go).
+	j.trim.kick()
+	start := time.Now()
 	next, err := j.firstPendingTime(lastSeq + 1)
 	if err != nil {
 		return err
 	}
+	j.log.Debug("journal: drained", "last_seq", lastSeq, "head_seconds", time.Since(start).Seconds())
 	j.mu.Lock()
 	j.pendingBytes -= bytes
 	j.pendingRecords -= records
@@ -1252,6 +1253,12 @@ func (j *Journal) Close() error {
 	err := j.idx.failed()
 	if err == nil {
 		err = j.Sync()
+	}
+	if err == nil {
+		// Drained segments the trimmer had not reached go now: a clean
+		// stop gives their space back (their index entries may stay,
+		// skipped). Otherwise the next Open deletes them.
+		_, err = j.segs.reclaim(j.drainedSeq.Load(), j.syncIndex)
 	}
 	clean := false
 	if err == nil {

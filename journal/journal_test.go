@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -234,9 +235,8 @@ func TestJournalReclaimsDrainedSegments(t *testing.T) {
 	if err := j.Delete(recs, recs[39].Epoch); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(j.segs.ids()); n != 0 {
-		t.Fatalf("%d segments left after draining everything", n)
-	}
+	// The trimmer deletes them in the background (trim.go).
+	waitSegments(t, j, 0, "after draining everything")
 	appendData(t, j, 0, 1, 512) // a new segment starts
 	if n := len(j.segs.ids()); n != 1 {
 		t.Fatalf("%d segments after a new append, want 1", n)
@@ -358,5 +358,31 @@ func TestSyncCoalesces(t *testing.T) {
 		t.Fatalf("%d syncs for %d calls: nothing was shared", n, writers*calls)
 	} else {
 		t.Logf("%d syncs for %d concurrent calls", n, writers*calls)
+	}
+}
+
+// waitSegments waits (10 s at most) until j has n segment files, in its
+// table and on disk.
+func waitSegments(t *testing.T, j *Journal, n int, when string) {
+	t.Helper()
+	files := func() int {
+		ents, err := os.ReadDir(j.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := 0
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), "seg-") && strings.HasSuffix(e.Name(), ".dat") {
+				c++
+			}
+		}
+		return c
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(j.segs.ids()) != n || files() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d segments (%d files) left %s, want %d", len(j.segs.ids()), files(), when, n)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

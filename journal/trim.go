@@ -6,7 +6,8 @@ import (
 	badger "github.com/dgraph-io/badger/v4"
 )
 
-// Drained records' index entries are deleted in the background. A batch is
+// Drained records' index entries, and the segment files that held only
+// drained records' payloads, are deleted in the background. A batch is
 // committed (DeleteRange) by writing the drained seq alone: every record
 // up to it is drained, which recovery, intent log replay, Scan and the
 // flusher's reads take as the start of the journal, so an index entry at
@@ -16,16 +17,18 @@ import (
 // and its trimmer deletes.
 //
 // Why this is safe: the drained seq is written in the same badger batch
-// that would have held the deletions, and made durable before any segment
-// holding those records' payloads is deleted (drained, then
-// segments.reclaim), exactly as the deletions were; an entry that outlives
-// its payload is below the drained seq, so nothing reads it.
+// that would have held the deletions, and made durable (segments.reclaim
+// syncs the index first) before any segment holding those records'
+// payloads is deleted, exactly as the deletions were; an entry that
+// outlives its payload is below the drained seq, so nothing reads it. A
+// segment left behind by a stop or a crash is deleted by the next Open's
+// recovery, which deletes every segment no pending record refers to.
 
 // trimChunk is how many index entries one trimmer write batch deletes:
 // small enough that Close waits for one chunk at most (a few ms).
 const trimChunk = 8192
 
-// trimmer deletes the index entries of drained records.
+// trimmer deletes the segments and index entries of drained records.
 type trimmer struct {
 	wake chan struct{}
 	quit chan struct{}
@@ -91,7 +94,15 @@ func (t *trimmer) loop(j *Journal) {
 				cleaned = first - 1
 			}
 		}
-		for target := j.drainedSeq.Load(); cleaned < target; {
+		target := j.drainedSeq.Load()
+		if n, err := j.segs.reclaim(target, j.syncIndex); err != nil {
+			// Left for the next kick, or the next Open's recovery, which
+			// deletes every segment no pending record needs.
+			j.log.Warn("journal: delete drained segments", "err", err)
+		} else if n > 0 {
+			j.log.Debug("journal: drained segments deleted", "segments", n, "drained_seq", target)
+		}
+		for cleaned < target {
 			select {
 			case <-t.quit:
 				return
