@@ -57,7 +57,8 @@ type FlusherOptions struct {
 	PreemptAfter int
 	// FillAhead bounds the memory of the fills read when a batch is
 	// planned rather than when its spans are sent (see batch.readAhead;
-	// default 64 MiB; negative: none).
+	// default 32 MiB, about what a batch of small random writes over a hot
+	// region fills; negative: none).
 	FillAhead int64
 	// Linger is how long the flusher lets an open epoch collect writes
 	// before it closes it itself (default 250 ms). It bounds how far the
@@ -187,7 +188,7 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 		o.MergeWait = time.Second
 	}
 	if o.FillAhead == 0 {
-		o.FillAhead = 64 << 20
+		o.FillAhead = 32 << 20
 	}
 	if o.Linger <= 0 {
 		o.Linger = 250 * time.Millisecond
