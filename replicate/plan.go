@@ -100,6 +100,8 @@ type batch struct {
 	// spanParts holds the parts of every lazy span, in span order (see
 	// readAhead).
 	spanParts [][]part
+	// watchStopped: done ran; a fill not read ahead is no longer sent.
+	watchStopped bool
 }
 
 // resolve merges the queued extents and recomputes the distinct bytes.
@@ -220,8 +222,9 @@ func (f *Flusher) plan() (*batch, error) {
 
 // done ends the batch's watch: its fills are read.
 func (b *batch) done() {
-	if b.watch != nil {
+	if b.watch != nil && !b.watchStopped {
 		b.watch.Stop()
+		b.watchStopped = true
 	}
 }
 
@@ -433,8 +436,11 @@ func (b *batch) lazySpan(j payloads, parts []part, maxPut, reqCost int64) Span {
 // most fills of a batch sent over seconds, so they are read at once, at the
 // plan's moment, into memory (bounded by budget; the rest are read when
 // their spans are sent). The checks are the same (ReadClean), only earlier.
+//
+// When every fill is read ahead the watch is stopped at once: writers then
+// record nothing for the seconds the batch takes to send.
 func (b *batch) readAhead(budget int64) error {
-	if b.watch == nil {
+	if b.watch == nil || b.watchStopped {
 		return nil
 	}
 	for _, parts := range b.spanParts {
@@ -459,6 +465,7 @@ func (b *batch) readAhead(budget int64) error {
 			p.pre = &filled{data: buf, holes: holes, ok: ok}
 		}
 	}
+	b.done()
 	return nil
 }
 
@@ -487,7 +494,7 @@ func (b *batch) load(j payloads, off, end int64, parts []part, maxPut, reqCost i
 	}
 	var cached *journal.Record
 	var payload []byte
-	for i, p := range parts {
+	for _, p := range parts {
 		dst := buf[p.off-off : p.end-off]
 		if p.rec != nil {
 			if p.rec != cached {
@@ -506,7 +513,10 @@ func (b *batch) load(j payloads, off, end int64, parts []part, maxPut, reqCost i
 		if p.pre != nil {
 			copy(dst, p.pre.data)
 			holes, ok = p.pre.holes, p.pre.ok
-			parts[i].pre = nil // its memory goes with the span's
+		} else if b.watchStopped {
+			// Not read ahead, and writers are no longer watched: the fill
+			// cannot be checked, so it is not sent.
+			ok = false
 		} else {
 			var err error
 			if holes, ok, err = b.watch.ReadClean(p.off, dst); err != nil {

@@ -334,12 +334,15 @@ func TestFillThresholdBalancesLimits(t *testing.T) {
 
 // liveWatch is a fakeWatch a test can write to after the plan, as a
 // writer would: the bytes change and the range turns dirty.
-type liveWatch struct{ w fakeWatch }
+type liveWatch struct {
+	w       fakeWatch
+	stopped bool
+}
 
 func (l *liveWatch) ReadClean(off int64, p []byte) ([]Range, bool, error) {
 	return l.w.ReadClean(off, p)
 }
-func (l *liveWatch) Stop() {}
+func (l *liveWatch) Stop() { l.stopped = true }
 func (l *liveWatch) write(off int64, v byte, n int) {
 	for i := range n {
 		l.w.img[off+int64(i)] = v
@@ -349,7 +352,8 @@ func (l *liveWatch) write(off int64, v byte, n int) {
 
 // TestReadAheadKeepsFillsFromLaterWrites: fills read when the batch is
 // planned (readAhead) are sent as read then, whatever writers do to those
-// sectors while the batch is sent, so the Put Page is not cut; beyond the
+// sectors while the batch is sent, so the Put Page is not cut, and the
+// watch is stopped once every fill is read; beyond the
 // read-ahead budget a fill a writer touched is cut out (one request more),
 // and never sent with the later write's bytes.
 func TestReadAheadKeepsFillsFromLaterWrites(t *testing.T) {
@@ -366,7 +370,7 @@ func TestReadAheadKeepsFillsFromLaterWrites(t *testing.T) {
 		wantReqs int
 	}{{"read ahead", 64 << 10, 1}, {"no budget", 0, 2}} {
 		t.Run(tc.name, func(t *testing.T) {
-			w := &liveWatch{fakeWatch{img: bytes.Clone(img)}}
+			w := &liveWatch{w: fakeWatch{img: bytes.Clone(img)}}
 			b := &batch{watch: w}
 			for _, r := range []*journal.Record{data(0, 0xA1), data(8192, 0xB1)} {
 				b.c.addExtent(extent{off: r.Offset, end: r.End(), rec: r})
@@ -378,6 +382,11 @@ func TestReadAheadKeepsFillsFromLaterWrites(t *testing.T) {
 			}
 			if err := b.readAhead(tc.budget); err != nil {
 				t.Fatal(err)
+			}
+			// Every fill read ahead: writers need not be watched while the
+			// batch is sent.
+			if all := tc.budget >= 4096; w.stopped != all {
+				t.Fatalf("watch stopped: %v, want %v", w.stopped, all)
 			}
 			w.write(4096, 0xEE, 4096) // a later epoch's write, in the gap
 			subs, _, err := spans[0].Load(context.Background())
