@@ -69,10 +69,13 @@ for an Azurite URL; Entra ID (az login, managed identity, AZURE_CLIENT_* vars).`
 }
 
 func main() {
-	args, err := mountHelperArgs(os.Args[0], os.Args[1:], os.Setenv)
+	args, done, err := mountHelperArgs(os.Args[0], os.Args[1:], os.Setenv) // mount(8)'s forms (mounthelper.go)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "vhdsync: %s\n", err)
 		os.Exit(exitCode(err))
+	}
+	if done {
+		os.Exit(ExitOK)
 	}
 	privateFiles(args)
 	os.Exit(run(args, os.Stdout, os.Stderr, os.Getenv))

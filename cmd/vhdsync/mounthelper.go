@@ -53,23 +53,26 @@ var refusedMountOptions = map[string]string{
 
 // mountHelperArgs turns the mount(8) and umount(8) helper forms (see above)
 // into a vhdsync command line; any other command line is returned as it
-// is. It returns nil args (and no error) when the helper has nothing left
-// to do: mount -f (fake), or a forced or lazy unmount it did itself.
-// setenv receives the credentials directory of -o credentials=DIR.
-func mountHelperArgs(argv0 string, args []string, setenv func(key, value string) error) ([]string, error) {
+// is. done reports that the helper has nothing left to do: mount -f
+// (fake), or a forced or lazy unmount it did itself. setenv receives the
+// credentials directory of -o credentials=DIR.
+func mountHelperArgs(argv0 string, args []string, setenv func(key, value string) error) (out []string, done bool, err error) {
 	switch filepath.Base(argv0) {
 	case mountHelperName:
-		return mountHelperCommand(args, setenv)
+		out, err = mountHelperCommand(args, setenv)
 	case umountHelperName:
-		return umountHelperCommand(args)
-	}
-	if len(args) >= 2 && !strings.HasPrefix(args[0], "-") && !isCommandName(args[0]) {
-		if st, err := os.Stat(args[0]); err == nil && st.IsDir() {
-			// mount.fuse's form: the state directory where a command goes.
-			return mountHelperCommand(args, setenv)
+		out, err = umountHelperCommand(args)
+	default:
+		if len(args) < 2 || strings.HasPrefix(args[0], "-") || isCommandName(args[0]) {
+			return args, false, nil
 		}
+		if st, serr := os.Stat(args[0]); serr != nil || !st.IsDir() {
+			return args, false, nil
+		}
+		// mount.fuse's form: the state directory where a command goes.
+		out, err = mountHelperCommand(args, setenv)
 	}
-	return args, nil
+	return out, out == nil && err == nil, err
 }
 
 // isCommandName reports whether name is one of vhdsync's commands.
