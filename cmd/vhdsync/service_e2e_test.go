@@ -598,3 +598,74 @@ func TestE2EMetrics(t *testing.T) {
 		metricValue(t, after, "vhdsync_remote_bytes_total", "kind", "put"), metricValue(t, after, "vhdsync_remote_requests_total", "kind", "put"),
 		metricValue(t, after, "vhdsync_flusher_batches_total"))
 }
+
+// unitExecStartPre returns the shell script of the unit's ExecStartPre.
+func unitExecStartPre(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(unitPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if s, ok := strings.CutPrefix(l, "ExecStartPre=/bin/sh -c '"); ok && strings.HasSuffix(s, "'") {
+			return strings.TrimSuffix(s, "'")
+		}
+	}
+	t.Fatal("the unit has no ExecStartPre=/bin/sh -c '...'")
+	return ""
+}
+
+// TestE2EUnitRestartAfterKill: after a kill -9 the dead FUSE mount refuses
+// a new mount; the unit's ExecStartPre (what Restart=on-failure runs
+// first) detaches it, and the next mount replays the journal. On a live
+// mount and on a missing mountpoint it does no harm.
+func TestE2EUnitRestartAfterKill(t *testing.T) {
+	e := newE2E(t, "findmnt")
+	url, state := e.createDisk("restart", 32)
+	pre := unitExecStartPre(t)
+	runPre := func(mp string) {
+		t.Helper()
+		r, err := runTimeoutEnv(e.dir, time.Minute, []string{"MOUNTPOINT=" + mp}, "sh", "-c", pre)
+		if err != nil || r.code != 0 {
+			t.Fatalf("ExecStartPre: %v %s", err, r)
+		}
+	}
+	fresh := e.path("fresh/mnt")
+	runPre(fresh)
+	if st, err := os.Stat(fresh); err != nil || !st.IsDir() {
+		t.Fatalf("ExecStartPre did not make the mountpoint: %v", err)
+	}
+	d := e.mount(state, fresh, "--linger", "10ms")
+	runPre(fresh)
+	if !isMounted(fresh) || !d.alive() {
+		t.Fatal("ExecStartPre detached a live mount")
+	}
+	chunks := map[int64][]byte{8 << 20: pattern("restart", 256<<10)}
+	f, err := os.OpenFile(filepath.Join(fresh, "restart.img"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(chunks[8<<20], 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := syscall.Kill(d.pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	d.waitExit(10 * time.Second)
+	if _, err := os.ReadDir(fresh); err == nil || !isMounted(fresh) {
+		t.Fatalf("after kill -9: listing %v, mounted %v; want a dead mount", err, isMounted(fresh))
+	} else {
+		t.Logf("the dead mount: listing it gives %v", err)
+	}
+	if r := e.vhdsync("mount", "--state", state, fresh); r.code != ExitBusy {
+		t.Fatalf("mount on the dead mount: %s", r)
+	}
+	runPre(fresh)
+	if isMounted(fresh) {
+		t.Fatal("ExecStartPre left the dead mount")
+	}
+	d2 := e.mount(state, fresh, "--linger", "10ms")
+	e.mustVhdsync("unmount", d2.mp)
+	checkBlobHas(t, url, chunks)
+}
