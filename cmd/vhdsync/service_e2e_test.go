@@ -275,6 +275,7 @@ mount -T "$FSTAB" "$MP"
 dd if="$E/data2" of="$MP/fst.img" bs=64k seek=64 conv=notrunc,fsync status=none
 umount "$MP"
 [ -z "$(mounted)" ] || fail "still mounted after umount"
+grep -q '"drained": true' "$STATE/last-stop.json" || fail "umount returned before the drain ended"
 echo OK
 `
 	extra := []string{"MP=" + mp, "STATE=" + state, "E=" + e.dir, "BINDIR=" + bindir, "HELPERS=" + helpers, "SBIN=" + sbin, "FSTAB=" + fstab, "BADFSTAB=" + badFstab}
