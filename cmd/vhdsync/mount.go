@@ -84,7 +84,11 @@ Discards (fstrim, mkfs) become Clear Pages. The blob is leased while mounted.
 A journal left by a crash is replayed first. The command returns once the
 mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 (--foreground keeps it attached and logs to standard error). Unmount with
-` + "`vhdsync unmount MOUNTPOINT`" + ` (or umount, or SIGTERM): the journal is drained first.`,
+` + "`vhdsync unmount MOUNTPOINT`" + ` (or umount, or SIGTERM): the journal is drained first.
+
+As a service: dist/systemd/vhdsync@.service (Type=notify, secrets through
+LoadCredential=), or an /etc/fstab line of type fuse.vhdsync; secrets may
+come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 		Example: `  vhdsync mount --state /var/lib/vhdsync/data /mnt/vhd
   losetup --find --show /mnt/vhd/data.img
   qemu-nbd -f vpc --socket /tmp/nbd.sock /mnt/vhd/data.vhd`,
