@@ -8,7 +8,7 @@ APT_CMDS := qemu-img:qemu-utils fusermount3:fuse3 fio:fio e2fsck:e2fsprogs mkfs.
 AZURITE := tools/azurite/node_modules/.bin/azurite-blob
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all deps build test demo bench soak vet fmt clean
+.PHONY: all deps build test demo bench soak vet fmt clean install-service
 
 all: build
 
@@ -32,6 +32,23 @@ $(AZURITE): tools/azurite/package.json tools/azurite/package-lock.json
 build:
 	@mkdir -p bin
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/vhdsync ./cmd/vhdsync
+
+## install-service (root): the binary in $(PREFIX)/bin, the systemd unit
+## vhdsync@.service in $(UNITDIR) (its paths set to $(PREFIX)), /etc/vhdsync
+## for the instances' settings and secrets, and the mount(8) helpers
+## /sbin/mount.fuse.vhdsync and /sbin/umount.fuse.vhdsync (symlinks to the
+## binary) that /etc/fstab lines of type fuse.vhdsync need. DESTDIR stages it.
+PREFIX ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+install-service: build
+	install -D -m 0755 bin/vhdsync $(DESTDIR)$(PREFIX)/bin/vhdsync
+	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)/sbin
+	sed 's#/usr/local/bin/vhdsync#$(PREFIX)/bin/vhdsync#g' dist/systemd/vhdsync@.service > $(DESTDIR)$(UNITDIR)/vhdsync@.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vhdsync@.service
+	ln -sfn $(PREFIX)/bin/vhdsync $(DESTDIR)/sbin/mount.fuse.vhdsync
+	ln -sfn $(PREFIX)/bin/vhdsync $(DESTDIR)/sbin/umount.fuse.vhdsync
+	install -d -m 0700 $(DESTDIR)/etc/vhdsync
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 vet:
 	$(GO) vet ./...

@@ -47,7 +47,17 @@ type Options struct {
 	// Debug logs every FUSE request.
 	Debug  bool
 	Logger *slog.Logger
+	// Latency, if set, is told how long each write (OpWrite) and fsync
+	// (OpFsync) took to answer, refused ones included: the latency
+	// histograms of `mount --metrics`. Nil costs nothing.
+	Latency func(op string, d time.Duration)
 }
+
+// The operations Options.Latency is told about.
+const (
+	OpWrite = "write"
+	OpFsync = "fsync"
+)
 
 // Mount serves disk at dir and returns once the kernel has the mount.
 // Counters count the FUSE operations. Unmount with server.Unmount (or
@@ -78,7 +88,7 @@ func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
 		}
 	}
 	newFile := func(withFooter bool) *diskFile {
-		f := &diskFile{disk: disk, layout: layout, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt, openFlags: openFlags}
+		f := &diskFile{disk: disk, layout: layout, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt, openFlags: openFlags, latency: o.Latency}
 		if withFooter {
 			f.footer = &footer
 		}

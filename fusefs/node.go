@@ -48,6 +48,25 @@ type diskFile struct {
 	cnt    *Counters
 	// openFlags are the FOPEN_* flags every handle gets.
 	openFlags uint32
+	// latency is Options.Latency (nil: not measured).
+	latency func(op string, d time.Duration)
+}
+
+// since tells latency how long op has taken since start (deferred in the
+// handlers it times).
+func (f *diskFile) since(op string, start time.Time) {
+	if f.latency != nil {
+		f.latency(op, time.Since(start))
+	}
+}
+
+// startClock is the start of a measured operation: the zero time when
+// nothing measures, so an unmeasured mount does not read the clock.
+func (f *diskFile) startClock() time.Time {
+	if f.latency == nil {
+		return time.Time{}
+	}
+	return time.Now()
 }
 
 var (
@@ -148,6 +167,7 @@ func (f *diskFile) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int
 // equal it (tools that rewrite the whole file are allowed); any change to
 // the footer is refused with EPERM before anything is written.
 func (f *diskFile) Write(ctx context.Context, _ fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	defer f.since(OpWrite, f.startClock())
 	n := int64(len(data))
 	if off < 0 || off+n > f.size() {
 		f.cnt.Refused.Add(1)
@@ -191,6 +211,7 @@ func (f *diskFile) errno(op string, off, n int64, err error) syscall.Errno {
 // Fsync is the barrier: the loop driver turns a block-layer flush (and
 // FUA) into fsync, so it must succeed, and it closes the journal epoch.
 func (f *diskFile) Fsync(_ context.Context, _ fs.FileHandle, _ uint32) syscall.Errno {
+	defer f.since(OpFsync, f.startClock())
 	f.cnt.Fsyncs.Add(1)
 	if err := f.disk.Flush(); err != nil {
 		f.log.Error("fsync failed", "err", err)

@@ -69,8 +69,16 @@ for an Azurite URL; Entra ID (az login, managed identity, AZURE_CLIENT_* vars).`
 }
 
 func main() {
-	privateFiles(os.Args[1:])
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+	args, done, err := mountHelperArgs(os.Args[0], os.Args[1:], os.Setenv) // mount(8)'s forms (mounthelper.go)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "vhdsync: %s\n", err)
+		os.Exit(exitCode(err))
+	}
+	if done {
+		os.Exit(ExitOK)
+	}
+	privateFiles(args)
+	os.Exit(run(args, os.Stdout, os.Stderr, os.Getenv))
 }
 
 // privateFiles sets the umask to 077 for every command but download (whose
@@ -88,6 +96,11 @@ func privateFiles(args []string) {
 
 // run executes one vhdsync command line and returns its exit code.
 func run(args []string, stdout, stderr io.Writer, env func(string) string) int {
+	env, cerr := withCredentials(env)
+	if cerr != nil {
+		fmt.Fprintf(stderr, "vhdsync: %s\n", cerr)
+		return ExitAuth
+	}
 	g := &globals{stdout: stdout, stderr: stderr, env: env}
 	root := newRootCmd(g)
 	root.SetArgs(args)

@@ -62,6 +62,7 @@ type mountFlags struct {
 	fuseMaxBg      int
 	pprofAddr      string
 	staged         stagingFlags
+	metrics        string // --metrics ADDR (metrics.go)
 }
 
 func newMountCmd(g *globals) *cobra.Command {
@@ -83,7 +84,11 @@ Discards (fstrim, mkfs) become Clear Pages. The blob is leased while mounted.
 A journal left by a crash is replayed first. The command returns once the
 mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 (--foreground keeps it attached and logs to standard error). Unmount with
-` + "`vhdsync unmount MOUNTPOINT`" + ` (or umount, or SIGTERM): the journal is drained first.`,
+` + "`vhdsync unmount MOUNTPOINT`" + ` (or umount, or SIGTERM): the journal is drained first.
+
+As a service: dist/systemd/vhdsync@.service (Type=notify, secrets through
+LoadCredential=), or an /etc/fstab line of type fuse.vhdsync; secrets may
+come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 		Example: `  vhdsync mount --state /var/lib/vhdsync/data /mnt/vhd
   losetup --find --show /mnt/vhd/data.img
   qemu-nbd -f vpc --socket /tmp/nbd.sock /mnt/vhd/data.vhd`,
@@ -120,6 +125,7 @@ mount answers; the daemon stays in the background and logs to DIR/vhdsync.log
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
 	registerPointFlags(fl, &f.points, &f.keep)
+	registerMetricsFlag(fl, &f.metrics)
 	fl.BoolVar(&f.fuseNoDirectIO, "fuse-no-direct-io", false, "serve through the kernel page cache (measurement only)")
 	fl.BoolVar(&f.fuseNoParallel, "fuse-no-parallel-writes", false, "serialise writes per file in the kernel (measurement only)")
 	fl.IntVar(&f.fuseMaxWrite, "fuse-max-write", 256<<10, "largest FUSE write request (measurement only)")
@@ -234,6 +240,7 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	if f.points > 0 {
 		a = append(a, "--recovery-points", f.points.String(), "--keep", strconv.Itoa(f.keep))
 	}
+	a = append(a, metricsArgs(f)...)
 	return append(a, mp)
 }
 
@@ -275,6 +282,13 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 			return err
 		}
 	}
+	mx, err := listenMetrics(f.metrics, log)
+	if err != nil {
+		return err
+	}
+	defer mx.close()
+	sd := newServiceNotifier(g, log) // systemd's Type=notify (notify.go)
+	defer sd.close()
 	var ready *os.File
 	if fd := g.env(readyFDEnv); fd != "" {
 		n, _ := strconv.Atoi(fd)
@@ -297,6 +311,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err := d.CheckWritable(); err != nil {
 		return err
 	}
+	defer handleHangup(g, d.Path, log)()
 	absMP, err := filepath.Abs(mp)
 	if err != nil {
 		return err
@@ -356,6 +371,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		MaxWrite:         f.fuseMaxWrite,
 		MaxBackground:    f.fuseMaxBg,
 		Logger:           log,
+		Latency:          mx.observeLatency(),
 	})
 	if err != nil {
 		cerr := disk.Close(ctx, false)
@@ -365,6 +381,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	var phaseMu sync.Mutex
 	phase, note := "serving", ""
 	setPhase := func(p, n string) { phaseMu.Lock(); phase, note = p, n; phaseMu.Unlock() }
+	setPhase = sd.wrapPhase(setPhase, disk.Stats)
 	rate := newRateMeter()
 	ctl, err := control.Serve(d.Path, func() control.Status {
 		s := disk.Stats()
@@ -386,6 +403,10 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		return errors.Join(err, disk.Close(ctx, false))
 	}
 	defer ctl.Close()
+	if err := mx.serve(disk, counters, rp, d.State.BlobURL); err != nil {
+		_ = server.Unmount()
+		return errors.Join(err, disk.Close(ctx, false))
+	}
 	log.Info("mounted", "mountpoint", absMP, "blob", d.State.BlobURL, "replayed_records", disk.Replay().Records, "journal_cap", capBytes)
 	if ready != nil {
 		rs := disk.Replay()
@@ -393,6 +414,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		ready.Close()
 		ready = nil
 	}
+	sd.ready(absMP)
 
 	// Serve until the mount goes away (umount, vhdsync unmount) or a signal.
 	gone := make(chan struct{})
