@@ -287,64 +287,90 @@ const fillSlack = 25
 // limits than the fastest mix, with thirty times fewer requests). No gap
 // over reqCost is filled.
 func (b *batch) fillThreshold(maxPut, reqCost int64) (thr int64, atThr int) {
-	var gaps []int64
-	var reqs, bytes int64
-	var runStart, runEnd int64 = -1, -1
-	endRun := func() {
-		if runStart >= 0 {
-			reqs += 1 + (runEnd-runStart-1)/maxPut
-		}
-		runStart = -1
+	// Runs: maximal stretches of adjacent data extents. A gap between two
+	// runs that may be filled is a candidate; any other gap, or a zero
+	// extent, separates runs for good.
+	type gap struct {
+		size int64
+		left int // the run before it
 	}
+	var runLen []int64
+	var gaps []gap
+	var bytes int64
+	runEnd, joinable := int64(-1), false
 	for _, e := range b.c.ext {
 		if e.zero {
-			endRun()
+			joinable = false
 			continue
 		}
 		bytes += e.end - e.off
 		switch {
-		case runStart >= 0 && e.off == runEnd:
-		case runStart >= 0 && e.off-runEnd <= reqCost && b.fillable(runEnd, e.off):
-			gaps = append(gaps, e.off-runEnd)
-			endRun()
+		case joinable && e.off == runEnd:
+			runLen[len(runLen)-1] += e.end - e.off
 		default:
-			endRun()
+			if joinable && e.off-runEnd <= reqCost && b.fillable(runEnd, e.off) {
+				gaps = append(gaps, gap{e.off - runEnd, len(runLen) - 1})
+			}
+			runLen = append(runLen, e.end-e.off)
 		}
-		if runStart < 0 {
-			runStart = e.off
-		}
-		runEnd = e.end
+		runEnd, joinable = e.end, true
 	}
-	endRun()
 	if len(gaps) == 0 {
 		return 0, 0
 	}
-	slices.Sort(gaps)
-	// requests and cost (the batch's time at the limits, in bytes) with
-	// r runs carrying by bytes: a request carries at most maxPut.
-	requests := func(r, by int64) int64 { return max(r, (by+maxPut-1)/maxPut) }
-	cost := func(r, by int64) int64 { return max(requests(r, by)*reqCost, by) }
-	best := cost(reqs, bytes)
+	// A run of n bytes is sent as ceil(n/maxPut) requests (spans cuts it
+	// where it reaches maxPut).
+	puts := func(n int64) int64 { return (n + maxPut - 1) / maxPut }
+	var reqs int64
+	for _, n := range runLen {
+		reqs += puts(n)
+	}
+	slices.SortStableFunc(gaps, func(a, b gap) int { return cmp.Compare(a.size, b.size) })
+	// Fill the gaps smallest first, merging the runs on either side (a
+	// union-find over runs, by their leftmost run), and note the requests
+	// and bytes after each fill.
+	parent := make([]int, len(runLen))
+	for i := range parent {
+		parent[i] = i
+	}
+	var find func(int) int
+	find = func(i int) int {
+		for parent[i] != i {
+			parent[i] = parent[parent[i]]
+			i = parent[i]
+		}
+		return i
+	}
+	type step struct{ reqs, bytes int64 }
+	steps := make([]step, len(gaps))
 	r, by := reqs, bytes
-	for _, g := range gaps {
-		r, by = r-1, by+g
-		best = min(best, cost(r, by))
+	for i, g := range gaps {
+		a, c := find(g.left), find(g.left+1)
+		merged := runLen[a] + g.size + runLen[c]
+		r += puts(merged) - puts(runLen[a]) - puts(runLen[c])
+		by += g.size
+		parent[c], runLen[a] = a, merged
+		steps[i] = step{r, by}
+	}
+	// cost is the batch's time at the limits, in bytes.
+	cost := func(r, by int64) int64 { return max(r*reqCost, by) }
+	best := cost(reqs, bytes)
+	for _, st := range steps {
+		best = min(best, cost(st.reqs, st.bytes))
 	}
 	// The fewest requests within fillSlack of the fastest, and of those
 	// the fewest gaps filled.
-	k, fewest := 0, requests(reqs, bytes)
-	r, by = reqs, bytes
-	for i, g := range gaps {
-		r, by = r-1, by+g
-		if n := requests(r, by); n < fewest && cost(r, by)*100 <= best*(100+fillSlack) {
-			k, fewest = i+1, n
+	k, fewest := 0, reqs
+	for i, st := range steps {
+		if st.reqs < fewest && cost(st.reqs, st.bytes)*100 <= best*(100+fillSlack) {
+			k, fewest = i+1, st.reqs
 		}
 	}
 	if k == 0 {
 		return 0, 0
 	}
-	thr = gaps[k-1]
-	for i := k - 1; i >= 0 && gaps[i] == thr; i-- {
+	thr = gaps[k-1].size
+	for i := k - 1; i >= 0 && gaps[i].size == thr; i-- {
 		atThr++
 	}
 	return thr, atThr
