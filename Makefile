@@ -8,7 +8,10 @@ APT_CMDS := qemu-img:qemu-utils fusermount3:fuse3 fio:fio e2fsck:e2fsprogs mkfs.
 AZURITE := tools/azurite/node_modules/.bin/azurite-blob
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all deps build test demo bench soak vet fmt clean install-service
+# make install puts vhdsync in $(DESTDIR)$(PREFIX)/bin.
+PREFIX ?= /usr/local
+
+.PHONY: all deps build install test demo bench soak vet fmt clean install-service
 
 all: build
 
@@ -29,16 +32,21 @@ $(AZURITE): tools/azurite/package.json tools/azurite/package-lock.json
 	cd tools/azurite && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(AZURITE)
 
+## build: bin/vhdsync, and bin/azurite-run (the emulator for the README's walk-through)
 build:
 	@mkdir -p bin
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/vhdsync ./cmd/vhdsync
+	$(GO) build -o bin/azurite-run ./internal/azurite/cmd/azurite-run
+
+## install: bin/vhdsync to $(DESTDIR)$(PREFIX)/bin (PREFIX=/usr/local by default)
+install: build
+	install -D -m 0755 bin/vhdsync $(DESTDIR)$(PREFIX)/bin/vhdsync
 
 ## install-service (root): the binary in $(PREFIX)/bin, the systemd unit
 ## vhdsync@.service in $(UNITDIR) (its paths set to $(PREFIX)), /etc/vhdsync
 ## for the instances' settings and secrets, and the mount(8) helpers
 ## /sbin/mount.fuse.vhdsync and /sbin/umount.fuse.vhdsync (symlinks to the
 ## binary) that /etc/fstab lines of type fuse.vhdsync need. DESTDIR stages it.
-PREFIX ?= /usr/local
 UNITDIR ?= /etc/systemd/system
 install-service: build
 	install -D -m 0755 bin/vhdsync $(DESTDIR)$(PREFIX)/bin/vhdsync

@@ -72,7 +72,7 @@ go build -o "$work/azurite-run" ./internal/azurite/cmd/azurite-run
 # start_azurite DIR: sets AZPID and EP
 start_azurite() {
   local d=$1; mkdir -p "$d"
-  "$work/azurite-run" --location "$d/az" --endpoint-file "$d/ep" --log "$d/az.log" >/dev/null 2>&1 &
+  "$work/azurite-run" --port 0 --location "$d/az" --endpoint-file "$d/ep" --log "$d/az.log" >/dev/null 2>&1 &
   AZPID=$!; pids+=("$AZPID")
   for _ in $(seq 1 600); do [ -s "$d/ep" ] && break; kill -0 "$AZPID" || { echo "azurite died"; exit 1; }; sleep 0.1; done
   EP=$(cat "$d/ep")

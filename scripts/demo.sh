@@ -26,7 +26,7 @@ run() { printf '$ %s\n' "$*"; "$@"; }
 
 go build -o "$work/azurite-run" ./internal/azurite/cmd/azurite-run
 go build -o "$work/azurite-get" ./internal/azurite/cmd/azurite-get
-"$work/azurite-run" --location "$work/azurite" --endpoint-file "$work/endpoint" --log "$work/azurite.log" >/dev/null &
+"$work/azurite-run" --port 0 --location "$work/azurite" --endpoint-file "$work/endpoint" --log "$work/azurite.log" >/dev/null &
 azpid=$!
 for _ in $(seq 1 600); do [ -s "$work/endpoint" ] && break; kill -0 "$azpid" || exit 1; sleep 0.1; done
 ep=$(cat "$work/endpoint")

@@ -92,6 +92,7 @@ func (w qemuWrite) arg() string {
 //     block touched, not per sector written.
 func TestDynamicMatchesQemuRaw(t *testing.T) {
 	requireQemu(t)
+	var whole []byte // the whole-disk read's buffer, shared by the cases
 	for _, tc := range []struct {
 		name    string
 		opts    string
@@ -166,45 +167,67 @@ func TestDynamicMatchesQemuRaw(t *testing.T) {
 				}
 			}
 
-			rawData, err := os.ReadFile(raw)
+			// The raw conversion is compared a chunk at a time, never read
+			// whole: each 256 MiB buffer costs about 1 GiB under -race.
+			rawF, err := os.Open(raw)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if int64(len(rawData)) != vs {
-				t.Errorf("qemu-img convert wrote %d raw bytes, our VirtualSize (footer current size) is %d, CHS size %d; comparing the first %d",
-					len(rawData), vs, chs, min(int64(len(rawData)), vs))
+			defer rawF.Close()
+			rst, err := rawF.Stat()
+			if err != nil {
+				t.Fatal(err)
 			}
-			cmpLen := min(int64(len(rawData)), vs)
+			if rst.Size() != vs {
+				t.Errorf("qemu-img convert wrote %d raw bytes, our VirtualSize (footer current size) is %d, CHS size %d; comparing the first %d",
+					rst.Size(), vs, chs, min(rst.Size(), vs))
+			}
+			cmpLen := min(rst.Size(), vs)
+			const chunk = 1000003
+			want := make([]byte, chunk)
+			// sameAsRaw fails the test where b (the disk from off) differs
+			// from the raw conversion.
+			sameAsRaw := func(what string, b []byte, off int64) {
+				t.Helper()
+				w := want[:len(b)]
+				if _, err := rawF.ReadAt(w, off); err != nil && err != io.EOF {
+					t.Fatal(err)
+				}
+				if i := firstDiff(b, w); i >= 0 {
+					t.Fatalf("%s differs from qemu-img's raw conversion at byte %d: got 0x%02x, raw has 0x%02x", what, off+int64(i), b[i], w[i])
+				}
+			}
 
 			// Whole disk, in chunks that do not line up with blocks.
-			got := make([]byte, cmpLen)
-			const chunk = 1000003
+			got := make([]byte, chunk)
 			for off := int64(0); off < cmpLen; off += chunk {
 				end := min(off+chunk, cmpLen)
-				n, err := d.ReadAt(got[off:end], off)
+				n, err := d.ReadAt(got[:end-off], off)
 				if n != int(end-off) || (err != nil && err != io.EOF) {
 					t.Fatalf("ReadAt(%d bytes at %d) = %d, %v", end-off, off, n, err)
 				}
-			}
-			if i := firstDiff(got, rawData[:cmpLen]); i >= 0 {
-				t.Fatalf("virtual disk differs from qemu-img's raw conversion at byte %d: got 0x%02x, raw has 0x%02x", i, got[i], rawData[i])
+				sameAsRaw("virtual disk", got[:end-off], off)
 			}
 			// One big read of everything (crosses every block) must agree too.
-			all := make([]byte, vs+100)
+			if int64(cap(whole)) < vs+100 {
+				whole = make([]byte, vs+100)
+			}
+			all := whole[:vs+100]
 			n, err := d.ReadAt(all, 0)
 			if int64(n) != vs || err != io.EOF {
 				t.Fatalf("ReadAt(whole disk + 100) = %d, %v; want %d, io.EOF", n, err, vs)
 			}
-			if !bytes.Equal(all[:cmpLen], rawData[:cmpLen]) {
-				t.Fatal("single whole-disk ReadAt differs from the raw conversion")
+			for off := int64(0); off < cmpLen; off += chunk {
+				sameAsRaw("single whole-disk ReadAt", all[off:min(off+chunk, cmpLen)], off)
 			}
+			rawData := all[:cmpLen] // the raw conversion, as just compared
 
 			ext, err := d.Extents()
 			if err != nil {
 				t.Fatal(err)
 			}
 			checkExtentsWellFormed(t, ext, vs)
-			checkExtentsCoverNonZero(t, ext, rawData[:cmpLen])
+			checkExtentsCoverNonZero(t, ext, rawData)
 
 			// qemu marks whole blocks, so the extents are the touched blocks.
 			touched := map[int64]bool{}

@@ -15,7 +15,7 @@ const (
 	TiB uint64 = 1 << 40
 )
 
-// MinVirtualSize is the smallest disk Azure attaches (20 MiB).
+// MinVirtualSize is the smallest disk Azure imports as a managed disk (20 MiB).
 const MinVirtualSize = 20 * MiB
 
 // MaxPageBlobSize is the largest page blob Azure stores (8 TiB).

@@ -59,6 +59,9 @@ type Client struct {
 	// bp paces the requests to the blob (shared with its snapshots'
 	// clients: the service's limits are per blob).
 	bp *backpressure
+	// sas is the SAS the client signs with ("" for a key or Entra ID):
+	// a server-side copy hands it on with the source URL.
+	sas string
 }
 
 // Throttled counts the answers the service refused for its rate limits
@@ -84,7 +87,7 @@ func Open(rawURL string, o *Options) (*Client, error) {
 	}
 	bp := newBackpressure()
 	copts := azcore.ClientOptions{Transport: o.Transport, PerCallPolicies: o.PerCallPolicies,
-		PerRetryPolicies: []policy.Policy{bp.policy()}}
+		PerRetryPolicies: []policy.Policy{bp.policy(), newFailFast().policy()}}
 	copts.Retry.MaxRetries = o.MaxRetries
 	copts.Retry.TryTimeout = o.TryTimeout
 	// Never log request URLs or headers: they may carry a SAS.
@@ -98,6 +101,7 @@ func Open(rawURL string, o *Options) (*Client, error) {
 	switch {
 	case loc.SAS != "":
 		c.auth = "the SAS in the URL"
+		c.sas = loc.SAS
 		if c.pb, err = pageblob.NewClientWithNoCredential(withSAS(blobURL, loc.SAS), popts); err == nil {
 			c.cc, err = container.NewClientWithNoCredential(withSAS(contURL, loc.SAS), ccopts)
 		}
@@ -109,6 +113,7 @@ func Open(rawURL string, o *Options) (*Client, error) {
 		switch {
 		case cs.sas != "":
 			c.auth = "the SAS in AZURE_STORAGE_CONNECTION_STRING"
+			c.sas = cs.sas
 			if c.pb, err = pageblob.NewClientWithNoCredential(withSAS(blobURL, cs.sas), popts); err == nil {
 				c.cc, err = container.NewClientWithNoCredential(withSAS(contURL, cs.sas), ccopts)
 			}
@@ -128,6 +133,12 @@ func Open(rawURL string, o *Options) (*Client, error) {
 	case loc.IsEmulator() && loc.Account == DevAccount:
 		c.auth = "the emulator's development account"
 		key = DevKey
+	case loc.Scheme != "https":
+		// Entra ID tokens are never sent over plain http (azcore refuses
+		// them), so a plain-http URL without a key is an account nobody
+		// recognised: say so, and what was tried, instead of failing in
+		// the token policy.
+		return nil, fmt.Errorf("%w: %s", ErrAuth, unrecognisedAccount(loc))
 	default:
 		c.auth = "Entra ID (azidentity default credential chain)"
 		cred, cerr := azidentity.NewDefaultAzureCredential(nil)
@@ -151,6 +162,17 @@ func Open(rawURL string, o *Options) (*Client, error) {
 		return nil, fmt.Errorf("open %s: %s", loc.URL(), describe(err))
 	}
 	return c, nil
+}
+
+// unrecognisedAccount says which credential sources were tried for an
+// http URL none of them could sign.
+func unrecognisedAccount(loc Location) string {
+	hint := "check the account name in the URL"
+	if loc.IsEmulator() {
+		hint = fmt.Sprintf("the emulator's development account is %s: check the account name in the URL (http://HOST:PORT/%s/CONTAINER/BLOB), or give that account's key", DevAccount, DevAccount)
+	}
+	return fmt.Sprintf("no credentials for account %q at %s: the account was not recognised. Tried, in order: a SAS in the URL (none); AZURE_STORAGE_CONNECTION_STRING (not set); AZURE_STORAGE_KEY (not set); the emulator's development account (only for %s at a loopback address); Entra ID (not over http: it needs an https URL). %s",
+		loc.Account, loc.Host, DevAccount, hint)
 }
 
 // Location returns the parsed URL.
@@ -459,6 +481,9 @@ func (c *Client) ClearPages(ctx context.Context, off, length int64, leaseID stri
 // wrapWrite classifies a refused write but keeps the service error in the
 // chain, so the flusher can tell transient failures from final ones.
 func (c *Client) wrapWrite(what string, err error) error {
+	if ue := c.unreachable(what, err); ue != nil {
+		return ue
+	}
 	code, status := serviceCode(err)
 	err = RedactErr(err)
 	if status == 0 || status == 408 || status == 429 || status >= 500 {
@@ -502,7 +527,7 @@ func (c *Client) AcquireLease(ctx context.Context, proposedID string) (string, e
 	if err != nil {
 		code, status := serviceCode(err)
 		if code == bloberror.LeaseAlreadyPresent || status == 409 {
-			return "", fmt.Errorf("acquire lease on %s: %w: another vhdsync mount or an Azure VM holds the blob; stop that writer first, or pass --break-lease if you are sure it is gone (its unsent writes are then lost to the blob)", c.loc.URL(), ErrLeased)
+			return "", fmt.Errorf("acquire lease on %s: %w: another vhdsync mount, import or apply worker holds the blob; stop that writer first, or pass --break-lease if you are sure it is gone (its unsent writes are then lost to the blob)", c.loc.URL(), ErrLeased)
 		}
 		return "", c.wrapWrite("acquire lease", err)
 	}

@@ -41,8 +41,16 @@ func (c *Client) classify(what string, err error) error {
 	if err == nil {
 		return nil
 	}
+	if ue := c.unreachable(what, err); ue != nil {
+		return ue
+	}
 	code, status := serviceCode(err)
 	u := c.loc.URL()
+	if status == 0 && strings.HasPrefix(c.auth, "Entra") && strings.Contains(err.Error(), "DefaultAzureCredential") {
+		// azidentity's chain found no identity (its errors all start so).
+		return fmt.Errorf("%s %s: %w: no credential worked. Tried, in order: a SAS in the URL (none); AZURE_STORAGE_CONNECTION_STRING (not set); AZURE_STORAGE_KEY (not set); Entra ID: %s. Give a SAS or a key, or log in for Entra ID (az login, a managed identity, or AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET)",
+			what, u, ErrAuth, oneLine(err.Error(), 600))
+	}
 	switch {
 	case code == bloberror.AuthenticationFailed || code == bloberror.AuthorizationFailure ||
 		code == bloberror.AuthorizationPermissionMismatch || code == bloberror.AuthorizationResourceTypeMismatch ||
@@ -60,13 +68,24 @@ func (c *Client) classify(what string, err error) error {
 		return fmt.Errorf("%s %s: %w (it is a block or append blob); a VHD for Azure must be a page blob, so choose another name", what, u, ErrNotPageBlob)
 	case code == bloberror.LeaseIDMissing || code == bloberror.LeaseAlreadyPresent ||
 		code == bloberror.LeaseIDMismatchWithBlobOperation || code == bloberror.LeaseIDMismatchWithLeaseOperation:
-		return fmt.Errorf("%s %s: %w (%s): another vhdsync mount or an attached Azure VM holds it; stop that writer, or break the lease with --break-lease if you are sure it is gone", what, u, ErrLeased, code)
+		return fmt.Errorf("%s %s: %w (%s): another vhdsync mount, import or apply worker holds it; stop that writer, or break the lease with --break-lease if you are sure it is gone", what, u, ErrLeased, code)
 	case code == bloberror.SequenceNumberConditionNotMet:
 		return fmt.Errorf("%s %s: %w: %v", what, u, ErrConditionNotMet, err)
 	case status == http.StatusNotFound:
 		return fmt.Errorf("%s %s: %w (HTTP 404); check the URL", what, u, ErrBlobNotFound)
 	}
 	return fmt.Errorf("%s %s: %s", what, u, describe(err))
+}
+
+// oneLine joins a multi-line message into one line of at most n bytes,
+// without any SAS signature.
+func oneLine(msg string, n int) string {
+	fields := strings.FieldsFunc(msg, func(r rune) bool { return r == '\n' || r == '\t' })
+	msg = redactText(strings.Join(fields, "; "))
+	if len(msg) > n {
+		msg = msg[:n] + "..."
+	}
+	return msg
 }
 
 func shortCode(code bloberror.Code, status int) string {

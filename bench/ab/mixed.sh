@@ -53,7 +53,7 @@ trap cleanup EXIT
 i=0
 for b in "$@"; do
   i=$((i+1)); d=$work/$i; mkdir -p "$d/mnt"
-  "$work/azurite-run" --location "$d/az" --endpoint-file "$d/ep" >/dev/null 2>&1 & a=$!; pids+=("$a")
+  "$work/azurite-run" --port 0 --location "$d/az" --endpoint-file "$d/ep" >/dev/null 2>&1 & a=$!; pids+=("$a")
   for _ in $(seq 600); do [ -s "$d/ep" ] && break; sleep 0.1; done
   "$b" create --blob "$(cat "$d/ep")/bench/v$i.vhd" --size 64GiB --state "$d/st" --create-container >/dev/null
   "$b" mount --state "$d/st" --journal-cap 48GiB "$d/mnt" >/dev/null

@@ -26,7 +26,7 @@ cleanup() { set +e
 trap cleanup EXIT
 for v in old new; do
   d=$work/$v; mkdir -p $d/mnt
-  $work/azurite-run --location $d/az --endpoint-file $d/ep >/dev/null 2>&1 & a=$!; AZ+=($a)
+  $work/azurite-run --port 0 --location $d/az --endpoint-file $d/ep >/dev/null 2>&1 & a=$!; AZ+=($a)
   for _ in $(seq 600); do [ -s $d/ep ] && break; sleep 0.1; done
   ${BIN[$v]} create --blob "$(cat $d/ep)/bench/$v.vhd" --size 64GiB --state $d/st --create-container >/dev/null 2>&1
   ${BIN[$v]} mount --state $d/st --journal-cap 48GiB $d/mnt >/dev/null 2>&1

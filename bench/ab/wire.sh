@@ -15,7 +15,7 @@ cleanup() { set +e; mountpoint -q $work/fs && umount $work/fs; [ -n "$LOOPDEV" ]
   if grep -q " $VMNT " /proc/mounts; then "$bin" unmount "$VMNT" >/dev/null 2>&1 || { [ -n "${VPID:-}" ] && kill -9 $VPID; sleep 0.5; umount -l $VMNT; }; fi
   [ -n "$AZPID" ] && kill $AZPID 2>/dev/null; wait 2>/dev/null; [ -z "$keep" ] && rm -rf $work; }
 trap cleanup EXIT
-$work/azurite-run --location $work/az --endpoint-file $work/ep --log $work/az.log >/dev/null 2>&1 &
+$work/azurite-run --port 0 --location $work/az --endpoint-file $work/ep --log $work/az.log >/dev/null 2>&1 &
 AZPID=$!
 for _ in $(seq 600); do [ -s $work/ep ] && break; sleep 0.1; done
 EP=$(cat $work/ep)

@@ -47,8 +47,9 @@ worker killed at any point resumes where it stopped and never applies an
 older segment over a newer one. A segment with a bad checksum or of another
 disk stops it (exit 13) before anything after it is applied.
 
-The blob's lease is released when the worker stops, so an Azure VM can
-attach it (between runs: while segments wait, the blob lags the disk).`,
+The blob's lease is released when the worker stops, so a managed disk can
+be made from the blob then (az disk create; between runs: while segments
+wait, the blob lags the disk).`,
 		Example: `  vhdsync apply --staging https://acct.blob.core.windows.net/staging --blob https://acct.blob.core.windows.net/vhds/data.vhd
   vhdsync apply --once --staging http://127.0.0.1:10000/devstoreaccount1/staging --blob http://127.0.0.1:10000/devstoreaccount1/vhds/data.vhd`,
 		Args: cobra.NoArgs,

@@ -97,7 +97,7 @@ func runCreate(cmd *cobra.Command, g *globals, f createFlags) error {
 	}
 	footer := vhdlayer.NewFixedFooter(size, time.Now())
 	raw := footer.Encode()
-	log.Info("creating page blob", "blob", loc.URL(), "virtual_size", size, "auth", client.AuthMethod())
+	log.Debug("creating page blob", "blob", loc.URL(), "virtual_size", size, "auth", client.AuthMethod())
 	err = client.Create(ctx, size, raw, pageblob.CreateOptions{
 		Overwrite:       f.overwrite,
 		CreateContainer: f.createContainer,

@@ -36,7 +36,7 @@ hole in FILE. The data goes to FILE.part first and becomes FILE once complete;
 the footer is read again at the end and must be the one the download began
 with, and FILE's own footer is checked.
 
-A blob leased by a writer (a vhdsync mount, an attached VM) is refused, since
+A blob leased by a writer (a vhdsync mount, an import or apply) is refused, since
 it may change while it is read: unmount it first, or pass --allow-leased.
 If the blob was written to during the download anyway, the file is kept but
 the command fails (exit 1) saying so. An existing FILE is refused (exit 5)
@@ -69,6 +69,9 @@ fails with exit 4 (not found); one that is not a snapshot id at all, exit 2.`,
 func runDownload(ctx context.Context, g *globals, f downloadFlags, file string) error {
 	if f.workers < 1 || f.workers > 64 {
 		return usageError{fmt.Errorf("--workers %d: between 1 and 64", f.workers)}
+	}
+	if err := transfer.CheckOutput(file, f.overwrite); err != nil {
+		return err
 	}
 	client, err := pageblob.Open(f.blob, &pageblob.Options{Env: g.env, TryTimeout: 2 * time.Minute, MaxRetries: 6})
 	if err != nil {

@@ -418,6 +418,10 @@ func TestE2EKill9Replay(t *testing.T) {
 	if r := e.vhdsync("unmount", mp); r.code == 0 || !strings.Contains(r.stderr, "umount -l") || !strings.Contains(r.stderr, "losetup -d") {
 		t.Errorf("unmount of the dead mount: want a failure with the cleanup advice: %s", r)
 	}
+	// status: not healthy (15), the dead mount named, the same advice.
+	if r := e.vhdsync("status", "--state", state, "--json"); r.code != ExitUnhealthy || !strings.Contains(r.stdout, `"dead_mount": "`+mp+`"`) || !strings.Contains(r.stderr, "umount -l "+mp) {
+		t.Errorf("status of the dead mount: want exit %d naming it with the cleanup advice: %s", ExitUnhealthy, r)
+	}
 	e.must("losetup", "-d", loop)
 	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
 		t.Fatalf("umount -l %s: %v", mp, err)
@@ -811,8 +815,13 @@ func TestE2ESecondSignalWhileBusy(t *testing.T) {
 	if ls.Drained || ls.PendingRecords == 0 || ls.Error == "" {
 		t.Errorf("last stop should keep the undrained journal: %+v", ls)
 	}
-	// Status without the remote (slow: the SDK retries its one request).
-	r := e.mustVhdsync("status", "--state", state)
+	// Status without the remote: the report, and the exit code of an
+	// unreachable endpoint, at once (no retries before any answer).
+	start := time.Now()
+	r := e.vhdsync("status", "--state", state)
+	if r.code != ExitUnreachable || time.Since(start) > 5*time.Second || !strings.Contains(r.stderr, "could not reach") {
+		t.Errorf("status with the remote gone: want exit %d within 5 s saying what could not be reached, got it in %v: %s", ExitUnreachable, time.Since(start).Round(time.Millisecond), r)
+	}
 	for _, want := range []string{"mounted:        no", fmt.Sprintf("journal:        %d records", ls.PendingRecords), "vhdsync replay", "blob sequence:  unknown", "last error:"} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("status after the stop lacks %q:\n%s", want, r.stdout)

@@ -31,6 +31,8 @@ const (
 	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
 	ExitSrcChanged  = 12 // import resume refused: the source file changed since the import began
 	ExitBadSegment  = 13 // apply: a staged segment is corrupt or of another disk; nothing after it was applied
+	ExitUnreachable = 14 // the storage endpoint could not be reached (connection refused, host name unknown, no answer)
+	ExitUnhealthy   = 15 // status: the flusher is retrying or failed, or the daemon died and left its mount
 	ExitInterrupted = 130
 )
 
@@ -66,6 +68,8 @@ func exitCode(err error) int {
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):
 		return ExitAuth
+	case errors.Is(err, pageblob.ErrUnreachable):
+		return ExitUnreachable
 	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound), errors.Is(err, pageblob.ErrSnapshotNotFound):
 		return ExitNotFound
 	case errors.Is(err, pageblob.ErrBlobExists), errors.Is(err, transfer.ErrFileExists):

@@ -54,7 +54,8 @@ the progress kept in DIR/import-progress.json is checked against the blob's
 page ranges, and nothing the blob holds is sent again. A FILE changed since
 (size, modification time or footer) is refused with exit status 12.
 
---zero-gap takes a SIZE: ` + vhdlayer.SizeHelp,
+--zero-gap takes a size: bytes, or a number with a unit (512, 64KiB, 1MiB;
+K, M and KiB, MiB are powers of 1024).`,
 		Example: `  vhdsync import --blob https://acct.blob.core.windows.net/disks/data.vhd --state /var/lib/vhdsync/data data.vhd
   vhdsync import --blob http://127.0.0.1:10000/devstoreaccount1/disks/vm.vhd --state ./vm --create-container vm-disk.raw
   # after an interruption, the same command resumes:

@@ -65,6 +65,7 @@ for an Azurite URL; Entra ID (az login, managed identity, AZURE_CLIENT_* vars).`
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "write logs as JSON lines instead of text")
 	root.AddCommand(newCreateCmd(g), newInspectCmd(g), newMountCmd(g), newUnmountCmd(g), newStatusCmd(g), newReplayCmd(g), newVerifyCmd(g), newImportCmd(g), newDownloadCmd(g), newApplyCmd(g), newPointsCmd(g))
+	root.AddCommand(newSetBlobCmd(g))
 	return root
 }
 
@@ -112,7 +113,9 @@ func run(args []string, stdout, stderr io.Writer, env func(string) string) int {
 	}
 	code := exitCode(err)
 	msg := err.Error()
-	if code == ExitUsage && !strings.Contains(msg, "--help") {
+	// One hint is enough: a message that already says what to run or see
+	// gets no "(see --help)" after it.
+	if code == ExitUsage && !strings.Contains(msg, "--help") && !strings.Contains(msg, "(see ") && !strings.Contains(msg, "`") {
 		msg += " (see --help)"
 	}
 	fmt.Fprintf(stderr, "vhdsync: %s\n", msg)

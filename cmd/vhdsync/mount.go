@@ -52,9 +52,11 @@ type mountFlags struct {
 	oddWindow  time.Duration
 	mergeWait  time.Duration
 	noFills    bool
-	// Recovery points (points.go): interval (0: off) and how many to keep.
-	points time.Duration
-	keep   int
+	// Recovery points (points.go): interval (0: off) and how many to keep;
+	// pointsSet: --recovery-points was given (else DIR's are used).
+	points    time.Duration
+	keep      int
+	pointsSet bool
 	// Hidden knobs, for measuring the FUSE defaults against alternatives.
 	fuseNoDirectIO bool
 	fuseNoParallel bool
@@ -103,6 +105,7 @@ come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 			if err := checkPointFlags(cmd, f.points, f.keep); err != nil {
 				return err
 			}
+			f.pointsSet = cmd.Flags().Changed("recovery-points")
 			if !f.foreground && g.env(readyFDEnv) == "" {
 				return startDaemon(cmd, g, f, args[0])
 			}
@@ -192,6 +195,7 @@ func startDaemon(cmd *cobra.Command, g *globals, f mountFlags, mp string) error 
 		if n, _ := fmt.Sscanf(line, "OK %d %d %d", &recs, &bytes, &remote); n == 3 && recs > 0 {
 			fmt.Fprintf(g.stdout, "  replayed %d journal records (%s) left by a crash; %d were already on the blob, the rest are being sent\n", recs, humanBytes(bytes), remote)
 		}
+		printPointsRemembered(g.stdout, f)
 		return nil
 	}
 	_ = c.Wait()
@@ -237,8 +241,11 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	if f.pprofAddr != "" {
 		a = append(a, "--debug-pprof", f.pprofAddr)
 	}
-	if f.points > 0 {
-		a = append(a, "--recovery-points", f.points.String(), "--keep", strconv.Itoa(f.keep))
+	if f.pointsSet {
+		a = append(a, "--recovery-points", f.points.String())
+		if f.points > 0 {
+			a = append(a, "--keep", strconv.Itoa(f.keep))
+		}
 	}
 	a = append(a, metricsArgs(f)...)
 	return append(a, mp)
@@ -339,6 +346,9 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	}
 	limits, err := parseBlobLimits(f.blobLimits)
 	if err != nil {
+		return err
+	}
+	if err := rememberPoints(d, &f); err != nil {
 		return err
 	}
 	rp, err := startRecoveryPoints(g, d, f, log)
@@ -519,6 +529,9 @@ func checkMountpoint(mp string) error {
 	st, err := os.Stat(mp)
 	if errors.Is(err, syscall.ENOTCONN) {
 		return busyf("%s is a dead FUSE mount (its daemon died): detach loop devices on it (losetup -d), run `umount -l %s`, then mount again; the journal is replayed", mp, mp)
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		return usageError{fmt.Errorf("mountpoint %s does not exist: make it first with `mkdir -p %s`", mp, mp)}
 	}
 	if err != nil {
 		return fmt.Errorf("mountpoint: %w", err)

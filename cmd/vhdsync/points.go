@@ -58,6 +58,7 @@ the container (a SAS scoped to the blob alone cannot list).`,
 	cmd.Flags().StringVar(&blobURL, "blob", "", "page blob URL (required); a SAS may be appended as ?sv=...&sig=...")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	_ = cmd.MarkFlagRequired("blob")
+	cmd.AddCommand(newPromoteCmd(g))
 	return cmd
 }
 
@@ -114,11 +115,10 @@ func printPoints(w io.Writer, r pointsReport) {
 // mount and apply.
 func checkPointFlags(cmd *cobra.Command, interval time.Duration, keep int) error {
 	if interval == 0 {
+		// --recovery-points 0 is "none" (for mount: and forget the
+		// interval the state directory remembers).
 		if cmd.Flags().Changed("keep") {
 			return usageError{fmt.Errorf("--keep %d: only with --recovery-points INTERVAL", keep)}
-		}
-		if cmd.Flags().Changed("recovery-points") {
-			return usageError{fmt.Errorf("--recovery-points 0: give an interval of at least 1s, or leave the flag out to take no recovery points")}
 		}
 		return nil
 	}
@@ -134,7 +134,7 @@ func checkPointFlags(cmd *cobra.Command, interval time.Duration, keep int) error
 // registerPointFlags adds --recovery-points and --keep to a command whose
 // process writes the blob (mount, apply).
 func registerPointFlags(fl *pflag.FlagSet, points *time.Duration, keep *int) {
-	fl.DurationVar(points, "recovery-points", 0, "take a recovery point (a blob snapshot) at the first epoch boundary after each `INTERVAL`, at least 1s, e.g. 5m (default: none); list them with vhdsync points")
+	fl.DurationVar(points, "recovery-points", 0, "take a recovery point (a blob snapshot) at the first epoch boundary after each `INTERVAL`, at least 1s, e.g. 5m; 0 for none (default: for mount, what the last mount of DIR used, which DIR remembers; else none); list them with vhdsync points")
 	fl.IntVar(keep, "keep", 24, "recovery points to keep; older ones vhdsync took are deleted (with --recovery-points)")
 }
 
@@ -149,13 +149,63 @@ func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Lo
 	// Checked before the staging lock is taken; a bad --transfer is
 	// reported by setupTransfer.
 	if mode, err := f.staged.mode(d); err == nil && mode == transferStaged {
-		return nil, usageError{errors.New("--recovery-points: with --transfer staged the apply worker writes the blob, so it takes the recovery points: pass --recovery-points and --keep to `vhdsync apply`")}
+		msg := "--recovery-points: with --transfer staged the apply worker writes the blob, so it takes the recovery points: pass --recovery-points and --keep to `vhdsync apply`"
+		if !f.pointsSet {
+			msg = fmt.Sprintf("%s remembers --recovery-points %s from an earlier mount, but with --transfer staged the apply worker writes the blob, so it takes the recovery points: mount with --recovery-points 0 (forgets them), and pass --recovery-points to `vhdsync apply`", d.Path, f.points)
+		}
+		return nil, usageError{errors.New(msg)}
 	}
 	c, err := connect(g, d, f.blob, false)
 	if err != nil {
 		return nil, err
 	}
 	return newRecoveryPoints(c, f.points, f.keep, log)
+}
+
+// rememberPoints settles a mount's recovery points against what DIR
+// remembers: without --recovery-points, the interval and --keep of the
+// last mount that gave it; with it, the flag, then remembered (0 forgets).
+func rememberPoints(d *statedir.Dir, f *mountFlags) error {
+	if !f.pointsSet {
+		if d.State.RecoveryPoints == "" {
+			return nil
+		}
+		iv, err := time.ParseDuration(d.State.RecoveryPoints)
+		if err != nil || iv < time.Second {
+			return fmt.Errorf("%w: %s records recovery_points %q, not an interval of at least 1s; mount with --recovery-points INTERVAL (or 0) to replace it", statedir.ErrNotState, d.Path, d.State.RecoveryPoints)
+		}
+		f.points = iv
+		if d.State.Keep > 0 {
+			f.keep = d.State.Keep
+		}
+		return nil
+	}
+	if mode, err := f.staged.mode(d); err == nil && mode == transferStaged && f.points > 0 {
+		return nil // refused by startRecoveryPoints, and not remembered
+	}
+	want, keep := "", 0
+	if f.points > 0 {
+		want, keep = f.points.String(), f.keep
+	}
+	if d.State.RecoveryPoints == want && d.State.Keep == keep {
+		return nil
+	}
+	d.State.RecoveryPoints, d.State.Keep = want, keep
+	return d.Save()
+}
+
+// printPointsRemembered tells the user of `mount` the recovery points the
+// state directory now remembers.
+func printPointsRemembered(w io.Writer, f mountFlags) {
+	d, err := statedir.Open(f.state)
+	if err != nil || d.State.RecoveryPoints == "" {
+		return
+	}
+	how := "remembered from the last mount of " + d.Path
+	if f.pointsSet {
+		how = "remembered: the next mounts of " + d.Path + " take them too"
+	}
+	fmt.Fprintf(w, "  recovery points every %s, keep %d (%s; --recovery-points 0 turns them off)\n", d.State.RecoveryPoints, d.State.Keep, how)
 }
 
 // newRecoveryPoints makes the RecoveryPoints of a process that writes the

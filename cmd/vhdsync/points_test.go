@@ -176,7 +176,7 @@ func TestPointsCLI(t *testing.T) {
 	}
 	for _, bad := range [][]string{
 		{"--recovery-points", "500ms"},
-		{"--recovery-points", "0s"},
+		{"--recovery-points", "0s", "--keep", "3"},
 		{"--recovery-points", "5m", "--keep", "0"},
 		{"--keep", "3"},
 	} {
@@ -233,6 +233,16 @@ func TestE2EMountRecoveryPoints(t *testing.T) {
 	r := e.mustVhdsync("status", "--state", state)
 	if !strings.Contains(r.stdout, "recovery points:  every 1s, keep 2: 2 on the blob") {
 		t.Errorf("status text: %s", r.stdout)
+	}
+	e.mustVhdsync("unmount", mp)
+
+	// The next mount, without the flag (a restart after a crash), takes
+	// recovery points as the last one did, and says so.
+	if d := e.mount(state, mp, "--linger", "1h"); !strings.Contains(d.out, "recovery points every 1s, keep 2 (remembered") {
+		t.Errorf("mount without --recovery-points does not say it remembers them: %s", d.out)
+	}
+	if s := e.mustStatus(state); s.RecoveryPoints == nil || !s.RecoveryPoints.Enabled || s.RecoveryPoints.Interval != "1s" || s.RecoveryPoints.Keep != 2 {
+		t.Errorf("the next mount forgot the recovery points: %+v", s.RecoveryPoints)
 	}
 	e.mustVhdsync("unmount", mp)
 

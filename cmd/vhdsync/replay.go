@@ -72,6 +72,7 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	rs := disk.Replay()
 	pending := disk.Stats().Journal.PendingBytes
 	prog := newDrainProgress(g.stderr, pending)
+	rate := newRateMeter()
 	done := make(chan error, 1)
 	go func() { done <- disk.Close(ctx, true) }()
 	var cerr error
@@ -84,7 +85,9 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 			waiting = false
 		case <-tickAfter():
 			s := disk.Stats()
-			prog.update(s.Journal.PendingBytes, 0)
+			// The send rate of the last seconds, as unmount shows it.
+			_, bps, _ := rate.rates(s.Flusher.PutCalls+s.Flusher.ClearCalls+s.Flusher.SequenceCalls, s.Flusher.BytesSent, s.Flusher.DrainedBytes)
+			prog.update(s.Journal.PendingBytes, bps)
 		}
 	}
 	prog.finish(cerr == nil)

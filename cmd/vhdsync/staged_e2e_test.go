@@ -149,7 +149,7 @@ func TestE2EStagedTransfer(t *testing.T) {
 		t.Fatalf("blob sequence %d after apply, staged epoch was %d at least", bs.seq, s.StagedEpoch)
 	}
 	if bs.lease != "available" {
-		t.Fatalf("lease after apply --once: %q, want available (released for a VM)", bs.lease)
+		t.Fatalf("lease after apply --once: %q, want available (released, so a managed disk can be made from it)", bs.lease)
 	}
 	local := e.checkBlobIsImage(url, state, 64<<20)
 	e.must("e2fsck", "-fn", local)

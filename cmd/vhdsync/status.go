@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -15,12 +18,21 @@ import (
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 )
 
 type statusReport struct {
 	Mounted bool `json:"mounted"`
 	control.Status
 	LeaseState string `json:"blob_lease_state,omitempty"`
+	// DeadMount is the mountpoint of this disk's mount whose daemon died
+	// (the mount is still listed in /proc/mounts).
+	DeadMount string `json:"dead_mount,omitempty"`
+	// Problem says why status exits non-zero ("" when it exits 0).
+	Problem string `json:"problem,omitempty"`
+	// blobErr is why the blob could not be read (unmounted disk), which
+	// decides the exit code.
+	blobErr error
 }
 
 func newStatusCmd(g *globals) *cobra.Command {
@@ -38,7 +50,18 @@ the lease,
 bytes and calls sent, retries, the flusher's state and throughput.
 
 For a mounted disk the daemon answers; otherwise the journal is read
-directly and the blob is asked for its sequence number and lease.`,
+directly and the blob is asked for its sequence number and lease.
+
+The exit status is for monitors (the report is printed either way, and
+--json keeps every field):
+  0   healthy: mounted and replicating, or unmounted with nothing pending
+  11  not mounted, and the journal holds writes the blob lacks (a crash
+      left them): mount again or run vhdsync replay
+  15  not healthy: the flusher is retrying or failed (the replica falls
+      behind), or the daemon died and left its mount (umount -l)
+  3, 4, 6, 14, 1  the blob could not be read (unmounted disk): the class
+      of the error, as in every command (14: the endpoint is unreachable)
+  8, 10  the state directory is damaged, or busy (nothing is printed)`,
 		Example: `  vhdsync status --state /var/lib/vhdsync/data
   vhdsync status --state /var/lib/vhdsync/data --json | jq .lag_seconds`,
 		Args: cobra.NoArgs,
@@ -47,13 +70,17 @@ directly and the blob is asked for its sequence number and lease.`,
 			if err != nil {
 				return err
 			}
+			verdict := statusVerdict(&rep)
 			if asJSON {
 				enc := json.NewEncoder(g.stdout)
 				enc.SetIndent("", "  ")
-				return enc.Encode(rep)
+				if err := enc.Encode(rep); err != nil {
+					return err
+				}
+			} else {
+				printStatus(g.stdout, rep)
 			}
-			printStatus(g.stdout, rep)
-			return nil
+			return verdict
 		},
 	}
 	cmd.Flags().StringVar(&state, "state", "", "state directory (required)")
@@ -73,7 +100,15 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 	} else if !errors.Is(err, control.ErrNotRunning) {
 		return statusReport{}, err
 	}
-	rep := statusReport{Status: control.Status{StateDir: d.Path, BlobURL: d.State.BlobURL, Phase: "not mounted", LeaseID: d.State.LeaseID}}
+	rep := statusReport{Status: control.Status{StateDir: d.Path, BlobURL: d.State.BlobURL, Phase: "not mounted"}}
+	if mp, dead := deadMountOf(d.Path); mp != "" {
+		rep.DeadMount = mp
+		if dead {
+			rep.Note = fmt.Sprintf("the daemon died but its mount is still listed at %s: detach loop devices on it (losetup -d), run `umount -l %s`, then mount again or run `vhdsync replay --state %s`", mp, mp, d.Path)
+		} else {
+			rep.Note = fmt.Sprintf("%s is mounted, but its daemon does not answer on %s", mp, filepath.Join(d.Path, control.SocketName))
+		}
+	}
 	lock, err := d.TryLock("reading status")
 	if err != nil {
 		return statusReport{}, err
@@ -91,7 +126,9 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 	if !js.Oldest.IsZero() {
 		rep.OldestPending = js.Oldest
 		rep.LagSeconds = time.Since(js.Oldest).Seconds()
-		rep.Note = "the journal holds writes the blob lacks: mount, or run `vhdsync replay`"
+		if rep.Note == "" {
+			rep.Note = "the journal holds writes the blob lacks: mount, or run `vhdsync replay`"
+		}
 	}
 	c, err := connect(g, d, bf, false)
 	if err != nil {
@@ -100,13 +137,62 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 	p, err := c.Properties(ctx)
 	if err != nil {
 		rep.LastError = err.Error()
+		rep.blobErr = err
 		return rep, nil
 	}
 	rep.RemoteSequence = p.SequenceNumber
 	rep.RemoteEpoch = remote.Sequence(p.SequenceNumber).Epoch()
 	rep.LeaseState = p.LeaseState
+	if p.LeaseState == "leased" {
+		// Held, by this state directory's lease if no other writer took
+		// it since (a daemon that died keeps it; the next mount takes it
+		// back). A released lease is no lease at all.
+		rep.LeaseID = d.State.LeaseID
+	}
 	rep.RecoveryPoints = pointsOnBlob(ctx, c)
 	return rep, nil
+}
+
+// deadMountOf finds a vhdsync mount of the state directory dir whose
+// daemon did not answer: its mountpoint, and whether the mount is dead
+// (ENOTCONN: the daemon is gone) rather than merely not answering.
+func deadMountOf(dir string) (mp string, dead bool) {
+	mounts, err := vhdsyncMounts()
+	if err != nil {
+		return "", false
+	}
+	for _, m := range mounts {
+		if m.StateDir == dir {
+			_, serr := os.Stat(m.Mountpoint)
+			return m.Mountpoint, errors.Is(serr, syscall.ENOTCONN)
+		}
+	}
+	return "", false
+}
+
+// statusVerdict decides status's exit code (README, "Exit codes"): nil
+// when the disk is healthy, else an error carrying the code, its text
+// also recorded in rep.Problem.
+func statusVerdict(rep *statusReport) error {
+	var code int
+	switch {
+	case rep.DeadMount != "":
+		code, rep.Problem = ExitUnhealthy, rep.Note
+		if rep.Problem == "" {
+			rep.Problem = fmt.Sprintf("%s is still mounted but its daemon does not answer", rep.DeadMount)
+		}
+	case rep.Mounted && (rep.FlusherState == string(replicate.StateRetrying) || rep.FlusherState == string(replicate.StateFailed)):
+		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("the flusher is %s, the replica falls behind (lag %.1f s): %s", rep.FlusherState, rep.LagSeconds, rep.LastError)
+	case rep.Mounted && rep.AppliedError != "":
+		code, rep.Problem = ExitUnhealthy, "the blob could not be read: "+rep.AppliedError
+	case rep.blobErr != nil:
+		code, rep.Problem = exitCode(rep.blobErr), "the blob could not be read: "+rep.LastError
+	case !rep.Mounted && rep.JournalRecords > 0:
+		code, rep.Problem = ExitNotDrained, fmt.Sprintf("not mounted, and the journal holds %d writes (%s) the blob lacks: mount again, or run `vhdsync replay --state %s`", rep.JournalRecords, humanBytes(rep.JournalBytes), rep.StateDir)
+	default:
+		return nil
+	}
+	return exitError{code: code, msg: rep.Problem}
 }
 
 func printStatus(w io.Writer, r statusReport) {
@@ -114,6 +200,8 @@ func printStatus(w io.Writer, r statusReport) {
 	if r.Mounted {
 		fmt.Fprintf(tw, "mounted:\t%s (daemon pid %d, since %s)\n", r.Mountpoint, r.PID, r.Started.Format(time.RFC3339))
 		fmt.Fprintf(tw, "phase:\t%s\n", r.Phase)
+	} else if r.DeadMount != "" {
+		fmt.Fprintf(tw, "mounted:\tno: a dead mount is left at %s\n", r.DeadMount)
 	} else {
 		fmt.Fprintf(tw, "mounted:\tno\n")
 	}

@@ -5,15 +5,18 @@
 package azurite
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -24,6 +27,10 @@ const (
 	DevAccount = "devstoreaccount1"
 	DevKey     = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
+
+// DefaultPort is Azurite's own blob port, which azurite-run uses unless
+// told otherwise.
+const DefaultPort = 10000
 
 // InstallHint is the command that installs Azurite for the tests.
 const InstallHint = "make deps (runs npm ci in tools/azurite)"
@@ -40,6 +47,41 @@ type Server struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
+	// closed is closed once Azurite says it has closed (its data saved).
+	closed chan struct{}
+}
+
+// closedMessage is what Azurite prints once it has closed its service and
+// saved its metadata, on SIGINT or SIGTERM.
+const closedMessage = "successfully closed"
+
+// closeWatcher passes Azurite's output on to w (if set) and closes closed
+// when the output says Azurite has closed.
+type closeWatcher struct {
+	w      io.Writer
+	mu     sync.Mutex
+	tail   []byte
+	closed chan struct{}
+	seen   bool
+}
+
+// Write implements io.Writer.
+func (c *closeWatcher) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	if !c.seen {
+		c.tail = append(c.tail, p...)
+		if bytes.Contains(c.tail, []byte(closedMessage)) {
+			c.seen = true
+			close(c.closed)
+		} else if n := len(c.tail); n > len(closedMessage) {
+			c.tail = append(c.tail[:0], c.tail[n-len(closedMessage):]...)
+		}
+	}
+	c.mu.Unlock()
+	if c.w != nil {
+		return c.w.Write(p)
+	}
+	return len(p), nil
 }
 
 // Binary finds azurite-blob: $VHDSYNC_AZURITE if set, else
@@ -103,21 +145,47 @@ func Launch(ctx context.Context, location, logPath string) (*Server, error) {
 	return nil, lastErr
 }
 
+// LaunchOn starts Azurite on 127.0.0.1:port (0: a free port, as Launch)
+// and returns once it answers. A port already taken is refused at once,
+// with what to do.
+func LaunchOn(ctx context.Context, port int, location, logPath string) (*Server, error) {
+	if port == 0 {
+		return Launch(ctx, location, logPath)
+	}
+	bin, err := Binary()
+	if err != nil {
+		return nil, err
+	}
+	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return nil, fmt.Errorf("port %d on 127.0.0.1 is taken (%v): another emulator may run there (azurite-run --stop --location DIR stops a detached one); or give another --port, or --port 0 for a free one", port, err)
+	}
+	l.Close()
+	return launchOn(ctx, bin, port, location, logPath)
+}
+
 func launchOn(ctx context.Context, bin string, port int, location, logPath string) (*Server, error) {
 	cmd := exec.Command(bin,
 		"--blobHost", "127.0.0.1", "--blobPort", strconv.Itoa(port),
 		"--location", location, "--silent", "--skipApiVersionCheck", "--loose")
 	// Own process group, so Stop reaches node and anything it spawned.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// Azurite's output goes to the log (if any) through a watcher that
+	// sees it report its data saved on the way out (Shutdown).
+	out := &closeWatcher{closed: make(chan struct{})}
+	var logf *os.File
 	if logPath != "" {
 		f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {
 			return nil, fmt.Errorf("open azurite log: %w", err)
 		}
-		defer f.Close()
-		cmd.Stdout, cmd.Stderr = f, f
+		logf, out.w = f, f
 	}
+	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
+		if logf != nil {
+			logf.Close()
+		}
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	s := &Server{
@@ -125,8 +193,15 @@ func launchOn(ctx context.Context, bin string, port int, location, logPath strin
 		Port:     port,
 		cmd:      cmd,
 		done:     make(chan struct{}),
+		closed:   out.closed,
 	}
-	go func() { s.err = cmd.Wait(); close(s.done) }()
+	go func() {
+		s.err = cmd.Wait()
+		if logf != nil {
+			logf.Close()
+		}
+		close(s.done)
+	}()
 	if err := s.waitReady(ctx, 60*time.Second); err != nil {
 		s.Stop()
 		return nil, err
@@ -159,6 +234,27 @@ func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
 			return fmt.Errorf("azurite did not answer on port %d within %v: %w", s.Port, limit, err)
 		}
 	}
+}
+
+// Shutdown stops Azurite so that its data directory keeps every blob: a
+// SIGINT, after which Azurite saves its metadata and says so (its process
+// stays alive, see Stop), then Stop. After timeout without that message it
+// is stopped all the same, and the error says so.
+func (s *Server) Shutdown(timeout time.Duration) error {
+	if s == nil || s.cmd == nil || s.cmd.Process == nil {
+		return nil
+	}
+	var err error
+	if serr := syscall.Kill(s.cmd.Process.Pid, syscall.SIGINT); serr == nil {
+		select {
+		case <-s.closed:
+		case <-s.done:
+		case <-time.After(timeout):
+			err = fmt.Errorf("azurite did not report its data saved within %v; stopped it anyway (blobs written last may be lost)", timeout)
+		}
+	}
+	s.Stop()
+	return err
 }
 
 // Stop ends Azurite and waits for it to exit. Azurite 3.37 closes its

@@ -21,11 +21,11 @@ const SocketName = "control.sock"
 
 // Status is what the daemon reports.
 type Status struct {
-	PID        int       `json:"pid"`
+	PID        int       `json:"pid,omitempty"`
 	Mountpoint string    `json:"mountpoint"`
 	StateDir   string    `json:"state_dir"`
 	BlobURL    string    `json:"blob_url"`
-	Started    time.Time `json:"started"`
+	Started    time.Time `json:"started,omitzero"`
 	Phase      string    `json:"phase"` // serving, draining, unmounting, stopped
 	Note       string    `json:"note,omitempty"`
 
@@ -41,7 +41,7 @@ type Status struct {
 
 	RemoteEpoch    uint64  `json:"remote_epoch"`
 	RemoteSequence int64   `json:"remote_sequence"`
-	LeaseID        string  `json:"lease_id"`
+	LeaseID        string  `json:"lease_id,omitempty"`
 	FlusherState   string  `json:"flusher_state"`
 	LastError      string  `json:"last_error,omitempty"`
 	Batches        uint64  `json:"batches"`

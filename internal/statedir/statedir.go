@@ -67,6 +67,12 @@ type State struct {
 	// `vhdsync apply`). StagingURL is kept without any SAS.
 	Transfer   string `json:"transfer,omitempty"`
 	StagingURL string `json:"staging_url,omitempty"`
+	// RecoveryPoints is the last mount's --recovery-points interval (a Go
+	// duration; "" for none) and Keep its --keep: a mount without the
+	// flag takes recovery points as the last one did, so that a restart
+	// after a crash does not silently stop them.
+	RecoveryPoints string `json:"recovery_points,omitempty"`
+	Keep           int    `json:"keep,omitempty"`
 }
 
 // Dir is an open state directory.
@@ -84,12 +90,15 @@ func (d *Dir) JournalPath() string { return filepath.Join(d.Path, JournalDir) }
 // CheckNew returns nil if path does not exist or is an empty directory,
 // the only places Create will use.
 func CheckNew(path string) error {
+	if st, err := os.Stat(path); err == nil && !st.IsDir() {
+		return fmt.Errorf("%w: %s is a file, not a directory; give --state a new or empty directory", ErrNotState, path)
+	}
 	entries, err := os.ReadDir(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("state directory %s: %w", path, err)
+		return fmt.Errorf("%w: state directory %s cannot be used: %w", ErrNotState, path, err)
 	}
 	if len(entries) > 0 {
 		if _, err := os.Stat(filepath.Join(path, StateFile)); err == nil {
@@ -183,12 +192,15 @@ func Open(path string) (*Dir, error) {
 	if abs, err := filepath.Abs(path); err == nil {
 		path = abs
 	}
+	if st, err := os.Stat(path); err == nil && !st.IsDir() {
+		return nil, fmt.Errorf("%w: %s is a file, not a state directory; give --state the directory `vhdsync create` made", ErrNotState, path)
+	}
 	b, err := os.ReadFile(filepath.Join(path, StateFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s has no %s; create one with `vhdsync create`", ErrNotState, path, StateFile)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read state: %w", err)
+		return nil, fmt.Errorf("%w: read %s: %w", ErrNotState, filepath.Join(path, StateFile), err)
 	}
 	d := &Dir{Path: path}
 	if err := json.Unmarshal(b, &d.State); err != nil {

@@ -87,7 +87,7 @@ func PrepareDownload(ctx context.Context, c *pageblob.Client, o DownloadOptions)
 	// A snapshot never changes, whatever the lease on its base blob.
 	leased := c.SnapshotID() == "" && strings.EqualFold(info.Props.LeaseState, "leased")
 	if leased && !o.AllowLeased {
-		return nil, fmt.Errorf("%w: %s is leased (mounted by vhdsync, or attached to a VM), so it may change while it is read; unmount it (vhdsync unmount) or detach it first, or pass --allow-leased to read it anyway",
+		return nil, fmt.Errorf("%w: %s is leased (a vhdsync mount, import or apply worker holds it), so it may change while it is read; unmount it (vhdsync unmount) or stop that writer first, or pass --allow-leased to read it anyway",
 			pageblob.ErrLeased, c.Location().URL())
 	}
 	ranges, err := c.PageRanges(ctx, 0, size)
@@ -110,14 +110,24 @@ func (d *Download) Stats() DownloadStats {
 	return DownloadStats{Received: d.received.Load(), Written: d.written.Load(), Requests: d.requests.Load()}
 }
 
+// CheckOutput refuses an existing path unless overwrite: a download never
+// replaces a file it was not told to. Callers check before they start, so
+// that nothing is read or announced for a download that cannot happen.
+func CheckOutput(path string, overwrite bool) error {
+	if _, err := os.Lstat(path); err == nil && !overwrite {
+		return fmt.Errorf("%w: %s; pass --overwrite to replace it, or choose another name", ErrFileExists, path)
+	}
+	return nil
+}
+
 // Run writes the blob to path: into path.part first, renamed to path once
 // complete and checked (the footer re-read from the blob must be the one
 // the download began with, and the file's own footer must be valid).
 func (d *Download) Run(ctx context.Context, path string) (DownloadResult, error) {
 	start := time.Now()
 	res := DownloadResult{DownloadPlan: d.plan, Path: path}
-	if _, err := os.Lstat(path); err == nil && !d.o.Overwrite {
-		return res, fmt.Errorf("%w: %s; pass --overwrite to replace it, or choose another name", ErrFileExists, path)
+	if err := CheckOutput(path, d.o.Overwrite); err != nil {
+		return res, err
 	}
 	tmp := path + ".part"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)

@@ -192,6 +192,9 @@ func PrepareImport(ctx context.Context, o ImportOptions) (im *Import, err error)
 	im = &Import{o: o, log: o.Logger, dir: dir}
 
 	// The state directory: an unfinished import of ours, or new/empty.
+	if st, err := os.Stat(dir); err == nil && !st.IsDir() {
+		return nil, statedir.CheckNew(dir) // a file: says so
+	}
 	prog, perr := loadProgress(dir)
 	resuming := perr == nil
 	if perr != nil && !errors.Is(perr, os.ErrNotExist) {
@@ -357,7 +360,7 @@ func (im *Import) ensureBlob(ctx context.Context) error {
 		}
 	}
 	if create {
-		im.log.Info("creating page blob", "blob", c.Location().URL(), "virtual_size", p.VirtualSize, "auth", c.AuthMethod())
+		im.log.Debug("creating page blob", "blob", c.Location().URL(), "virtual_size", p.VirtualSize, "auth", c.AuthMethod())
 		co := pageblob.CreateOptions{
 			Overwrite:       im.o.Overwrite || p.Overwrite,
 			CreateContainer: im.o.CreateContainer,

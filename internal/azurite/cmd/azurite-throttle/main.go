@@ -5,7 +5,7 @@
 // to a file once listening, and its counters as JSON when it stops on
 // SIGINT/SIGTERM. It is a development tool, not part of the vhdsync binary.
 //
-//	azurite-run --location DIR --endpoint-file az.url &
+//	azurite-run --port 0 --location DIR --endpoint-file az.url &
 //	azurite-throttle --target "$(cat az.url)" --endpoint-file proxy.url --stats-file stats.json &
 package main
 
