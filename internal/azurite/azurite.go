@@ -47,39 +47,73 @@ type Server struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
-	// closed is closed once Azurite says it has closed (its data saved).
-	closed chan struct{}
+	// listening and closed are closed once Azurite says it listens, and
+	// that it has closed (its data saved).
+	listening, closed chan struct{}
 }
 
-// closedMessage is what Azurite prints once it has closed its service and
-// saved its metadata, on SIGINT or SIGTERM.
-const closedMessage = "successfully closed"
+// What Azurite prints once it listens on its port (an Azurite that could
+// not bind it exits instead: EADDRINUSE), and once it has closed its
+// service and saved its metadata, on SIGINT or SIGTERM.
+const (
+	listeningMessage = "successfully listens on"
+	closedMessage    = "successfully closed"
+)
 
-// closeWatcher passes Azurite's output on to w (if set) and closes closed
-// when the output says Azurite has closed.
-type closeWatcher struct {
-	w      io.Writer
-	mu     sync.Mutex
-	tail   []byte
-	closed chan struct{}
-	seen   bool
+// outputWatcher passes Azurite's output on to w (if set) and closes the
+// channel of each message once the output has shown it.
+type outputWatcher struct {
+	w     io.Writer
+	mu    sync.Mutex
+	text  []byte // the output since the last message seen
+	watch []watched
+}
+
+type watched struct {
+	msg  string
+	ch   chan struct{}
+	seen bool
+}
+
+func newOutputWatcher(msgs ...string) *outputWatcher {
+	o := &outputWatcher{}
+	for _, m := range msgs {
+		o.watch = append(o.watch, watched{msg: m, ch: make(chan struct{})})
+	}
+	return o
+}
+
+// seen returns the channel closed once msg has been printed.
+func (o *outputWatcher) seen(msg string) chan struct{} {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, w := range o.watch {
+		if w.msg == msg {
+			return w.ch
+		}
+	}
+	return nil
 }
 
 // Write implements io.Writer.
-func (c *closeWatcher) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	if !c.seen {
-		c.tail = append(c.tail, p...)
-		if bytes.Contains(c.tail, []byte(closedMessage)) {
-			c.seen = true
-			close(c.closed)
-		} else if n := len(c.tail); n > len(closedMessage) {
-			c.tail = append(c.tail[:0], c.tail[n-len(closedMessage):]...)
+func (o *outputWatcher) Write(p []byte) (int, error) {
+	o.mu.Lock()
+	o.text = append(o.text, p...)
+	longest := 0
+	for i := range o.watch {
+		w := &o.watch[i]
+		longest = max(longest, len(w.msg))
+		if !w.seen && bytes.Contains(o.text, []byte(w.msg)) {
+			w.seen = true
+			close(w.ch)
 		}
 	}
-	c.mu.Unlock()
-	if c.w != nil {
-		return c.w.Write(p)
+	if n := len(o.text); n > longest {
+		o.text = append(o.text[:0], o.text[n-longest:]...)
+	}
+	o.mu.Unlock()
+	if o.w != nil {
+		return o.w.Write(p)
 	}
 	return len(p), nil
 }
@@ -171,8 +205,10 @@ func launchOn(ctx context.Context, bin string, port int, location, logPath strin
 	// Own process group, so Stop reaches node and anything it spawned.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	// Azurite's output goes to the log (if any) through a watcher that
-	// sees it report its data saved on the way out (Shutdown).
-	out := &closeWatcher{closed: make(chan struct{})}
+	// sees it report that it listens (waitReady: the answer then comes
+	// from this Azurite, not from another that took the port first) and,
+	// on the way out, that its data is saved (Shutdown).
+	out := newOutputWatcher(listeningMessage, closedMessage)
 	var logf *os.File
 	if logPath != "" {
 		f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -189,11 +225,12 @@ func launchOn(ctx context.Context, bin string, port int, location, logPath strin
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
 	s := &Server{
-		Endpoint: fmt.Sprintf("http://127.0.0.1:%d/%s", port, DevAccount),
-		Port:     port,
-		cmd:      cmd,
-		done:     make(chan struct{}),
-		closed:   out.closed,
+		Endpoint:  fmt.Sprintf("http://127.0.0.1:%d/%s", port, DevAccount),
+		Port:      port,
+		cmd:       cmd,
+		done:      make(chan struct{}),
+		listening: out.seen(listeningMessage),
+		closed:    out.seen(closedMessage),
 	}
 	go func() {
 		s.err = cmd.Wait()
@@ -209,10 +246,20 @@ func launchOn(ctx context.Context, bin string, port int, location, logPath strin
 	return s, nil
 }
 
-// waitReady polls until Azurite answers an HTTP request (any status: an
-// unauthenticated request gets 403, which proves the service is up).
+// waitReady waits until this Azurite says it listens, then polls until
+// it answers an HTTP request (any status: an unauthenticated request gets
+// 403, which proves the service is up).
 func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
+	select {
+	case <-s.listening:
+	case <-s.done:
+		return fmt.Errorf("azurite exited before listening on port %d (taken?): %v", s.Port, s.err)
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(limit):
+		return fmt.Errorf("azurite did not listen on port %d within %v", s.Port, limit)
+	}
 	client := &http.Client{Timeout: 2 * time.Second}
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
