@@ -48,8 +48,9 @@ func newRootCmd(g *globals) *cobra.Command {
 is journaled locally and replicated in order to an Azure page blob with Put
 Page / Clear Pages, so the blob is a crash-consistent replica of the disk
 (whenever its sequence number is even). To run it in Azure, make a managed
-disk from the blob (az disk create --source BLOB-URL), or from a recovery
-point copied to a blob; Azure no longer attaches page blobs to VMs.
+disk from the blob (az disk create --source BLOB-URL) once it is unmounted,
+or from a copy of a recovery point or of the live disk that
+` + "`vhdsync points promote`" + ` makes; Azure no longer attaches page blobs to VMs.
 
 Blob URLs look like https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB.vhd
 (or http://127.0.0.1:PORT/devstoreaccount1/CONTAINER/BLOB.vhd for Azurite).

@@ -49,7 +49,11 @@ first, newest last. Each line gives:
 
 Other snapshots of the blob (taken by a user or another tool) are counted but
 not listed, and vhdsync never deletes them. Listing needs the right to list
-the container (a SAS scoped to the blob alone cannot list).`,
+the container (a SAS scoped to the blob alone cannot list).
+
+` + "`vhdsync points promote --blob URL --point ID --to URL`" + ` copies a point (or the
+live disk) to a new page blob and prints the az disk create that makes a
+managed disk of it.`,
 		Example: `  vhdsync points --blob https://acct.blob.core.windows.net/disks/data.vhd
   vhdsync points --blob https://acct.blob.core.windows.net/disks/data.vhd --json | jq -r '.points[-1].id'`,
 		Args: cobra.NoArgs,
