@@ -115,8 +115,15 @@ func walkScript(steps []walkStep) string {
 // (loop devices are the kernel's, not the namespace's).
 const walkWrapper = `set +e
 ip link set lo up || { echo "@@SETUP ip link set lo up failed"; exit 97; }
+# /usr/local/bin gets a tmpfs too (make install writes there), holding
+# links to what it held, which may include the go command.
+mkdir -p "$WALK_TMP/usr-local-bin" && mount --bind /usr/local/bin "$WALK_TMP/usr-local-bin" || { echo "@@SETUP bind of /usr/local/bin failed"; exit 97; }
 for d in /var/lib /mnt /usr/local/bin; do
   mount -t tmpfs -o mode=0755 tmpfs "$d" || { echo "@@SETUP tmpfs on $d failed"; exit 97; }
+done
+for f in "$WALK_TMP/usr-local-bin"/*; do
+  case "${f##*/}" in vhdsync) continue ;; esac # the walk-through installs its own
+  [ -e "$f" ] && ln -s "$f" /usr/local/bin/
 done
 mount --bind "$WALK_BIN" "$WALK_REPO/bin" || { echo "@@SETUP bind over bin/ failed"; exit 97; }
 cd "$WALK_REPO" || exit 97
@@ -214,7 +221,7 @@ func TestReadmeWalkthrough(t *testing.T) {
 		"GOCACHE=" + strings.TrimSpace(string(gocache)),
 		"GOMODCACHE=" + strings.TrimSpace(string(gomod)),
 		"GOFLAGS=-mod=readonly", "GOPROXY=off", "GOTOOLCHAIN=local",
-		"WALK_REPO=" + repo, "WALK_BIN=" + filepath.Join(dir, "bin"), "WALK_SCRIPT=" + filepath.Join(dir, "walk.sh"),
+		"WALK_REPO=" + repo, "WALK_BIN=" + filepath.Join(dir, "bin"), "WALK_SCRIPT=" + filepath.Join(dir, "walk.sh"), "WALK_TMP=" + dir,
 	}
 	cmd.Dir = repo
 	start := time.Now()
