@@ -277,15 +277,16 @@ func TestSetBlobAndReplayProgress(t *testing.T) {
 		t.Error("a refused set-blob changed vhdsync.json")
 	}
 
-	// A crash left 300 scattered 4 KiB writes in the journal; the blob is
-	// now reached through an endpoint that answers each Put Page 40 ms
-	// late (8 in parallel: some seconds of drain).
+	// A crash left 30 writes of 64 KiB in the journal, 5 MiB apart (no two
+	// can share a Put Page); the blob is now reached through an endpoint
+	// that answers each Put Page 0.7 s late: with 8 in parallel, four
+	// rounds, about 3 s of drain.
 	writes := map[int64][]byte{}
-	for i := range 300 {
-		writes[int64(i)*(256<<10)] = pattern(fmt.Sprint("w", i), 4096)
+	for i := range 30 {
+		writes[int64(i)*(5<<20)] = pattern(fmt.Sprint("w", i), 64<<10)
 	}
 	leaveJournal(t, state, writes)
-	slow := slowProxy(t, s.Endpoint, 40*time.Millisecond)
+	slow := slowProxy(t, s.Endpoint, 700*time.Millisecond)
 	slowURL := strings.Replace(url, strings.TrimPrefix(strings.TrimSuffix(s.Endpoint, "/"+azurite.DevAccount), "http://"), strings.TrimPrefix(slow.URL, "http://"), 1)
 	out := mustRun(t, nil, "set-blob", "--state", state, "--blob", slowURL)
 	if !strings.Contains(out, "now replicates to "+slowURL) {

@@ -127,9 +127,12 @@ for f in "$WALK_TMP/usr-local-bin"/*; do
 done
 mount --bind "$WALK_BIN" "$WALK_REPO/bin" || { echo "@@SETUP bind over bin/ failed"; exit 97; }
 cd "$WALK_REPO" || exit 97
+# Only what the walk-through made is undone: its mounts are all under /mnt,
+# a tmpfs of this namespace (the copies of the host's mounts it inherited
+# are left alone).
 cleanup() {
   for m in $(awk '$3 == "ext4" && $2 ~ "^/mnt/" {print $2}' /proc/self/mounts); do umount -l "$m"; done
-  for f in $(awk '$3 == "fuse.vhdsync" {print $2}' /proc/self/mounts); do
+  for f in $(awk '$3 == "fuse.vhdsync" && $2 ~ "^/mnt/" {print $2}' /proc/self/mounts); do
     for l in $(losetup -n -O NAME -j "$f"/*.img 2>/dev/null); do losetup -d "$l"; done
     timeout 60 vhdsync unmount "$f" >/dev/null 2>&1 || umount -l "$f"
   done
