@@ -92,7 +92,10 @@ type Journal struct {
 	epoch     uint64        // open epoch; guarded by barrierMu
 	openEpoch atomic.Uint64 // epoch, readable without barrierMu (may lag it)
 	epochUsed atomic.Bool   // the open epoch has records
-	closed    atomic.Uint64
+	// epochStart is when the open epoch's first record was appended (unix
+	// nanoseconds; 0: none yet).
+	epochStart atomic.Int64
+	closed     atomic.Uint64
 
 	group groupCommit // see groupcommit.go
 	ilog  *intentlog.Log
@@ -537,6 +540,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	err := j.logEntry(intentlog.Entry{Key: recKey(r.Seq), Val: r.encode(), Inline: inline}, seg, r.segOff, direct)
 	full := false
 	if err == nil {
+		j.epochStart.CompareAndSwap(0, time.Now().UnixNano())
 		j.epochUsed.Store(true)
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
 		if seg != nil {
@@ -588,6 +592,7 @@ func (j *Journal) closeLocked() {
 	j.epoch++
 	j.openEpoch.Store(j.epoch)
 	j.epochUsed.Store(false)
+	j.epochStart.Store(0)
 	j.epochBytes.Store(0)
 	j.epochsClosed.Add(1)
 }
@@ -668,6 +673,16 @@ func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
 
 // OpenEpochHasRecords reports whether the open epoch holds records.
 func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
+
+// OpenEpochAge is how long ago the open epoch's first record was appended
+// (0 when it holds none).
+func (j *Journal) OpenEpochAge() time.Duration {
+	t := j.epochStart.Load()
+	if t == 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, t))
+}
 
 // Sync makes every record appended before it durable: the segment files
 // and intent log files written since the last sync, in parallel. Badger's

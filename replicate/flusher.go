@@ -314,13 +314,18 @@ func (f *Flusher) Run(ctx context.Context) error {
 			continue
 		}
 		if f.j.OpenEpochHasRecords() {
-			if f.urgent.Load() {
+			age := f.j.OpenEpochAge()
+			if f.urgent.Load() || age >= f.o.Linger {
+				// Its first write has waited a linger already (while a
+				// batch was sent): closing it now, not a linger from
+				// now, saved a quarter of a second per batch under a
+				// steady load.
 				f.j.CloseEpoch()
 				continue
 			}
 			if !lingering {
 				lingering = true
-				linger.Reset(f.o.Linger)
+				linger.Reset(f.o.Linger - age)
 			}
 		} else {
 			f.s.SetState(StateIdle, nil)
