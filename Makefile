@@ -80,7 +80,7 @@ bench: deps build
 	./bench/run.sh
 
 ## soak: the long reliability run of RELIABILITY.md, about DURATION in all (default 10m): half a
-## kill -9 loop, half rounds of network faults each lasting FAULT_WINDOW
+## kill -9 loop, half rounds of network faults and throttling storms each lasting FAULT_WINDOW
 ## (default 60s); then the crash-state checker for CRASH_DURATION (default
 ## 2m; e2fsck at every fsync; needs ~4 GiB of memory for 3 minutes); prints
 ## the RELIABILITY.md rows and keeps soak.log.
@@ -93,7 +93,7 @@ soak: deps build
 	  echo "soak DURATION=$(DURATION) FAULT_WINDOW=$(FAULT_WINDOW) (log: soak.log)"; \
 	  echo "| kill -9 loop | cycles | writes acknowledged | journal records replayed | in-flight writes landed | acknowledged writes lost | slots differing |"; \
 	  grep -h 'RELIABILITY | kill' soak.log | sed 's/.*RELIABILITY //'; \
-	  echo "| fault | lasted | writes+fsyncs during it | journal records at its end | failed to the user | converged after its end | bytes differing |"; \
+	  echo "| fault | lasted | writes+fsyncs during it | journal records at its end | throttled answers (503 / 500) | failed to the user | converged after its end | acknowledged bytes lost | bytes differing |"; \
 	  grep -h 'RELIABILITY |' soak.log | grep -v 'kill -9' | grep -v 'crash states' | sed 's/.*RELIABILITY //'; \
 	  grep -h 'RELIABILITY | crash states' soak.log | sed 's/.*RELIABILITY //'; \
 	  grep -E '^(--- |ok|FAIL)' soak.log; exit $$rc

@@ -1,12 +1,18 @@
 package main
 
-// Network faults: the daemon reaches Azurite through a
-// toxiproxy in this test process. During each fault a writer keeps writing
-// and fsync'ing through the mount; when the fault ends the test measures
-// the time until the journal is empty, then counts the bytes in which the
-// blob and the image differ. Writes failed to the user and bytes differing
-// must both be 0. VHDSYNC_FAULT_WINDOW (default 3s) sets how long each
-// fault lasts: `make soak` runs the long form (the proxy down for 60 s).
+// Network faults: the daemon reaches Azurite through a toxiproxy and then
+// the Azure-limits proxy (internal/azurite/throttle), both in this test
+// process. The toxiproxy breaks the connection (latency, bandwidth, resets,
+// stalls, down); the throttle proxy, unlimited between faults, plays
+// Azure's throttling storms (503 ServerBusy, 500 OperationTimedOut). During
+// each fault a writer keeps writing and fsync'ing through the mount; when
+// the fault ends the test measures the time until the journal is empty,
+// then compares the blob with the image and with a model of every
+// acknowledged write. Writes failed to the user, acknowledged bytes lost
+// and bytes differing must all be 0, and the daemon must count exactly the
+// throttled answers the proxy gave. VHDSYNC_FAULT_WINDOW (default 3s) sets
+// how long each fault lasts: `make soak` runs the long form (the proxy down
+// for 60 s, a storm of 60 s).
 
 import (
 	"bytes"
@@ -25,6 +31,8 @@ import (
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+
+	"github.com/vhdsync/vhdsync/internal/azurite/throttle"
 )
 
 // faultWindow is how long each fault lasts.
@@ -41,20 +49,46 @@ func faultWindow(t *testing.T) time.Duration {
 	return w
 }
 
-// netFault is one fault: begin starts it, end removes it.
+// netFault is one fault: a toxic of the toxiproxy, the toxiproxy stopped,
+// or a throttling storm.
 type netFault struct {
 	name  string
-	toxic string // toxiproxy toxic JSON; "" : the proxy is stopped
+	toxic string // toxiproxy toxic JSON; "" and no storm: the proxy is stopped
+	// storm, if set, is the throttle proxy's limits while the fault lasts
+	// (unlimited before and after).
+	storm *throttle.Limits
 }
+
+// The storms' limits: a fifth of the writer's request rate (50 write+fsync
+// pairs/s) and about a third of its 3.2 MiB/s, so most of the flusher's
+// requests are refused while a storm lasts. Azure's own targets for a
+// standard page blob (500 requests/s, 60 MiB/s) are far above this test's
+// load; the proxy lowers them to make the load a storm.
+const (
+	stormRequestsPerSecond = 10
+	stormBytesPerSecond    = 1 << 20
+)
+
+// storm returns the limits of a storm in which timeoutFraction of the
+// refusals are 500 OperationTimedOut and the rest 503 ServerBusy.
+func storm(timeoutFraction float64) *throttle.Limits {
+	return &throttle.Limits{RequestsPerSecond: stormRequestsPerSecond, BytesPerSecond: stormBytesPerSecond, TimeoutFraction: timeoutFraction}
+}
+
+// netFaultHeader is the table header of the rows faultRound returns.
+const netFaultHeader = "| fault | lasted | writes+fsyncs during it | journal records at its end | throttled answers (503 / 500) | failed to the user | converged after its end | acknowledged bytes lost | bytes differing |\n|---|---|---|---|---|---|---|---|---|"
 
 func TestE2ENetworkFaults(t *testing.T) {
 	e := newE2E(t)
 	window := faultWindow(t)
 
-	// The proxy, in process, in front of Azurite. Its toxics log through
-	// zerolog's global logger (a line per interrupted write): quiet it.
+	// The proxies, in process: the daemon reaches the toxiproxy, the
+	// toxiproxy the throttle proxy (unlimited until a storm), the throttle
+	// proxy Azurite. The toxics log through zerolog's global logger (a line
+	// per interrupted write): quiet it.
 	zerolog.SetGlobalLevel(zerolog.WarnLevel)
-	u, err := url.Parse(e.az.Endpoint)
+	px := throttle.Start(t, e.az.Endpoint, throttle.Limits{})
+	u, err := url.Parse(px.Endpoint)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,9 +99,10 @@ func TestE2ENetworkFaults(t *testing.T) {
 	}
 	t.Cleanup(proxy.Stop)
 
-	// The disk's blob URL names the proxy: the daemon goes through it.
+	// The disk's blob URL names the toxiproxy: the daemon goes through
+	// both proxies.
 	const sizeMiB = 32
-	blobURL := strings.Replace(e.az.BlobURL("disks", "net.vhd"), u.Host, proxy.Listen, 1)
+	blobURL := strings.Replace(px.BlobURL("disks", "net.vhd"), u.Host, proxy.Listen, 1)
 	state := e.path("state-net")
 	e.mustVhdsync("create", "--blob", blobURL, "--size", fmt.Sprintf("%dMiB", sizeMiB), "--state", state, "--create-container")
 	directURL := e.az.BlobURL("disks", "net.vhd")
@@ -76,24 +111,33 @@ func TestE2ENetworkFaults(t *testing.T) {
 	img := filepath.Join(mp, "net.img")
 
 	faults := []netFault{
-		{"latency 300 ms ± 100", `{"name":"f","type":"latency","stream":"downstream","attributes":{"latency":300,"jitter":100}}`},
-		{"bandwidth 64 KB/s", `{"name":"f","type":"bandwidth","stream":"upstream","attributes":{"rate":64}}`},
-		{"reset_peer after 50 ms", `{"name":"f","type":"reset_peer","stream":"upstream","attributes":{"timeout":50}}`},
-		{"timeout (no data, closed after 2 s)", `{"name":"f","type":"timeout","stream":"upstream","attributes":{"timeout":2000}}`},
-		{"proxy down", ""},
+		{name: "latency 300 ms ± 100", toxic: `{"name":"f","type":"latency","stream":"downstream","attributes":{"latency":300,"jitter":100}}`},
+		{name: "bandwidth 64 KB/s", toxic: `{"name":"f","type":"bandwidth","stream":"upstream","attributes":{"rate":64}}`},
+		{name: "reset_peer after 50 ms", toxic: `{"name":"f","type":"reset_peer","stream":"upstream","attributes":{"timeout":50}}`},
+		{name: "timeout (no data, closed after 2 s)", toxic: `{"name":"f","type":"timeout","stream":"upstream","attributes":{"timeout":2000}}`},
+		{name: "proxy down"},
 	}
 	// The soak repeats the faults for half of VHDSYNC_SOAK_DURATION (the
-	// kill -9 loop takes the other half).
+	// kill -9 loop takes the other half), with a storm of each kind; the
+	// short form has one storm mixing both.
 	soak := soakDuration(t) / 2
+	if soak > 0 {
+		faults = append(faults,
+			netFault{name: "503 ServerBusy storm", storm: storm(0)},
+			netFault{name: "500 OperationTimedOut storm", storm: storm(1)})
+	} else {
+		faults = append(faults, netFault{name: "storm, 1 in 4 refusals 500 OperationTimedOut, the rest 503 ServerBusy", storm: storm(0.25)})
+	}
+	model := make([]byte, sizeMiB<<20) // every acknowledged write, applied in order
 	start := time.Now()
 	var rows []string
 	for round := 0; round == 0 || time.Since(start) < soak; round++ {
-		rows = append(rows, faultRound(t, e, proxy, faults, window, round, state, img, directURL, sizeMiB)...)
+		rows = append(rows, faultRound(t, e, proxy, px.Proxy, faults, window, round, state, img, directURL, model)...)
 	}
 	e.mustVhdsync("unmount", mp)
 	d.waitExit(30 * time.Second)
 	e.mustVhdsync("verify", "--state", state)
-	t.Logf("network faults:\n| fault | lasted | writes+fsyncs during it | journal records at its end | failed to the user | converged after its end | bytes differing |\n|---|---|---|---|---|---|---|\n%s", strings.Join(rows, "\n"))
+	t.Logf("network faults:\n%s\n%s", netFaultHeader, strings.Join(rows, "\n"))
 }
 
 // soakDuration is VHDSYNC_SOAK_DURATION (0 outside `make soak`).
@@ -111,12 +155,15 @@ func soakDuration(t *testing.T) time.Duration {
 }
 
 // faultRound runs every fault once, a writer busy during each, and returns
-// a table row per fault.
-func faultRound(t *testing.T, e *e2e, proxy *toxiproxy.Proxy, faults []netFault, window time.Duration, round int, state, img, directURL string, sizeMiB int64) []string {
+// a table row per fault. model is the disk as the acknowledged writes made
+// it; the writer applies each write to it once its fsync returned.
+func faultRound(t *testing.T, e *e2e, proxy *toxiproxy.Proxy, px *throttle.Proxy, faults []netFault, window time.Duration, round int, state, img, directURL string, model []byte) []string {
 	t.Helper()
+	size := int64(len(model))
 	var rows []string
 	for i, f := range faults {
 		i := i + 100*round
+		throttled0, px0 := e.mustStatus(state).Throttled, px.Stats().Total
 		// A writer: 64 KiB at random sectors, an fsync after each.
 		var failed, writes atomic.Int64
 		var wmu sync.Mutex
@@ -140,13 +187,16 @@ func faultRound(t *testing.T, e *e2e, proxy *toxiproxy.Proxy, faults []netFault,
 					return
 				case <-pace.C:
 				}
-				off := rng.Int63n(sizeMiB<<20-64<<10) &^ 511
-				_, err := fh.WriteAt(pattern(fmt.Sprintf("%d-%d", i, n), 64<<10), off)
+				off := rng.Int63n(size-64<<10) &^ 511
+				p := pattern(fmt.Sprintf("%d-%d", i, n), 64<<10)
+				_, err := fh.WriteAt(p, off)
 				if err == nil {
 					err = fh.Sync()
 				}
 				writes.Add(1)
-				if err != nil {
+				if err == nil {
+					copy(model[off:], p)
+				} else {
 					failed.Add(1)
 					wmu.Lock()
 					werrs = append(werrs, err.Error())
@@ -155,18 +205,32 @@ func faultRound(t *testing.T, e *e2e, proxy *toxiproxy.Proxy, faults []netFault,
 			}
 		}()
 
-		if f.toxic == "" {
+		switch {
+		case f.storm != nil:
+			if err := px.SetLimits(*f.storm); err != nil {
+				t.Fatalf("%s: %v", f.name, err)
+			}
+		case f.toxic == "":
 			proxy.Stop()
-		} else if _, err := proxy.Toxics.AddToxicJson(strings.NewReader(f.toxic)); err != nil {
-			t.Fatalf("%s: %v", f.name, err)
+		default:
+			if _, err := proxy.Toxics.AddToxicJson(strings.NewReader(f.toxic)); err != nil {
+				t.Fatalf("%s: %v", f.name, err)
+			}
 		}
 		<-time.After(window) // the fault's duration
-		if f.toxic == "" {
+		switch {
+		case f.storm != nil:
+			if err := px.SetLimits(throttle.Limits{}); err != nil {
+				t.Fatalf("%s: end: %v", f.name, err)
+			}
+		case f.toxic == "":
 			if err := proxy.Start(); err != nil {
 				t.Fatalf("restart the proxy: %v", err)
 			}
-		} else if err := proxy.Toxics.RemoveToxic(t.Context(), "f"); err != nil {
-			t.Fatalf("%s: remove: %v", f.name, err)
+		default:
+			if err := proxy.Toxics.RemoveToxic(t.Context(), "f"); err != nil {
+				t.Fatalf("%s: remove: %v", f.name, err)
+			}
 		}
 		ended := time.Now()
 		close(stop)
@@ -180,25 +244,44 @@ func faultRound(t *testing.T, e *e2e, proxy *toxiproxy.Proxy, faults []netFault,
 			return err == nil && s.JournalRecords == 0, err
 		})
 		converge := time.Since(ended)
-		diff := blobImageDiff(t, e, directURL, filepath.Join(state, "disk.img"), sizeMiB<<20)
-		row := fmt.Sprintf("| %s | %v | %d | %d | %d | %.1f s | %d |", f.name, window, writes.Load(), pending, failed.Load(), converge.Seconds(), diff)
+		diff, lost := blobDiff(t, e, directURL, filepath.Join(state, "disk.img"), model)
+		daemonThrottled := e.mustStatus(state).Throttled - throttled0
+		px1 := px.Stats().Total
+		busy, timedOut := px1.Throttled-px0.Throttled, px1.TimedOut-px0.TimedOut
+		row := fmt.Sprintf("| %s | %v | %d | %d | %d / %d | %d | %.1f s | %d | %d |", f.name, window, writes.Load(), pending, busy, timedOut, failed.Load(), converge.Seconds(), lost, diff)
 		rows = append(rows, row)
 		t.Logf("RELIABILITY %s", row)
 		if failed.Load() != 0 {
 			t.Errorf("%s: %d writes failed to the user: %v", f.name, failed.Load(), werrs)
 		}
+		if lost != 0 {
+			t.Errorf("%s: the blob lacks %d bytes of acknowledged writes after the drain", f.name, lost)
+		}
 		if diff != 0 {
 			t.Errorf("%s: blob and image differ in %d bytes after the drain", f.name, diff)
+		}
+		if daemonThrottled != uint64(busy+timedOut) {
+			t.Errorf("%s: the daemon counted %d throttled answers (status --json throttled), the proxy gave %d (%d 503, %d 500)", f.name, daemonThrottled, busy+timedOut, busy, timedOut)
+		}
+		if s := f.storm; s != nil {
+			if busy+timedOut == 0 {
+				t.Errorf("%s: the proxy refused nothing: the load did not make a storm", f.name)
+			}
+			if s.TimeoutFraction > 0 && timedOut == 0 || s.TimeoutFraction < 1 && busy == 0 {
+				t.Errorf("%s: %d 503 ServerBusy and %d 500 OperationTimedOut, want both kinds the storm gives (timeout fraction %v)", f.name, busy, timedOut, s.TimeoutFraction)
+			}
 		}
 	}
 	return rows
 }
 
-// blobImageDiff downloads the blob directly (not through the proxy) and
-// counts the bytes of its data region that differ from the image, plus
-// 512 if its footer is not the state's.
-func blobImageDiff(t *testing.T, e *e2e, url, image string, size int64) int64 {
+// blobDiff downloads the blob directly (not through the proxies) and
+// counts the bytes of its data region that differ from the image (diff,
+// plus 512 if its footer is not the state's) and from model, the
+// acknowledged writes (lost).
+func blobDiff(t *testing.T, e *e2e, url, image string, model []byte) (diff, lost int64) {
 	t.Helper()
+	size := int64(len(model))
 	local := e.path(fmt.Sprintf("blob-%d.vhd", time.Now().UnixNano()))
 	download(t, url, local)
 	defer os.Remove(local)
@@ -212,7 +295,17 @@ func blobImageDiff(t *testing.T, e *e2e, url, image string, size int64) int64 {
 		t.Fatal(err)
 	}
 	defer imf.Close()
-	var n int64
+	differing := func(a, b []byte) (n int64) {
+		if bytes.Equal(a, b) {
+			return 0
+		}
+		for i := range a {
+			if a[i] != b[i] {
+				n++
+			}
+		}
+		return n
+	}
 	a, b := make([]byte, 1<<20), make([]byte, 1<<20)
 	for off := int64(0); off < size; off += 1 << 20 {
 		if _, err := io.ReadFull(io.NewSectionReader(bf, off, 1<<20), a); err != nil {
@@ -221,17 +314,12 @@ func blobImageDiff(t *testing.T, e *e2e, url, image string, size int64) int64 {
 		if _, err := io.ReadFull(io.NewSectionReader(imf, off, 1<<20), b); err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(a, b) {
-			for i := range a {
-				if a[i] != b[i] {
-					n++
-				}
-			}
-		}
+		diff += differing(a, b)
+		lost += differing(a, model[off:off+1<<20])
 	}
 	foot := make([]byte, 512)
 	if _, err := bf.ReadAt(foot, size); err != nil || !bytes.Equal(foot, stateFooter(t, filepath.Dir(image))) {
-		n += 512
+		diff += 512
 	}
-	return n
+	return diff, lost
 }

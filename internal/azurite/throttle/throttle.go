@@ -11,6 +11,9 @@
 // through a bucket smaller than 4 MiB: refusing it until the bucket could
 // hold it whole would refuse it forever, and Azure does not do that either.
 //
+// SetLimits changes the limits of a running proxy, so that a test can
+// start a storm (limits far below its load) and end it (Limits{}).
+//
 // The package uses the standard library only, so that it shares no code
 // with the client it tests.
 package throttle
@@ -139,8 +142,8 @@ func New(target string, lim Limits, opts ...Option) (*Proxy, error) {
 	if u.RawQuery != "" {
 		return nil, fmt.Errorf("throttle: target %q: the endpoint takes no query (pass a SAS to the client, not to the proxy)", u.Scheme+"://"+u.Host+u.Path)
 	}
-	if lim.RequestsPerSecond < 0 || lim.BytesPerSecond < 0 || lim.TimeoutFraction < 0 || lim.TimeoutFraction > 1 {
-		return nil, fmt.Errorf("throttle: limits %+v: rates must be >= 0 and the timeout fraction within [0, 1]", lim)
+	if err := lim.check(); err != nil {
+		return nil, err
 	}
 	p := &Proxy{
 		target:  u,
@@ -193,8 +196,37 @@ func (p *Proxy) CloseIdleConnections() {
 	}
 }
 
+// check refuses limits the buckets cannot enforce.
+func (lim Limits) check() error {
+	if lim.RequestsPerSecond < 0 || lim.BytesPerSecond < 0 || lim.TimeoutFraction < 0 || lim.TimeoutFraction > 1 {
+		return fmt.Errorf("throttle: limits %+v: rates must be >= 0 and the timeout fraction within [0, 1]", lim)
+	}
+	return nil
+}
+
 // Limits returns the limits the proxy enforces.
-func (p *Proxy) Limits() Limits { return p.lim }
+func (p *Proxy) Limits() Limits {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.lim
+}
+
+// SetLimits replaces the limits the proxy enforces from the next request
+// on: a test starts a throttling storm by lowering them and ends it by
+// lifting them (Limits{}: unlimited). Every blob starts again with a full
+// one-second burst of the new limits, as under New, and the share of
+// timeouts starts afresh; the counters go on.
+func (p *Proxy) SetLimits(lim Limits) error {
+	if err := lim.check(); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.lim = lim
+	p.buckets = map[string]*bucket{}
+	p.timeoutDebt = 0
+	return nil
+}
 
 // blobKey returns the path of the blob r addresses, or "" for a service-
 // or container-level request (which Azure limits per account, not here).

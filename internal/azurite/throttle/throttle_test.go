@@ -388,6 +388,57 @@ func TestTimeoutFraction(t *testing.T) {
 	})
 }
 
+// TestSetLimitsStartsAndEndsAStorm lowers an unlimited proxy's limits
+// (the storm: the excess refused, all of it as 500 OperationTimedOut), then
+// lifts them again: every request goes through before and after, and the
+// counters span the three phases.
+func TestSetLimitsStartsAndEndsAStorm(t *testing.T) {
+	b, s, clk := setup(t, Limits{})
+	blob := s.BlobURL("c", "b")
+	for i := 0; i < 20; i++ {
+		if a := putPage(t, blob); a.status != http.StatusCreated {
+			t.Fatalf("unlimited, request %d: status %d", i, a.status)
+		}
+	}
+	storm := Limits{RequestsPerSecond: 2, TimeoutFraction: 1}
+	if err := s.Proxy.SetLimits(storm); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Proxy.Limits(); got != storm {
+		t.Fatalf("Limits() = %+v after SetLimits(%+v)", got, storm)
+	}
+	// A full burst of the new limits, then the refusals.
+	for i := 0; i < 2; i++ {
+		if a := putPage(t, blob); a.status != http.StatusCreated {
+			t.Fatalf("storm burst, request %d: status %d", i, a.status)
+		}
+	}
+	for i := 0; i < 3; i++ {
+		a := putPage(t, blob)
+		checkRefusal(t, a, http.StatusInternalServerError, "OperationTimedOut", "Operation could not be completed within the specified time.", clk.now())
+	}
+	if err := s.Proxy.SetLimits(Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		if a := putPage(t, blob); a.status != http.StatusCreated {
+			t.Fatalf("after the storm, request %d: status %d", i, a.status)
+		}
+	}
+	if n := b.count(); n != 42 {
+		t.Fatalf("backend saw %d requests, want 42", n)
+	}
+	if st := s.Proxy.Stats().Total; st != (Counts{Admitted: 42, TimedOut: 3, Bytes: 42 * 512}) {
+		t.Fatalf("stats %+v", st)
+	}
+	if err := s.Proxy.SetLimits(Limits{TimeoutFraction: 2}); err == nil {
+		t.Fatal("SetLimits accepted a timeout fraction of 2")
+	}
+	if got := s.Proxy.Limits(); got != (Limits{}) {
+		t.Fatalf("a refused SetLimits changed the limits to %+v", got)
+	}
+}
+
 func slicesEqual(a, b []int) bool {
 	if len(a) != len(b) {
 		return false
