@@ -175,7 +175,8 @@ type config struct {
 // parameters it does not support instead of refusing them. It is for a
 // test whose request the strict check refuses although the real service
 // accepts it; the caller must name that check and say why it is wrong for
-// Azure. No test needs it today.
+// Azure. No test of vhdsync needs it today; TestStrictByDefault uses it
+// to show what strict mode refuses.
 func Loose() Option { return func(c *config) { c.loose = true } }
 
 // args returns Azurite's command line for port and location.
