@@ -28,7 +28,7 @@ const (
 
 // savedNamespace is namespace.json.
 type savedNamespace struct {
-	Next   uint64                 `json:"next"`
+	Next   uint64                `json:"next"`
 	Inodes map[string]savedInode `json:"inodes"` // by decimal inode number
 }
 
