@@ -208,10 +208,16 @@ func Open(dir string, o Options) (*Journal, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	// The directory's name must survive a power loss as its files do:
+	// nothing else fsyncs the state directory after it is made (with the
+	// staged transfer no lease id is saved there).
+	if err := files.MkdirDurable(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create journal directory: %w", err)
 	}
 	if err := removeEmptyLogs(dir, log); err != nil {
+		return nil, err
+	}
+	if err := repairIndex(dir, badgerOptions(dir, log), log); err != nil {
 		return nil, err
 	}
 	db, err := badger.Open(badgerOptions(dir, log))

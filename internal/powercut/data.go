@@ -52,15 +52,8 @@ func (d *fileData) dirty() bool {
 	return len(d.pages) > 0 || d.size != d.dsize || d.valid != d.dsize
 }
 
-// unsynced is how many bytes of changes a cut would drop: the overlay's
-// pages, and the size change.
-func (d *fileData) unsynced() int64 {
-	n := int64(len(d.pages)) * pageSize
-	if d.size != d.dsize || d.valid != d.dsize {
-		n += max(d.size, d.dsize) - min(d.size, d.dsize, d.valid)
-	}
-	return n
-}
+// unsynced is how many bytes of the overlay's pages a cut would drop.
+func (d *fileData) unsynced() int64 { return int64(len(d.pages)) * pageSize }
 
 // readBacking fills p with the durable file's bytes at off as the live
 // file shows them: zeros at and beyond valid.

@@ -114,7 +114,7 @@ func TestFileDataModel(t *testing.T) {
 				live = bytes.Clone(durable)
 				check("cut")
 			case 6: // unsynced figure
-				if d.dirty() != (d.unsynced() > 0 || len(d.pages) > 0 || d.size != d.dsize || d.valid != d.dsize) {
+				if d.dirty() != (d.unsynced() > 0 || d.size != d.dsize || d.valid != d.dsize) {
 					rt.Fatal("dirty and unsynced disagree")
 				}
 			}

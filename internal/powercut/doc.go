@@ -58,6 +58,13 @@
 // cache data and attributes without limit (FOPEN_KEEP_CACHE, explicit
 // invalidation): every change goes through it, and a cut ends the mount.
 //
+// The process that serves a mount must not map its files (badger does):
+// a page fault waits for the server, whose goroutines the Go garbage
+// collector may be stopping while it waits for the faulting thread. Run
+// such programs in another process, as the tests do. Likewise, a test
+// process that dies with files of its own mount open hangs in the kernel
+// (close waits for the server that died with it): unmount before exiting.
+//
 // Changes are held in 4 KiB pages, in memory, until their fsync: a test's
 // memory grows with what its processes leave unsynced.
 package powercut

@@ -182,7 +182,7 @@ func (f *FS) Dead() bool { return f.dead.Load() }
 // CutStats is what a cut dropped.
 type CutStats struct {
 	// Files is how many files had unsynced data or size; Bytes how many
-	// bytes of changes they lost (unsynced pages, and the size change).
+	// bytes of unsynced pages they lost (size changes not counted).
 	Files int
 	Bytes int64
 	// Entries is how many directory entries reverted: names created,

@@ -13,72 +13,19 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/vhdsync/vhdsync/internal/testenv"
 )
 
-// pc is a power-cut mount under test: the backing directory survives
-// cuts, the mount is made again after each.
+// pc wraps Test with the helpers below.
 type pc struct {
-	t       *testing.T
-	backing string
-	mp      string
-	fs      *FS
+	*Test
+	t *testing.T
 }
 
-// mountPC mounts a fresh power-cut file system and registers its
-// unmount.
-func mountPC(t *testing.T) *pc {
-	t.Helper()
-	testenv.RequireRoot(t, "FUSE mounts")
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		testenv.Missing(t, "/dev/fuse", "modprobe fuse (or run the tests where FUSE is available)")
-	}
-	dir := t.TempDir()
-	p := &pc{t: t, backing: filepath.Join(dir, "backing"), mp: filepath.Join(dir, "mnt")}
-	if err := os.Mkdir(p.mp, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	p.mount()
-	t.Cleanup(func() {
-		if p.fs != nil {
-			if err := p.fs.Unmount(); err != nil {
-				t.Errorf("unmount: %v", err)
-			}
-		}
-	})
-	return p
-}
+func mountPC(t *testing.T) *pc { return &pc{Test: Start(t), t: t} }
 
-func (p *pc) mount() {
-	p.t.Helper()
-	fs, err := Mount(p.backing, p.mp, Options{})
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	p.fs = fs
-}
-
-// path names a file in the mount.
-func (p *pc) path(name string) string { return filepath.Join(p.mp, name) }
-
-// cut cuts the power, unmounts and mounts the backing directory again:
-// what the mount shows then is what survived.
-func (p *pc) cut() CutStats {
-	p.t.Helper()
-	s := p.fs.Cut()
-	p.remount()
-	return s
-}
-
-func (p *pc) remount() {
-	p.t.Helper()
-	if err := p.fs.Unmount(); err != nil {
-		p.t.Fatal(err)
-	}
-	p.fs = nil
-	p.mount()
-}
+func (p *pc) path(name string) string { return p.Path(name) }
+func (p *pc) cut() CutStats           { return p.Cut() }
+func (p *pc) remount()                { p.Remount() }
 
 // write writes b at off in name (created if missing), and fsyncs it with
 // sync.
@@ -470,7 +417,7 @@ func TestCutAfter(t *testing.T) {
 	p := mountPC(t)
 	p.write("f", []byte("v1"), 0, true)
 	p.syncDir(".")
-	fired := p.fs.CutAfter(func(op Op) bool { return op.Kind == OpFsync && op.Path == "f" })
+	fired := p.FS().CutAfter(func(op Op) bool { return op.Kind == OpFsync && op.Path == "f" })
 	f, err := os.OpenFile(p.path("f"), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -514,13 +461,13 @@ func TestControlFile(t *testing.T) {
 	if out, err := exec.Command("sh", "-c", "echo cut > "+p.path(ControlName)).CombinedOutput(); err != nil {
 		t.Fatalf("echo cut: %v: %s", err, out)
 	}
-	waitDead(t, p.fs)
+	waitDead(t, p.FS())
 	if _, err := os.ReadFile(p.path("f")); !errors.Is(err, syscall.EIO) {
 		t.Errorf("a read after the cut: %v, want EIO", err)
 	}
 	p.remount()
 	p.want("f", []byte("durable"))
-	ents, err := os.ReadDir(p.mp)
+	ents, err := os.ReadDir(p.Dir)
 	if err != nil || len(ents) != 1 || ents[0].Name() != "f" {
 		t.Errorf("root lists %v (%v); the control file is not listed", ents, err)
 	}

@@ -81,3 +81,17 @@ func (f *FS) after(op Op) {
 		t.ch <- f.doCut(&o)
 	}()
 }
+
+// Disarm removes the armed CutAfter. It returns true if that trigger had
+// not fired (it never will now); false if it fired (or none was armed).
+func (f *FS) Disarm() bool {
+	t := f.trigger.Swap(nil)
+	if t == nil {
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	was := t.fired
+	t.fired = true
+	return !was
+}
