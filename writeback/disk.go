@@ -151,7 +151,11 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		o.Flusher.Sink = sink
 	}
 	d.j.RaiseEpoch(above + 1)
-	o.Flusher.SyncImage = func() error { return journal.Datasync(d.img) }
+	// The image is synced only with every record applied to it durable
+	// (see Journal.SyncApplied).
+	o.Flusher.SyncImage = func() error {
+		return d.j.SyncApplied(func() error { return journal.Datasync(d.img) })
+	}
 	if !o.NoFills {
 		o.Flusher.Image = d
 	}
