@@ -175,11 +175,11 @@ type pcRun struct {
 	model           *pcModel
 
 	cuts, hooked, replayFailed, fscks, fsckFailed, converged int
-	fired, missed                                 map[string]int
-	blobOK                                        bool
-	daemonHWM                                     int64 // KiB
-	droppedBytes                                  int64
-	droppedFiles, droppedEntries                  int
+	fired, missed                                            map[string]int
+	blobOK                                                   bool
+	daemonHWM                                                int64 // KiB
+	droppedBytes                                             int64
+	droppedFiles, droppedEntries                             int
 }
 
 // mountPC mounts the power-cut file system and registers its unmount,
