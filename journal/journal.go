@@ -793,12 +793,17 @@ func (j *Journal) syncOnce() error {
 // survives a power loss as it was when last synced as the active one, and
 // the intent log holds its later entries until this returns.
 func (j *Journal) syncFiles() error {
+	// An entry committed before this call is in the memtable active at
+	// DB.Sync (synced) or in an older one, rotated before it: numbered
+	// below the newest log listed after DB.Sync, so waited for. Listed
+	// before DB.Sync, a rotation in between left the entry's memtable
+	// neither synced nor waited for.
+	if err := j.db.Sync(); err != nil {
+		return fmt.Errorf("sync journal index: %w", err)
+	}
 	newest, err := j.newestLog()
 	if err != nil {
 		return err
-	}
-	if err := j.db.Sync(); err != nil {
-		return fmt.Errorf("sync journal index: %w", err)
 	}
 	names, err := j.waitFlushed(newest)
 	if err != nil {

@@ -147,6 +147,14 @@ func Mount(backing, mountpoint string, o Options) (*FS, error) {
 	f.server = server
 	go func() {
 		server.Serve()
+		f.cutMu.Lock()
+		cut := f.cut != nil
+		f.cutMu.Unlock()
+		if cut {
+			// No request comes any more: a cut mount's files can go (a
+			// clean Unmount closes them itself).
+			f.closeFiles()
+		}
 		close(f.done)
 	}()
 	if err := server.WaitMount(); err != nil {
