@@ -36,17 +36,21 @@
 // never the reverse:
 //
 //	applyMu (read) → barrierMu → indexer.mu, intentlog Log.mu
+//	applyMu (write) → syncMu, markMu (SyncApplied)
+//	markMu → indexer.mu, intentlog Log.mu (markSynced)
 //	syncMu → segments.closeMu (read) → segments.mu
 //	syncMu → segments.dirMu, intentlog Log.mu
 //	filesMu → segments.closeMu (read) → segments.mu
 //	filesMu → segments.dirMu
 //
 // applyMu is held for reading by an append from its commit to the end of
-// its apply function (the caller's image write), and for writing only by
-// WaitApplied, empty. syncMu (a barrier's fdatasyncs, an intent log
+// its apply function (the caller's image write), and for writing by
+// WaitApplied, empty, and by SyncApplied across a sync and the caller's
+// image sync. syncMu (a barrier's fdatasyncs, an intent log
 // recycle) and filesMu (badger's log fsyncs, the segments' copied
 // payloads) are never held together: the indexer's recycle releases
-// filesMu before it takes syncMu. barrierMu is never held across a sync:
+// filesMu before it takes syncMu. markMu orders the synced marks (see
+// torn.go). barrierMu is never held across a sync:
 // Barrier releases it first. segments.closeMu is held for writing by
 // reclaim alone, with no other lock. Journal.mu (pending accounting, the
 // space condition, legacy records), syncState (Sync's coalescing),

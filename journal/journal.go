@@ -8,9 +8,9 @@ import (
 	"io/fs"
 	"iter"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -132,11 +132,9 @@ type Journal struct {
 	syncStarted, syncFinished uint64
 	syncRunning               bool
 	syncErr                   error
-	// Guarded by filesMu: badger logs that need no more fsync (rotated WALs
-	// and value logs, once synced, see logsToSync), and the names the
-	// directory held at its last fsync.
-	syncedLogs map[string]bool
-	dirNames   map[string]bool
+	// dirNames are the names the directory held at its last fsync
+	// (guarded by filesMu).
+	dirNames map[string]bool
 
 	mu             sync.Mutex // guards the pending accounting below
 	space          *sync.Cond
@@ -147,6 +145,14 @@ type Journal struct {
 	// legacy are the pending image-backed records an older binary left,
 	// by seq (see legacy.go).
 	legacy map[uint64]*legacyRecord
+
+	// The synced mark (see torn.go): the last epoch recorded, when, and
+	// a lock that keeps marks in order; closing stops them.
+	markedEpoch atomic.Uint64
+	markedAt    atomic.Int64
+	markMu      sync.Mutex
+	marks       atomic.Uint64 // marks written (tests)
+	closing     atomic.Bool
 
 	epochsClosed  atomic.Uint64
 	drainedEpoch  atomic.Uint64 // the last epoch Delete recorded as delivered
@@ -164,14 +170,13 @@ type Journal struct {
 // written once, read once by the flusher and deleted soon after.
 func badgerOptions(dir string, log *slog.Logger) badger.Options {
 	o := badger.DefaultOptions(dir).
-		// Barrier syncs explicitly (DB.Sync plus an fsync of every log
-		// file, see syncFiles); syncing every Append would cost an fsync
-		// per write. Unsynced commits survive kill -9 (they are in the
+		// The journal syncs badger explicitly (see syncFiles); syncing
+		// every Append would cost an fsync per write. Unsynced commits survive kill -9 (they are in the
 		// page cache through mmap), only power loss needs the barrier.
 		WithSyncWrites(false).
 		// Badger holds only the index (53-byte entries; payloads are in
 		// segment files, see segment.go): they stay in the LSM tree and
-		// its WAL, and the value log stays empty (syncFiles relies on it).
+		// its WAL, and the value log stays empty.
 		WithValueThreshold(valueThreshold).
 		WithValueLogFileSize(16 << 20).
 		// Small memtables: less memory, and records deleted soon rarely
@@ -211,10 +216,16 @@ func Open(dir string, o Options) (*Journal, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	// The directory's name must survive a power loss as its files do:
+	// nothing else fsyncs the state directory after it is made (with the
+	// staged transfer no lease id is saved there).
+	if err := files.MkdirDurable(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create journal directory: %w", err)
 	}
 	if err := removeEmptyLogs(dir, log); err != nil {
+		return nil, err
+	}
+	if err := repairIndex(dir, badgerOptions(dir, log), log); err != nil {
 		return nil, err
 	}
 	db, err := badger.Open(badgerOptions(dir, log))
@@ -312,6 +323,12 @@ func (j *Journal) recover() error {
 	j.drainedSeq.Store(lastSeq)
 	// Index entries up to lastSeq are drained records whose deletion the
 	// trimmer had not reached (see trim.go): recovery starts after them.
+	synced, err := j.counter(keySynced)
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	j.markedEpoch.Store(synced)
+	var torn []uint64
 	err = j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
@@ -330,6 +347,12 @@ func (j *Journal) recover() error {
 			})
 			if err != nil {
 				return err
+			}
+			if isTorn, err := j.tornCheck(hdr, synced); err != nil {
+				return err
+			} else if isTorn {
+				torn = append(torn, seq)
+				continue
 			}
 			if hdr.InImage() {
 				j.legacy[seq] = &legacyRecord{off: hdr.Offset, end: hdr.End()}
@@ -357,6 +380,11 @@ func (j *Journal) recover() error {
 	})
 	if err != nil {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	if len(torn) > 0 {
+		if err := j.dropTorn(torn, synced); err != nil {
+			return fmt.Errorf("recover journal %s: drop records torn by a power loss: %w", j.dir, err)
+		}
 	}
 	if err := j.recoverLegacy(); err != nil {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
@@ -575,6 +603,24 @@ func (j *Journal) WaitApplied() {
 	j.applyMu.Unlock() //nolint:staticcheck // the empty critical section is the wait
 }
 
+// SyncApplied runs syncImage (the caller's sync of the image the records
+// are applied to) once every record applied so far is durable, with no
+// record applied meanwhile: the image never becomes durable with a write
+// whose record is not. Otherwise a power loss could keep, in the image, a
+// write the journal lost (it was appended after the journal's last sync,
+// and made durable by an image sync for an earlier batch), which the blob
+// then never gets: the image and the blob differed for good (found by
+// TestE2EPowerCut: vhdsync verify after the last drain). Writers wait for
+// the two syncs; barriers do not.
+func (j *Journal) SyncApplied(syncImage func() error) error {
+	j.applyMu.Lock()
+	defer j.applyMu.Unlock()
+	if err := j.Sync(); err != nil {
+		return err
+	}
+	return syncImage()
+}
+
 // closeEpoch closes epoch e if it is still the open one. Closing an epoch
 // early only adds a barrier the writer did not ask for, which makes the
 // order stricter, never looser. It does not sync: the flusher syncs the
@@ -725,79 +771,60 @@ func (j *Journal) Sync() error {
 // 80-230 µs). Their relative order does not matter: the kernel writes
 // dirty pages back in any order anyway, and the barrier only promises that
 // all of them are durable when it returns.
+//
+// Once it succeeds, every record of an epoch closed before it started is
+// durable, payload included: markSynced records that (see torn.go).
 func (j *Journal) syncOnce() error {
+	closed := j.closed.Load()
 	j.syncMu.Lock()
-	defer j.syncMu.Unlock()
 	var wg sync.WaitGroup
 	var segErr error
 	wg.Go(func() { segErr = j.segs.sync() })
 	err := j.ilog.Sync()
 	wg.Wait()
-	return errors.Join(segErr, err)
+	j.syncMu.Unlock()
+	if err = errors.Join(segErr, err); err == nil {
+		j.markSynced(closed)
+	}
+	return err
 }
 
-// syncFiles makes badger's committed entries durable by fsyncing its log
-// files, then the directory if files appeared since its last fsync. It
-// replaces DB.Sync, which msyncs the whole mapping of the active memtable's
-// WAL and of the newest value log: about 190 µs even when nothing is dirty
-// (measured), more than the fsyncs themselves. fsync on Linux writes back
-// the pages dirtied through badger's shared mmaps (a write to a clean
-// shared page faults and marks it dirty). Only the newest .mem is
-// fsync'ed every time, every other log once (see logsToSync), in
-// parallel. Called with filesMu held, before drained segments or intent log
-// files go (syncIndex, indexed) and at Close: no longer at every barrier.
+// syncFiles makes badger's committed entries durable: DB.Sync syncs the
+// active memtable's log (under badger's lock, so that it cannot be rotated
+// meanwhile), memtables rotated before it are waited for until badger has
+// flushed them to tables (and deleted their logs), and the directory is
+// fsynced if its names changed since its last fsync, which makes the new
+// tables' names durable. Called with filesMu held, before drained segments
+// or intent log files go (syncIndex, indexed) and at Close: not at every
+// barrier.
+//
+// A rotated log is never fsynced here: badger truncates a flushed
+// memtable's log before deleting it, and an fsync of it then made the
+// truncation durable while the table built from it might have no durable
+// name (badger fsyncs the table and its MANIFEST, and ristretto, which
+// creates the file, means to fsync the directory but never does): after a
+// power loss the memtable's entries were in neither (TestJournalPowerCut,
+// "badger log synced after badger truncated it"). Unsynced, a rotated log
+// survives a power loss as it was when last synced as the active one, and
+// the intent log holds its later entries until this returns.
 func (j *Journal) syncFiles() error {
-	entries, err := os.ReadDir(j.dir)
+	// An entry committed before this call is in the memtable active at
+	// DB.Sync (synced) or in an older one, rotated before it: numbered
+	// below the newest log listed after DB.Sync, so waited for. Listed
+	// before DB.Sync, a rotation in between left the entry's memtable
+	// neither synced nor waited for.
+	if err := j.db.Sync(); err != nil {
+		return fmt.Errorf("sync journal index: %w", err)
+	}
+	newest, err := j.newestLog()
 	if err != nil {
-		return fmt.Errorf("sync journal files: %w", err)
-	}
-	names := make(map[string]bool, len(entries))
-	for _, e := range entries {
-		names[e.Name()] = true
-	}
-	if j.syncedLogs == nil {
-		j.syncedLogs = map[string]bool{}
-	}
-	logs, done := logsToSync(names, j.syncedLogs)
-	errs := make([]error, len(logs))
-	var wg sync.WaitGroup
-	for i, name := range logs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f, err := os.Open(filepath.Join(j.dir, name))
-			if errors.Is(err, os.ErrNotExist) {
-				return // deleted by GC or a flush since the listing
-			}
-			if err == nil {
-				err = files.Datasync(f)
-				f.Close()
-			}
-			if err != nil {
-				errs[i] = fmt.Errorf("sync journal file %s: %w", name, err)
-			}
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	for _, name := range done {
-		j.syncedLogs[name] = true
+	names, err := j.waitFlushed(newest)
+	if err != nil {
+		return err
 	}
-	for name := range j.syncedLogs {
-		if !names[name] {
-			delete(j.syncedLogs, name) // deleted by badger
-		}
-	}
-	appeared := false
-	for name := range names {
-		if !j.dirNames[name] {
-			appeared = true
-			break
-		}
-	}
-	if !appeared {
+	if maps.Equal(names, j.dirNames) {
 		return nil
 	}
 	if err := files.SyncDir(j.dir); err != nil {
@@ -807,35 +834,63 @@ func (j *Journal) syncFiles() error {
 	return nil
 }
 
-// logsToSync picks, from the names in the journal directory, the badger
-// logs to fsync: the newest .mem (the WAL badger appends to) every time, and
-// every other log not synced yet, returned also as done (to be remembered
-// once synced). A .mem with a lower number has been rotated: badger never
-// writes it again. No .vlog is written after its creation either: every
-// value here (index entries of IndexSize bytes, 8-byte counters) is below
-// the value threshold, so badger keeps it in the WAL and the LSM tree (a
-// test checks the sizes).
-func logsToSync(names, synced map[string]bool) (logs, done []string) {
-	newestMem := uint64(0)
+// flushWait bounds waitFlushed: badger flushes a memtable in milliseconds,
+// unless level 0 is stalled behind compactions or its disk refuses writes.
+const flushWait = 30 * time.Second
+
+// newestLog is the number of the newest memtable log in the directory.
+func (j *Journal) newestLog() (uint64, error) {
+	names, err := j.listDir()
+	if err != nil {
+		return 0, err
+	}
+	newest := uint64(0)
 	for name := range names {
-		if ext, n, ok := badgerLog(name); ok && ext == ".mem" && n >= newestMem {
-			newestMem = n
+		if ext, n, ok := badgerLog(name); ok && ext == ".mem" {
+			newest = max(newest, n)
 		}
 	}
-	for name := range names {
-		ext, n, ok := badgerLog(name)
-		switch {
-		case !ok || synced[name]:
-		case ext == ".mem" && n == newestMem:
-			logs = append(logs, name)
-		default:
-			logs = append(logs, name)
-			done = append(done, name)
+	return newest, nil
+}
+
+// waitFlushed waits until no memtable log numbered below newest is left
+// (badger has flushed those memtables and deleted their logs) and returns
+// the directory's names then.
+func (j *Journal) waitFlushed(newest uint64) (map[string]bool, error) {
+	deadline := time.Now().Add(flushWait)
+	for {
+		names, err := j.listDir()
+		if err != nil {
+			return nil, err
 		}
+		pending := false
+		for name := range names {
+			if ext, n, ok := badgerLog(name); ok && ext == ".mem" && n < newest {
+				pending = true
+				break
+			}
+		}
+		if !pending {
+			return names, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("sync journal index: badger has not flushed a memtable in %v (see its messages in the log)", flushWait)
+		}
+		time.Sleep(time.Millisecond)
 	}
-	slices.Sort(logs)
-	slices.Sort(done)
-	return logs, done
+}
+
+// listDir returns the names in the journal directory.
+func (j *Journal) listDir() (map[string]bool, error) {
+	entries, err := os.ReadDir(j.dir)
+	if err != nil {
+		return nil, fmt.Errorf("sync journal files: %w", err)
+	}
+	names := make(map[string]bool, len(entries))
+	for _, e := range entries {
+		names[e.Name()] = true
+	}
+	return names, nil
 }
 
 // Datasync is fdatasync(2) on f, retried on EINTR: the data, and the
@@ -1261,6 +1316,7 @@ func (j *Journal) gcLoop(every time.Duration) {
 
 // Close syncs and closes the journal. Stats stays usable afterwards.
 func (j *Journal) Close() error {
+	j.closing.Store(true)
 	close(j.stopGC)
 	<-j.gcDone
 	j.trim.stop()

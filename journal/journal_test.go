@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -275,39 +274,12 @@ func TestJournalDetectsCorruptPayload(t *testing.T) {
 	}
 }
 
-// TestLogsToSync: a barrier fsyncs the newest badger WAL every time and
-// every other log once, whatever the width of its number; and no value the
-// journal writes is big enough for badger's value log, which is why a
-// value log is synced only once.
-func TestLogsToSync(t *testing.T) {
-	synced := map[string]bool{}
-	set := func(names ...string) map[string]bool {
-		m := map[string]bool{"MANIFEST": true, "000002.sst": true, "KEYREGISTRY": true}
-		for _, n := range names {
-			m[n] = true
-		}
-		return m
-	}
+// TestValuesBelowThreshold: no value the journal writes is big enough for
+// badger's value log, so every index entry lives in the memtable log and
+// the LSM tree, which syncFiles makes durable.
+func TestValuesBelowThreshold(t *testing.T) {
 	if IndexSize >= valueThreshold || 8 >= valueThreshold {
 		t.Fatalf("index entries of %d bytes would go to badger's value log (threshold %d)", IndexSize, valueThreshold)
-	}
-	steps := []struct {
-		names, want, rotated []string
-	}{
-		{[]string{"00001.mem", "000001.vlog"}, []string{"000001.vlog", "00001.mem"}, []string{"000001.vlog"}},
-		{[]string{"00001.mem", "00002.mem", "000001.vlog"}, []string{"00001.mem", "00002.mem"}, []string{"00001.mem"}},
-		{[]string{"00001.mem", "00002.mem", "000001.vlog"}, []string{"00002.mem"}, nil},
-		{[]string{"00002.mem", "00003.mem", "000001.vlog", "000002.vlog"}, []string{"000002.vlog", "00002.mem", "00003.mem"}, []string{"000002.vlog", "00002.mem"}},
-		{[]string{"99999.mem", "100000.mem", "000002.vlog"}, []string{"100000.mem", "99999.mem"}, []string{"99999.mem"}},
-	}
-	for i, s := range steps {
-		got, rotated := logsToSync(set(s.names...), synced)
-		if !slices.Equal(got, s.want) || !slices.Equal(rotated, s.rotated) {
-			t.Fatalf("step %d: %v: logsToSync = %v, %v; want %v, %v", i, s.names, got, rotated, s.want, s.rotated)
-		}
-		for _, n := range rotated {
-			synced[n] = true
-		}
 	}
 }
 

@@ -151,7 +151,16 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		o.Flusher.Sink = sink
 	}
 	d.j.RaiseEpoch(above + 1)
-	o.Flusher.SyncImage = func() error { return journal.Datasync(d.img) }
+	// The image is synced only with every record applied to it durable
+	// (see Journal.SyncApplied), which holds writers off the image while
+	// it runs: a first fdatasync outside it writes back the batch's bulk,
+	// so the one under it writes only what landed meanwhile.
+	o.Flusher.SyncImage = func() error {
+		if err := journal.Datasync(d.img); err != nil {
+			return err
+		}
+		return d.j.SyncApplied(func() error { return journal.Datasync(d.img) })
+	}
 	if !o.NoFills {
 		o.Flusher.Image = d
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdsync/vhdsync/internal/powercut"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 )
 
@@ -55,5 +56,35 @@ func TestCreateOpen(t *testing.T) {
 	}
 	if _, err := Open(t.TempDir()); !errors.Is(err, ErrNotState) {
 		t.Fatalf("empty dir: %v", err)
+	}
+}
+
+// TestCreateSurvivesPowerCut: once Create returns, a power cut keeps the
+// state directory whole, its own name included (its parent directory is
+// fsynced), and a lease id saved later too. Without the parent's fsync the
+// directory vanished at a cut right after `vhdsync create` (found by the
+// power-cut loop).
+func TestCreateSurvivesPowerCut(t *testing.T) {
+	pc := powercut.Start(t)
+	p := pc.Path("a/b/st")
+	d, err := Create(p, newState(20*vhdlayer.MiB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc.Cut()
+	d2, err := Open(p)
+	if err != nil {
+		t.Fatalf("after a power cut right after Create: %v", err)
+	}
+	if d2.State.DiskID != d.State.DiskID {
+		t.Fatal("the state did not survive the cut")
+	}
+	d2.State.LeaseID = "lease-1"
+	if err := d2.Save(); err != nil {
+		t.Fatal(err)
+	}
+	pc.Cut()
+	if d3, err := Open(p); err != nil || d3.State.LeaseID != "lease-1" {
+		t.Fatalf("after a power cut right after Save: %v, lease %q", err, d3.State.LeaseID)
 	}
 }

@@ -5,7 +5,9 @@
 package files
 
 import (
+	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,6 +38,30 @@ func SyncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// MkdirDurable makes dir and its missing parents with perm and fsyncs the
+// directory each new one was made in, so that their names survive a power
+// loss: an fsync of a file or of dir itself does not make dir's own name
+// durable.
+func MkdirDurable(dir string, perm os.FileMode) error {
+	dir = filepath.Clean(dir)
+	var made []string // missing directories, deepest first
+	for p := dir; ; p = filepath.Dir(p) {
+		if _, err := os.Lstat(p); err == nil || !errors.Is(err, os.ErrNotExist) || p == filepath.Dir(p) {
+			break
+		}
+		made = append(made, p)
+	}
+	if err := os.MkdirAll(dir, perm); err != nil {
+		return err
+	}
+	for _, p := range made {
+		if err := SyncDir(filepath.Dir(p)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // DirectAlign is the alignment, in memory and in the file, of the buffers
