@@ -208,6 +208,7 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 		// last writer stopped: the first batch must cover it again.
 		f.minLast = seq.Target()
 	}
+	j.OnRemote(f.epoch.Load())
 	return f
 }
 
@@ -441,6 +442,7 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 			"seconds", time.Since(start).Seconds())
 	}
 	f.epoch.Store(last)
+	f.j.OnRemote(last)
 	if f.o.AfterBatch != nil {
 		f.o.AfterBatch(ctx, last)
 	}
@@ -538,6 +540,7 @@ func (f *Flusher) commitDelivered(ds []Delivered) error {
 		f.stagedData.Add(d.DataBytes)
 		f.stagedCleared.Add(d.BytesCleared)
 		f.epoch.Store(d.Last)
+		f.j.OnRemote(d.Last)
 		if err := f.commitBatch(d.Drained, d.What); err != nil {
 			return err
 		}

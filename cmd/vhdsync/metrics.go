@@ -228,8 +228,8 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	j, f := s.Journal, s.Flusher
 	gauge("vhdsync_info", 1, version, c.blobURL)
 	lag := 0.0
-	if !j.Oldest.IsZero() {
-		lag = time.Since(j.Oldest).Seconds()
+	if !j.OldestNotOnRemote.IsZero() {
+		lag = time.Since(j.OldestNotOnRemote).Seconds()
 	}
 	gauge("vhdsync_replica_lag_seconds", lag)
 	gauge("vhdsync_journal_pending_bytes", float64(j.PendingBytes))

@@ -628,9 +628,9 @@ func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base co
 	out.JournalBytes = s.Journal.PendingBytes
 	out.JournalCapBytes = s.Journal.MaxBytes
 	out.JournalDisk = s.Journal.DiskBytes
-	if !s.Journal.Oldest.IsZero() {
-		out.OldestPending = s.Journal.Oldest
-		out.LagSeconds = time.Since(s.Journal.Oldest).Seconds()
+	if !s.Journal.OldestNotOnRemote.IsZero() {
+		out.OldestPending = s.Journal.OldestNotOnRemote
+		out.LagSeconds = time.Since(s.Journal.OldestNotOnRemote).Seconds()
 	}
 	out.BlockedWriters = s.Journal.BlockedWriters
 	out.OpenEpoch = s.Journal.OpenEpoch

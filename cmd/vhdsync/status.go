@@ -123,9 +123,9 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 		return statusReport{}, err
 	}
 	rep.JournalRecords, rep.JournalBytes, rep.JournalDisk = js.PendingRecords, js.PendingBytes, js.DiskBytes
-	if !js.Oldest.IsZero() {
-		rep.OldestPending = js.Oldest
-		rep.LagSeconds = time.Since(js.Oldest).Seconds()
+	if !js.OldestNotOnRemote.IsZero() {
+		rep.OldestPending = js.OldestNotOnRemote
+		rep.LagSeconds = time.Since(js.OldestNotOnRemote).Seconds()
 		if rep.Note == "" {
 			rep.Note = "the journal holds writes the blob lacks: mount, or run `vhdsync replay`"
 		}
