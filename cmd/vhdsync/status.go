@@ -183,6 +183,8 @@ func statusVerdict(rep *statusReport) error {
 		}
 	case rep.Mounted && (rep.FlusherState == string(replicate.StateRetrying) || rep.FlusherState == string(replicate.StateFailed)):
 		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("the flusher is %s, the replica falls behind (lag %.1f s): %s", rep.FlusherState, rep.LagSeconds, rep.LastError)
+	case rep.Mounted && rep.SyncDegraded:
+		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("synchronous replication is degraded: fsync returns without the blob until it has caught up (lag %.1f s, %d barriers timed out)", rep.LagSeconds, rep.SyncTimeouts)
 	case rep.Mounted && rep.AppliedError != "":
 		code, rep.Problem = ExitUnhealthy, "the blob could not be read: "+rep.AppliedError
 	case rep.blobErr != nil:
@@ -218,6 +220,16 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, "replica lag:\t%.1f s (oldest write not on the blob: %s)\n", r.LagSeconds, r.OldestPending.Format(time.RFC3339Nano))
 	} else {
 		fmt.Fprintf(tw, "replica lag:\t0 (the blob holds every write)\n")
+	}
+	if r.Sync {
+		switch {
+		case r.SyncDegraded:
+			fmt.Fprintf(tw, "replication:	synchronous, DEGRADED: fsync returns without the blob until it has caught up (%d barriers timed out)\n", r.SyncTimeouts)
+		case r.SyncTimeouts > 0:
+			fmt.Fprintf(tw, "replication:	synchronous: fsync returns once the blob holds the writes (%d barriers timed out earlier)\n", r.SyncTimeouts)
+		default:
+			fmt.Fprintf(tw, "replication:	synchronous: fsync returns once the blob holds the writes\n")
+		}
 	}
 	if r.BlockedWriters > 0 {
 		fmt.Fprintf(tw, "blocked writers:\t%d (the journal is at its cap; they resume as the flusher drains)\n", r.BlockedWriters)
