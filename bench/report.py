@@ -388,6 +388,44 @@ if steady_rows:
            "writes per MiB per second and the same cost of a request in bytes, so the same batches and the same send times "
            "on a server that keeps up with 30 MiB/s but not 60.", ""]
 
+# 8. synchronous replication -----------------------------------------------------------
+def fio_sync(p):
+    """write+fsync pairs per second and the fsync latency percentiles (ms)"""
+    j = load(p)
+    try:
+        jj = j["jobs"][0]; w = jj["write"]; sy = jj["sync"]["lat_ns"]
+    except Exception:
+        return None
+    pc = sy.get("percentile") or {}
+    g = lambda k: pc.get(k) and pc[k] / 1e6
+    return {"pairs_per_second": w.get("iops"), "fsync_p50_ms": g("50.000000"), "fsync_p99_ms": g("99.000000"),
+            "write_p50_ms": ((w.get("clat_ns") or {}).get("percentile") or {}).get("50.000000", 0) / 1e6}
+sync_rows = []
+for rtt in ("0", "20"):
+    pp = load(os.path.join(res, f"sync-{rtt}-putpage.json"))
+    for jobs in ("1", "16"):
+        row = {}
+        for mode in ("writeback", "sync"):
+            f = fio_sync(os.path.join(res, f"sync-{rtt}-{mode}-{jobs}.json"))
+            if f: row[mode] = f
+        if not row: continue
+        row["putpage"] = pp
+        R.setdefault("sync", {})[f"rtt{rtt}_jobs{jobs}"] = row
+        wb, sy = row.get("writeback") or {}, row.get("sync") or {}
+        rt = (pp or {}).get("p50_ms")
+        sync_rows.append(f"| {rtt} | {jobs} | {num(rt, '{:.1f}')} | {num(wb.get('pairs_per_second'), '{:,.0f}')} | {num(sy.get('pairs_per_second'), '{:,.0f}')} | "
+                         f"{num(ratio(sy.get('pairs_per_second'), wb.get('pairs_per_second')), '{:.2f}')} | "
+                         f"{num(wb.get('fsync_p50_ms'), '{:.2f}')} / {num(wb.get('fsync_p99_ms'), '{:.2f}')} | "
+                         f"{num(sy.get('fsync_p50_ms'), '{:.1f}')} / {num(sy.get('fsync_p99_ms'), '{:.1f}')} | "
+                         f"{num(ratio(sy.get('fsync_p50_ms'), rt), '{:.1f}')} |")
+if sync_rows:
+    md += ["## 8. Synchronous replication (`mount --sync`): fio write+fsync pairs (4 KiB random, direct, `fsync=1`) on the .img", "",
+           "| added RTT ms | writers | Put Page RTT p50 ms | write-back pairs/s | sync pairs/s | sync ÷ write-back | write-back fsync p50 / p99 ms | sync fsync p50 / p99 ms | sync fsync p50 ÷ Put Page RTT |",
+           "|---:|---:|---:|---:|---:|---:|---|---|---:|"] + sync_rows + ["",
+           "Put Page RTT: one 4 KiB Put Page at a time (rawput, no journal) through azurite-throttle with that much delay added "
+           "to every request and no limits; the same proxy serves both mounts. A synchronous fsync waits for its batch: the sequence "
+           "number's odd mark when the batch spans epochs, its Put Pages, the even mark.", ""]
+
 m = R.get("machine") or {}
 head = [f"# vhdsync benchmarks ({m.get('date','')}, commit {m.get('commit','')})", "",
         f"Machine: {m.get('nproc')} CPUs ({m.get('cpu','')}), `free -g`: {m.get('mem','')}, kernel {m.get('kernel')}, disk: {m.get('disk','')}; "

@@ -6,7 +6,7 @@
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
 # BENCH_SKIP (space-separated stages to skip: write fsync fsynclive flush wire
-# staged lag backlog burst outage steady steadyhalf),
+# staged lag backlog burst outage steady steadyhalf sync),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the server's measured ceiling for the lag
 # workload's own pattern, random 64 KiB Put Pages), BENCH_SYNC
@@ -593,6 +593,38 @@ if ! skip steady; then
   if ! skip steadyhalf; then
     steady_run steadyhalf $((THR_RPS / 2)) $((THR_MIBPS / 2)) $((ST_IOPS / 2)) $((ST_MIB / 2))
   fi
+fi
+
+############ 8: synchronous replication (mount --sync): fsync latency and
+# write+fsync pairs per second against write-back mode and against one Put
+# Page's round trip, at 0 and 20 ms added round trip (azurite-throttle
+# --delay, no limits)
+SYNC_RT=${BENCH_SYNC_RUNTIME:-10}
+if ! skip sync; then
+  go build -o "$work/rawput" ./bench/cmd/rawput
+  go build -o "$work/azurite-throttle" ./internal/azurite/cmd/azurite-throttle
+  for rtt in ${BENCH_SYNC_RTTS:-0 20}; do
+    d=$work/sync$rtt
+    log "sync: ${rtt} ms added round trip"
+    start_azurite "$d"; VAZ=$AZPID
+    start_throttle "$d" "$EP" --rps 0 --mibps 0 --delay "${rtt}ms"
+    # the baseline: one 4 KiB Put Page at a time, its round trip
+    "$work/rawput" --endpoint "$TEP" --bs 4096 --conc 1 --total-mib 2 --span-gib 1 > "$res/sync-$rtt-putpage.json" || log "sync: rawput failed"
+    for mode in writeback sync; do
+      flags=(); [ "$mode" = sync ] && flags=(--sync)
+      VSIZE=1GiB
+      mount_on "$TEP" "s$rtt$mode" "${flags[@]}"
+      for jobs in 1 16; do
+        fio --name=pairs --filename="$VMNT/s$rtt$mode.img" --rw=randwrite --bs=4k --direct=1 --ioengine=psync --fsync=1 \
+            --numjobs="$jobs" --size=256M --runtime="$SYNC_RT" --time_based=1 --group_reporting --output-format=json \
+            > "$res/sync-$rtt-$mode-$jobs.json" 2>/dev/null || log "sync: fio $mode $jobs failed"
+      done
+      drain_mount "sync-$rtt-$mode" "$BURST_LIMIT" "$(date +%s.%N)"
+    done
+    stop_throttle "$TPID"
+    stop_azurite "$VAZ"; unlist pids "$VAZ"
+    rm -rf "$d"
+  done
 fi
 
 out=${BENCH_OUT:-bench}; mkdir -p "$out"
