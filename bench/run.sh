@@ -619,6 +619,17 @@ if ! skip sync; then
             --numjobs="$jobs" --size=256M --runtime="$SYNC_RT" --time_based=1 --group_reporting --output-format=json \
             > "$res/sync-$rtt-$mode-$jobs.json" 2>/dev/null || log "sync: fio $mode $jobs failed"
       done
+      # The same writers on ext4 on a loop device over the disk, each on
+      # its own file: ext4's journal commits many fsyncs with one flush.
+      fs=$d/fs$mode
+      attach_ext4 "$VMNT/s$rtt$mode.img" 0 $((1 << 30)) "$fs"
+      for jobs in 1 16; do
+        fio --name=pairs --directory="$fs" --rw=randwrite --bs=4k --ioengine=psync --fsync=1 \
+            --numjobs="$jobs" --size=16M --runtime="$SYNC_RT" --time_based=1 --group_reporting --output-format=json \
+            > "$res/sync-$rtt-$mode-ext4-$jobs.json" 2>/dev/null || log "sync: fio ext4 $mode $jobs failed"
+      done
+      umount "$fs"; unlist fsmounts "$fs"
+      losetup -d "$LOOPDEV"; unlist loops "$LOOPDEV"
       drain_mount "sync-$rtt-$mode" "$BURST_LIMIT" "$(date +%s.%N)"
     done
     stop_throttle "$TPID"

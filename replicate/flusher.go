@@ -167,6 +167,10 @@ type Flusher struct {
 	onRemote      chan struct{}
 	remoteWaiters atomic.Int32
 	stopped       atomic.Bool
+	// landed is the last epoch whose writes the blob holds, its even
+	// mark possibly not yet set (see Sender.OnLanded): enough for
+	// WaitRemote.
+	landed atomic.Uint64
 
 	batches, segments, stagedData, stagedSent, stagedCleared atomic.Uint64
 	drainedBytes, held, preempted                            atomic.Uint64
@@ -216,6 +220,14 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 		f.minLast = seq.Target()
 	}
 	j.OnRemote(f.epoch.Load())
+	if o.Sink == nil {
+		s.OnLanded(func(last uint64) {
+			if last > f.landed.Load() {
+				f.landed.Store(last)
+				f.signalRemote()
+			}
+		})
+	}
 	return f
 }
 
@@ -385,7 +397,9 @@ func (f *Flusher) signalRemote() {
 func (f *Flusher) RemoteEpoch() uint64 { return f.epoch.Load() }
 
 // WaitRemote waits until the remote holds every epoch up to epoch: a
-// synchronous barrier (mount --sync). While it waits, batches are sent as
+// synchronous barrier (mount --sync). The blob holds them once their batch
+// is complete, or, for a batch of one epoch, once its writes have landed
+// (Sender.OnLanded), a round trip earlier. While it waits, batches are sent as
 // soon as they are planned (no merge wait), so that barriers arriving
 // together share the next batch's round trips (group commit). It returns
 // ctx's error when ctx ends first, and ErrFlusherStopped (with the
@@ -398,7 +412,7 @@ func (f *Flusher) WaitRemote(ctx context.Context, epoch uint64) error {
 		f.mu.Lock()
 		ch := f.onRemote
 		f.mu.Unlock()
-		if f.epoch.Load() >= epoch {
+		if max(f.epoch.Load(), f.landed.Load()) >= epoch {
 			return nil
 		}
 		if state, err := f.s.stateErr(); state == StateFailed {
