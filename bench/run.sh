@@ -589,7 +589,7 @@ if ! skip steady; then
   # region: the same writes per MiB per second, the same request cost,
   # so the same batches and send times), for emulators that cannot reach
   # 60 MiB/s themselves.
-  steady_run steady "$THR_RPS" "$THR_MIBPS" "$ST_IOPS" "$ST_MIB"
+  skip steadyfull || steady_run steady "$THR_RPS" "$THR_MIBPS" "$ST_IOPS" "$ST_MIB"
   if ! skip steadyhalf; then
     steady_run steadyhalf $((THR_RPS / 2)) $((THR_MIBPS / 2)) $((ST_IOPS / 2)) $((ST_MIB / 2))
   fi
