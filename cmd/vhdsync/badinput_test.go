@@ -29,6 +29,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/sas"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/azurite/throttle"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 )
 
@@ -153,8 +154,11 @@ func TestBadInputMount(t *testing.T) {
 			return badAttempt{state: state, url: url}
 		}, ExitState, []string{"journal", "damaged"}, ""},
 		{"journal segment missing", func(t *testing.T, e *e2e) badAttempt {
-			url, state := e.createDisk("seg", 20)
-			e.pendingJournal(state, url)
+			// Acknowledged writes (fsync returned) the blob does not have:
+			// a segment of theirs missing is damage. (Unacknowledged ones
+			// whose segment is missing are what a power loss leaves, and
+			// are dropped: see journal/torn.go.)
+			url, state := e.syncedPendingJournal("seg")
 			segs, _ := filepath.Glob(filepath.Join(state, "journal", "seg-*.dat"))
 			if len(segs) == 0 {
 				t.Fatal("no journal segment after unsynced writes")
@@ -302,6 +306,38 @@ func (e *e2e) pendingJournal(state, url string) {
 	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
 		e.t.Fatalf("umount -l %s: %v", mp, err)
 	}
+}
+
+// syncedPendingJournal creates disk name behind a throttling proxy,
+// mounts it, and leaves two writes acknowledged by fsync pending in its
+// journal: the proxy refuses every request meanwhile (503), so the flusher
+// cannot send them before the daemon is killed. The proxy lets everything
+// through again before it returns; url is the blob through it.
+func (e *e2e) syncedPendingJournal(name string) (url, state string) {
+	e.t.Helper()
+	px := throttle.Start(e.t, e.az.Endpoint, throttle.Limits{})
+	url, state = px.BlobURL("disks", name+".vhd"), e.path("state-"+name)
+	e.mustVhdsync("create", "--blob", url, "--size", "20MiB", "--state", state, "--create-container")
+	mp := e.path("pending-mnt")
+	d := e.mount(state, mp)
+	if err := px.Proxy.SetLimits(throttle.Limits{RequestsPerSecond: 0.001}); err != nil {
+		e.t.Fatal(err)
+	}
+	writeAtSync(e.t, filepath.Join(mp, name+".img"), map[int64][]byte{0: pattern("p0", 64<<10), 1 << 20: pattern("p1", 64<<10)})
+	if s := e.mustStatus(state); s.JournalRecords != 2 {
+		e.t.Fatalf("the acknowledged writes are not pending in the journal: %+v", s)
+	}
+	if err := syscall.Kill(d.pid, syscall.SIGKILL); err != nil {
+		e.t.Fatal(err)
+	}
+	d.waitExit(10 * time.Second)
+	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
+		e.t.Fatalf("umount -l %s: %v", mp, err)
+	}
+	if err := px.Proxy.SetLimits(throttle.Limits{}); err != nil {
+		e.t.Fatal(err)
+	}
+	return url, state
 }
 
 func overwrite(t *testing.T, path string, off int64, b []byte) {
