@@ -27,7 +27,22 @@ const (
 	PointMetaEpoch = "vhdsync_epoch"
 	// PointMetaTime is when vhdsync took the point (RFC 3339, UTC).
 	PointMetaTime = "vhdsync_time"
+	// PointMetaPrev is the id of the recovery point before this one, the
+	// one PointMetaChanged counts from (absent on a blob's first point).
+	PointMetaPrev = "vhdsync_prev"
+	// PointMetaChanged records the disk ranges written to the blob between
+	// the point PointMetaPrev and this one (Changes.Encode), or is
+	// ChangesIncomplete when that is not known for certain. Points taken
+	// by an older vhdsync have none. An incremental restore (download
+	// --since) rewrites exactly the union of these records; see
+	// docs/DESIGN.md, "Incremental restore".
+	PointMetaChanged = "vhdsync_changed"
 )
+
+// ChangesIncomplete is the PointMetaChanged value of a point whose record
+// may miss a range (the daemon restarted after the blob moved past the
+// previous point): no incremental restore goes through it.
+const ChangesIncomplete = "incomplete"
 
 // Snapshotter is the part of a page blob that recovery points need.
 // azure/pageblob.Client implements it.
@@ -57,6 +72,15 @@ type Point struct {
 	// with the batch that completed epoch Epoch fully applied and nothing
 	// of a later one, so it is exactly the disk at that epoch's barrier.
 	Consistent bool `json:"consistent"`
+	// Prev is the point before this one that Changes counts from ("" for
+	// none known).
+	Prev string `json:"-"`
+	// Changes is what was written between Prev and this point; nil when
+	// not recorded (ChangesNote says why).
+	Changes *Changes `json:"-"`
+	// ChangesNote says why Changes is nil: "incomplete", "not recorded
+	// (taken by an older vhdsync)" or the record's decoding error.
+	ChangesNote string `json:"-"`
 }
 
 // PointFromSnapshot reads a snapshot as a recovery point; ok is false for
@@ -74,7 +98,18 @@ func PointFromSnapshot(s remote.Snapshot) (p Point, ok bool) {
 	if err != nil {
 		return Point{}, false
 	}
-	return Point{ID: s.ID, Epoch: e, Time: t, Sequence: s.SequenceNumber, Consistent: remote.Sequence(s.SequenceNumber).IsComplete(e)}, true
+	p = Point{ID: s.ID, Epoch: e, Time: t, Sequence: s.SequenceNumber, Consistent: remote.Sequence(s.SequenceNumber).IsComplete(e), Prev: s.Metadata[PointMetaPrev]}
+	switch ch, has := s.Metadata[PointMetaChanged]; {
+	case !has:
+		p.ChangesNote = "not recorded (taken by an older vhdsync)"
+	case ch == ChangesIncomplete:
+		p.ChangesNote = "incomplete (the first point, or the daemon restarted after the blob had moved past the point before)"
+	default:
+		if p.Changes, err = DecodeChanges(ch); err != nil {
+			p.ChangesNote = err.Error()
+		}
+	}
+	return p, true
 }
 
 // ListPoints lists the blob's recovery points, oldest first, and counts
@@ -150,6 +185,15 @@ type RecoveryPoints struct {
 	// taken and takenEpoch: the epoch of the newest point this process took.
 	taken      bool
 	takenEpoch uint64
+	// prev is the newest point (the next one's PointMetaPrev), and
+	// complete says that changes holds every range sent since it.
+	prev     string
+	complete bool
+
+	chMu     sync.Mutex      // guards the fields below: Sending runs on the sender's goroutine
+	started  bool            // Sending was called: startSeq is known
+	startSeq remote.Sequence // the blob's sequence number before this process's first batch
+	changes  *Changes        // the ranges sent since prev (or since this process began)
 
 	mu sync.Mutex // guards st only: Stats never waits for a request
 	st RecoveryPointStats
@@ -173,7 +217,46 @@ func NewRecoveryPoints(s Snapshotter, o RecoveryPointsOptions) (*RecoveryPoints,
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &RecoveryPoints{s: s, o: o, log: o.Logger, st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
+	return &RecoveryPoints{s: s, o: o, log: o.Logger, changes: NewChanges(), st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
+}
+
+// Sending records the ranges of a batch about to be sent to the blob,
+// whose sequence number is seq as the batch begins. The sender calls it
+// (replicate.SenderOptions.OnSend) before any request of the batch, so the
+// next point's PointMetaChanged never misses a range that reached the
+// blob, even one whose answer was lost.
+func (p *RecoveryPoints) Sending(seq remote.Sequence, rs []Range) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	if !p.started {
+		p.started, p.startSeq = true, seq
+	}
+	p.changes.Add(rs...)
+}
+
+// takeChanges returns the ranges recorded so far and starts a new record;
+// putBack undoes it when the point they were for was not kept.
+func (p *RecoveryPoints) takeChanges() *Changes {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	ch := p.changes
+	p.changes = NewChanges()
+	return ch
+}
+
+// putBack returns ranges taken for a point that failed to the record.
+func (p *RecoveryPoints) putBack(ch *Changes) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	p.changes.Union(ch)
+}
+
+// startedAt is the blob's sequence number before this process's first
+// batch (ok false before one).
+func (p *RecoveryPoints) startedAt() (remote.Sequence, bool) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	return p.startSeq, p.started
 }
 
 // update changes the counters under their lock.
@@ -222,8 +305,23 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 		PointMetaEpoch: strconv.FormatUint(epoch, 10),
 		PointMetaTime:  now.UTC().Format(time.RFC3339Nano),
 	}
+	// The ranges sent since the newest point go into this one's metadata,
+	// in the same request that takes it: there is no moment when the
+	// point exists without its record.
+	ch := p.takeChanges()
+	meta[PointMetaChanged] = ChangesIncomplete
+	if p.prev != "" {
+		meta[PointMetaPrev] = p.prev
+		if p.complete {
+			meta[PointMetaChanged] = ch.Encode()
+		}
+	}
 	id, err := p.s.CreateSnapshot(ctx, meta)
 	if err != nil {
+		// The snapshot may exist anyway (its answer lost): the next point
+		// names the same prev and records these ranges too, so a restore
+		// through it is still exact.
+		p.putBack(ch)
 		p.fail(ctx, fmt.Errorf("take recovery point of epoch %d: %w", epoch, err))
 		return
 	}
@@ -233,6 +331,11 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", remote.Complete(epoch))
 	p.update(func(st *RecoveryPointStats) { st.LastError, st.LastErrorTime = "", time.Time{} })
 	kept := p.retain(ctx, id, epoch)
+	if kept {
+		p.prev, p.complete = id, true
+	} else {
+		p.putBack(ch)
+	}
 	// Taken last, so that whoever waits for it sees this point's
 	// retention (Count, Deleted) done too.
 	p.update(func(st *RecoveryPointStats) {
@@ -259,6 +362,22 @@ func (p *RecoveryPoints) anchor(ctx context.Context) {
 	}
 	newest := points[len(points)-1]
 	p.last = newest.Time
+	// The ranges recorded since this process began are all that changed
+	// since the newest point only if the blob was exactly that point when
+	// the first batch began: its sequence number 2·epoch. A higher one
+	// means batches completed after the point (by a process whose record
+	// is lost, or by one that kept none); an odd one may hide such a
+	// batch. An unfinished batch below that mark is not lost: its records
+	// are still in the journal (or its segment still staged), and are
+	// sent again, through Sending, before anything else. See
+	// docs/DESIGN.md, "Incremental restore".
+	p.prev = newest.ID
+	start, ok := p.startedAt()
+	p.complete = ok && newest.Consistent && start == remote.Complete(newest.Epoch)
+	if !p.complete {
+		p.log.Info("recovery points: the next point's record of changed ranges is incomplete (the blob moved past the newest point before this process began); an incremental restore to it downloads in full",
+			"newest_point", newest.ID, "epoch", newest.Epoch, "blob_sequence_at_start", int64(start))
+	}
 	p.update(func(st *RecoveryPointStats) {
 		st.Count = len(points)
 		st.LastID, st.LastEpoch, st.LastTime = newest.ID, newest.Epoch, newest.Time
