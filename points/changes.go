@@ -227,3 +227,43 @@ func DecodeChanges(s string) (*Changes, error) {
 
 func alignDown(x, g int64) int64 { return x / g * g }
 func alignUp(x, g int64) int64   { return (x + g - 1) / g * g }
+
+// ErrNoRecord: the points between two points do not record everything
+// that changed between them (a point's record is incomplete or unknown,
+// or a point between them was deleted); only a full restore is exact.
+var ErrNoRecord = errors.New("no complete record of the changes between the points")
+
+// ChangesBetween returns every range written between the point from and
+// the point to, the union of the records of the points after from, up to
+// and including to, found by following to's PointMetaPrev back to from.
+// pts is the blob's points (ListPoints); from need not be among them any
+// more (retention may have deleted it), but every point after it must.
+// Any gap in the chain is ErrNoRecord with the reason, never a smaller
+// set.
+func ChangesBetween(pts []Point, from, to string) (*Changes, error) {
+	byID := make(map[string]Point, len(pts))
+	for _, p := range pts {
+		byID[p.ID] = p
+	}
+	out := NewChanges()
+	seen := map[string]bool{}
+	for cur := to; cur != from; {
+		p, ok := byID[cur]
+		switch {
+		case !ok && cur == to:
+			return nil, fmt.Errorf("%w: recovery point %s is not on the blob", ErrNoRecord, to)
+		case !ok:
+			return nil, fmt.Errorf("%w: recovery point %s, between %s and %s, was deleted (retention, --keep)", ErrNoRecord, cur, from, to)
+		case seen[cur]:
+			return nil, fmt.Errorf("%w: the points before %s name each other in a loop", ErrNoRecord, cur)
+		case p.Changes == nil:
+			return nil, fmt.Errorf("%w: recovery point %s (epoch %d) records what changed since the point before it as %s", ErrNoRecord, p.ID, p.Epoch, p.ChangesNote)
+		case p.Prev == "":
+			return nil, fmt.Errorf("%w: %s is not a point before %s", ErrNoRecord, from, to)
+		}
+		seen[cur] = true
+		out.Union(p.Changes)
+		cur = p.Prev
+	}
+	return out, nil
+}
