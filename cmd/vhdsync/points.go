@@ -298,18 +298,25 @@ func printRecoveryStatus(tw io.Writer, mounted bool, r *control.RecoveryPoints) 
 // after saying what it is: a vhdsync point and its epoch, or a snapshot
 // vhdsync did not take.
 func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (*pageblob.Client, error) {
+	sc, _, _, err := openPointInfo(ctx, g, c, id)
+	return sc, err
+}
+
+// openPointInfo is openPoint that also returns the point (ok false: the
+// snapshot is not a vhdsync recovery point).
+func openPointInfo(ctx context.Context, g *globals, c *pageblob.Client, id string) (sc *pageblob.Client, p points.Point, ok bool, err error) {
 	if _, err := pageblob.ParseSnapshotID(id); err != nil {
-		return nil, usageError{fmt.Errorf("--point: %w; list the recovery points with `vhdsync points --blob URL`", err)}
+		return nil, p, false, usageError{fmt.Errorf("--point: %w; list the recovery points with `vhdsync points --blob URL`", err)}
 	}
-	sc, err := c.AtSnapshot(id)
+	sc, err = c.AtSnapshot(id)
 	if err != nil {
-		return nil, err
+		return nil, p, false, err
 	}
 	props, err := sc.Properties(ctx)
 	if err != nil {
-		return nil, err
+		return nil, p, false, err
 	}
-	p, ok := points.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
+	p, ok = points.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
 	switch {
 	case !ok:
 		fmt.Fprintf(g.stdout, "snapshot %s is not a vhdsync recovery point (no %s metadata): restoring it as it is\n", id, points.PointMetaEpoch)
@@ -318,5 +325,5 @@ func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (
 	default:
 		fmt.Fprintf(g.stdout, "recovery point %s: the disk as of epoch %d, taken %s (consistent: sequence number %d)\n", id, p.Epoch, p.Time.UTC().Format(time.RFC3339), p.Sequence)
 	}
-	return sc, nil
+	return sc, p, ok, nil
 }
