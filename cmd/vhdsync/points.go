@@ -18,6 +18,7 @@ import (
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/points"
 	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 )
 
 // pointsReport is what `vhdsync points --json` prints.
@@ -232,6 +233,22 @@ func afterBatchHook(rp *points.RecoveryPoints) func(context.Context, uint64) {
 		return nil
 	}
 	return rp.AfterBatch
+}
+
+// onSendHook feeds rp the ranges of every batch sent (nil when recovery
+// points are off), from which each point records what changed since the
+// one before.
+func onSendHook(rp *points.RecoveryPoints) func(remote.Sequence, []replicate.Span) {
+	if rp == nil {
+		return nil
+	}
+	return func(seq remote.Sequence, spans []replicate.Span) {
+		rs := make([]points.Range, len(spans))
+		for i, sp := range spans {
+			rs[i] = points.Range{Off: sp.Off, End: sp.End}
+		}
+		rp.Sending(seq, rs)
+	}
 }
 
 // recoveryStatus is the status section of a mount's recovery points.
