@@ -211,9 +211,9 @@ func runDownloadSince(ctx context.Context, g *globals, f downloadFlags, file str
 	}
 	g.logger().Info("incremental restore", "file", file, "since", f.since, "point", f.point, "changed_bytes", res.Changed,
 		"read_bytes", res.Received, "read_requests", res.Requests, "full_bytes", res.FullBytes)
-	fmt.Fprintf(g.stdout, "updated %s from recovery point %s to %s (epoch %d)\n  %d changed range(s) holding %s recorded by the points in between; read %s in %d requests (a full download reads %s: %s), wrote %s, made %s holes; %s\n",
-		file, f.since, f.point, pt.Epoch, res.ChangedRanges, humanBytes(res.Changed), humanBytes(res.Received), res.Requests,
-		humanBytes(res.FullBytes), ratio(res.Received, res.FullBytes), humanBytes(res.Written), humanBytes(res.Punched), res.Duration.Round(time.Millisecond))
+	fmt.Fprintf(g.stdout, "updated %s from recovery point %s to %s (epoch %d)\n  %d changed range(s) holding %s recorded by the points in between; read %s (%d bytes) in %d requests; a full download reads %s (%d bytes): %s; wrote %s, made %s holes; %s\n",
+		file, f.since, f.point, pt.Epoch, res.ChangedRanges, humanBytes(res.Changed), humanBytes(res.Received), res.Received, res.Requests,
+		humanBytes(res.FullBytes), res.FullBytes, ratio(res.Received, res.FullBytes), humanBytes(res.Written), humanBytes(res.Punched), res.Duration.Round(time.Millisecond))
 	return nil
 }
 
