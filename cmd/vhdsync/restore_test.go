@@ -299,6 +299,29 @@ func TestIncrementalRestore(t *testing.T) {
 	r.write(5<<20, 4096, false)
 	c := r.point()
 	modelC := bytes.Clone(r.model)
+	// As if a restore from B to C had been cut short: the record says so,
+	// and the file holds neither point. Only that restore may go on.
+	incPath := filepath.Join(r.dir, "inc.vhd")
+	rec, err = transfer.ReadPointRecord(incPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.UpdatingTo = c
+	if err := transfer.WritePointRecord(incPath, rec); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(incPath, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, 4096), 5<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	_, errOut = r.download(ExitSrcChanged, "inc.vhd", "--point", b, "--since", b)
+	if !strings.Contains(errOut, "cut short") || !strings.Contains(errOut, "--point "+c+" --since "+b) {
+		t.Errorf("a restore cut short, another target: %s", errOut)
+	}
 	out, _ = r.download(ExitOK, "inc.vhd", "--point", c, "--since", b)
 	if !strings.Contains(out, "updated ") {
 		t.Errorf("through a restart at the point: %s", out)
