@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -354,4 +356,94 @@ func atoi(t *testing.T, s string) int64 {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestE2EIncrementalRestoreAfterKill: a real mount, SIGKILLed after a
+// batch that no recovery point followed. The next daemon's first point
+// is marked incomplete (the record of that batch died with the process),
+// so --since through it downloads in full and the file is still exactly
+// the point; the point after it, in the same daemon, restores
+// incrementally again.
+func TestE2EIncrementalRestoreAfterKill(t *testing.T) {
+	e := newE2E(t)
+	url, state := e.createDisk("ir", 20)
+	mp := e.path("mnt")
+	img := filepath.Join(mp, "ir.img")
+	// waitPoint waits until the daemon has taken n points and returns the
+	// newest one's id and the disk as of it (read through the mount: with
+	// --linger 1h only the test's fsyncs close epochs).
+	waitPoint := func(n uint64) (string, time.Time, []byte) {
+		t.Helper()
+		var id string
+		var when time.Time
+		waitFor(t, 30*time.Second, fmt.Sprintf("recovery point %d", n), func() (bool, error) {
+			s, err := e.status(state)
+			if err != nil || s.RecoveryPoints == nil || s.RecoveryPoints.Taken < n {
+				return false, err
+			}
+			id, when = s.RecoveryPoints.LastID, s.RecoveryPoints.LastTime
+			return true, nil
+		})
+		b, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id, when, b
+	}
+	d := e.mount(state, mp, "--linger", "1h", "--recovery-points", "1h")
+	writeAtSync(t, img, map[int64][]byte{0: pattern("a", 4<<20)})
+	a, _, imgA := waitPoint(1)
+	// A batch after A, on the blob, and no point (the interval is 1h).
+	writeAtSync(t, img, map[int64][]byte{6 << 20: pattern("after a", 1<<20)})
+	waitFor(t, 30*time.Second, "the batch after point A on the blob", func() (bool, error) {
+		s, err := e.status(state)
+		return err == nil && s.JournalRecords == 0 && s.RecoveryPoints != nil && s.RemoteEpoch > s.RecoveryPoints.LastEpoch, err
+	})
+	if err := syscall.Kill(d.pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	d.waitExit(10 * time.Second)
+	if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
+		t.Fatalf("umount -l %s: %v", mp, err)
+	}
+
+	d = e.mount(state, mp, "--linger", "1h", "--recovery-points", "1s")
+	// The interval counts from the newest point on the blob: a point
+	// comes at the first boundary a second after A.
+	time.Sleep(1100 * time.Millisecond)
+	writeAtSync(t, img, map[int64][]byte{10 << 20: pattern("b", 512<<10)})
+	b, bTime, imgB := waitPoint(1)
+	time.Sleep(time.Until(bTime.Add(1100 * time.Millisecond)))
+	writeAtSync(t, img, map[int64][]byte{12 << 20: pattern("c", 64<<10), 0: pattern("c0", 4096)})
+	c, _, imgC := waitPoint(2)
+	e.mustVhdsync("unmount", mp)
+
+	file := e.path("restored.img")
+	e.mustVhdsync("download", "--raw", "--blob", url, "--point", a, file)
+	same := func(want []byte, what string) {
+		t.Helper()
+		got, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: the file differs from the disk at that point", what)
+		}
+	}
+	same(imgA, "point A")
+	r := e.mustVhdsync("download", "--blob", url, "--point", b, "--since", a, file)
+	if !strings.Contains(r.stdout, "incomplete") || !strings.Contains(r.stdout, "in full") {
+		t.Errorf("--since through the point after the kill did not download in full:\n%s", r.stdout)
+	}
+	same(imgB, "point B, in full")
+	r = e.mustVhdsync("download", "--blob", url, "--point", c, "--since", b, file)
+	m := incRead.FindStringSubmatch(r.stdout)
+	if m == nil {
+		t.Fatalf("--since after B did not restore incrementally:\n%s", r.stdout)
+	}
+	same(imgC, "point C, incremental")
+	t.Logf("B to C: read %s bytes in %s requests; a full download reads %s", m[1], m[2], m[3])
+	if read := atoi(t, m[1]); read > 128<<10 {
+		t.Errorf("B to C read %d bytes for 68 KiB written", read)
+	}
 }
