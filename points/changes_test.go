@@ -198,3 +198,62 @@ func TestChangesChain(t *testing.T) {
 		t.Errorf("from a deleted point: %v", err)
 	}
 }
+
+// TestChangesCarried: a stopping process hands its record to the next
+// one, which trusts it only if the blob is where it was left (the same
+// newest point, the same sequence number when its first batch begins);
+// a process that sent nothing hands it on unchanged.
+func TestChangesCarried(t *testing.T) {
+	ctx := context.Background()
+	m := &memSnaps{}
+	newRP := func(c *Carried) *RecoveryPoints {
+		rp, err := NewRecoveryPoints(m, RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 100, Carried: c})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rp
+	}
+	batch := func(rp *RecoveryPoints, e uint64, r Range, point bool) {
+		rp.Sending(remote.Sequence(m.seq), []Range{r})
+		m.seq = int64(remote.Complete(e))
+		if point {
+			rp.AfterBatch(ctx, e)
+		}
+	}
+	newest := func() Point {
+		pts, _, err := ListPoints(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pts[len(pts)-1]
+	}
+	rp := newRP(nil)
+	batch(rp, 1, Range{0, 512}, true)
+	batch(rp, 2, Range{0, 512}, true)
+	batch(rp, 3, Range{1 << 20, 2 << 20}, false) // no point: carried
+	c, ok := rp.Carry(remote.Sequence(m.seq))
+	if !ok || c.Prev != newest().ID || c.Sequence != m.seq {
+		t.Fatalf("carry: %+v %v", c, ok)
+	}
+	// A process that sends nothing hands it on as it is.
+	idle := newRP(&c)
+	if c2, ok := idle.Carry(remote.Sequence(m.seq)); !ok || c2 != c {
+		t.Fatalf("carry of an idle process: %+v %v", c2, ok)
+	}
+	rp = newRP(&c)
+	batch(rp, 4, Range{4 << 20, 5 << 20}, true)
+	p := newest()
+	if p.Changes == nil || !covers(p.Changes.Ranges(), Range{1 << 20, 2 << 20}) || !covers(p.Changes.Ranges(), Range{4 << 20, 5 << 20}) {
+		t.Fatalf("point after a carried record: %+v %v", p, p.Changes)
+	}
+	// The blob moved on after the carry (another process completed a
+	// batch): the record is not trusted.
+	batch(rp, 5, Range{0, 512}, false)
+	c, _ = rp.Carry(remote.Sequence(m.seq))
+	m.seq = int64(remote.Complete(6))
+	rp = newRP(&c)
+	batch(rp, 7, Range{0, 512}, true)
+	if p := newest(); p.Changes != nil {
+		t.Fatalf("point after a stale carried record: %+v", p)
+	}
+}

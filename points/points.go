@@ -146,6 +146,21 @@ type RecoveryPointsOptions struct {
 	Logger *slog.Logger
 	// Now is the clock (tests); nil means time.Now.
 	Now func() time.Time
+	// Carried is the record of changes the process before this one
+	// handed over when it stopped (Carry), or nil.
+	Carried *Carried
+}
+
+// Carried is the record of the ranges sent since the point Prev, handed
+// from a stopping process to the next one (a mount keeps it in its state
+// directory), so that a restart does not break the chain of records.
+// The next process trusts it only if the blob is still where this
+// process left it: the same newest point, and the sequence number
+// Sequence when its first batch begins (see docs/DESIGN.md).
+type Carried struct {
+	Prev     string `json:"prev"`
+	Sequence int64  `json:"sequence"`
+	Changes  string `json:"changes"` // Changes.Encode
 }
 
 // RecoveryPointStats are RecoveryPoints' counters, for status.
@@ -232,6 +247,28 @@ func (p *RecoveryPoints) Sending(seq remote.Sequence, rs []Range) {
 		p.started, p.startSeq = true, seq
 	}
 	p.changes.Add(rs...)
+}
+
+// Carry returns the record of what was sent since the newest point, for
+// the next process (RecoveryPointsOptions.Carried), with the blob's
+// sequence number seq as this process leaves it; ok is false when there
+// is no complete record to hand over. Call it once nothing is sent any
+// more (after the flusher stopped).
+func (p *RecoveryPoints) Carry(seq remote.Sequence) (c Carried, ok bool) {
+	p.run.Lock()
+	defer p.run.Unlock()
+	_, started := p.startedAt()
+	switch {
+	case !p.anchored && !started && p.o.Carried != nil:
+		// Nothing sent: the blob is where the process before left it.
+		return *p.o.Carried, true
+	case !p.anchored || !p.complete || p.prev == "":
+		return c, false
+	}
+	p.chMu.Lock()
+	enc := p.changes.Encode()
+	p.chMu.Unlock()
+	return Carried{Prev: p.prev, Sequence: int64(seq), Changes: enc}, true
 }
 
 // takeChanges returns the ranges recorded so far and starts a new record;
@@ -374,6 +411,14 @@ func (p *RecoveryPoints) anchor(ctx context.Context) {
 	p.prev = newest.ID
 	start, ok := p.startedAt()
 	p.complete = ok && newest.Consistent && start == remote.Complete(newest.Epoch)
+	// The same holds from where the process before left the blob, with
+	// the record it carried over: what it sent since the newest point.
+	if c := p.o.Carried; ok && newest.Consistent && c != nil && c.Prev == newest.ID && start == remote.Sequence(c.Sequence) {
+		if ch, err := DecodeChanges(c.Changes); err == nil {
+			p.putBack(ch)
+			p.complete = true
+		}
+	}
 	if !p.complete {
 		p.log.Info("recovery points: the next point's record of changed ranges is incomplete (the blob moved past the newest point before this process began); an incremental restore to it downloads in full",
 			"newest_point", newest.ID, "epoch", newest.Epoch, "blob_sequence_at_start", int64(start))

@@ -518,6 +518,7 @@ wait:
 		cancel()
 	}
 	st := disk.Stats()
+	saveCarried(d.Path, rp, st.Flusher.RemoteSequence, log)
 	stop.PendingRecords, stop.PendingBytes = st.Journal.PendingRecords, st.Journal.PendingBytes
 	if cerr != nil {
 		stop.Error = cerr.Error()

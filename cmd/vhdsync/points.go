@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"text/tabwriter"
 	"time"
 
@@ -164,7 +166,55 @@ func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Lo
 	if err != nil {
 		return nil, err
 	}
-	return newRecoveryPoints(c, f.points, f.keep, log)
+	rp, err := points.NewRecoveryPoints(c, points.RecoveryPointsOptions{Interval: f.points, Keep: f.keep, Logger: log, Carried: loadCarried(d.Path, log)})
+	if err != nil {
+		return nil, usageError{err}
+	}
+	log.Info("recovery points on", "interval", f.points.String(), "keep", f.keep)
+	return rp, nil
+}
+
+// carriedFile, in the state directory, holds the record of changes a
+// stopped mount hands to the next one (points.Carried).
+const carriedFile = "points-carried.json"
+
+// loadCarried reads and removes the record the last mount left (nil for
+// none). A damaged or missing one only makes the next point's record
+// incomplete: it is never needed for a correct restore.
+func loadCarried(dir string, log *slog.Logger) *points.Carried {
+	path := filepath.Join(dir, carriedFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	// Used once: the next stop writes a new one.
+	_ = os.Remove(path)
+	var c points.Carried
+	if err := json.Unmarshal(b, &c); err != nil {
+		log.Warn("recovery points: the record of changes the last mount left is damaged; the next point's record is incomplete", "file", path, "err", err)
+		return nil
+	}
+	return &c
+}
+
+// saveCarried keeps rp's record of changes for the next mount, with the
+// blob's sequence number seq as this one leaves it. Failing to write it
+// costs the next point its record, never a wrong restore: it is logged.
+func saveCarried(dir string, rp *points.RecoveryPoints, seq int64, log *slog.Logger) {
+	if rp == nil {
+		return
+	}
+	c, ok := rp.Carry(remote.Sequence(seq))
+	if !ok {
+		return
+	}
+	b, err := json.Marshal(c)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, carriedFile), append(b, '\n'), 0o600)
+	}
+	if err != nil {
+		log.Warn("recovery points: could not keep the record of changes for the next mount; its first point's record will be incomplete", "err", err)
+	}
 }
 
 // rememberPoints settles a mount's recovery points against what DIR

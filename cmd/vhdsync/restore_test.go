@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -363,7 +364,8 @@ func atoi(t *testing.T, s string) int64 {
 // is marked incomplete (the record of that batch died with the process),
 // so --since through it downloads in full and the file is still exactly
 // the point; the point after it, in the same daemon, restores
-// incrementally again.
+// incrementally again, and so does one after a clean unmount and mount
+// (the record handed over in the state directory).
 func TestE2EIncrementalRestoreAfterKill(t *testing.T) {
 	e := newE2E(t)
 	url, state := e.createDisk("ir", 20)
@@ -415,7 +417,19 @@ func TestE2EIncrementalRestoreAfterKill(t *testing.T) {
 	b, bTime, imgB := waitPoint(1)
 	time.Sleep(time.Until(bTime.Add(1100 * time.Millisecond)))
 	writeAtSync(t, img, map[int64][]byte{12 << 20: pattern("c", 64<<10), 0: pattern("c0", 4096)})
-	c, _, imgC := waitPoint(2)
+	c, cTime, imgC := waitPoint(2)
+	// A batch right after C (within the interval: no point), then a clean
+	// unmount: the mount hands its record to the next one, and point D
+	// after the remount still has a complete record.
+	writeAtSync(t, img, map[int64][]byte{14 << 20: pattern("d1", 8192)})
+	e.mustVhdsync("unmount", mp)
+	if _, err := os.Stat(filepath.Join(state, carriedFile)); err != nil {
+		t.Errorf("the unmount left no record of changes: %v", err)
+	}
+	e.mount(state, mp, "--linger", "1h")
+	time.Sleep(time.Until(cTime.Add(1100 * time.Millisecond)))
+	writeAtSync(t, img, map[int64][]byte{16 << 20: pattern("d2", 4096)})
+	dp, _, imgD := waitPoint(1)
 	e.mustVhdsync("unmount", mp)
 
 	file := e.path("restored.img")
@@ -445,5 +459,26 @@ func TestE2EIncrementalRestoreAfterKill(t *testing.T) {
 	t.Logf("B to C: read %s bytes in %s requests; a full download reads %s", m[1], m[2], m[3])
 	if read := atoi(t, m[1]); read > 128<<10 {
 		t.Errorf("B to C read %d bytes for 68 KiB written", read)
+	}
+	r = e.mustVhdsync("download", "--blob", url, "--point", dp, "--since", c, file)
+	if !incRead.MatchString(r.stdout) {
+		t.Fatalf("--since C through a clean unmount did not restore incrementally:\n%s", r.stdout)
+	}
+	same(imgD, "point D, incremental through an unmount")
+	bc, err := pageblob.Open(url, &pageblob.Options{Env: func(string) string { return "" }, MaxRetries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pts, _, err := points.ListPoints(context.Background(), bc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch last := pts[len(pts)-1]; {
+	case last.ID != dp || last.Changes == nil:
+		t.Fatalf("point D: %+v", last)
+	case last.Prev != c:
+		t.Logf("the batch after C got a point of its own (%s): the record was not carried over an unmount", last.Prev)
+	case !slices.ContainsFunc(last.Changes.Ranges(), func(r points.Range) bool { return r.Off <= 14<<20 && 14<<20+8192 <= r.End }):
+		t.Fatalf("point D's record misses the write carried over the unmount: %v", last.Changes.Ranges())
 	}
 }
