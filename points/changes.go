@@ -190,9 +190,10 @@ func DecodeChanges(s string) (*Changes, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errBadChanges, err)
 	}
-	// The record is at most changesBudget bytes of deflate: a bound on
-	// what it inflates to keeps a hostile value from taking the memory.
-	raw, err := io.ReadAll(io.LimitReader(flate.NewReader(bytes.NewReader(z)), 64<<20))
+	// A record holds at most maxRanges ranges of two varints (10 bytes
+	// each at most): a bound on what it inflates to keeps a hostile value
+	// from taking the memory of every listing of the points.
+	raw, err := io.ReadAll(io.LimitReader(flate.NewReader(bytes.NewReader(z)), 20*maxRanges+32))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errBadChanges, err)
 	}
