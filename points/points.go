@@ -74,7 +74,11 @@ type Point struct {
 	Consistent bool `json:"consistent"`
 	// Prev is the point before this one that Changes counts from ("" for
 	// none known).
-	Prev string `json:"-"`
+	Prev string `json:"prev,omitempty"`
+	// Record says whether the point records what changed since Prev, so
+	// whether download --since can go through it: "recorded",
+	// "incomplete", "none" (taken by an older vhdsync) or "damaged".
+	Record string `json:"record"`
 	// Changes is what was written between Prev and this point; nil when
 	// not recorded (ChangesNote says why).
 	Changes *Changes `json:"-"`
@@ -101,12 +105,13 @@ func PointFromSnapshot(s remote.Snapshot) (p Point, ok bool) {
 	p = Point{ID: s.ID, Epoch: e, Time: t, Sequence: s.SequenceNumber, Consistent: remote.Sequence(s.SequenceNumber).IsComplete(e), Prev: s.Metadata[PointMetaPrev]}
 	switch ch, has := s.Metadata[PointMetaChanged]; {
 	case !has:
-		p.ChangesNote = "not recorded (taken by an older vhdsync)"
+		p.Record, p.ChangesNote = "none", "not recorded (taken by an older vhdsync)"
 	case ch == ChangesIncomplete:
-		p.ChangesNote = "incomplete (the first point, or the daemon restarted after the blob had moved past the point before)"
+		p.Record, p.ChangesNote = "incomplete", "incomplete (the first point, or the daemon restarted after the blob had moved past the point before)"
 	default:
+		p.Record = "recorded"
 		if p.Changes, err = DecodeChanges(ch); err != nil {
-			p.ChangesNote = err.Error()
+			p.Record, p.ChangesNote = "damaged", err.Error()
 		}
 	}
 	return p, true

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -347,6 +348,18 @@ func TestIncrementalRestore(t *testing.T) {
 	r.check("inc.vhd", r.model, "")
 	if rec, err := transfer.ReadPointRecord(filepath.Join(r.dir, "inc.vhd")); err != nil || rec.Point != d {
 		t.Fatalf("record after the fallback: %+v, %v", rec, err)
+	}
+	// points --json says which points record their changes.
+	code, out, _ = vhdsync(t, nil, "points", "--blob", r.url, "--json")
+	var rep pointsReport
+	if err := json.Unmarshal([]byte(out), &rep); code != ExitOK || err != nil {
+		t.Fatalf("points --json: exit %d, %v: %s", code, err, out)
+	}
+	want := map[string][2]string{a: {"", "incomplete"}, b: {a, "recorded"}, c: {b, "recorded"}, d: {c, "incomplete"}}
+	for _, p := range rep.Points {
+		if w, ok := want[p.ID]; ok && (p.Prev != w[0] || p.Record != w[1]) {
+			t.Errorf("point %s: prev %q record %q, want %q %q", p.ID, p.Prev, p.Record, w[0], w[1])
+		}
 	}
 }
 
