@@ -145,18 +145,61 @@ func (c *Changes) coarsen(g int64) {
 // Encode returns the set as a snapshot metadata value of at most
 // changesBudget bytes: "v1." and the base64 of the deflated varints
 // (grain's log2, then each range's gap from the previous one and its
-// length, in grains). A set too large for the budget is coarsened first
-// (doubling the grain), which only ever adds ranges.
+// length, in grains). A set too large for the budget loses its smallest
+// gaps first (the ranges around them are joined), as few as make it fit:
+// that adds the fewest bytes to a restore, and only ever adds.
 func (c *Changes) Encode() string {
 	c.normalize()
-	cp := &Changes{grain: c.grain, r: slices.Clone(c.r)}
-	for {
-		s := cp.encode()
-		if len(s) <= changesBudget {
-			return s
-		}
-		cp.coarsen(cp.grain * 2)
+	if s := c.encode(); len(s) <= changesBudget {
+		return s
 	}
+	// The k-1 largest gaps are kept; the most ranges that fit are found
+	// by bisection (fewer ranges never encode larger).
+	gaps := make([]int64, 0, len(c.r))
+	for i := 1; i < len(c.r); i++ {
+		gaps = append(gaps, c.r[i].Off-c.r[i-1].End)
+	}
+	slices.Sort(gaps)
+	joined := func(k int) *Changes {
+		// Gaps at least min are kept, up to k-1 of them (ties: the first).
+		keep := k - 1
+		least := int64(1) << 62
+		if keep > 0 {
+			least = gaps[len(gaps)-keep]
+		}
+		above := 0 // gaps strictly above least, kept in any case
+		for _, g := range gaps {
+			if g > least {
+				above++
+			}
+		}
+		ties := keep - above
+		out := &Changes{grain: c.grain, r: []Range{c.r[0]}}
+		for _, r := range c.r[1:] {
+			last := &out.r[len(out.r)-1]
+			g := r.Off - last.End
+			if g > least || (g == least && ties > 0) {
+				if g == least {
+					ties--
+				}
+				out.r = append(out.r, r)
+				continue
+			}
+			last.End = r.End
+		}
+		return out
+	}
+	lo, hi := 1, len(c.r) // joined(lo) fits (one range), joined(hi) does not
+	best := joined(1).encode()
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		if s := joined(mid).encode(); len(s) <= changesBudget {
+			lo, best = mid, s
+		} else {
+			hi = mid
+		}
+	}
+	return best
 }
 
 // encode is Encode at the set's own grain.

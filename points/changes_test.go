@@ -257,3 +257,38 @@ func TestChangesCarried(t *testing.T) {
 		t.Fatalf("point after a stale carried record: %+v", p)
 	}
 }
+
+// TestChangesClusteredRecord: writes clustered in hot regions (as a file
+// system's are) keep a record close to what was written when they
+// outgrow the budget: the smallest gaps are joined first.
+func TestChangesClusteredRecord(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	c := NewChanges()
+	var written []Range
+	var bytes int64
+	for range 50_000 {
+		hot := rng.Int64N(100) * (640 << 20) // 100 regions of 16 MiB over 64 GiB
+		off := hot + rng.Int64N(16<<20)&^4095
+		r := Range{off, off + 4096}
+		written = append(written, r)
+		c.Add(r)
+	}
+	for _, r := range c.Ranges() {
+		bytes += r.End - r.Off
+	}
+	d, err := DecodeChanges(c.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := d.Ranges()
+	for _, w := range written {
+		if !covers(got, w) {
+			t.Fatalf("write %v lost by the record", w)
+		}
+	}
+	t.Logf("50000 4 KiB writes in 100 hot 16 MiB regions of 64 GiB: %d distinct bytes in %d ranges; the record: %d ranges, %d bytes (%.2fx the distinct bytes, %.3f%% of the disk)",
+		bytes, len(c.Ranges()), len(got), d.Bytes(), float64(d.Bytes())/float64(bytes), 100*float64(d.Bytes())/float64(64<<30))
+	if d.Bytes() > 2<<30 {
+		t.Errorf("the record covers %d bytes for writes within 1.6 GiB of regions", d.Bytes())
+	}
+}
