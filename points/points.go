@@ -1,6 +1,9 @@
 // Package points keeps recovery points: snapshots of the page blob taken
 // at epoch boundaries (the blob exactly the disk at a barrier), named by
-// their metadata, pruned by a retention policy. See docs/DESIGN.md.
+// their metadata, pruned by a retention policy. Each point also records
+// the disk ranges written since the point before it (Changes), from which
+// an incremental restore learns what to rewrite (ChangesBetween). See
+// docs/DESIGN.md, "Incremental restore".
 package points
 
 import (
