@@ -311,3 +311,33 @@ func ChangesBetween(pts []Point, from, to string) (*Changes, error) {
 	}
 	return out, nil
 }
+
+// Missing returns the parts of rs that the set does not hold: empty when
+// every range in rs is recorded. rs need not be sorted.
+func (c *Changes) Missing(rs []Range) []Range {
+	c.normalize()
+	var out []Range
+	for _, r := range rs {
+		off := r.Off
+		// The first recorded range that ends after off.
+		i, _ := slices.BinarySearchFunc(c.r, off, func(x Range, t int64) int {
+			if x.End <= t {
+				return -1
+			}
+			return 1
+		})
+		for ; off < r.End && i < len(c.r); i++ {
+			if c.r[i].Off >= r.End {
+				break
+			}
+			if c.r[i].Off > off {
+				out = append(out, Range{off, c.r[i].Off})
+			}
+			off = max(off, c.r[i].End)
+		}
+		if off < r.End {
+			out = append(out, Range{off, r.End})
+		}
+	}
+	return out
+}

@@ -292,3 +292,18 @@ func TestChangesClusteredRecord(t *testing.T) {
 		t.Errorf("the record covers %d bytes for writes within 1.6 GiB of regions", d.Bytes())
 	}
 }
+
+// TestChangesMissing: what a list of ranges (the service's diff) holds
+// that the record does not.
+func TestChangesMissing(t *testing.T) {
+	c := NewChanges()
+	c.Add(Range{1024, 2048}, Range{4096, 8192})
+	got := c.Missing([]Range{{1024, 2048}, {512, 3072}, {5000, 6000}, {7680, 9216}, {0, 512}})
+	want := []Range{{512, 1024}, {2048, 3072}, {8192, 9216}, {0, 512}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("missing %v, want %v", got, want)
+	}
+	if m := c.Missing([]Range{{4096, 8192}}); len(m) != 0 {
+		t.Fatalf("a recorded range reported missing: %v", m)
+	}
+}
