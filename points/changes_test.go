@@ -129,7 +129,7 @@ func TestChangesChain(t *testing.T) {
 	}
 	// batch sends one range as the flusher would, and completes epoch e.
 	batch := func(rp *RecoveryPoints, e uint64, r Range, point bool) {
-		rp.Sending(remote.Sequence(m.seq), []Range{r})
+		rp.Sending(remote.Sequence(m.seq), e, []Range{r})
 		m.seq = int64(remote.Complete(e))
 		if point {
 			rp.AfterBatch(ctx, e)
@@ -214,7 +214,7 @@ func TestChangesCarried(t *testing.T) {
 		return rp
 	}
 	batch := func(rp *RecoveryPoints, e uint64, r Range, point bool) {
-		rp.Sending(remote.Sequence(m.seq), []Range{r})
+		rp.Sending(remote.Sequence(m.seq), e, []Range{r})
 		m.seq = int64(remote.Complete(e))
 		if point {
 			rp.AfterBatch(ctx, e)
@@ -305,5 +305,58 @@ func TestChangesMissing(t *testing.T) {
 	}
 	if m := c.Missing([]Range{{4096, 8192}}); len(m) != 0 {
 		t.Fatalf("a recorded range reported missing: %v", m)
+	}
+}
+
+// TestChangesGapBetweenBatches: a batch that begins at an even sequence
+// number other than the one the batch before completed at means the blob
+// was changed without the hook (a resize): the next point's record is
+// incomplete and none is carried over; the one after is complete again.
+// A superset after a preemption begins at the process's own odd mark and
+// is no gap.
+func TestChangesGapBetweenBatches(t *testing.T) {
+	ctx := context.Background()
+	m := &memSnaps{}
+	rp, err := NewRecoveryPoints(m, RecoveryPointsOptions{Interval: time.Nanosecond, Keep: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(e uint64, point bool) {
+		rp.Sending(remote.Sequence(m.seq), e, []Range{{0, 512}})
+		m.seq = int64(remote.Complete(e))
+		if point {
+			rp.AfterBatch(ctx, e)
+		}
+	}
+	newest := func() Point {
+		pts, _, err := ListPoints(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pts[len(pts)-1]
+	}
+	send(1, true)
+	send(2, true)
+	// A preempted batch of epochs 3-4 under its odd mark, then its
+	// superset 3-5 from that mark.
+	m.seq = int64(remote.Started(4))
+	rp.Sending(remote.Sequence(m.seq), 4, []Range{{4096, 8192}})
+	send(5, true)
+	if p := newest(); p.Changes == nil || !covers(p.Changes.Ranges(), Range{4096, 8192}) {
+		t.Fatalf("after a preemption: %+v", p)
+	}
+	// A resize moves the blob to Complete(6) on its own.
+	m.seq = int64(remote.Complete(6))
+	send(7, false)
+	if _, ok := rp.Carry(remote.Sequence(m.seq)); ok {
+		t.Error("a record with a gap was carried over")
+	}
+	send(8, true)
+	if p := newest(); p.Changes != nil || p.Record != "incomplete" {
+		t.Fatalf("the point after a resize: %+v", p)
+	}
+	send(9, true)
+	if p := newest(); p.Changes == nil {
+		t.Fatalf("the point after that: %+v", p)
 	}
 }

@@ -217,6 +217,12 @@ type RecoveryPoints struct {
 	started  bool            // Sending was called: startSeq is known
 	startSeq remote.Sequence // the blob's sequence number before this process's first batch
 	changes  *Changes        // the ranges sent since prev (or since this process began)
+	// lastDone is the sequence number the last batch completes at;
+	// gap says a batch began at another even number since the newest
+	// point: something else wrote the blob (a resize), so the record may
+	// miss what it changed.
+	lastDone remote.Sequence
+	gap      bool
 
 	mu sync.Mutex // guards st only: Stats never waits for a request
 	st RecoveryPointStats
@@ -243,17 +249,27 @@ func NewRecoveryPoints(s Snapshotter, o RecoveryPointsOptions) (*RecoveryPoints,
 	return &RecoveryPoints{s: s, o: o, log: o.Logger, changes: NewChanges(), st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
 }
 
-// Sending records the ranges of a batch about to be sent to the blob,
-// whose sequence number is seq as the batch begins. The sender calls it
+// Sending records the ranges of a batch of epochs up to last about to be
+// sent to the blob, whose sequence number is seq as the batch begins. The sender calls it
 // (replicate.SenderOptions.OnSend) before any request of the batch, so the
 // next point's PointMetaChanged never misses a range that reached the
 // blob, even one whose answer was lost.
-func (p *RecoveryPoints) Sending(seq remote.Sequence, rs []Range) {
+func (p *RecoveryPoints) Sending(seq remote.Sequence, last uint64, rs []Range) {
 	p.chMu.Lock()
 	defer p.chMu.Unlock()
 	if !p.started {
 		p.started, p.startSeq = true, seq
 	}
+	// A batch begins where the last one completed, or at an odd mark of
+	// this process's own (a preempted batch's superset). Any other even
+	// number means the blob was changed by something that does not send
+	// through this hook (a resize sets the size and footer itself).
+	if p.lastDone != 0 && !seq.InProgress() && seq != p.lastDone {
+		p.gap = true
+		p.log.Info("recovery points: the blob moved between two batches without them (a resize?); the next point's record of changed ranges is incomplete",
+			"expected_sequence", int64(p.lastDone), "sequence", int64(seq))
+	}
+	p.lastDone = remote.Complete(last)
 	p.changes.Add(rs...)
 }
 
@@ -274,26 +290,30 @@ func (p *RecoveryPoints) Carry(seq remote.Sequence) (c Carried, ok bool) {
 		return c, false
 	}
 	p.chMu.Lock()
-	enc := p.changes.Encode()
-	p.chMu.Unlock()
-	return Carried{Prev: p.prev, Sequence: int64(seq), Changes: enc}, true
+	defer p.chMu.Unlock()
+	if p.gap {
+		return c, false
+	}
+	return Carried{Prev: p.prev, Sequence: int64(seq), Changes: p.changes.Encode()}, true
 }
 
 // takeChanges returns the ranges recorded so far and starts a new record;
 // putBack undoes it when the point they were for was not kept.
-func (p *RecoveryPoints) takeChanges() *Changes {
+func (p *RecoveryPoints) takeChanges() (ch *Changes, gap bool) {
 	p.chMu.Lock()
 	defer p.chMu.Unlock()
-	ch := p.changes
-	p.changes = NewChanges()
-	return ch
+	ch, gap = p.changes, p.gap
+	p.changes, p.gap = NewChanges(), false
+	return ch, gap
 }
 
-// putBack returns ranges taken for a point that failed to the record.
-func (p *RecoveryPoints) putBack(ch *Changes) {
+// putBack returns ranges taken for a point that failed to the record
+// (and the gap they had).
+func (p *RecoveryPoints) putBack(ch *Changes, gap bool) {
 	p.chMu.Lock()
 	defer p.chMu.Unlock()
 	p.changes.Union(ch)
+	p.gap = p.gap || gap
 }
 
 // startedAt is the blob's sequence number before this process's first
@@ -353,11 +373,11 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	// The ranges sent since the newest point go into this one's metadata,
 	// in the same request that takes it: there is no moment when the
 	// point exists without its record.
-	ch := p.takeChanges()
+	ch, gap := p.takeChanges()
 	meta[PointMetaChanged] = ChangesIncomplete
 	if p.prev != "" {
 		meta[PointMetaPrev] = p.prev
-		if p.complete {
+		if p.complete && !gap {
 			meta[PointMetaChanged] = ch.Encode()
 		}
 	}
@@ -366,7 +386,7 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 		// The snapshot may exist anyway (its answer lost): the next point
 		// names the same prev and records these ranges too, so a restore
 		// through it is still exact.
-		p.putBack(ch)
+		p.putBack(ch, gap)
 		p.fail(ctx, fmt.Errorf("take recovery point of epoch %d: %w", epoch, err))
 		return
 	}
@@ -379,7 +399,7 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	if kept {
 		p.prev, p.complete = id, true
 	} else {
-		p.putBack(ch)
+		p.putBack(ch, gap)
 	}
 	// Taken last, so that whoever waits for it sees this point's
 	// retention (Count, Deleted) done too.
@@ -423,7 +443,7 @@ func (p *RecoveryPoints) anchor(ctx context.Context) {
 	// the record it carried over: what it sent since the newest point.
 	if c := p.o.Carried; ok && newest.Consistent && c != nil && c.Prev == newest.ID && start == remote.Sequence(c.Sequence) {
 		if ch, err := DecodeChanges(c.Changes); err == nil {
-			p.putBack(ch)
+			p.putBack(ch, false)
 			p.complete = true
 		}
 	}

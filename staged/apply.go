@@ -37,7 +37,7 @@ type ApplierOptions struct {
 	AfterApply func(ctx context.Context, epoch uint64)
 	// OnSend is replicate.SenderOptions.OnSend: recovery points record
 	// from it what each segment writes.
-	OnSend func(seq remote.Sequence, spans []replicate.Span)
+	OnSend func(seq remote.Sequence, last uint64, spans []replicate.Span)
 	Logger *slog.Logger
 }
 

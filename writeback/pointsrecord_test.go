@@ -60,13 +60,13 @@ func (b *blobSnaps) DeleteSnapshot(_ context.Context, id, _ string) error {
 }
 
 // recordHook feeds rp the spans of every batch, as a mount does.
-func recordHook(rp *points.RecoveryPoints) func(remote.Sequence, []replicate.Span) {
-	return func(seq remote.Sequence, spans []replicate.Span) {
+func recordHook(rp *points.RecoveryPoints) func(remote.Sequence, uint64, []replicate.Span) {
+	return func(seq remote.Sequence, last uint64, spans []replicate.Span) {
 		rs := make([]points.Range, len(spans))
 		for i, sp := range spans {
 			rs[i] = points.Range{Off: sp.Off, End: sp.End}
 		}
-		rp.Sending(seq, rs)
+		rp.Sending(seq, last, rs)
 	}
 }
 

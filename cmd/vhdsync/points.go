@@ -288,16 +288,16 @@ func afterBatchHook(rp *points.RecoveryPoints) func(context.Context, uint64) {
 // onSendHook feeds rp the ranges of every batch sent (nil when recovery
 // points are off), from which each point records what changed since the
 // one before.
-func onSendHook(rp *points.RecoveryPoints) func(remote.Sequence, []replicate.Span) {
+func onSendHook(rp *points.RecoveryPoints) func(remote.Sequence, uint64, []replicate.Span) {
 	if rp == nil {
 		return nil
 	}
-	return func(seq remote.Sequence, spans []replicate.Span) {
+	return func(seq remote.Sequence, last uint64, spans []replicate.Span) {
 		rs := make([]points.Range, len(spans))
 		for i, sp := range spans {
 			rs[i] = points.Range{Off: sp.Off, End: sp.End}
 		}
-		rp.Sending(seq, rs)
+		rp.Sending(seq, last, rs)
 	}
 }
 
