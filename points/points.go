@@ -1,6 +1,9 @@
 // Package points keeps recovery points: snapshots of the page blob taken
 // at epoch boundaries (the blob exactly the disk at a barrier), named by
-// their metadata, pruned by a retention policy. See docs/DESIGN.md.
+// their metadata, pruned by a retention policy. Each point also records
+// the disk ranges written since the point before it (Changes), from which
+// an incremental restore learns what to rewrite (ChangesBetween). See
+// docs/DESIGN.md, "Incremental restore".
 package points
 
 import (
@@ -27,7 +30,22 @@ const (
 	PointMetaEpoch = "vhdsync_epoch"
 	// PointMetaTime is when vhdsync took the point (RFC 3339, UTC).
 	PointMetaTime = "vhdsync_time"
+	// PointMetaPrev is the id of the recovery point before this one, the
+	// one PointMetaChanged counts from (absent on a blob's first point).
+	PointMetaPrev = "vhdsync_prev"
+	// PointMetaChanged records the disk ranges written to the blob between
+	// the point PointMetaPrev and this one (Changes.Encode), or is
+	// ChangesIncomplete when that is not known for certain. Points taken
+	// by an older vhdsync have none. An incremental restore (download
+	// --since) rewrites exactly the union of these records; see
+	// docs/DESIGN.md, "Incremental restore".
+	PointMetaChanged = "vhdsync_changed"
 )
+
+// ChangesIncomplete is the PointMetaChanged value of a point whose record
+// may miss a range (the daemon restarted after the blob moved past the
+// previous point): no incremental restore goes through it.
+const ChangesIncomplete = "incomplete"
 
 // Snapshotter is the part of a page blob that recovery points need.
 // azure/pageblob.Client implements it.
@@ -57,6 +75,19 @@ type Point struct {
 	// with the batch that completed epoch Epoch fully applied and nothing
 	// of a later one, so it is exactly the disk at that epoch's barrier.
 	Consistent bool `json:"consistent"`
+	// Prev is the point before this one that Changes counts from ("" for
+	// none known).
+	Prev string `json:"prev,omitempty"`
+	// Record says whether the point records what changed since Prev, so
+	// whether download --since can go through it: "recorded",
+	// "incomplete", "none" (taken by an older vhdsync) or "damaged".
+	Record string `json:"record"`
+	// Changes is what was written between Prev and this point; nil when
+	// not recorded (ChangesNote says why).
+	Changes *Changes `json:"-"`
+	// ChangesNote says why Changes is nil: "incomplete", "not recorded
+	// (taken by an older vhdsync)" or the record's decoding error.
+	ChangesNote string `json:"-"`
 }
 
 // PointFromSnapshot reads a snapshot as a recovery point; ok is false for
@@ -74,7 +105,19 @@ func PointFromSnapshot(s remote.Snapshot) (p Point, ok bool) {
 	if err != nil {
 		return Point{}, false
 	}
-	return Point{ID: s.ID, Epoch: e, Time: t, Sequence: s.SequenceNumber, Consistent: remote.Sequence(s.SequenceNumber).IsComplete(e)}, true
+	p = Point{ID: s.ID, Epoch: e, Time: t, Sequence: s.SequenceNumber, Consistent: remote.Sequence(s.SequenceNumber).IsComplete(e), Prev: s.Metadata[PointMetaPrev]}
+	switch ch, has := s.Metadata[PointMetaChanged]; {
+	case !has:
+		p.Record, p.ChangesNote = "none", "not recorded (taken by an older vhdsync)"
+	case ch == ChangesIncomplete:
+		p.Record, p.ChangesNote = "incomplete", "incomplete (the first point, or the daemon restarted after the blob had moved past the point before)"
+	default:
+		p.Record = "recorded"
+		if p.Changes, err = DecodeChanges(ch); err != nil {
+			p.Record, p.ChangesNote = "damaged", err.Error()
+		}
+	}
+	return p, true
 }
 
 // ListPoints lists the blob's recovery points, oldest first, and counts
@@ -111,6 +154,21 @@ type RecoveryPointsOptions struct {
 	Logger *slog.Logger
 	// Now is the clock (tests); nil means time.Now.
 	Now func() time.Time
+	// Carried is the record of changes the process before this one
+	// handed over when it stopped (Carry), or nil.
+	Carried *Carried
+}
+
+// Carried is the record of the ranges sent since the point Prev, handed
+// from a stopping process to the next one (a mount keeps it in its state
+// directory), so that a restart does not break the chain of records.
+// The next process trusts it only if the blob is still where this
+// process left it: the same newest point, and the sequence number
+// Sequence when its first batch begins (see docs/DESIGN.md).
+type Carried struct {
+	Prev     string `json:"prev"`
+	Sequence int64  `json:"sequence"`
+	Changes  string `json:"changes"` // Changes.Encode
 }
 
 // RecoveryPointStats are RecoveryPoints' counters, for status.
@@ -150,6 +208,21 @@ type RecoveryPoints struct {
 	// taken and takenEpoch: the epoch of the newest point this process took.
 	taken      bool
 	takenEpoch uint64
+	// prev is the newest point (the next one's PointMetaPrev), and
+	// complete says that changes holds every range sent since it.
+	prev     string
+	complete bool
+
+	chMu     sync.Mutex      // guards the fields below: Sending runs on the sender's goroutine
+	started  bool            // Sending was called: startSeq is known
+	startSeq remote.Sequence // the blob's sequence number before this process's first batch
+	changes  *Changes        // the ranges sent since prev (or since this process began)
+	// lastDone is the sequence number the last batch completes at;
+	// gap says a batch began at another even number since the newest
+	// point: something else wrote the blob (a resize), so the record may
+	// miss what it changed.
+	lastDone remote.Sequence
+	gap      bool
 
 	mu sync.Mutex // guards st only: Stats never waits for a request
 	st RecoveryPointStats
@@ -173,7 +246,82 @@ func NewRecoveryPoints(s Snapshotter, o RecoveryPointsOptions) (*RecoveryPoints,
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &RecoveryPoints{s: s, o: o, log: o.Logger, st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
+	return &RecoveryPoints{s: s, o: o, log: o.Logger, changes: NewChanges(), st: RecoveryPointStats{Interval: o.Interval, Keep: o.Keep}}, nil
+}
+
+// Sending records the ranges of a batch of epochs up to last about to be
+// sent to the blob, whose sequence number is seq as the batch begins. The sender calls it
+// (replicate.SenderOptions.OnSend) before any request of the batch, so the
+// next point's PointMetaChanged never misses a range that reached the
+// blob, even one whose answer was lost.
+func (p *RecoveryPoints) Sending(seq remote.Sequence, last uint64, rs []Range) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	if !p.started {
+		p.started, p.startSeq = true, seq
+	}
+	// A batch begins where the last one completed, or at an odd mark of
+	// this process's own (a preempted batch's superset). Any other even
+	// number means the blob was changed by something that does not send
+	// through this hook (a resize sets the size and footer itself).
+	if p.lastDone != 0 && !seq.InProgress() && seq != p.lastDone {
+		p.gap = true
+		p.log.Info("recovery points: the blob moved between two batches without them (a resize?); the next point's record of changed ranges is incomplete",
+			"expected_sequence", int64(p.lastDone), "sequence", int64(seq))
+	}
+	p.lastDone = remote.Complete(last)
+	p.changes.Add(rs...)
+}
+
+// Carry returns the record of what was sent since the newest point, for
+// the next process (RecoveryPointsOptions.Carried), with the blob's
+// sequence number seq as this process leaves it; ok is false when there
+// is no complete record to hand over. Call it once nothing is sent any
+// more (after the flusher stopped).
+func (p *RecoveryPoints) Carry(seq remote.Sequence) (c Carried, ok bool) {
+	p.run.Lock()
+	defer p.run.Unlock()
+	_, started := p.startedAt()
+	switch {
+	case !p.anchored && !started && p.o.Carried != nil:
+		// Nothing sent: the blob is where the process before left it.
+		return *p.o.Carried, true
+	case !p.anchored || !p.complete || p.prev == "":
+		return c, false
+	}
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	if p.gap {
+		return c, false
+	}
+	return Carried{Prev: p.prev, Sequence: int64(seq), Changes: p.changes.Encode()}, true
+}
+
+// takeChanges returns the ranges recorded so far and starts a new record;
+// putBack undoes it when the point they were for was not kept.
+func (p *RecoveryPoints) takeChanges() (ch *Changes, gap bool) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	ch, gap = p.changes, p.gap
+	p.changes, p.gap = NewChanges(), false
+	return ch, gap
+}
+
+// putBack returns ranges taken for a point that failed to the record
+// (and the gap they had).
+func (p *RecoveryPoints) putBack(ch *Changes, gap bool) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	p.changes.Union(ch)
+	p.gap = p.gap || gap
+}
+
+// startedAt is the blob's sequence number before this process's first
+// batch (ok false before one).
+func (p *RecoveryPoints) startedAt() (remote.Sequence, bool) {
+	p.chMu.Lock()
+	defer p.chMu.Unlock()
+	return p.startSeq, p.started
 }
 
 // update changes the counters under their lock.
@@ -222,8 +370,23 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 		PointMetaEpoch: strconv.FormatUint(epoch, 10),
 		PointMetaTime:  now.UTC().Format(time.RFC3339Nano),
 	}
+	// The ranges sent since the newest point go into this one's metadata,
+	// in the same request that takes it: there is no moment when the
+	// point exists without its record.
+	ch, gap := p.takeChanges()
+	meta[PointMetaChanged] = ChangesIncomplete
+	if p.prev != "" {
+		meta[PointMetaPrev] = p.prev
+		if p.complete && !gap {
+			meta[PointMetaChanged] = ch.Encode()
+		}
+	}
 	id, err := p.s.CreateSnapshot(ctx, meta)
 	if err != nil {
+		// The snapshot may exist anyway (its answer lost): the next point
+		// names the same prev and records these ranges too, so a restore
+		// through it is still exact.
+		p.putBack(ch, gap)
 		p.fail(ctx, fmt.Errorf("take recovery point of epoch %d: %w", epoch, err))
 		return
 	}
@@ -233,6 +396,11 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	p.log.Info("recovery point taken", "point", id, "epoch", epoch, "sequence", remote.Complete(epoch))
 	p.update(func(st *RecoveryPointStats) { st.LastError, st.LastErrorTime = "", time.Time{} })
 	kept := p.retain(ctx, id, epoch)
+	if kept {
+		p.prev, p.complete = id, true
+	} else {
+		p.putBack(ch, gap)
+	}
 	// Taken last, so that whoever waits for it sees this point's
 	// retention (Count, Deleted) done too.
 	p.update(func(st *RecoveryPointStats) {
@@ -259,6 +427,30 @@ func (p *RecoveryPoints) anchor(ctx context.Context) {
 	}
 	newest := points[len(points)-1]
 	p.last = newest.Time
+	// The ranges recorded since this process began are all that changed
+	// since the newest point only if the blob was exactly that point when
+	// the first batch began: its sequence number 2·epoch. A higher one
+	// means batches completed after the point (by a process whose record
+	// is lost, or by one that kept none); an odd one may hide such a
+	// batch. An unfinished batch below that mark is not lost: its records
+	// are still in the journal (or its segment still staged), and are
+	// sent again, through Sending, before anything else. See
+	// docs/DESIGN.md, "Incremental restore".
+	p.prev = newest.ID
+	start, ok := p.startedAt()
+	p.complete = ok && newest.Consistent && start == remote.Complete(newest.Epoch)
+	// The same holds from where the process before left the blob, with
+	// the record it carried over: what it sent since the newest point.
+	if c := p.o.Carried; ok && newest.Consistent && c != nil && c.Prev == newest.ID && start == remote.Sequence(c.Sequence) {
+		if ch, err := DecodeChanges(c.Changes); err == nil {
+			p.putBack(ch, false)
+			p.complete = true
+		}
+	}
+	if !p.complete {
+		p.log.Info("recovery points: the next point's record of changed ranges is incomplete (the blob moved past the newest point before this process began); an incremental restore to it downloads in full",
+			"newest_point", newest.ID, "epoch", newest.Epoch, "blob_sequence_at_start", int64(start))
+	}
 	p.update(func(st *RecoveryPointStats) {
 		st.Count = len(points)
 		st.LastID, st.LastEpoch, st.LastTime = newest.ID, newest.Epoch, newest.Time

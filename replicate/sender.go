@@ -28,6 +28,14 @@ type SenderOptions struct {
 	RetryMin, RetryMax time.Duration
 	// Logger receives retry messages.
 	Logger *slog.Logger
+	// OnSend, when set, is called by SendEpochs with a batch's spans
+	// before any request of them is sent, with the blob's sequence number
+	// as the batch began and the batch's last epoch. Recovery points keep from it the record
+	// of what changed between two points (points.RecoveryPoints.Sending):
+	// a range is recorded before it can reach the blob, so the record
+	// never misses one. A span's Off..End covers every request it becomes.
+	// It must not block: the batch waits for it.
+	OnSend func(seq remote.Sequence, last uint64, spans []Span)
 }
 
 // State is what a sender (and the flusher or apply worker driving it) is
@@ -206,6 +214,9 @@ func (s *Sender) Stats() SenderStats {
 // have written (see Flusher's preemption).
 func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Span, alwaysMark bool, preempt func(rest []Span) bool) error {
 	fence := s.Sequence()
+	if s.o.OnSend != nil {
+		s.o.OnSend(fence, last, spans)
+	}
 	marked := alwaysMark || first != last || fence.InProgress()
 	if marked {
 		mark := remote.Started(last)

@@ -35,7 +35,10 @@ type ApplierOptions struct {
 	// AfterApply runs after each segment is complete on the blob (its
 	// sequence number even, 2*epoch), e.g. to take a recovery point.
 	AfterApply func(ctx context.Context, epoch uint64)
-	Logger     *slog.Logger
+	// OnSend is replicate.SenderOptions.OnSend: recovery points record
+	// from it what each segment writes.
+	OnSend func(seq remote.Sequence, last uint64, spans []replicate.Span)
+	Logger *slog.Logger
 }
 
 // ApplierStats is a snapshot of an Applier's counters.
@@ -104,7 +107,7 @@ func NewApplier(r remote.Remote, s SegmentStore, lease string, o ApplierOptions)
 	if err != nil {
 		return nil, fmt.Errorf("zstd decoder: %w", err)
 	}
-	f := replicate.NewSender(r, lease, 0, replicate.SenderOptions{Workers: o.Workers, RetryMin: o.RetryMin, RetryMax: o.RetryMax, Logger: o.Logger})
+	f := replicate.NewSender(r, lease, 0, replicate.SenderOptions{Workers: o.Workers, RetryMin: o.RetryMin, RetryMax: o.RetryMax, Logger: o.Logger, OnSend: o.OnSend})
 	return &Applier{r: r, s: s, lease: lease, o: o, log: o.Logger, f: f, dec: dec}, nil
 }
 

@@ -140,7 +140,7 @@ func runApply(ctx context.Context, g *globals, f applyFlags) (err error) {
 	}
 	a, err := staged.NewApplier(remote, store, held, staged.ApplierOptions{
 		DiskID: diskID, DiskSize: int64(info.Footer.CurrentSize), Workers: f.workers,
-		Poll: f.poll, Once: f.once, Logger: log, AfterApply: afterBatchHook(points),
+		Poll: f.poll, Once: f.once, Logger: log, AfterApply: afterBatchHook(points), OnSend: onSendHook(points),
 	})
 	if err != nil {
 		return err

@@ -29,7 +29,7 @@ const (
 	ExitLeased      = 9  // blob leased by another writer, or the staging lock held by another mount/apply
 	ExitBusy        = 10 // state directory or mountpoint in use, mount busy
 	ExitNotDrained  = 11 // stopped with writes not yet on the blob (kept in the journal)
-	ExitSrcChanged  = 12 // import resume refused: the source file changed since the import began
+	ExitSrcChanged  = 12 // a local FILE is not what the command needs: import resume refused (it changed since the import began), download --since refused (not a copy of that point)
 	ExitBadSegment  = 13 // apply: a staged segment is corrupt or of another disk; nothing after it was applied
 	ExitUnreachable = 14 // the storage endpoint could not be reached (connection refused, host name unknown, no answer)
 	ExitUnhealthy   = 15 // status: the flusher is retrying or failed, or the daemon died and left its mount
@@ -62,7 +62,7 @@ func exitCode(err error) int {
 		return ExitLeased
 	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending), errors.Is(err, writeback.ErrStagingAhead):
 		return ExitState
-	case errors.Is(err, transfer.ErrSourceChanged):
+	case errors.Is(err, transfer.ErrSourceChanged), errors.Is(err, transfer.ErrNotPointCopy):
 		return ExitSrcChanged
 	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL):
 		return ExitUsage

@@ -382,7 +382,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	o.Sync, o.SyncTimeout = f.sync, f.syncTimeout
 	o.Journal = journal.Options{MaxPendingBytes: capBytes}
 	o.NoFills = f.noFills
-	o.Sender = replicate.SenderOptions{Workers: f.workers}
+	o.Sender = replicate.SenderOptions{Workers: f.workers, OnSend: onSendHook(rp)}
 	o.Flusher = replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp),
 		RequestCost: limits.requestCost(), MaxBatchDistinct: limits.bytesIn(f.oddWindow), MergeWait: mergeWaitOption(f.mergeWait)}
 	o.Logger = log
@@ -518,6 +518,7 @@ wait:
 		cancel()
 	}
 	st := disk.Stats()
+	saveCarried(d.Path, rp, st.Flusher.RemoteSequence, log)
 	stop.PendingRecords, stop.PendingBytes = st.Journal.PendingRecords, st.Journal.PendingBytes
 	if cerr != nil {
 		stop.Error = cerr.Error()

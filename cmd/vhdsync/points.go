@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"text/tabwriter"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/points"
 	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/replicate"
 )
 
 // pointsReport is what `vhdsync points --json` prints.
@@ -163,7 +166,55 @@ func startRecoveryPoints(g *globals, d *statedir.Dir, f mountFlags, log *slog.Lo
 	if err != nil {
 		return nil, err
 	}
-	return newRecoveryPoints(c, f.points, f.keep, log)
+	rp, err := points.NewRecoveryPoints(c, points.RecoveryPointsOptions{Interval: f.points, Keep: f.keep, Logger: log, Carried: loadCarried(d.Path, log)})
+	if err != nil {
+		return nil, usageError{err}
+	}
+	log.Info("recovery points on", "interval", f.points.String(), "keep", f.keep)
+	return rp, nil
+}
+
+// carriedFile, in the state directory, holds the record of changes a
+// stopped mount hands to the next one (points.Carried).
+const carriedFile = "points-carried.json"
+
+// loadCarried reads and removes the record the last mount left (nil for
+// none). A damaged or missing one only makes the next point's record
+// incomplete: it is never needed for a correct restore.
+func loadCarried(dir string, log *slog.Logger) *points.Carried {
+	path := filepath.Join(dir, carriedFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	// Used once: the next stop writes a new one.
+	_ = os.Remove(path)
+	var c points.Carried
+	if err := json.Unmarshal(b, &c); err != nil {
+		log.Warn("recovery points: the record of changes the last mount left is damaged; the next point's record is incomplete", "file", path, "err", err)
+		return nil
+	}
+	return &c
+}
+
+// saveCarried keeps rp's record of changes for the next mount, with the
+// blob's sequence number seq as this one leaves it. Failing to write it
+// costs the next point its record, never a wrong restore: it is logged.
+func saveCarried(dir string, rp *points.RecoveryPoints, seq int64, log *slog.Logger) {
+	if rp == nil {
+		return
+	}
+	c, ok := rp.Carry(remote.Sequence(seq))
+	if !ok {
+		return
+	}
+	b, err := json.Marshal(c)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, carriedFile), append(b, '\n'), 0o600)
+	}
+	if err != nil {
+		log.Warn("recovery points: could not keep the record of changes for the next mount; its first point's record will be incomplete", "err", err)
+	}
 }
 
 // rememberPoints settles a mount's recovery points against what DIR
@@ -234,6 +285,22 @@ func afterBatchHook(rp *points.RecoveryPoints) func(context.Context, uint64) {
 	return rp.AfterBatch
 }
 
+// onSendHook feeds rp the ranges of every batch sent (nil when recovery
+// points are off), from which each point records what changed since the
+// one before.
+func onSendHook(rp *points.RecoveryPoints) func(remote.Sequence, uint64, []replicate.Span) {
+	if rp == nil {
+		return nil
+	}
+	return func(seq remote.Sequence, last uint64, spans []replicate.Span) {
+		rs := make([]points.Range, len(spans))
+		for i, sp := range spans {
+			rs[i] = points.Range{Off: sp.Off, End: sp.End}
+		}
+		rp.Sending(seq, last, rs)
+	}
+}
+
 // recoveryStatus is the status section of a mount's recovery points.
 func recoveryStatus(rp *points.RecoveryPoints) *control.RecoveryPoints {
 	if rp == nil {
@@ -298,18 +365,25 @@ func printRecoveryStatus(tw io.Writer, mounted bool, r *control.RecoveryPoints) 
 // after saying what it is: a vhdsync point and its epoch, or a snapshot
 // vhdsync did not take.
 func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (*pageblob.Client, error) {
+	sc, _, _, err := openPointInfo(ctx, g, c, id)
+	return sc, err
+}
+
+// openPointInfo is openPoint that also returns the point (ok false: the
+// snapshot is not a vhdsync recovery point).
+func openPointInfo(ctx context.Context, g *globals, c *pageblob.Client, id string) (sc *pageblob.Client, p points.Point, ok bool, err error) {
 	if _, err := pageblob.ParseSnapshotID(id); err != nil {
-		return nil, usageError{fmt.Errorf("--point: %w; list the recovery points with `vhdsync points --blob URL`", err)}
+		return nil, p, false, usageError{fmt.Errorf("--point: %w; list the recovery points with `vhdsync points --blob URL`", err)}
 	}
-	sc, err := c.AtSnapshot(id)
+	sc, err = c.AtSnapshot(id)
 	if err != nil {
-		return nil, err
+		return nil, p, false, err
 	}
 	props, err := sc.Properties(ctx)
 	if err != nil {
-		return nil, err
+		return nil, p, false, err
 	}
-	p, ok := points.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
+	p, ok = points.PointFromSnapshot(pageblob.Snapshot{ID: id, SequenceNumber: props.SequenceNumber, Metadata: props.Metadata})
 	switch {
 	case !ok:
 		fmt.Fprintf(g.stdout, "snapshot %s is not a vhdsync recovery point (no %s metadata): restoring it as it is\n", id, points.PointMetaEpoch)
@@ -318,5 +392,5 @@ func openPoint(ctx context.Context, g *globals, c *pageblob.Client, id string) (
 	default:
 		fmt.Fprintf(g.stdout, "recovery point %s: the disk as of epoch %d, taken %s (consistent: sequence number %d)\n", id, p.Epoch, p.Time.UTC().Format(time.RFC3339), p.Sequence)
 	}
-	return sc, nil
+	return sc, p, ok, nil
 }

@@ -336,4 +336,18 @@ func TestE2EStagedRecoveryPoints(t *testing.T) {
 	if rep.Points[1].Epoch != staged {
 		t.Errorf("newest point holds epoch %d, want the last staged %d", rep.Points[1].Epoch, staged)
 	}
+	// Each apply began with the blob at the newest point, so each point
+	// records what its segment wrote: the older copy becomes the newer
+	// point by reading only that.
+	if p := rep.Points[1]; p.Record != "recorded" || p.Prev != rep.Points[0].ID {
+		t.Fatalf("the apply worker's point: record %q, prev %q (want recorded, %s)", p.Record, p.Prev, rep.Points[0].ID)
+	}
+	out := e.path("spoint-0.img")
+	r = e.mustVhdsync("download", "--blob", url, "--point", rep.Points[1].ID, "--since", rep.Points[0].ID, out)
+	if !strings.Contains(r.stdout, "updated ") {
+		t.Errorf("download --since between the apply worker's points: %s", r.stdout)
+	}
+	if got, err := os.ReadFile(out); err != nil || !bytes.Equal(got, images[rep.Points[1].Epoch]) {
+		t.Errorf("download --since between the apply worker's points: the file differs from the disk at the newer one (%v)", err)
+	}
 }

@@ -3,7 +3,9 @@
 // or a raw image to a new page blob and a state directory ready for
 // `vhdsync mount`), and the way back (Download: a blob to a local sparse
 // fixed VHD or raw image; CreateStateFromBlob: a blob to a new state
-// directory).
+// directory; RunIncremental: a local copy of one recovery point to a later
+// one, rewriting only the ranges changed in between, with PointRecord
+// saying which point a file holds).
 //
 // What goes on the wire. The importer reads only the allocated parts of the
 // source (the BAT and sector bitmaps of a dynamic VHD, SEEK_DATA/SEEK_HOLE

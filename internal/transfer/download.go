@@ -176,6 +176,11 @@ func (d *Download) Run(ctx context.Context, path string) (DownloadResult, error)
 	if err := f.Close(); err != nil {
 		return res, fmt.Errorf("close %s: %w", tmp, err)
 	}
+	// A record of the recovery point the old file held would now lie
+	// (download --since trusts it): gone before the file is replaced.
+	if err := RemovePointRecord(path); err != nil {
+		return res, err
+	}
 	if err := os.Rename(tmp, path); err != nil {
 		return res, fmt.Errorf("rename %s to %s: %w", tmp, path, err)
 	}

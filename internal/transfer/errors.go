@@ -13,4 +13,11 @@ var (
 	ErrFileExists = errors.New("output file exists")
 	// ErrBlobChanged: the blob was written to while it was read.
 	ErrBlobChanged = errors.New("blob changed while it was read")
+	// ErrNotPointCopy: download --since was given a file that is not
+	// (or may no longer be) a copy of the recovery point it names.
+	ErrNotPointCopy = errors.New("file is not a copy of that recovery point")
+	// ErrNotIncremental: the file cannot be brought to the point by
+	// rewriting what changed (the disk's size differs); only a full
+	// download gives that point.
+	ErrNotIncremental = errors.New("an incremental restore is not possible")
 )
