@@ -155,7 +155,10 @@ func (d *Disk) resizeHeld(ctx context.Context, rz remote.Resizer, o ResizeOption
 			return err
 		}
 	}
-	if err := d.resizeSteps(ctx, rz, st.From, o, epoch); err != nil {
+	// Once the intent is recorded the steps run to the end whatever ctx
+	// does (a client that gives up): cut, they would leave the blob odd
+	// until the next open. Transient failures are retried meanwhile.
+	if err := d.resizeSteps(context.WithoutCancel(ctx), rz, st.From, o, epoch); err != nil {
 		// The blob may be odd with no footer at its end: nothing may mark
 		// it even again before the resize is finished. The intent is on
 		// disk, so the next open finishes it.

@@ -64,7 +64,7 @@ func exitCode(err error) int {
 		return ExitState
 	case errors.Is(err, transfer.ErrSourceChanged):
 		return ExitSrcChanged
-	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL):
+	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL), errors.Is(err, writeback.ErrResizeRefused):
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):
 		return ExitAuth
