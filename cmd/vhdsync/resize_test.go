@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -15,6 +16,12 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/remote"
+	"github.com/vhdsync/vhdsync/vhdlayer"
 )
 
 // TestE2EResize grows a mounted disk under write load: ext4 on a loop
@@ -263,4 +270,67 @@ func hasCapability(t *testing.T, c uint) bool {
 		}
 	}
 	return false
+}
+
+// TestResizeCutShortFinishedByReplay: a resize cut by a crash after the
+// blob was grown (no footer at its new end, the blob odd, the intent in
+// the state directory, the image still small) is finished by `vhdsync
+// replay`: the blob is the fixed VHD of the new size, even, the image and
+// the state file have the new size. A second replay has nothing to do.
+func TestResizeCutShortFinishedByReplay(t *testing.T) {
+	az := azurite.Start(t)
+	const from, to = 32 << 20, 48 << 20
+	url := az.BlobURL("disks", "cut.vhd")
+	state := filepath.Join(t.TempDir(), "state")
+	if code, out, errb := vhdsync(t, nil, "create", "--blob", url, "--size", "32MiB", "--state", state, "--create-container"); code != 0 {
+		t.Fatalf("create: exit %d\n%s%s", code, out, errb)
+	}
+	d, err := statedir.Open(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := vhdlayer.DecodeFooter(d.State.Footer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	grown := f.Resized(to).Encode()
+	if err := d.BeginResize(statedir.ResizeIntent{From: from, To: to, Epoch: 1, Footer: grown[:]}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := pageblob.Open(url, &pageblob.Options{Env: func(string) string { return "" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := c.RaiseSequence(ctx, int64(remote.Started(1)), ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Resize(ctx, to+512, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := statedir.Open(state); err != nil {
+		t.Fatalf("a state directory with a cut resize does not open: %v", err)
+	}
+	for range 2 {
+		if code, out, errb := vhdsync(t, nil, "replay", "--state", state); code != 0 {
+			t.Fatalf("replay: exit %d\n%s%s", code, out, errb)
+		}
+	}
+	d, err = statedir.Open(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.State.VirtualSize != to || d.State.Resize != nil || !bytes.Equal(d.State.Footer, grown[:]) {
+		t.Fatalf("state after replay: size %d, intent %+v", d.State.VirtualSize, d.State.Resize)
+	}
+	p, _, err := c.ReadFooter(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Length != to+512 || p.SequenceNumber != int64(remote.Complete(1)) {
+		t.Fatalf("blob after replay: %d bytes, sequence %d", p.Length, p.SequenceNumber)
+	}
+	if code, out, errb := vhdsync(t, nil, "verify", "--state", state); code != 0 || !strings.Contains(out, "identical") {
+		t.Fatalf("verify: exit %d\n%s%s", code, out, errb)
+	}
 }
