@@ -26,7 +26,8 @@ import (
 
 // TestE2EResize grows a mounted disk under write load: ext4 on a loop
 // device over the .img view, files written and fsync'ed all along, a
-// recovery point taken before. `vhdsync resize` 64 MiB -> 192 MiB, then
+// recovery point taken before. `vhdsync resize` 64 MiB -> 192 MiB (1 GiB
+// -> 3 GiB with VHDSYNC_RESIZE_GIB set), then
 // `losetup -c` and an online resize2fs; files written into the grown
 // space. Afterwards: e2fsck clean, the blob equals the image with the new
 // footer (qemu-img reads it at the new size), the recovery point from
@@ -34,8 +35,15 @@ import (
 // without --shrink, a size Azure refuses) and a resize done directly.
 func TestE2EResize(t *testing.T) {
 	e := newE2E(t, "mkfs.ext4", "e2fsck", "resize2fs", "blockdev", "qemu-img")
-	const small, big, bigger = 64 << 20, 192 << 20, 256 << 20
-	url, state := e.createDisk("rz", small>>20)
+	// The issue's 1 GiB -> 3 GiB with VHDSYNC_RESIZE_GIB=1 (slower: the
+	// blob and image are compared whole).
+	small, big := int64(64<<20), int64(192<<20)
+	if os.Getenv("VHDSYNC_RESIZE_GIB") != "" {
+		small, big = 1<<30, 3<<30
+	}
+	bigger := big + 64<<20
+	mib := func(n int64) string { return fmt.Sprintf("%dMiB", n>>20) }
+	url, state := e.createDisk("rz", int(small>>20))
 	mp := e.path("mnt")
 	e.mount(state, mp, "--recovery-points", "1s", "--keep", "20")
 	img := filepath.Join(mp, "rz.img")
@@ -57,7 +65,7 @@ func TestE2EResize(t *testing.T) {
 	waitFor(t, 30*time.Second, "the write load running", func() (bool, error) { return load.rounds.Load() >= 20, nil })
 
 	start := time.Now()
-	r := e.mustVhdsync("resize", "--state", state, "--size", "192MiB")
+	r := e.mustVhdsync("resize", "--state", state, "--size", mib(big))
 	took := time.Since(start)
 	before := load.rounds.Load()
 	t.Logf("resize while mounted under load: %v (%d files written during it); %s", took, before, strings.TrimSpace(r.stdout))
@@ -70,7 +78,7 @@ func TestE2EResize(t *testing.T) {
 		}
 	}
 	e.must("losetup", "-c", loop)
-	if got := strings.TrimSpace(e.must("blockdev", "--getsize64", loop)); got != strconv.Itoa(big) {
+	if got := strings.TrimSpace(e.must("blockdev", "--getsize64", loop)); got != strconv.FormatInt(big, 10) {
 		t.Fatalf("the loop device after losetup -c: %s bytes, want %d", got, big)
 	}
 	if hasCapability(t, capSysResource) {
@@ -140,14 +148,14 @@ func TestE2EResize(t *testing.T) {
 	if r := e.vhdsync("resize", "--state", state, "--size", "9TiB"); r.code != ExitBadSize {
 		t.Errorf("a size beyond a page blob: %s", r)
 	}
-	r = e.mustVhdsync("resize", "--state", state, "--size", "256MiB")
+	r = e.mustVhdsync("resize", "--state", state, "--size", mib(bigger))
 	t.Logf("unmounted: %s", strings.TrimSpace(r.stdout))
 	e.checkBlobIsImage(url, state, bigger)
 	if r := e.mustVhdsync("verify", "--state", state); !strings.Contains(r.stdout, "identical") {
 		t.Errorf("verify after the resize: %s", r)
 	}
 	// And shrunk back with --shrink (the file system ends at 192 MiB).
-	e.mustVhdsync("resize", "--state", state, "--size", "192MiB", "--shrink")
+	e.mustVhdsync("resize", "--state", state, "--size", mib(big), "--shrink")
 	local = e.checkBlobIsImage(url, state, big)
 	checkQemuSize(t, e, local, big)
 	e.must("e2fsck", "-fn", filepath.Join(state, "disk.img"))
