@@ -32,9 +32,14 @@ type ResizeOptions struct {
 	Begin func(epoch uint64) error
 	// Finish records the new size once the blob and the image have it.
 	Finish func() error
-	// Resized is told the new size while writers are still held, after
-	// the disk has it (the FUSE views change their sizes).
+	// Resized is told the new size once the disk has it and writers are
+	// let go (the FUSE views change their sizes).
 	Resized func(size int64)
+	// MaxHold bounds the drain with writers held (default 30 s): if the
+	// blob does not take the last writes in that time (the remote went
+	// away), the resize is given up before anything changed and the
+	// writers go on.
+	MaxHold time.Duration
 }
 
 // ResizeStats say what a resize did and how long writers waited.
@@ -137,7 +142,16 @@ func (d *Disk) resizeHeld(ctx context.Context, rz remote.Resizer, o ResizeOption
 	defer d.resizing.Unlock()
 	held := time.Now()
 	defer func() { st.Held = time.Since(held) }()
-	if err := d.Drain(ctx); err != nil {
+	if o.MaxHold <= 0 {
+		o.MaxHold = 30 * time.Second
+	}
+	dctx, cancel := context.WithTimeout(ctx, o.MaxHold)
+	err := d.Drain(dctx)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("resize given up, nothing changed: the blob did not take the last writes within %v with writers held (is the remote reachable? `vhdsync status` shows the flusher's state); run resize again once it catches up", o.MaxHold)
+		}
 		return fmt.Errorf("resize: drain with writers held: %w", err)
 	}
 	if err := d.FlusherErr(); err != nil {

@@ -256,3 +256,50 @@ func TestAllocResize(t *testing.T) {
 		t.Fatal("chunks cut off by a shrink are remembered")
 	}
 }
+
+// TestResizeGivesUpWhenTheBlobStalls: with writers held, a blob that does
+// not take the last writes within MaxHold makes the resize give up before
+// anything changed (no intent, no mark, the old size), and the writers go
+// on; once the blob answers again the resize goes through.
+func TestResizeGivesUpWhenTheBlobStalls(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	const small, big = 8 << 20, 16 << 20
+	r, f, _ := resizeRemote(t, small)
+	d := newTestDisk(t, dir, small, r, DiskOptions{})
+	var stalled atomic.Bool
+	stalled.Store(true)
+	r.Fault = func(op string, _, _ int64) (bool, error) {
+		if op == "put" && stalled.Load() {
+			return false, &remote.TransientError{Msg: "the remote is away (test)"}
+		}
+		return true, nil
+	}
+	if err := d.WriteAt(ctx, bytes.Repeat([]byte{3}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	seq0, _ := r.Sequence(ctx)
+	began := false
+	o := ResizeOptions{Size: big, Footer: f.Resized(big).Encode(), MaxHold: 200 * time.Millisecond,
+		Begin: func(uint64) error { began = true; return nil }}
+	rz, _ := d.o.Remote.(remote.Resizer)
+	st := ResizeStats{From: small, To: big}
+	err := d.resizeHeld(ctx, rz, o, &st)
+	if err == nil || began || d.Size() != small {
+		t.Fatalf("resize with the blob stalled: %v, began %v, size %d", err, began, d.Size())
+	}
+	if seq, _ := r.Sequence(ctx); seq != seq0 || len(r.Bytes()) != small+vhdlayer.FooterSize {
+		t.Fatalf("the blob changed: sequence %d -> %d, %d bytes", seq0, seq, len(r.Bytes()))
+	}
+	if err := d.WriteAt(ctx, bytes.Repeat([]byte{4}, 4096), 4096); err != nil {
+		t.Fatalf("a write after the resize gave up: %v", err)
+	}
+	stalled.Store(false)
+	if _, err := d.Resize(ctx, o); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	checkBlobIsDisk(t, dir, r, big, f.Resized(big).Encode())
+}

@@ -113,13 +113,15 @@ func (d *Dir) FinishResize() error {
 	if err != nil {
 		return fmt.Errorf("%w: the footer of the recorded resize: %w", ErrNotState, err)
 	}
-	old := d.State
+	// Field by field, not the whole State: a daemon reads other fields
+	// (the blob URL) while it serves.
+	size, footer, geometry := d.State.VirtualSize, d.State.Footer, d.State.Geometry
 	d.State.VirtualSize = r.To
 	d.State.Footer = append([]byte(nil), r.Footer...)
 	d.State.Geometry = f.Geometry.String()
 	d.State.Resize = nil
 	if err := d.Save(); err != nil {
-		d.State = old
+		d.State.VirtualSize, d.State.Footer, d.State.Geometry, d.State.Resize = size, footer, geometry, r
 		return fmt.Errorf("record the new size: %w", err)
 	}
 	return nil
