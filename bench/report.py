@@ -327,10 +327,12 @@ if fw:
            f"| bytes sent ÷ distinct | {num(d.get('sent_over_distinct'), '{:.2f}')} |",
            f"| Put+Clear calls (in the drain) | {num(d.get('requests'), '{:,}')} ({num(d.get('requests_in_drain'), '{:,}')}) |", ""]
 
-smp = load_lines(os.path.join(res, "steady-samples.jsonl"))
-fw = fio_write(os.path.join(res, "steady-fio.json"))
-if smp or fw:
-    d = {"fio": fw}
+def steady_figures(name):
+    """the steady stage NAME: lag percentiles, the journal's trend, the drain."""
+    smp = load_lines(os.path.join(res, f"{name}-samples.jsonl"))
+    fw = fio_write(os.path.join(res, f"{name}-fio.json"))
+    if not (smp or fw): return None
+    d = {"fio": fw, "limits": load(os.path.join(res, f"{name}-limits.json")) or lim}
     lag = [s.get("lag_seconds", 0) for s in smp]
     d.update({"samples": len(smp), "lag_p50_s": quant(lag, 0.5), "lag_p99_s": quant(lag, 0.99), "lag_max_s": max(lag) if lag else None})
     if smp:
@@ -347,33 +349,86 @@ if smp or fw:
         for k in ("throttled", "requests_per_second", "mib_per_second", "catch_up_seconds"):
             vals = [s[k] for s in smp if k in s]
             if vals: d[f"daemon_{k}_last"] = vals[-1]
-    fe = load(os.path.join(res, "steady-fioend.json"))
+    fe = load(os.path.join(res, f"{name}-fioend.json"))
     if fe:
         d["pending_bytes_at_fio_end"] = fe.get("journal_bytes")
         if d.get("pending_bytes_end") is None: d["pending_bytes_end"] = fe.get("journal_bytes")
-    dr = drained_figures("steady", fw["distinct_bytes"] if fw else None)
+    dr = drained_figures(name, fw["distinct_bytes"] if fw else None)
     if dr: d.update({k: dr[k] for k in ("drained", "drain_seconds", "gave_up_after_s", "pending_bytes_left", "bytes_sent", "requests", "throttled")})
-    ps = load(os.path.join(res, "steady-proxy.json"))
+    ps = load(os.path.join(res, f"{name}-proxy.json"))
     if ps:
         d["proxy_total"] = ps.get("total")
-        b = blob_of(ps, "steady")
+        b = blob_of(ps, name)
         if b: d["proxy_blob"] = b
         d["proxy_throttled"] = (b or ps.get("total") or {}).get("throttled")
-    R["steady"] = d
+    return d
+
+steady_rows = []
+for name, scale in (("steady", "Azure's targets"), ("steadyhalf", "half scale")):
+    d = steady_figures(name)
+    if not d: continue
+    R[name] = d
+    fw, L = d["fio"], d["limits"] or {}
     fiops = f"{fw['iops']:.0f}" if fw else "-"
-    md += [f"## 7c. Replica lag at Azure's limits: 8 KiB random writes at a fixed rate through azurite-throttle ({lim.get('rps', '-')} req/s, {lim.get('mibps', '-')} MiB/s per blob)", "",
-           "| target IOPS / achieved | lag p50 s | lag p99 s | lag max s | pending at 10 s MiB | pending at end MiB | journal | proxy 503s | daemon throttled | drain s |",
-           "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-    tgt = (((load(os.path.join(res, "steady-fio.json")) or {}).get("jobs") or [{}])[0].get("job options") or {}).get("rate_iops", "-")
     grow = {True: "growing", False: "not growing"}.get(d.get("journal_growing"), "-")
     if d.get("pending_slope_bytes_per_s") is not None: grow += f" ({d['pending_slope_bytes_per_s'] / 1024:+.0f} KiB/s)"
     dsec = num(d.get("drain_seconds")) if d.get("drained") else (f"not drained at {d['gave_up_after_s']:.0f}" if d.get("gave_up_after_s") is not None else "-")
-    md += [f"| {tgt} / {fiops} | {num(d['lag_p50_s'], '{:.2f}')} | {num(d['lag_p99_s'], '{:.2f}')} | {num(d['lag_max_s'], '{:.2f}')} | "
+    steady_rows.append(f"| {scale}: {L.get('rps', '-')} req/s, {L.get('mibps', '-')} MiB/s, {L.get('region_mib', '-')} MiB region | {L.get('iops', '-')} / {fiops} | "
+           f"{num(d['lag_p50_s'], '{:.2f}')} | {num(d['lag_p99_s'], '{:.2f}')} | {num(d['lag_max_s'], '{:.2f}')} | "
            f"{num(d.get('pending_bytes_at_10s') and d['pending_bytes_at_10s'] / (1 << 20), '{:.1f}')} | "
            f"{num(d.get('pending_bytes_end') and d['pending_bytes_end'] / (1 << 20), '{:.1f}')} | {grow} | "
-           f"{num(d.get('proxy_throttled'), '{:,}')} | {num(d.get('daemon_throttled_last'), '{:,}')} | {dsec} |", "",
-           "Lag and the journal's pending bytes are sampled every second from `vhdsync status --json`; growing = the pending "
-           "bytes' trend after the first 10 s exceeds 1 MiB per 10 s. drain = from fio's end to `vhdsync unmount` done.", ""]
+           f"{num(d.get('proxy_throttled'), '{:,}')} | {num(d.get('daemon_throttled_last'), '{:,}')} | {dsec} |")
+if steady_rows:
+    md += ["## 7c. Replica lag at Azure's limits: 8 KiB random writes at a fixed rate through azurite-throttle", "",
+           "| limits per blob, hot region | target IOPS / achieved | lag p50 s | lag p99 s | lag max s | pending at 10 s MiB | pending at end MiB | journal | proxy 503s | daemon throttled | drain s |",
+           "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"] + steady_rows + ["",
+           "Lag (the age of the oldest write the blob lacks) and the journal's pending bytes are sampled every second from "
+           "`vhdsync status --json`; growing = the pending bytes' trend after the first 10 s exceeds 1 MiB per 10 s. "
+           "drain = from fio's end to `vhdsync unmount` done. Half scale halves the limits, the IOPS and the region: the same "
+           "writes per MiB per second and the same cost of a request in bytes, so the same batches and the same send times "
+           "on a server that keeps up with 30 MiB/s but not 60.", ""]
+
+# 8. synchronous replication -----------------------------------------------------------
+def fio_sync(p):
+    """write+fsync pairs per second and the fsync latency percentiles (ms)"""
+    j = load(p)
+    try:
+        jj = j["jobs"][0]; w = jj["write"]; sy = jj["sync"]["lat_ns"]
+    except Exception:
+        return None
+    pc = sy.get("percentile") or {}
+    g = lambda k: pc.get(k) and pc[k] / 1e6
+    return {"pairs_per_second": w.get("iops"), "fsync_p50_ms": g("50.000000"), "fsync_p99_ms": g("99.000000"),
+            "write_p50_ms": ((w.get("clat_ns") or {}).get("percentile") or {}).get("50.000000", 0) / 1e6}
+sync_rows = []
+for rtt in ("0", "20"):
+    pp = load(os.path.join(res, f"sync-{rtt}-putpage.json"))
+    for target, sfx in (("disk (.img)", ""), ("ext4, a file each", "ext4-")):
+      for jobs in ("1", "16"):
+        row = {}
+        for mode in ("writeback", "sync"):
+            f = fio_sync(os.path.join(res, f"sync-{rtt}-{mode}-{sfx}{jobs}.json"))
+            if f: row[mode] = f
+        if not row: continue
+        row["putpage"] = pp
+        R.setdefault("sync", {})[f"rtt{rtt}_{sfx}jobs{jobs}"] = row
+        wb, sy = row.get("writeback") or {}, row.get("sync") or {}
+        rt = (pp or {}).get("p50_ms")
+        sync_rows.append(f"| {rtt} | {target} | {jobs} | {num(rt, '{:.1f}')} | {num(wb.get('pairs_per_second'), '{:,.0f}')} | {num(sy.get('pairs_per_second'), '{:,.0f}')} | "
+                         f"{num(ratio(sy.get('pairs_per_second'), wb.get('pairs_per_second')), '{:.2f}')} | "
+                         f"{num(wb.get('fsync_p50_ms'), '{:.2f}')} / {num(wb.get('fsync_p99_ms'), '{:.2f}')} | "
+                         f"{num(sy.get('fsync_p50_ms'), '{:.1f}')} / {num(sy.get('fsync_p99_ms'), '{:.1f}')} | "
+                         f"{num(ratio(sy.get('fsync_p50_ms'), rt), '{:.1f}')} |")
+if sync_rows:
+    md += ["## 8. Synchronous replication (`mount --sync`): fio write+fsync pairs (4 KiB random, `fsync=1`)", "",
+           "| added RTT ms | target | writers | Put Page RTT p50 ms | write-back pairs/s | sync pairs/s | sync ÷ write-back | write-back fsync p50 / p99 ms | sync fsync p50 / p99 ms | sync fsync p50 ÷ Put Page RTT |",
+           "|---:|---|---:|---:|---:|---:|---:|---|---|---:|"] + sync_rows + ["",
+           "Put Page RTT: one 4 KiB Put Page at a time (rawput, no journal) through azurite-throttle with that much delay added "
+           "to every request and no limits; the same proxy serves both mounts. disk: direct writes to the mount's .img; ext4: "
+           "ext4 on a loop device over the .img, each writer on its own file. A synchronous fsync waits for the batch holding its "
+           "writes: a batch of one epoch until its Put Pages land, a batch of several until its even mark. FUSE holds the "
+           "file's lock while an fsync runs, so the disk's barriers (and the writes behind them) go one at a time; ext4 "
+           "commits many writers' fsyncs with one flush.", ""]
 
 m = R.get("machine") or {}
 head = [f"# vhdsync benchmarks ({m.get('date','')}, commit {m.get('commit','')})", "",

@@ -154,6 +154,13 @@ type Journal struct {
 	marks       atomic.Uint64 // marks written (tests)
 	closing     atomic.Bool
 
+	// remoteMu guards onRemote and epochFirst: for the closed epochs
+	// holding records the remote does not have yet, oldest first, when
+	// each one's first record was appended (see OldestNotOnRemote).
+	remoteMu   sync.Mutex
+	onRemote   uint64
+	epochFirst []epochTime
+
 	epochsClosed  atomic.Uint64
 	drainedEpoch  atomic.Uint64 // the last epoch Delete recorded as delivered
 	epochBytes    atomic.Int64  // bytes in the open epoch
@@ -413,6 +420,11 @@ func (j *Journal) recover() error {
 		return err
 	}
 	j.nextSeq.Store(lastSeq + 1)
+	if j.pendingRecords > 0 {
+		// The remote holds none of them as far as this process knows:
+		// the replica is behind since the oldest.
+		j.noteEpochFirst(maxEpoch, j.oldest.UnixNano())
+	}
 	// Records of the highest epoch may belong to an epoch that was open at
 	// the crash: it counts as closed, new writes start a new epoch.
 	j.closed.Store(maxEpoch)
@@ -634,6 +646,9 @@ func (j *Journal) closeEpoch(e uint64) {
 }
 
 func (j *Journal) closeLocked() {
+	if t := j.epochStart.Load(); t != 0 {
+		j.noteEpochFirst(j.epoch, t)
+	}
 	j.closed.Store(j.epoch)
 	j.epoch++
 	j.openEpoch.Store(j.epoch)
@@ -716,6 +731,72 @@ func (j *Journal) DrainedEpoch() uint64 { return j.drainedEpoch.Load() }
 
 // ClosedEpoch is the highest closed epoch.
 func (j *Journal) ClosedEpoch() uint64 { return j.closed.Load() }
+
+// epochTime is when the first record of the epochs up to epoch (after the
+// previous entry's) was appended.
+type epochTime struct {
+	epoch uint64
+	at    int64 // unix nanoseconds
+}
+
+// maxEpochFirst bounds epochFirst: a long outage under a barrier-heavy
+// load closes thousands of epochs a second. Beyond it, neighbours merge
+// into one entry that keeps the earlier time and the later epoch, so the
+// lag it gives is never less than the truth.
+const maxEpochFirst = 1 << 16
+
+// noteEpochFirst records that epoch's first record was appended at at.
+func (j *Journal) noteEpochFirst(epoch uint64, at int64) {
+	j.remoteMu.Lock()
+	defer j.remoteMu.Unlock()
+	if epoch <= j.onRemote {
+		return
+	}
+	if len(j.epochFirst) >= maxEpochFirst {
+		half := j.epochFirst[:0]
+		for i := 0; i+1 < len(j.epochFirst); i += 2 {
+			half = append(half, epochTime{epoch: j.epochFirst[i+1].epoch, at: j.epochFirst[i].at})
+		}
+		j.epochFirst = half
+	}
+	j.epochFirst = append(j.epochFirst, epochTime{epoch: epoch, at: at})
+}
+
+// OnRemote records that the remote holds every epoch up to epoch (a batch
+// completed on the blob, or delivered to the staging store): the replica's
+// lag is then measured from the first write of a later epoch, while the
+// journal may still hold the records until their commit deletes them.
+func (j *Journal) OnRemote(epoch uint64) {
+	j.remoteMu.Lock()
+	defer j.remoteMu.Unlock()
+	j.onRemote = max(j.onRemote, epoch)
+	n := 0
+	for n < len(j.epochFirst) && j.epochFirst[n].epoch <= j.onRemote {
+		n++
+	}
+	j.epochFirst = append(j.epochFirst[:0], j.epochFirst[n:]...)
+}
+
+// OldestNotOnRemote is when the oldest write the remote does not hold yet
+// was appended (zero when it holds every one): the replica's lag is the
+// time since. Until OnRemote is first called, every pending record counts.
+func (j *Journal) OldestNotOnRemote() time.Time {
+	// barrierMu keeps the open epoch from closing in between (closeLocked
+	// moves its start into epochFirst).
+	j.barrierMu.RLock()
+	defer j.barrierMu.RUnlock()
+	j.remoteMu.Lock()
+	if len(j.epochFirst) > 0 {
+		at := j.epochFirst[0].at
+		j.remoteMu.Unlock()
+		return time.Unix(0, at)
+	}
+	j.remoteMu.Unlock()
+	if t := j.epochStart.Load(); t != 0 {
+		return time.Unix(0, t)
+	}
+	return time.Time{}
+}
 
 // OpenEpochHasRecords reports whether the open epoch holds records.
 func (j *Journal) OpenEpochHasRecords() bool { return j.epochUsed.Load() }
@@ -1239,11 +1320,13 @@ type Stats struct {
 	PendingBytes   int64
 	MaxBytes       int64
 	Oldest         time.Time // zero when nothing is pending
-	OpenEpoch      uint64
-	ClosedEpoch    uint64
-	EpochsClosed   uint64
-	BlockedWriters int
-	DiskBytes      int64 // LSM + value log on disk
+	// OldestNotOnRemote: see Journal.OldestNotOnRemote.
+	OldestNotOnRemote time.Time
+	OpenEpoch         uint64
+	ClosedEpoch       uint64
+	EpochsClosed      uint64
+	BlockedWriters    int
+	DiskBytes         int64 // LSM + value log on disk
 	// DirectEntries counts the entries written to the intent log with
 	// O_DIRECT (see directCadence).
 	DirectEntries uint64
@@ -1262,6 +1345,7 @@ func (j *Journal) Stats() Stats {
 	j.barrierMu.RUnlock()
 	s.ClosedEpoch = j.closed.Load()
 	s.EpochsClosed = j.epochsClosed.Load()
+	s.OldestNotOnRemote = j.OldestNotOnRemote()
 	s.DiskBytes = dirBytes(j.dir)
 	s.DirectEntries = j.directEntries.Load()
 	return s

@@ -160,6 +160,17 @@ type Flusher struct {
 	urgent atomic.Bool
 	mu     sync.Mutex
 	done   chan struct{} // closed and replaced after every batch
+	// onRemote is closed and replaced (under mu) each time the remote
+	// epoch advances, and when Run stops; remoteWaiters counts the
+	// WaitRemote calls waiting (synchronous barriers), which batches
+	// must not keep waiting (no merge wait, no hold).
+	onRemote      chan struct{}
+	remoteWaiters atomic.Int32
+	stopped       atomic.Bool
+	// landed is the last epoch whose writes the blob holds, its even
+	// mark possibly not yet set (see Sender.OnLanded): enough for
+	// WaitRemote.
+	landed atomic.Uint64
 
 	batches, segments, stagedData, stagedSent, stagedCleared atomic.Uint64
 	drainedBytes, held, preempted                            atomic.Uint64
@@ -196,7 +207,7 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	f := &Flusher{j: j, s: s, o: o, log: o.Logger, kick: make(chan struct{}, 1), done: make(chan struct{})}
+	f := &Flusher{j: j, s: s, o: o, log: o.Logger, kick: make(chan struct{}, 1), done: make(chan struct{}), onRemote: make(chan struct{})}
 	seq := s.Sequence()
 	f.epoch.Store(seq.Epoch())
 	if o.Sink != nil {
@@ -207,6 +218,15 @@ func NewFlusher(j *journal.Journal, s *Sender, o FlusherOptions) *Flusher {
 		// A batch ending at epoch seq.Target() was in progress when the
 		// last writer stopped: the first batch must cover it again.
 		f.minLast = seq.Target()
+	}
+	j.OnRemote(f.epoch.Load())
+	if o.Sink == nil {
+		s.OnLanded(func(last uint64) {
+			if last > f.landed.Load() {
+				f.landed.Store(last)
+				f.signalRemote()
+			}
+		})
 	}
 	return f
 }
@@ -243,6 +263,10 @@ func (f *Flusher) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	f.startCommitter()
 	defer func() {
+		// Synchronous barriers waiting for the remote learn that it will
+		// not come from this run.
+		f.stopped.Store(true)
+		f.signalRemote()
 		cancel()
 		if f.o.Sink != nil {
 			f.o.Sink.Wait()
@@ -272,7 +296,7 @@ func (f *Flusher) Run(ctx context.Context) error {
 		}
 		var b *batch
 		planStart := time.Now()
-		holding := time.Now().Before(holdUntil) && !f.urgent.Load()
+		holding := time.Now().Before(holdUntil) && !f.urgent.Load() && f.remoteWaiters.Load() == 0
 		if closed := f.j.ClosedEpoch(); !holding && (!scanned || closed != emptyAt) {
 			var err error
 			if b, err = f.plan(); err != nil {
@@ -351,6 +375,58 @@ func (f *Flusher) stop(ctx context.Context, err error) error {
 	f.s.SetState(StateFailed, err)
 	f.log.Error("flusher stopped", "err", err)
 	return err
+}
+
+// advance records that the remote holds every epoch up to epoch and
+// wakes the synchronous barriers waiting for it.
+func (f *Flusher) advance(epoch uint64) {
+	f.epoch.Store(epoch)
+	f.j.OnRemote(epoch)
+	f.signalRemote()
+}
+
+func (f *Flusher) signalRemote() {
+	f.mu.Lock()
+	close(f.onRemote)
+	f.onRemote = make(chan struct{})
+	f.mu.Unlock()
+}
+
+// RemoteEpoch is the last epoch the remote holds completely (the blob, or
+// the staging store with a Sink).
+func (f *Flusher) RemoteEpoch() uint64 { return f.epoch.Load() }
+
+// WaitRemote waits until the remote holds every epoch up to epoch: a
+// synchronous barrier (mount --sync). The blob holds them once their batch
+// is complete, or, for a batch of one epoch, once its writes have landed
+// (Sender.OnLanded), a round trip earlier. While it waits, batches are sent as
+// soon as they are planned (no merge wait), so that barriers arriving
+// together share the next batch's round trips (group commit). It returns
+// ctx's error when ctx ends first, and ErrFlusherStopped (with the
+// flusher's error, if it failed) when the flusher stops.
+func (f *Flusher) WaitRemote(ctx context.Context, epoch uint64) error {
+	f.remoteWaiters.Add(1)
+	defer f.remoteWaiters.Add(-1)
+	f.Kick()
+	for {
+		f.mu.Lock()
+		ch := f.onRemote
+		f.mu.Unlock()
+		if max(f.epoch.Load(), f.landed.Load()) >= epoch {
+			return nil
+		}
+		if state, err := f.s.stateErr(); state == StateFailed {
+			return fmt.Errorf("%w: %w", ErrFlusherStopped, err)
+		}
+		if f.stopped.Load() {
+			return ErrFlusherStopped
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ch:
+		}
+	}
 }
 
 // Drain asks the flusher to send everything journaled so far without
@@ -440,7 +516,7 @@ func (f *Flusher) sendBatch(ctx context.Context, b *batch, spans []Span) error {
 			"filled", after.FilledBytes-before.FilledBytes, "unfilled", after.UnfilledBytes-before.UnfilledBytes,
 			"seconds", time.Since(start).Seconds())
 	}
-	f.epoch.Store(last)
+	f.advance(last)
 	if f.o.AfterBatch != nil {
 		f.o.AfterBatch(ctx, last)
 	}
@@ -512,7 +588,7 @@ func (f *Flusher) preempt(b *batch) func(rest []Span) bool {
 // MergeWait old. Never when a drain is asked for, nor for the batch that
 // must finish one cut short by a crash.
 func (f *Flusher) mergeWait(b *batch, spans []Span) time.Duration {
-	if f.o.MergeWait <= 0 || f.urgent.Load() || f.minLast > 0 || !f.j.OpenEpochHasRecords() {
+	if f.o.MergeWait <= 0 || f.urgent.Load() || f.remoteWaiters.Load() > 0 || f.minLast > 0 || !f.j.OpenEpochHasRecords() {
 		return 0
 	}
 	var bytes int64
@@ -537,7 +613,7 @@ func (f *Flusher) commitDelivered(ds []Delivered) error {
 		f.stagedSent.Add(d.BytesSent)
 		f.stagedData.Add(d.DataBytes)
 		f.stagedCleared.Add(d.BytesCleared)
-		f.epoch.Store(d.Last)
+		f.advance(d.Last)
 		if err := f.commitBatch(d.Drained, d.What); err != nil {
 			return err
 		}

@@ -82,7 +82,17 @@ type Sender struct {
 
 	puts, clears, seqCalls, sent, cleared, retries atomic.Uint64
 	filled, unfilled                               atomic.Uint64
+	onLanded                                       atomic.Pointer[func(last uint64)]
 }
+
+// OnLanded sets fn to be called once every span of a batch sent without
+// an odd mark (a single epoch) has landed, before the even mark that
+// completes it. The blob then holds the disk at the barrier that closed
+// that epoch: no barrier lies inside an epoch, so the blob was a state the
+// disk could have had all along, and now it is that barrier's. Only its
+// label (the sequence number) still names the previous epoch. A
+// synchronous barrier may return here, a round trip before the mark.
+func (s *Sender) OnLanded(fn func(last uint64)) { s.onLanded.Store(&fn) }
 
 // NewSender prepares a sender for remote r, whose sequence number is seq
 // now; lease is the lease id every write carries.
@@ -196,7 +206,8 @@ func (s *Sender) Stats() SenderStats {
 // have written (see Flusher's preemption).
 func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Span, alwaysMark bool, preempt func(rest []Span) bool) error {
 	fence := s.Sequence()
-	if alwaysMark || first != last || fence.InProgress() {
+	marked := alwaysMark || first != last || fence.InProgress()
+	if marked {
 		mark := remote.Started(last)
 		if err := s.Retry(ctx, "mark batch in progress", func(ctx context.Context) error {
 			return s.r.RaiseSequence(ctx, int64(mark), s.lease)
@@ -212,6 +223,9 @@ func (s *Sender) SendEpochs(ctx context.Context, first, last uint64, spans []Spa
 	f := int64(fence)
 	if err := s.sendSpans(ctx, spans, remote.Cond{LeaseID: s.lease, IfSequenceEq: &f}, preempt); err != nil {
 		return err
+	}
+	if fn := s.onLanded.Load(); fn != nil && !marked {
+		(*fn)(last)
 	}
 	done := remote.Complete(last)
 	if err := s.Retry(ctx, "mark batch complete", func(ctx context.Context) error {

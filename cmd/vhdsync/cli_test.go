@@ -254,8 +254,8 @@ func TestHelpForEveryCommand(t *testing.T) {
 	}
 }
 
-// TestMountCatchUpFlagErrors: bad --blob-limits and --max-odd-window
-// values are usage errors that say what to give, before anything is
+// TestMountCatchUpFlagErrors: bad --blob-limits, --max-odd-window and
+// --sync-timeout values are usage errors that say what to give, before anything is
 // opened or started.
 func TestMountCatchUpFlagErrors(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "never-made")
@@ -267,6 +267,8 @@ func TestMountCatchUpFlagErrors(t *testing.T) {
 		{[]string{"--blob-limits", "500,zero"}, "MiB per second"},
 		{[]string{"--blob-limits", "0,60"}, "at least 1"},
 		{[]string{"--max-odd-window", "100ms"}, "at least 1s"},
+		{[]string{"--sync-timeout", "30s"}, "with --sync"},
+		{[]string{"--sync", "--sync-timeout", "-1s"}, "positive duration"},
 	} {
 		args := append([]string{"mount", "--state", state}, c.args...)
 		code, _, errOut := vhdsync(t, nil, append(args, t.TempDir())...)

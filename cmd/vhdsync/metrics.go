@@ -168,6 +168,8 @@ var metricDefs = []struct {
 }{
 	{"vhdsync_info", "Always 1; the labels name the version and the blob (without any SAS).", []string{"version", "blob"}},
 	{"vhdsync_replica_lag_seconds", "Age of the oldest write not yet on the blob (0: the blob holds every write).", nil},
+	{"vhdsync_sync_degraded", "1 while synchronous replication (--sync) is degraded: barriers timed out (--sync-timeout) and return without the blob until it has caught up; 0 otherwise.", nil},
+	{"vhdsync_sync_timeouts_total", "Barriers of synchronous replication (--sync) that returned without the blob after --sync-timeout.", nil},
 	{"vhdsync_journal_pending_bytes", "Journal bytes of the writes not yet on the blob.", nil},
 	{"vhdsync_journal_pending_records", "Journal records (writes, discards) not yet on the blob.", nil},
 	{"vhdsync_journal_cap_bytes", "Pending journal bytes above which writers wait (--journal-cap).", nil},
@@ -228,10 +230,16 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	j, f := s.Journal, s.Flusher
 	gauge("vhdsync_info", 1, version, c.blobURL)
 	lag := 0.0
-	if !j.Oldest.IsZero() {
-		lag = time.Since(j.Oldest).Seconds()
+	if !j.OldestNotOnRemote.IsZero() {
+		lag = time.Since(j.OldestNotOnRemote).Seconds()
 	}
 	gauge("vhdsync_replica_lag_seconds", lag)
+	degraded := 0.0
+	if s.Sync.Degraded {
+		degraded = 1
+	}
+	gauge("vhdsync_sync_degraded", degraded)
+	counter("vhdsync_sync_timeouts_total", s.Sync.Timeouts)
 	gauge("vhdsync_journal_pending_bytes", float64(j.PendingBytes))
 	gauge("vhdsync_journal_pending_records", float64(j.PendingRecords))
 	gauge("vhdsync_journal_cap_bytes", float64(j.MaxBytes))

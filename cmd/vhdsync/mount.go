@@ -52,6 +52,10 @@ type mountFlags struct {
 	oddWindow  time.Duration
 	mergeWait  time.Duration
 	noFills    bool
+	// Synchronous replication: a barrier waits for the blob, at most
+	// syncTimeout (0: for ever).
+	sync        bool
+	syncTimeout time.Duration
 	// Recovery points (points.go): interval (0: off) and how many to keep;
 	// pointsSet: --recovery-points was given (else DIR's are used).
 	points    time.Duration
@@ -105,6 +109,9 @@ come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 			if err := checkPointFlags(cmd, f.points, f.keep); err != nil {
 				return err
 			}
+			if f.syncTimeout < 0 || (f.syncTimeout > 0 && !f.sync) {
+				return usageError{fmt.Errorf("--sync-timeout %v: give a positive duration, with --sync", f.syncTimeout)}
+			}
 			f.pointsSet = cmd.Flags().Changed("recovery-points")
 			if !f.foreground && g.env(readyFDEnv) == "" {
 				return startDaemon(cmd, g, f, args[0])
@@ -124,6 +131,8 @@ come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 	fl.StringVar(&f.blobLimits, "blob-limits", "500,60", "the page blob's targets as `REQUESTS,MIBPS` (requests per second, MiB per second): the cost model that decides when one larger Put Page beats several small ones; a standard page blob is 500,60, a premium one up to 7500,250 by tier")
 	fl.DurationVar(&f.oddWindow, "max-odd-window", 20*time.Second, "while catching up, how long one batch may keep the blob odd (not a consistent disk) at the --blob-limits byte rate; larger batches send data overwritten many times once")
 	fl.DurationVar(&f.mergeWait, "merge-wait", time.Second, "how long a batch of small scattered writes may wait for more writes to merge with while writers are busy (0: never)")
+	fl.BoolVar(&f.sync, "sync", false, "synchronous replication: fsync (a flush from the loop device) returns only once the blob holds every write before it, so losing the whole machine loses nothing fsync acknowledged; writes between barriers stay write-back. Direct transfer only")
+	fl.DurationVar(&f.syncTimeout, "sync-timeout", 0, "with --sync, the longest a barrier waits for the blob (e.g. 30s); past it barriers return as in write-back mode, logged and counted, and status says degraded until the blob has caught up (default: wait for ever)")
 	fl.BoolVar(&f.noFills, "no-fills", false, "send only pending ranges, never clean sectors between them (measurement only)")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
@@ -226,6 +235,12 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	a = append(a, "--blob-limits", f.blobLimits, "--max-odd-window", f.oddWindow.String(), "--merge-wait", f.mergeWait.String())
 	if f.noFills {
 		a = append(a, "--no-fills")
+	}
+	if f.sync {
+		a = append(a, "--sync")
+		if f.syncTimeout > 0 {
+			a = append(a, "--sync-timeout", f.syncTimeout.String())
+		}
 	}
 	a = append(a, "--workers", strconv.Itoa(f.workers), "--linger", f.linger.String(),
 		"--fuse-max-write", strconv.Itoa(f.fuseMaxWrite), "--fuse-max-background", strconv.Itoa(f.fuseMaxBg))
@@ -362,7 +377,12 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
+	if f.sync && store != nil {
+		releaseStaging()
+		return usageError{writeback.ErrSyncStaged}
+	}
 	o := diskOptions(d, client, store, f.breakLease)
+	o.Sync, o.SyncTimeout = f.sync, f.syncTimeout
 	o.Journal = journal.Options{MaxPendingBytes: capBytes}
 	o.NoFills = f.noFills
 	o.Sender = replicate.SenderOptions{Workers: f.workers}
@@ -633,11 +653,12 @@ func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base co
 	out.JournalBytes = s.Journal.PendingBytes
 	out.JournalCapBytes = s.Journal.MaxBytes
 	out.JournalDisk = s.Journal.DiskBytes
-	if !s.Journal.Oldest.IsZero() {
-		out.OldestPending = s.Journal.Oldest
-		out.LagSeconds = time.Since(s.Journal.Oldest).Seconds()
+	if !s.Journal.OldestNotOnRemote.IsZero() {
+		out.OldestPending = s.Journal.OldestNotOnRemote
+		out.LagSeconds = time.Since(s.Journal.OldestNotOnRemote).Seconds()
 	}
 	out.BlockedWriters = s.Journal.BlockedWriters
+	out.Sync, out.SyncDegraded, out.SyncTimeouts = s.Sync.On, s.Sync.Degraded, s.Sync.Timeouts
 	out.OpenEpoch = s.Journal.OpenEpoch
 	out.EpochsClosed = s.Journal.EpochsClosed
 	out.RemoteEpoch = s.Flusher.RemoteEpoch

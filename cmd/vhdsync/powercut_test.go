@@ -456,9 +456,19 @@ func waitStopped(pid int, timeout time.Duration) {
 // churn creates, writes, fsyncs, renames and deletes files, and trims the
 // filesystem now and then, until stop.
 func (r *pcRun) churn(cycle int, rng *rand.Rand, stop <-chan struct{}) error {
-	// The previous cycle's tree goes first: the filesystem is small.
-	if err := os.RemoveAll(filepath.Join(r.fsDir, fmt.Sprintf("tree-%d", cycle-1))); err != nil {
+	// Earlier cycles' trees go first: the filesystem is small. Every one
+	// of them, not just the last cycle's: a cycle cut during its mount
+	// churns nothing, and a cut can bring back a tree whose removal ext4
+	// had not committed (the long form filled the filesystem after about
+	// 200 cycles).
+	old, err := filepath.Glob(filepath.Join(r.fsDir, "tree-*"))
+	if err != nil {
 		return err
+	}
+	for _, dir := range old {
+		if err := os.RemoveAll(dir); err != nil {
+			return err
+		}
 	}
 	for {
 		select {

@@ -123,9 +123,9 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 		return statusReport{}, err
 	}
 	rep.JournalRecords, rep.JournalBytes, rep.JournalDisk = js.PendingRecords, js.PendingBytes, js.DiskBytes
-	if !js.Oldest.IsZero() {
-		rep.OldestPending = js.Oldest
-		rep.LagSeconds = time.Since(js.Oldest).Seconds()
+	if !js.OldestNotOnRemote.IsZero() {
+		rep.OldestPending = js.OldestNotOnRemote
+		rep.LagSeconds = time.Since(js.OldestNotOnRemote).Seconds()
 		if rep.Note == "" {
 			rep.Note = "the journal holds writes the blob lacks: mount, or run `vhdsync replay`"
 		}
@@ -183,6 +183,8 @@ func statusVerdict(rep *statusReport) error {
 		}
 	case rep.Mounted && (rep.FlusherState == string(replicate.StateRetrying) || rep.FlusherState == string(replicate.StateFailed)):
 		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("the flusher is %s, the replica falls behind (lag %.1f s): %s", rep.FlusherState, rep.LagSeconds, rep.LastError)
+	case rep.Mounted && rep.SyncDegraded:
+		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("synchronous replication is degraded: fsync returns without the blob until it has caught up (lag %.1f s, %d barriers timed out)", rep.LagSeconds, rep.SyncTimeouts)
 	case rep.Mounted && rep.AppliedError != "":
 		code, rep.Problem = ExitUnhealthy, "the blob could not be read: "+rep.AppliedError
 	case rep.blobErr != nil:
@@ -218,6 +220,16 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, "replica lag:\t%.1f s (oldest write not on the blob: %s)\n", r.LagSeconds, r.OldestPending.Format(time.RFC3339Nano))
 	} else {
 		fmt.Fprintf(tw, "replica lag:\t0 (the blob holds every write)\n")
+	}
+	if r.Sync {
+		switch {
+		case r.SyncDegraded:
+			fmt.Fprintf(tw, "replication:	synchronous, DEGRADED: fsync returns without the blob until it has caught up (%d barriers timed out)\n", r.SyncTimeouts)
+		case r.SyncTimeouts > 0:
+			fmt.Fprintf(tw, "replication:	synchronous: fsync returns once the blob holds the writes (%d barriers timed out earlier)\n", r.SyncTimeouts)
+		default:
+			fmt.Fprintf(tw, "replication:	synchronous: fsync returns once the blob holds the writes\n")
+		}
 	}
 	if r.BlockedWriters > 0 {
 		fmt.Fprintf(tw, "blocked writers:\t%d (the journal is at its cap; they resume as the flusher drains)\n", r.BlockedWriters)

@@ -39,8 +39,14 @@ type Status struct {
 	OldestPending   time.Time `json:"oldest_pending,omitzero"`
 	LagSeconds      float64   `json:"lag_seconds"`
 	BlockedWriters  int       `json:"blocked_writers"`
-	OpenEpoch       uint64    `json:"open_epoch"`
-	EpochsClosed    uint64    `json:"epochs_closed"`
+	// Sync: mounted with --sync (a barrier waits for the blob);
+	// SyncDegraded: barriers timed out (--sync-timeout) and return without
+	// the blob until it has caught up; SyncTimeouts counts them.
+	Sync         bool   `json:"sync,omitempty"`
+	SyncDegraded bool   `json:"sync_degraded,omitempty"`
+	SyncTimeouts uint64 `json:"sync_timeouts,omitempty"`
+	OpenEpoch    uint64 `json:"open_epoch"`
+	EpochsClosed uint64 `json:"epochs_closed"`
 
 	RemoteEpoch    uint64  `json:"remote_epoch"`
 	RemoteSequence int64   `json:"remote_sequence"`

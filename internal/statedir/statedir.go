@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vhdsync/vhdsync/internal/durable"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 )
 
@@ -169,7 +170,7 @@ func Create(path string, st State) (*Dir, error) {
 		return nil, err
 	}
 	st.Version = FormatVersion
-	if err := mkdirDurable(path); err != nil {
+	if err := durable.MkdirAll(path, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
 	d := &Dir{Path: path, State: st}
@@ -223,42 +224,7 @@ func (d *Dir) Save() error {
 	return syncDir(d.Path)
 }
 
-// mkdirDurable makes path and its missing parents (0700) and fsyncs the
-// directory each new one was made in, so that their names survive a
-// power loss: without it a power cut right after `vhdsync create` could
-// take the whole state directory (its own fsync, in Save, covers only
-// the names inside it).
-func mkdirDurable(path string) error {
-	path = filepath.Clean(path)
-	var made []string // missing directories, deepest first
-	for p := path; ; p = filepath.Dir(p) {
-		if _, err := os.Lstat(p); err == nil || !errors.Is(err, os.ErrNotExist) || p == filepath.Dir(p) {
-			break
-		}
-		made = append(made, p)
-	}
-	if err := os.MkdirAll(path, 0o700); err != nil {
-		return err
-	}
-	for _, p := range made {
-		if err := syncDir(filepath.Dir(p)); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func syncDir(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("sync directory %s: %w", path, err)
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync directory %s: %w", path, err)
-	}
-	return nil
-}
+func syncDir(path string) error { return durable.SyncDir(path) }
 
 // Open reads an existing state directory and checks that it is whole: the
 // state file parses, the footer in it is valid for the recorded size, and

@@ -16,6 +16,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/internal/durable"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 )
@@ -211,7 +212,8 @@ func PrepareImport(ctx context.Context, o ImportOptions) (im *Import, err error)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		madeDir = true
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	// Durably: the progress saved in it must survive a power loss.
+	if err := durable.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
 	lock, err := (&statedir.Dir{Path: dir}).TryLock("importing " + o.Source)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/internal/durable"
 )
 
 // ProgressFile is the name of the importer's bookkeeping file inside the
@@ -71,10 +72,13 @@ func loadProgress(dir string) (*progress, error) {
 	return &p, nil
 }
 
-// save writes the progress atomically (temporary file, rename). It does
-// not fsync: a process kill keeps the page cache, and after a power loss
-// an older or missing record only means rescanning more of the source
-// (nothing the blob holds is sent again either way).
+// save writes the progress atomically (temporary file, rename). The saves
+// made while the import runs do not fsync: a process kill keeps the page
+// cache, and after a power loss an older record only means rescanning
+// more of the source (nothing the blob holds is sent again either way).
+// With sync, the record and its name are durable when save returns: the
+// first record must survive a power loss once the blob it announces is
+// made, or a rerun would find that blob in its way and refuse.
 func (p *progress) save(dir string, sync bool) error {
 	b, err := json.MarshalIndent(p, "", "  ")
 	if err != nil {
@@ -97,6 +101,11 @@ func (p *progress) save(dir string, sync bool) error {
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, ProgressFile)); err != nil {
 		return fmt.Errorf("save import progress: %w", err)
+	}
+	if sync {
+		if err := durable.SyncDir(dir); err != nil {
+			return fmt.Errorf("save import progress: %w", err)
+		}
 	}
 	return nil
 }

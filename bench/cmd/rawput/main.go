@@ -7,7 +7,8 @@
 //
 //	rawput --endpoint http://127.0.0.1:10000/devstoreaccount1 --bs 65536 --conc 8 --total 256MiB
 //
-// It prints {"mib_per_second": ..., "requests_per_second": ...}.
+// It prints {"mib_per_second": ..., "requests_per_second": ..., "p50_ms": ...,
+// "p99_ms": ...}: the rates, and the percentiles of one request's round trip.
 package main
 
 import (
@@ -17,6 +18,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -62,17 +64,22 @@ func run(endpoint string, bs, conc int, total, span int64) error {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var firstErr error
+	lat := make([]time.Duration, 0, n)
 	t0 := time.Now()
 	for range conc {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for off := range next {
-				if err := c.PutPages(ctx, off, data, ""); err != nil {
-					mu.Lock()
+				start := time.Now()
+				err := c.PutPages(ctx, off, data, "")
+				took := time.Since(start)
+				mu.Lock()
+				if err != nil {
 					firstErr = err
-					mu.Unlock()
 				}
+				lat = append(lat, took)
+				mu.Unlock()
 			}
 		}()
 	}
@@ -85,7 +92,15 @@ func run(endpoint string, bs, conc int, total, span int64) error {
 		return firstErr
 	}
 	el := time.Since(t0).Seconds()
+	slices.Sort(lat)
+	pct := func(q float64) float64 {
+		if len(lat) == 0 {
+			return 0
+		}
+		return lat[min(len(lat)-1, int(q*float64(len(lat))))].Seconds() * 1000
+	}
 	return json.NewEncoder(os.Stdout).Encode(map[string]float64{
 		"mib_per_second": float64(n*bs) / (1 << 20) / el, "requests_per_second": float64(n) / el,
+		"p50_ms": pct(0.5), "p99_ms": pct(0.99),
 	})
 }

@@ -98,6 +98,13 @@ func WithTransport(rt http.RoundTripper) Option {
 	return func(p *Proxy) { p.rp.Transport = rt }
 }
 
+// WithDelay adds d to every request's round trip, before it is admitted:
+// a remote farther away (a region's round trip), for measuring what
+// latency costs the synchronous barriers.
+func WithDelay(d time.Duration) Option {
+	return func(p *Proxy) { p.delay = d }
+}
+
 // Proxy is an http.Handler that forwards requests to an Azurite endpoint
 // unless the blob they address is over its limits.
 type Proxy struct {
@@ -108,6 +115,7 @@ type Proxy struct {
 	lim    Limits
 	rp     *httputil.ReverseProxy
 	now    func() time.Time
+	delay  time.Duration
 
 	wireMu sync.Mutex
 	wire   io.Writer
@@ -364,6 +372,15 @@ func rangeLen(h http.Header) (int64, bool) {
 // ServeHTTP forwards r to the target, or refuses it as Azure does when the
 // blob it addresses is over its limits.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if p.delay > 0 {
+		t := time.NewTimer(p.delay)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
 	start := p.now()
 	key := p.blobKey(r.URL.Path)
 	// Bytes known before forwarding are charged at admission; the rest

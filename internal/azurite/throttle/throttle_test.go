@@ -562,3 +562,23 @@ func TestNewRejectsBadInput(t *testing.T) {
 		t.Errorf("StandardPageBlob() = %+v", l)
 	}
 }
+
+// TestDelayAddsToEveryRoundTrip: WithDelay holds each request that long
+// before it is admitted and forwarded.
+func TestDelayAddsToEveryRoundTrip(t *testing.T) {
+	const delay = 50 * time.Millisecond
+	b, s, _ := setup(t, Limits{}, WithDelay(delay))
+	blob := s.BlobURL("c", "b.vhd")
+	for i := range 3 {
+		start := time.Now()
+		if a := putPage(t, blob); a.status != http.StatusCreated {
+			t.Fatalf("request %d: status %d", i, a.status)
+		}
+		if took := time.Since(start); took < delay {
+			t.Fatalf("request %d answered in %v, under the %v delay", i, took, delay)
+		}
+	}
+	if n := b.count(); n != 3 {
+		t.Fatalf("backend saw %d requests, want 3", n)
+	}
+}

@@ -5,15 +5,15 @@
 package files
 
 import (
-	"errors"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/internal/durable"
 )
 
 // Datasync is fdatasync(2) on f, retried on EINTR: the data, and the
@@ -31,38 +31,11 @@ func Datasync(f *os.File) error {
 
 // SyncDir fsyncs directory dir, which makes the names created in it since
 // survive a power loss.
-func SyncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+func SyncDir(dir string) error { return durable.SyncDir(dir) }
 
-// MkdirDurable makes dir and its missing parents with perm and fsyncs the
-// directory each new one was made in, so that their names survive a power
-// loss: an fsync of a file or of dir itself does not make dir's own name
-// durable.
-func MkdirDurable(dir string, perm os.FileMode) error {
-	dir = filepath.Clean(dir)
-	var made []string // missing directories, deepest first
-	for p := dir; ; p = filepath.Dir(p) {
-		if _, err := os.Lstat(p); err == nil || !errors.Is(err, os.ErrNotExist) || p == filepath.Dir(p) {
-			break
-		}
-		made = append(made, p)
-	}
-	if err := os.MkdirAll(dir, perm); err != nil {
-		return err
-	}
-	for _, p := range made {
-		if err := SyncDir(filepath.Dir(p)); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+// MkdirDurable makes dir and its missing parents with perm, their names
+// durable (see durable.MkdirAll).
+func MkdirDurable(dir string, perm os.FileMode) error { return durable.MkdirAll(dir, perm) }
 
 // DirectAlign is the alignment, in memory and in the file, of the buffers
 // and offsets the journal writes with O_DIRECT: the page size, which every

@@ -35,6 +35,7 @@ func main() {
 	timeoutFraction := flag.Float64("timeout-fraction", 0, "share of refusals answered 500 OperationTimedOut instead of 503 ServerBusy")
 	wireLog := flag.String("wire-log", "", "append one JSON line per request to this file")
 	statsFile := flag.String("stats-file", "", "write the counters as JSON here on exit")
+	delay := flag.Duration("delay", 0, "added to every request's round trip (e.g. 20ms: a remote region)")
 	flag.Parse()
 	if *target == "" {
 		fmt.Fprintln(os.Stderr, "azurite-throttle: --target is required")
@@ -42,7 +43,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	lim := throttle.Limits{RequestsPerSecond: *rps, BytesPerSecond: *mibps * (1 << 20), TimeoutFraction: *timeoutFraction}
-	err := run(ctx, *target, *listen, *endpointFile, *wireLog, *statsFile, lim)
+	err := run(ctx, *target, *listen, *endpointFile, *wireLog, *statsFile, lim, throttle.WithDelay(*delay))
 	stop()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "azurite-throttle: %v\n", err)
@@ -51,8 +52,7 @@ func main() {
 }
 
 // run serves the proxy until ctx ends, then writes the stats file.
-func run(ctx context.Context, target, listen, endpointFile, wireLog, statsFile string, lim throttle.Limits) error {
-	var opts []throttle.Option
+func run(ctx context.Context, target, listen, endpointFile, wireLog, statsFile string, lim throttle.Limits, opts ...throttle.Option) error {
 	if wireLog != "" {
 		f, err := os.OpenFile(wireLog, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {
