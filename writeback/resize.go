@@ -191,6 +191,10 @@ func (d *Disk) resizeSteps(ctx context.Context, rz remote.Resizer, from int64, o
 		return err
 	}
 	d.s.SetSequence(max(remote.Complete(epoch), d.s.Sequence()))
+	// The journal's closed epoch is now the resize's own (no records): a
+	// synchronous barrier without new writes names it and must not wait
+	// for a batch that never comes.
+	d.f.Advance(epoch)
 	if o.Size < from {
 		// Shrinking: nothing may read or write beyond the new end before
 		// the image is cut (the resize lock keeps them out anyway).

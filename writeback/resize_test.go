@@ -303,3 +303,43 @@ func TestResizeGivesUpWhenTheBlobStalls(t *testing.T) {
 	}
 	checkBlobIsDisk(t, dir, r, big, f.Resized(big).Encode())
 }
+
+// TestResizeSynchronousBarrier: with synchronous barriers (mount --sync),
+// a barrier right after a resize, with no write since, returns at once:
+// the epoch it names is the resize's own, which the blob holds.
+func TestResizeSynchronousBarrier(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	const small, big = 8 << 20, 12 << 20
+	r, f, _ := resizeRemote(t, small)
+	d := newTestDisk(t, dir, small, r, DiskOptions{Sync: true, SyncTimeout: 10 * time.Second})
+	if err := d.WriteAt(ctx, bytes.Repeat([]byte{5}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Resize(ctx, ResizeOptions{Size: big, Footer: f.Resized(big).Encode()}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 5*time.Second || d.Sync().Timeouts > 0 {
+		t.Fatalf("a synchronous barrier after the resize took %v (timeouts %d)", took, d.Sync().Timeouts)
+	}
+	if err := d.WriteAt(ctx, bytes.Repeat([]byte{6}, 4096), big-4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.Bytes()[big-1]; got != 6 {
+		t.Fatalf("a synchronous barrier returned before the blob held the write beyond the old end: %d", got)
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	checkBlobIsDisk(t, dir, r, big, f.Resized(big).Encode())
+}
