@@ -294,3 +294,15 @@ func finishPendingResize(ctx context.Context, log *slog.Logger, d *statedir.Dir,
 	log.Info("the cut resize is finished", "size", r.To)
 	return nil
 }
+
+// pendingResize refuses to work on a disk whose resize a crash cut short
+// (the blob may have no footer at its end) until mount or replay has
+// finished it.
+func pendingResize(d *statedir.Dir) error {
+	r := d.State.Resize
+	if r == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: a resize of %s from %s to %s was cut short, and the blob may be between the two sizes; run `vhdsync replay --state %s` (or mount it) to finish it first",
+		errNotDrained, d.Path, vhdlayer.FormatSize(r.From), vhdlayer.FormatSize(r.To), d.Path)
+}

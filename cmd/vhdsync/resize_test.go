@@ -319,6 +319,9 @@ func TestResizeCutShortFinishedByReplay(t *testing.T) {
 	if _, err := statedir.Open(state); err != nil {
 		t.Fatalf("a state directory with a cut resize does not open: %v", err)
 	}
+	if code, _, errb := vhdsync(t, nil, "verify", "--state", state); code != ExitNotDrained || !strings.Contains(errb, "vhdsync replay") {
+		t.Errorf("verify of a disk whose resize was cut short: exit %d, %s", code, errb)
+	}
 	for range 2 {
 		if code, out, errb := vhdsync(t, nil, "replay", "--state", state); code != 0 {
 			t.Fatalf("replay: exit %d\n%s%s", code, out, errb)
