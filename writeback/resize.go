@@ -49,6 +49,9 @@ type ResizeStats struct {
 	// Held is how long writers were held (the final drain and the blob's
 	// steps); Total the whole call, the first drain included.
 	Held, Total time.Duration
+	// HeldDrain is the part of Held spent draining the last writes;
+	// Changed the part spent changing the blob, the image and the state.
+	HeldDrain, Changed time.Duration
 }
 
 // Resize changes the disk's size while it is open (mounted), as an ordered
@@ -104,7 +107,8 @@ func (d *Disk) Resize(ctx context.Context, o ResizeOptions) (ResizeStats, error)
 		o.Resized(o.Size)
 	}
 	st.Total = time.Since(start)
-	d.log.Info("disk resized", "from", from, "to", o.Size, "epoch", st.Epoch, "writers_held_seconds", st.Held.Seconds(), "seconds", st.Total.Seconds())
+	d.log.Info("disk resized", "from", from, "to", o.Size, "epoch", st.Epoch, "writers_held_seconds", st.Held.Seconds(),
+		"held_drain_seconds", st.HeldDrain.Seconds(), "change_seconds", st.Changed.Seconds(), "seconds", st.Total.Seconds())
 	return st, nil
 }
 
@@ -148,6 +152,7 @@ func (d *Disk) resizeHeld(ctx context.Context, rz remote.Resizer, o ResizeOption
 	dctx, cancel := context.WithTimeout(ctx, o.MaxHold)
 	err := d.Drain(dctx)
 	cancel()
+	st.HeldDrain = time.Since(held)
 	if err != nil {
 		if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 			return fmt.Errorf("resize given up, nothing changed: the blob did not take the last writes within %v with writers held (is the remote reachable? `vhdsync status` shows the flusher's state); run resize again once it catches up", o.MaxHold)
@@ -172,6 +177,8 @@ func (d *Disk) resizeHeld(ctx context.Context, rz remote.Resizer, o ResizeOption
 	// Once the intent is recorded the steps run to the end whatever ctx
 	// does (a client that gives up): cut, they would leave the blob odd
 	// until the next open. Transient failures are retried meanwhile.
+	changing := time.Now()
+	defer func() { st.Changed = time.Since(changing) }()
 	if err := d.resizeSteps(context.WithoutCancel(ctx), rz, st.From, o, epoch); err != nil {
 		// The blob may be odd with no footer at its end: nothing may mark
 		// it even again before the resize is finished. The intent is on

@@ -100,7 +100,7 @@ func TestResizeWhileWriting(t *testing.T) {
 	if st.Epoch == 0 || began != st.Epoch || resized.Load() != big || d.Size() != big {
 		t.Fatalf("resize stats %+v, began %d, views told %d, size %d", st, began, resized.Load(), d.Size())
 	}
-	t.Logf("grown while writing: writers held %v, whole resize %v, %d writes so far", st.Held, st.Total, writes.Load())
+	t.Logf("grown while writing: writers held %v (drain %v, change %v), whole resize %v, %d writes so far", st.Held, st.HeldDrain, st.Changed, st.Total, writes.Load())
 	// The new region takes writes.
 	tail := bytes.Repeat([]byte{0xab}, 1<<20)
 	if err := d.WriteAt(ctx, tail, big-int64(len(tail))); err != nil {

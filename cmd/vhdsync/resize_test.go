@@ -69,6 +69,13 @@ func TestE2EResize(t *testing.T) {
 	took := time.Since(start)
 	before := load.rounds.Load()
 	t.Logf("resize while mounted under load: %v (%d files written during it); %s", took, before, strings.TrimSpace(r.stdout))
+	if b, err := os.ReadFile(filepath.Join(state, "vhdsync.log")); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "disk resized") {
+				t.Logf("daemon: %s", l)
+			}
+		}
+	}
 	if !strings.Contains(r.stdout, "losetup -c "+loop) || !strings.Contains(r.stdout, "resize2fs "+loop) {
 		t.Errorf("resize does not say how to grow the loop device and the file system: %s", r.stdout)
 	}
