@@ -54,7 +54,7 @@ func exitCode(err error) int {
 		return ee.code
 	case errors.Is(err, errBusy), errors.Is(err, statedir.ErrBusy):
 		return ExitBusy
-	case errors.Is(err, errNotDrained):
+	case errors.Is(err, errNotDrained), errors.Is(err, errResizePending):
 		return ExitNotDrained
 	case errors.Is(err, staged.ErrBadSegment):
 		return ExitBadSegment

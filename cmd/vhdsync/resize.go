@@ -295,6 +295,9 @@ func finishPendingResize(ctx context.Context, log *slog.Logger, d *statedir.Dir,
 	return nil
 }
 
+// errResizePending: a resize was cut short and is not finished yet.
+var errResizePending = errors.New("resize not finished")
+
 // pendingResize refuses to work on a disk whose resize a crash cut short
 // (the blob may have no footer at its end) until mount or replay has
 // finished it.
@@ -304,5 +307,5 @@ func pendingResize(d *statedir.Dir) error {
 		return nil
 	}
 	return fmt.Errorf("%w: a resize of %s from %s to %s was cut short, and the blob may be between the two sizes; run `vhdsync replay --state %s` (or mount it) to finish it first",
-		errNotDrained, d.Path, vhdlayer.FormatSize(r.From), vhdlayer.FormatSize(r.To), d.Path)
+		errResizePending, d.Path, vhdlayer.FormatSize(r.From), vhdlayer.FormatSize(r.To), d.Path)
 }

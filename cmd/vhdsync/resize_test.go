@@ -329,6 +329,9 @@ func TestResizeCutShortFinishedByReplay(t *testing.T) {
 	if code, _, errb := vhdsync(t, nil, "verify", "--state", state); code != ExitNotDrained || !strings.Contains(errb, "vhdsync replay") {
 		t.Errorf("verify of a disk whose resize was cut short: exit %d, %s", code, errb)
 	}
+	if code, out, errb := vhdsync(t, nil, "status", "--state", state); code != ExitNotDrained || !strings.Contains(out, "resize:") || !strings.Contains(out, "cut short") {
+		t.Errorf("status of a disk whose resize was cut short: exit %d\n%s%s", code, out, errb)
+	}
 	for range 2 {
 		if code, out, errb := vhdsync(t, nil, "replay", "--state", state); code != 0 {
 			t.Fatalf("replay: exit %d\n%s%s", code, out, errb)
