@@ -70,8 +70,8 @@ type ResizeStats struct {
 //     footer's sector, now data, is cleared (it reads as zeros, as the
 //     grown image does there).
 //  4. Resize the local image and sync it, the disk's size, the allocation
-//     map; record the new size (Finish); tell the views (Resized); let the
-//     writers go.
+//     map; record the new size (Finish); let the writers go; tell the
+//     views (Resized).
 //
 // A failure after step 3 began stops the flusher (the blob may have no
 // footer at its end, and must not be marked even by a later batch): the
@@ -114,8 +114,10 @@ func (d *Disk) Resize(ctx context.Context, o ResizeOptions) (ResizeStats, error)
 
 // catchUp waits until the blob holds every epoch closed by a barrier now,
 // while writers go on: under a steady load the journal is never empty, so
-// a full drain could wait forever. The flusher says nothing when a batch
-// lands, so this polls its counters.
+// a full drain could wait forever. It polls the flusher's counters rather
+// than Flusher.WaitRemote, which waits for a batch to complete epoch e and
+// would wait for ever if e holds no records that a batch could complete
+// (an epoch closed by RaiseEpoch); an empty journal also ends the wait.
 func (d *Disk) catchUp(ctx context.Context) error {
 	e, err := d.j.Barrier()
 	if err != nil {
