@@ -95,6 +95,13 @@ func (d *Disk) Resize(ctx context.Context, o ResizeOptions) (ResizeStats, error)
 	if !ok {
 		return st, fmt.Errorf("%w: this remote cannot change a blob's size", ErrResizeRefused)
 	}
+	// A Close (unmount) waits for the resize, and a resize does not start
+	// on a closing disk: its image and journal must stay open throughout.
+	d.closeMu.Lock()
+	defer d.closeMu.Unlock()
+	if d.closed {
+		return st, fmt.Errorf("%w: the disk is being closed (unmounted)", ErrResizeRefused)
+	}
 	if err := d.catchUp(ctx); err != nil {
 		return st, fmt.Errorf("resize: catch up before holding writers: %w", err)
 	}
