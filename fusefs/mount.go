@@ -2,9 +2,12 @@ package fusefs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +50,9 @@ type Options struct {
 	// Debug logs every FUSE request.
 	Debug  bool
 	Logger *slog.Logger
+	// Views, if set, is filled in by Mount: the handle through which the
+	// daemon changes the files' size while mounted (Views.Resize).
+	Views *Views
 	// Latency, if set, is told how long each write (OpWrite) and fsync
 	// (OpFsync) took to answer, refused ones included: the latency
 	// histograms of `mount --metrics`. Nil costs nothing.
@@ -75,8 +81,12 @@ func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
 	cnt := &Counters{}
 	now := time.Now()
 	uid, gid := uint32(os.Getuid()), uint32(os.Getgid())
-	layout := vhdlayer.Layout{VirtualSize: disk.Size()}
-	footer := o.Footer
+	views := o.Views
+	if views == nil {
+		views = &Views{}
+	}
+	views.dir, views.name = dir, o.Name
+	views.shape.Store(&shape{layout: vhdlayer.Layout{VirtualSize: disk.Size()}, footer: o.Footer})
 	if o.MaxBackground == 0 {
 		o.MaxBackground = 64
 	}
@@ -88,23 +98,22 @@ func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
 		}
 	}
 	newFile := func(withFooter bool) *diskFile {
-		f := &diskFile{disk: disk, layout: layout, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt, openFlags: openFlags, latency: o.Latency}
-		if withFooter {
-			f.footer = &footer
-		}
-		return f
+		return &diskFile{disk: disk, vhd: withFooter, shape: &views.shape, uid: uid, gid: gid, mode: o.Mode, mtime: now, log: o.Logger, cnt: cnt, openFlags: openFlags, latency: o.Latency}
 	}
 	root := &fs.Inode{}
 	long := time.Hour
 	opts := &fs.Options{
-		// Sizes and names never change while mounted: cache them.
+		// Names never change while mounted, sizes only by a resize,
+		// which tells the kernel (Views.Resize): cache them.
 		EntryTimeout: &long,
 		AttrTimeout:  &long,
 		UID:          uid,
 		GID:          gid,
 		OnAdd: func(ctx context.Context) {
-			vhd := root.NewPersistentInode(ctx, newFile(true), fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
-			img := root.NewPersistentInode(ctx, newFile(false), fs.StableAttr{Mode: syscall.S_IFREG, Ino: 3})
+			vhdFile, imgFile := newFile(true), newFile(false)
+			views.files = []*diskFile{vhdFile, imgFile}
+			vhd := root.NewPersistentInode(ctx, vhdFile, fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
+			img := root.NewPersistentInode(ctx, imgFile, fs.StableAttr{Mode: syscall.S_IFREG, Ino: 3})
 			root.AddChild(o.Name+".vhd", vhd, true)
 			root.AddChild(o.Name+".img", img, true)
 		},
@@ -127,4 +136,46 @@ func Mount(dir string, disk Disk, o Options) (*fuse.Server, *Counters, error) {
 		return nil, nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
 	return server, cnt, nil
+}
+
+// Views is the mounted files' size and footer, changed while mounted by
+// a resize. Fill one in through Options.Views.
+type Views struct {
+	shape atomic.Pointer[shape]
+	files []*diskFile // the .vhd and .img views, once mounted
+	dir   string
+	name  string
+}
+
+// Resize shows the disk at size bytes with footer (the disk must have that
+// size already), then tells the kernel: the files' cached attributes (and
+// any cached pages) are invalidated, and both files are stat'ed so that
+// the kernel's inode size, which the loop driver reads at `losetup -c`,
+// is the new one when Resize returns.
+func (v *Views) Resize(size int64, footer [vhdlayer.FooterSize]byte) error {
+	v.shape.Store(&shape{layout: vhdlayer.Layout{VirtualSize: size}, footer: footer})
+	var errs []error
+	for _, f := range v.files {
+		if errno := f.NotifyContent(0, 0); errno != 0 && errno != syscall.ENOENT {
+			// ENOENT: the kernel has not looked the file up yet, so it
+			// caches nothing about it.
+			errs = append(errs, fmt.Errorf("tell the kernel %s changed size: %w", f.Path(nil), errno))
+		}
+	}
+	for _, ext := range []string{".vhd", ".img"} {
+		p := filepath.Join(v.dir, v.name+ext)
+		st, err := os.Stat(p)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("stat %s after the resize: %w", p, err))
+			continue
+		}
+		want := size
+		if ext == ".vhd" {
+			want += vhdlayer.FooterSize
+		}
+		if st.Size() != want {
+			errs = append(errs, fmt.Errorf("%s shows %d bytes after the resize, want %d: the kernel kept the old size", p, st.Size(), want))
+		}
+	}
+	return errors.Join(errs...)
 }

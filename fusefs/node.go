@@ -33,19 +33,26 @@ type Counters struct {
 	BytesRead, BytesWritten                              atomic.Uint64
 }
 
-// diskFile is one view of the disk. With footer set it is the .vhd view:
-// the data region followed by the footer.
+// shape is the views' size and footer. It is replaced whole when the disk
+// is resized (Views.Resize), so one operation sees one shape.
+type shape struct {
+	layout vhdlayer.Layout
+	footer [vhdlayer.FooterSize]byte
+}
+
+// diskFile is one view of the disk. With vhd set it is the .vhd view: the
+// data region followed by the footer.
 type diskFile struct {
 	fs.Inode
-	disk   Disk
-	footer *[vhdlayer.FooterSize]byte // nil for the .img view
-	layout vhdlayer.Layout
-	uid    uint32
-	gid    uint32
-	mode   uint32
-	mtime  time.Time
-	log    *slog.Logger
-	cnt    *Counters
+	disk  Disk
+	vhd   bool
+	shape *atomic.Pointer[shape]
+	uid   uint32
+	gid   uint32
+	mode  uint32
+	mtime time.Time
+	log   *slog.Logger
+	cnt   *Counters
 	// openFlags are the FOPEN_* flags every handle gets.
 	openFlags uint32
 	// latency is Options.Latency (nil: not measured).
@@ -80,16 +87,25 @@ var (
 	_ = (fs.NodeAllocater)((*diskFile)(nil))
 )
 
-func (f *diskFile) size() int64 {
-	if f.footer != nil {
-		return f.layout.VHDSize()
+// size is the view's length in sh.
+func (f *diskFile) size(sh *shape) int64 {
+	if f.vhd {
+		return sh.layout.VHDSize()
 	}
-	return f.layout.VirtualSize
+	return sh.layout.VirtualSize
+}
+
+// split cuts [off, off+n) of the view into its data and footer parts.
+func (f *diskFile) split(sh *shape, off, n int64) (dataLen, footOff, footLen int64) {
+	if f.vhd {
+		return sh.layout.Split(off, n)
+	}
+	return n, 0, 0
 }
 
 func (f *diskFile) fill(out *fuse.Attr) {
 	out.Mode = syscall.S_IFREG | f.mode
-	out.Size = uint64(f.size())
+	out.Size = uint64(f.size(f.shape.Load()))
 	out.Blocks = (out.Size + 511) / 512
 	out.Blksize = 4096
 	out.Nlink = 1
@@ -103,12 +119,13 @@ func (f *diskFile) Getattr(_ context.Context, _ fs.FileHandle, out *fuse.AttrOut
 	return 0
 }
 
-// Setattr refuses size changes (a disk's size is fixed; resize is not
-// supported) and accepts time updates as no-ops.
+// Setattr refuses size changes (truncate: a disk changes size only through
+// `vhdsync resize`, which orders it with the journal) and accepts time
+// updates as no-ops.
 func (f *diskFile) Setattr(_ context.Context, _ fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	if sz, ok := in.GetSize(); ok && int64(sz) != f.size() {
+	if sz, ok := in.GetSize(); ok && int64(sz) != f.size(f.shape.Load()) {
 		f.cnt.Refused.Add(1)
-		f.log.Warn("refused a size change: the disk has a fixed size (create a new disk to change it)", "file", f.Path(nil), "size", sz)
+		f.log.Warn("refused a size change: truncate cannot resize the disk; use `vhdsync resize`", "file", f.Path(nil), "size", sz)
 		return syscall.EPERM
 	}
 	if _, ok := in.GetMode(); ok {
@@ -140,15 +157,13 @@ func (f *diskFile) Open(_ context.Context, flags uint32) (fs.FileHandle, uint32,
 
 // Read reads the data region from the disk and the footer from memory.
 func (f *diskFile) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	if off >= f.size() || len(dest) == 0 {
+	sh := f.shape.Load()
+	if off >= f.size(sh) || len(dest) == 0 {
 		return fuse.ReadResultData(nil), 0
 	}
-	n := min(int64(len(dest)), f.size()-off)
+	n := min(int64(len(dest)), f.size(sh)-off)
 	dest = dest[:n]
-	dataLen, footOff, footLen := n, int64(0), int64(0)
-	if f.footer != nil {
-		dataLen, footOff, footLen = f.layout.Split(off, n)
-	}
+	dataLen, footOff, footLen := f.split(sh, off, n)
 	if dataLen > 0 {
 		if _, err := f.disk.ReadAt(dest[:dataLen], off); err != nil {
 			f.log.Error("read failed", "off", off, "len", dataLen, "err", err)
@@ -156,7 +171,7 @@ func (f *diskFile) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int
 		}
 	}
 	if footLen > 0 {
-		copy(dest[dataLen:], f.footer[footOff:footOff+footLen])
+		copy(dest[dataLen:], sh.footer[footOff:footOff+footLen])
 	}
 	f.cnt.Reads.Add(1)
 	f.cnt.BytesRead.Add(uint64(n))
@@ -169,15 +184,13 @@ func (f *diskFile) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int
 func (f *diskFile) Write(ctx context.Context, _ fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
 	defer f.since(OpWrite, f.startClock())
 	n := int64(len(data))
-	if off < 0 || off+n > f.size() {
+	sh := f.shape.Load()
+	if off < 0 || off+n > f.size(sh) {
 		f.cnt.Refused.Add(1)
 		return 0, syscall.ENOSPC
 	}
-	dataLen, footOff, footLen := n, int64(0), int64(0)
-	if f.footer != nil {
-		dataLen, footOff, footLen = f.layout.Split(off, n)
-	}
-	if footLen > 0 && !bytes.Equal(data[dataLen:], f.footer[footOff:footOff+footLen]) {
+	dataLen, footOff, footLen := f.split(sh, off, n)
+	if footLen > 0 && !bytes.Equal(data[dataLen:], sh.footer[footOff:footOff+footLen]) {
 		f.cnt.Refused.Add(1)
 		f.log.Warn("refused a write that would change the VHD footer", "off", off, "len", n)
 		return 0, syscall.EPERM
@@ -238,16 +251,14 @@ const (
 // Never ENOSYS: that disables fallocate for the whole mount.
 func (f *diskFile) Allocate(ctx context.Context, _ fs.FileHandle, off, size uint64, mode uint32) syscall.Errno {
 	o, n := int64(off), int64(size)
-	if o < 0 || n < 0 || o+n > f.size() {
+	sh := f.shape.Load()
+	if o < 0 || n < 0 || o+n > f.size(sh) {
 		if mode&fallocKeepSize == 0 {
 			return syscall.EFBIG
 		}
-		n = max(0, f.size()-o)
+		n = max(0, f.size(sh)-o)
 	}
-	dataLen, _, footLen := n, int64(0), int64(0)
-	if f.footer != nil {
-		dataLen, _, footLen = f.layout.Split(o, n)
-	}
+	dataLen, _, footLen := f.split(sh, o, n)
 	switch {
 	case mode&fallocPunchHole != 0:
 		// Discard is advisory: the footer part, if any, is left alone.

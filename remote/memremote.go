@@ -193,3 +193,36 @@ func (m *MemRemote) Lease() string {
 	defer m.mu.Unlock()
 	return m.lease
 }
+
+var _ Resizer = (*MemRemote)(nil)
+
+// Resize implements Resizer.
+func (m *MemRemote) Resize(_ context.Context, size int64, lease string) error {
+	if size%512 != 0 || size < 0 {
+		return fmt.Errorf("resize to %d: not a multiple of 512", size)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	apply, ferr := m.fault("resize", size, 0)
+	if !apply {
+		return ferr
+	}
+	if err := m.check(Cond{LeaseID: lease}); err != nil {
+		return err
+	}
+	m.Calls["resize"]++
+	if size <= int64(len(m.data)) {
+		m.data = m.data[:size:size]
+	} else {
+		m.data = append(m.data, make([]byte, size-int64(len(m.data)))...)
+	}
+	m.observe()
+	return ferr
+}
+
+// Size implements Resizer.
+func (m *MemRemote) Size(context.Context) (int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return int64(len(m.data)), nil
+}

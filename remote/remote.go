@@ -174,3 +174,16 @@ type Snapshot struct {
 	// Metadata are the snapshot's own metadata, names in lower case.
 	Metadata map[string]string
 }
+
+// Resizer is implemented by remotes whose blob can change size (the page
+// blob's Set Blob Properties with a new content length). It is separate
+// from Remote so that a remote only ever written at a fixed size (a test
+// double, the benchmarks' gated remote) need not implement it.
+type Resizer interface {
+	// Resize sets the blob's length to size bytes (a multiple of 512):
+	// pages added read as zeros, pages beyond size are dropped. The lease
+	// is carried as every write carries it.
+	Resize(ctx context.Context, size int64, leaseID string) error
+	// Size reads the blob's length in bytes.
+	Size(ctx context.Context) (int64, error)
+}

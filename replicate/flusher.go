@@ -385,6 +385,16 @@ func (f *Flusher) advance(epoch uint64) {
 	f.signalRemote()
 }
 
+// Advance records that the remote holds every epoch up to epoch through a
+// step taken outside the flusher while it had nothing to send (a resize,
+// writeback.Disk.Resize, which has an epoch of its own): a synchronous
+// barrier that names that epoch then returns, and status shows it.
+func (f *Flusher) Advance(epoch uint64) {
+	if epoch > f.epoch.Load() {
+		f.advance(epoch)
+	}
+}
+
 func (f *Flusher) signalRemote() {
 	f.mu.Lock()
 	close(f.onRemote)

@@ -283,3 +283,15 @@ func (f Footer) CreatorAppString() string { return string(bytes.TrimRight(f.Crea
 func (f Footer) CreatorHostString() string {
 	return string(bytes.TrimRight(f.CreatorHostOS[:], "\x00"))
 }
+
+// Resized returns the footer of the same disk at virtualSize bytes: the
+// same UUID, creator and timestamp, the current and original size set to
+// virtualSize (vhdsync keeps them equal, as for a new disk) and the CHS
+// geometry recomputed for it. It does not validate the size against
+// Azure's rules; call ValidateVirtualSize first.
+func (f Footer) Resized(virtualSize uint64) Footer {
+	f.OriginalSize = virtualSize
+	f.CurrentSize = virtualSize
+	f.Geometry = GeometryForSize(virtualSize)
+	return f
+}

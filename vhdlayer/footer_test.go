@@ -310,3 +310,22 @@ func TestGeometryMatchesQemu(t *testing.T) {
 		os.Remove(p)
 	}
 }
+
+// TestFooterResized: the resized footer is the same disk (id, creator,
+// timestamp) at the new size, with its geometry, and valid.
+func TestFooterResized(t *testing.T) {
+	f := NewFixedFooter(64*MiB, time.Now())
+	r := f.Resized(3 * GiB)
+	raw := r.Encode()
+	got, err := DecodeFooter(raw[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.UniqueID != f.UniqueID || got.Timestamp != f.Timestamp || got.CreatorApp != f.CreatorApp ||
+		got.CurrentSize != 3*GiB || got.OriginalSize != 3*GiB || got.Geometry != GeometryForSize(3*GiB) {
+		t.Fatalf("resized footer: %+v", got)
+	}
+	if f.CurrentSize != 64*MiB {
+		t.Fatal("Resized changed the footer it was called on")
+	}
+}

@@ -83,6 +83,13 @@ type Disk struct {
 	syncMu       sync.Mutex
 	degradedTo   uint64
 	syncTimeouts atomic.Uint64
+	s            *replicate.Sender
+	// size is the virtual size now (Resize changes it).
+	size atomic.Int64
+	// resizing is held for reading by every write, zero range and read of
+	// the disk, and for writing by Resize while the disk changes size: the
+	// resize is then an ordered step between two epochs (see Resize).
+	resizing sync.RWMutex
 }
 
 // ReplayStats says what Open found in the journal.
@@ -125,6 +132,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		return nil, fmt.Errorf("local image %s: size %d, want %d (%v)", o.ImagePath, st.Size(), o.VirtualSize, err)
 	}
 	d := &Disk{o: o, img: img, locks: newRangeLock(), log: log}
+	d.size.Store(o.VirtualSize)
 	d.alloc.init(o.VirtualSize)
 	ok := false
 	defer func() {
@@ -153,6 +161,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	above := seq.Target()
 	var sink *staged.Sink
 	sender := replicate.NewSender(o.Remote, d.lease, seq, o.Sender)
+	d.s = sender
 	if o.Staging != nil {
 		top, err := staged.MaxStagedEpoch(ctx, o.Staging)
 		if err != nil {
@@ -338,22 +347,25 @@ func writeZeros(f *os.File, off, n int64) error {
 }
 
 // Size is the virtual size.
-func (d *Disk) Size() int64 { return d.o.VirtualSize }
+func (d *Disk) Size() int64 { return d.size.Load() }
 
 // ReadAt reads the disk: the local image always holds the newest state.
 func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 || off > d.o.VirtualSize {
+	d.resizing.RLock()
+	defer d.resizing.RUnlock()
+	size := d.size.Load()
+	if off < 0 || off > size {
 		return 0, ErrOutOfRange
 	}
-	if rem := d.o.VirtualSize - off; int64(len(p)) > rem {
+	if rem := size - off; int64(len(p)) > rem {
 		p = p[:rem]
 	}
 	return d.img.ReadAt(p, off)
 }
 
 func (d *Disk) check(off, n int64) error {
-	if off < 0 || n < 0 || off+n > d.o.VirtualSize {
-		return fmt.Errorf("%w: %d+%d on a %d-byte disk", ErrOutOfRange, off, n, d.o.VirtualSize)
+	if size := d.size.Load(); off < 0 || n < 0 || off+n > size {
+		return fmt.Errorf("%w: %d+%d on a %d-byte disk", ErrOutOfRange, off, n, size)
 	}
 	return nil
 }
@@ -365,6 +377,13 @@ func (d *Disk) check(off, n int64) error {
 // sectors with the edges read from the image under the range lock. p is
 // not retained.
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
+	d.resizing.RLock()
+	defer d.resizing.RUnlock()
+	return d.writeAt(ctx, p, off)
+}
+
+// writeAt is WriteAt with the resize lock held.
+func (d *Disk) writeAt(ctx context.Context, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
@@ -413,6 +432,8 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) error {
 // partial sectors at the edges are left alone. A zero range (ZERO_RANGE)
 // must be exact: its partial edge sectors are written as zeros.
 func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
+	d.resizing.RLock()
+	defer d.resizing.RUnlock()
 	if n == 0 {
 		return nil
 	}
@@ -423,12 +444,12 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 	aend := (off + n) &^ (journal.SectorSize - 1)
 	if !discard {
 		if aoff > off {
-			if err := d.WriteAt(ctx, make([]byte, min(aoff, off+n)-off), off); err != nil {
+			if err := d.writeAt(ctx, make([]byte, min(aoff, off+n)-off), off); err != nil {
 				return err
 			}
 		}
 		if aend < off+n && aend >= aoff {
-			if err := d.WriteAt(ctx, make([]byte, off+n-aend), aend); err != nil {
+			if err := d.writeAt(ctx, make([]byte, off+n-aend), aend); err != nil {
 				return err
 			}
 		}
@@ -634,6 +655,23 @@ type imageAlloc struct {
 func (a *imageAlloc) init(size int64) {
 	a.size = size
 	a.bits = make([]atomic.Uint64, (size/allocChunk+64)/64)
+}
+
+// resize follows the image to size bytes. No write may run meanwhile (the
+// caller holds Disk.resizing for writing): hits read bits without mu.
+func (a *imageAlloc) resize(size int64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	old, oldSize := a.bits, a.size
+	a.init(size)
+	// Only chunks wholly inside both sizes are remembered: the one that
+	// held the old end was allocated only up to it, and those cut off by
+	// a shrink are gone from the image.
+	for c := range min(oldSize, size) / allocChunk {
+		if old[c/64].Load()&(1<<(c%64)) != 0 {
+			a.bits[c/64].Or(1 << (c % 64))
+		}
+	}
 }
 
 func (a *imageAlloc) has(c int64) bool { return a.bits[c/64].Load()&(1<<(c%64)) != 0 }

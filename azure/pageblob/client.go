@@ -508,6 +508,20 @@ func (c *Client) RaiseSequence(ctx context.Context, n int64, leaseID string) err
 	return nil
 }
 
+// Resize sets the blob's length to size bytes (Set Blob Properties with
+// x-ms-blob-content-length): added pages read as zeros, pages beyond size
+// are dropped. leaseID is carried as every write carries it.
+func (c *Client) Resize(ctx context.Context, size int64, leaseID string) error {
+	if size%vhdlayer.SectorSize != 0 || size < 0 {
+		return fmt.Errorf("resize %s to %d bytes: not a multiple of 512", c.loc.URL(), size)
+	}
+	ac, _ := writeConds(leaseID, nil)
+	if _, err := c.pb.Resize(ctx, size, &pageblob.ResizeOptions{AccessConditions: ac}); err != nil {
+		return c.wrapWrite(fmt.Sprintf("resize to %d bytes", size), err)
+	}
+	return nil
+}
+
 // Sequence reads the blob's sequence number.
 func (c *Client) Sequence(ctx context.Context) (int64, error) {
 	p, err := c.Properties(ctx)

@@ -13,7 +13,22 @@ type Remote struct{ C *Client }
 var (
 	_ remote.Remote     = Remote{}
 	_ remote.Throttling = Remote{}
+	_ remote.Resizer    = Remote{}
 )
+
+// Resize implements remote.Resizer.
+func (a Remote) Resize(ctx context.Context, size int64, leaseID string) error {
+	return a.C.Resize(ctx, size, leaseID)
+}
+
+// Size implements remote.Resizer.
+func (a Remote) Size(ctx context.Context) (int64, error) {
+	p, err := a.C.Properties(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return p.Length, nil
+}
 
 // Throttled implements remote.Throttling.
 func (a Remote) Throttled() uint64 { return a.C.Throttled() }

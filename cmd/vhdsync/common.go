@@ -72,6 +72,9 @@ func connect(g *globals, d *statedir.Dir, bf blobFlags, flusher bool) (*pageblob
 // checkBlob verifies that the blob is a valid fixed VHD and the very disk
 // the state directory describes (same footer, so same size and disk id).
 func checkBlob(ctx context.Context, c *pageblob.Client, d *statedir.Dir) error {
+	if err := pendingResize(d); err != nil {
+		return err
+	}
 	info, err := c.OpenVHD(ctx)
 	if err != nil {
 		return err

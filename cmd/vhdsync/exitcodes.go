@@ -54,7 +54,7 @@ func exitCode(err error) int {
 		return ee.code
 	case errors.Is(err, errBusy), errors.Is(err, statedir.ErrBusy):
 		return ExitBusy
-	case errors.Is(err, errNotDrained):
+	case errors.Is(err, errNotDrained), errors.Is(err, errResizePending):
 		return ExitNotDrained
 	case errors.Is(err, staged.ErrBadSegment):
 		return ExitBadSegment
@@ -64,7 +64,7 @@ func exitCode(err error) int {
 		return ExitState
 	case errors.Is(err, transfer.ErrSourceChanged), errors.Is(err, transfer.ErrNotPointCopy):
 		return ExitSrcChanged
-	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL):
+	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL), errors.Is(err, writeback.ErrResizeRefused):
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):
 		return ExitAuth

@@ -352,6 +352,9 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
+	if err := finishPendingResize(ctx, log, d, client, f.breakLease); err != nil {
+		return err
+	}
 	if err := checkBlob(ctx, client, d); err != nil {
 		return err
 	}
@@ -390,7 +393,9 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	if err != nil {
 		return err
 	}
+	views := &fusefs.Views{}
 	server, counters, err := fusefs.Mount(absMP, disk, fusefs.Options{
+		Views:            views,
 		Name:             d.State.Name,
 		FsName:           d.Path,
 		Footer:           d.FooterBytes(),
@@ -413,7 +418,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	setPhase := func(p, n string) { phaseMu.Lock(); phase, note = p, n; phaseMu.Unlock() }
 	setPhase = sd.wrapPhase(setPhase, disk.Stats)
 	rate := newRateMeter()
-	ctl, err := control.Serve(d.Path, func() control.Status {
+	ctl, err := control.ServeWith(d.Path, control.Handlers{Resize: resizeHandler(d, disk, views, log), Status: func() control.Status {
 		s := disk.Stats()
 		phaseMu.Lock()
 		p, n := phase, note
@@ -427,7 +432,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		}
 		out.RecoveryPoints = recoveryStatus(rp)
 		return out
-	})
+	}})
 	if err != nil {
 		_ = server.Unmount()
 		return errors.Join(err, disk.Close(ctx, false))

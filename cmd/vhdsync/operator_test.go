@@ -336,6 +336,7 @@ func TestErrorsAndExitCodes(t *testing.T) {
 		{"replay", "--state", file},
 		{"verify", "--state", file},
 		{"set-blob", "--state", file, "--blob", s.BlobURL("disks", "f.vhd")},
+		{"resize", "--state", file, "--size", "40MiB"},
 	} {
 		code, _, errOut := vhdsync(t, nil, args...)
 		if code != ExitState || !strings.Contains(errOut, "is a file") {

@@ -54,6 +54,9 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	if err != nil {
 		return err
 	}
+	if err := finishPendingResize(ctx, g.logger(), d, c, breakLease); err != nil {
+		return err
+	}
 	if err := checkBlob(ctx, c, d); err != nil {
 		return err
 	}

@@ -55,6 +55,9 @@ func runSetBlob(ctx context.Context, g *globals, state, blobURL string) error {
 		return err
 	}
 	defer lock.Unlock()
+	if err := pendingResize(d); err != nil {
+		return err
+	}
 	c, err := pageblob.Open(blobURL, &pageblob.Options{Env: g.env, MaxRetries: 1, TryTimeout: 30 * time.Second})
 	if err != nil {
 		return err

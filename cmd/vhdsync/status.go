@@ -33,6 +33,9 @@ type statusReport struct {
 	// blobErr is why the blob could not be read (unmounted disk), which
 	// decides the exit code.
 	blobErr error
+	// ResizePending says a resize was cut short (unmounted disk): mount or
+	// replay finishes it.
+	ResizePending string `json:"resize_pending,omitempty"`
 }
 
 func newStatusCmd(g *globals) *cobra.Command {
@@ -114,6 +117,9 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 		return statusReport{}, err
 	}
 	defer lock.Unlock()
+	if err := pendingResize(d); err != nil {
+		rep.ResizePending = err.Error()
+	}
 	j, err := journal.Open(d.JournalPath(), journal.Options{})
 	if err != nil {
 		return statusReport{}, err
@@ -189,6 +195,8 @@ func statusVerdict(rep *statusReport) error {
 		code, rep.Problem = ExitUnhealthy, "the blob could not be read: "+rep.AppliedError
 	case rep.blobErr != nil:
 		code, rep.Problem = exitCode(rep.blobErr), "the blob could not be read: "+rep.LastError
+	case !rep.Mounted && rep.ResizePending != "":
+		code, rep.Problem = ExitNotDrained, rep.ResizePending
 	case !rep.Mounted && rep.JournalRecords > 0:
 		code, rep.Problem = ExitNotDrained, fmt.Sprintf("not mounted, and the journal holds %d writes (%s) the blob lacks: mount again, or run `vhdsync replay --state %s`", rep.JournalRecords, humanBytes(rep.JournalBytes), rep.StateDir)
 	default:
@@ -206,6 +214,9 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, "mounted:\tno: a dead mount is left at %s\n", r.DeadMount)
 	} else {
 		fmt.Fprintf(tw, "mounted:\tno\n")
+	}
+	if r.ResizePending != "" {
+		fmt.Fprintf(tw, "resize:\t%s\n", r.ResizePending)
 	}
 	if r.Note != "" {
 		fmt.Fprintf(tw, "note:\t%s\n", r.Note)

@@ -1,14 +1,17 @@
 // Package control is the mounted daemon's local control channel: a unix
 // socket in the state directory (mode 0600, so only the owner reaches it)
-// serving the daemon's status as JSON over HTTP. `vhdsync status` and
-// `vhdsync unmount` are its clients.
+// serving the daemon's status as JSON over HTTP, and taking a resize
+// (POST /resize). `vhdsync status`, `vhdsync unmount` and `vhdsync resize`
+// are its clients.
 package control
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -114,6 +117,38 @@ type RecoveryPoints struct {
 // Serve listens on the state directory's socket and answers GET /status
 // with status(). It returns the server; Close it on exit.
 func Serve(stateDir string, status func() Status) (*http.Server, error) {
+	return ServeWith(stateDir, Handlers{Status: status})
+}
+
+// Handlers are what the daemon answers on its socket.
+type Handlers struct {
+	// Status answers GET /status.
+	Status func() Status
+	// Resize answers POST /resize (nil: not offered).
+	Resize func(ctx context.Context, req ResizeRequest) (ResizeResult, error)
+}
+
+// ResizeRequest asks the daemon to resize its disk (`vhdsync resize`).
+type ResizeRequest struct {
+	Size   uint64 `json:"size"`
+	Shrink bool   `json:"shrink,omitempty"`
+}
+
+// ResizeResult is the daemon's answer: what it did, or why not (Error,
+// with Code the exit code the command should end with).
+type ResizeResult struct {
+	From        uint64  `json:"from"`
+	To          uint64  `json:"to"`
+	Epoch       uint64  `json:"epoch,omitempty"`
+	HeldSeconds float64 `json:"held_seconds"`
+	Seconds     float64 `json:"seconds"`
+	Error       string  `json:"error,omitempty"`
+	Code        int     `json:"code,omitempty"`
+}
+
+// ServeWith is Serve with every handler the daemon offers.
+func ServeWith(stateDir string, h Handlers) (*http.Server, error) {
+	status := h.Status
 	path := filepath.Join(stateDir, SocketName)
 	_ = os.Remove(path) // a stale socket of a dead daemon (the state lock is ours)
 	l, err := net.Listen("unix", path)
@@ -129,6 +164,21 @@ func Serve(stateDir string, status func() Status) (*http.Server, error) {
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(status())
 	})
+	if h.Resize != nil {
+		mux.HandleFunc("POST /resize", func(w http.ResponseWriter, r *http.Request) {
+			var req ResizeRequest
+			if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			res, err := h.Resize(r.Context(), req)
+			if err != nil && res.Error == "" {
+				res.Error = err.Error()
+			}
+			w.Header().Set("Content-Type", "application/json")
+			_ = json.NewEncoder(w).Encode(res)
+		})
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() { _ = srv.Serve(l) }()
 	return srv, nil
@@ -158,4 +208,41 @@ func Get(ctx context.Context, stateDir string) (Status, error) {
 		return Status{}, fmt.Errorf("read daemon status: %w", err)
 	}
 	return s, nil
+}
+
+// Resize asks the daemon of stateDir to resize its disk and waits for its
+// answer (the daemon drains the journal first, so this may take as long as
+// the blob needs to catch up; ctx bounds it). A refusal or failure comes
+// back in the result's Error and Code.
+func Resize(ctx context.Context, stateDir string, req ResizeRequest) (ResizeResult, error) {
+	path := filepath.Join(stateDir, SocketName)
+	c := &http.Client{
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}},
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return ResizeResult{}, err
+	}
+	hreq, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://vhdsync/resize", bytes.NewReader(body))
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := c.Do(hreq)
+	if err != nil {
+		return ResizeResult{}, fmt.Errorf("%w (%v)", ErrNotRunning, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusMethodNotAllowed {
+		return ResizeResult{}, fmt.Errorf("the running daemon does not offer resize (an older vhdsync?); unmount the disk, then run resize again")
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return ResizeResult{}, fmt.Errorf("daemon refused the resize request: %s: %s", resp.Status, bytes.TrimSpace(b))
+	}
+	var res ResizeResult
+	if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
+		return ResizeResult{}, fmt.Errorf("read the daemon's resize answer: %w", err)
+	}
+	return res, nil
 }

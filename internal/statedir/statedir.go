@@ -74,6 +74,58 @@ type State struct {
 	// after a crash does not silently stop them.
 	RecoveryPoints string `json:"recovery_points,omitempty"`
 	Keep           int    `json:"keep,omitempty"`
+	// Resize, when set, is a resize that was begun and not finished (a
+	// crash cut it): the next mount or replay finishes it before anything
+	// else touches the blob (see writeback.ResizeBlob). VirtualSize and
+	// Footer stay the old disk's until it is finished.
+	Resize *ResizeIntent `json:"resize,omitempty"`
+}
+
+// ResizeIntent records a resize of the disk from From to To bytes, made an
+// ordered step at epoch Epoch of the journal: the blob is marked
+// remote.Started(Epoch) while its size and footer change and
+// remote.Complete(Epoch) once the new footer is in place. Footer is the new
+// size's footer (same disk id).
+type ResizeIntent struct {
+	From   uint64 `json:"from"`
+	To     uint64 `json:"to"`
+	Epoch  uint64 `json:"epoch"`
+	Footer []byte `json:"footer"`
+}
+
+// BeginResize records r durably before the blob or the image changes.
+func (d *Dir) BeginResize(r ResizeIntent) error {
+	d.State.Resize = &r
+	if err := d.Save(); err != nil {
+		d.State.Resize = nil
+		return fmt.Errorf("record the resize: %w", err)
+	}
+	return nil
+}
+
+// FinishResize records the new size and footer and drops the intent, once
+// the blob and the image have the new size.
+func (d *Dir) FinishResize() error {
+	r := d.State.Resize
+	if r == nil {
+		return nil
+	}
+	f, err := vhdlayer.DecodeFooter(r.Footer)
+	if err != nil {
+		return fmt.Errorf("%w: the footer of the recorded resize: %w", ErrNotState, err)
+	}
+	// Field by field, not the whole State: a daemon reads other fields
+	// (the blob URL) while it serves.
+	size, footer, geometry := d.State.VirtualSize, d.State.Footer, d.State.Geometry
+	d.State.VirtualSize = r.To
+	d.State.Footer = append([]byte(nil), r.Footer...)
+	d.State.Geometry = f.Geometry.String()
+	d.State.Resize = nil
+	if err := d.Save(); err != nil {
+		d.State.VirtualSize, d.State.Footer, d.State.Geometry, d.State.Resize = size, footer, geometry, r
+		return fmt.Errorf("record the new size: %w", err)
+	}
+	return nil
 }
 
 // Dir is an open state directory.
@@ -210,6 +262,11 @@ func Open(path string) (*Dir, error) {
 	st, err := os.Stat(d.ImagePath())
 	if err != nil {
 		return nil, fmt.Errorf("%w: local image: %w", ErrNotState, err)
+	}
+	if r := d.State.Resize; r != nil && (uint64(st.Size()) == r.From || uint64(st.Size()) == r.To) {
+		// A resize was cut between the image's truncate and the state
+		// file: either size is the one it left; finishing it sets the new.
+		return d, nil
 	}
 	if uint64(st.Size()) != d.State.VirtualSize {
 		return nil, fmt.Errorf("%w: local image %s is %d bytes, want %d", ErrNotState, d.ImagePath(), st.Size(), d.State.VirtualSize)

@@ -88,3 +88,53 @@ func TestCreateSurvivesPowerCut(t *testing.T) {
 		t.Fatalf("after a power cut right after Save: %v, lease %q", err, d3.State.LeaseID)
 	}
 }
+
+// TestResizeIntent: a recorded resize survives reopening; while it is
+// recorded the image may have either size (a crash between the image's
+// truncate and the state file) but no other; finishing it records the
+// new size, footer and geometry.
+func TestResizeIntent(t *testing.T) {
+	const from, to = 20 * vhdlayer.MiB, 48 * vhdlayer.MiB
+	p := filepath.Join(t.TempDir(), "st")
+	d, err := Create(p, newState(from))
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, _ := vhdlayer.DecodeFooter(d.State.Footer)
+	grown := old.Resized(to).Encode()
+	if err := d.BeginResize(ResizeIntent{From: from, To: to, Epoch: 7, Footer: grown[:]}); err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int64{int64(from), int64(to)} {
+		if err := os.Truncate(d.ImagePath(), size); err != nil {
+			t.Fatal(err)
+		}
+		d2, err := Open(p)
+		if err != nil {
+			t.Fatalf("image of %d bytes with a resize recorded: %v", size, err)
+		}
+		if r := d2.State.Resize; r == nil || r.Epoch != 7 || r.To != to || d2.State.VirtualSize != from {
+			t.Fatalf("the intent after reopening: %+v, size %d", r, d2.State.VirtualSize)
+		}
+	}
+	if err := os.Truncate(d.ImagePath(), 30<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(p); !errors.Is(err, ErrNotState) {
+		t.Fatalf("an image of neither size: %v", err)
+	}
+	if err := os.Truncate(d.ImagePath(), int64(to)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.FinishResize(); err != nil {
+		t.Fatal(err)
+	}
+	d3, err := Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := vhdlayer.DecodeFooter(d3.State.Footer)
+	if d3.State.Resize != nil || d3.State.VirtualSize != to || f.CurrentSize != to || f.UniqueID != old.UniqueID || d3.State.Geometry != f.Geometry.String() || d3.State.DiskID != old.UniqueID.String() {
+		t.Fatalf("after FinishResize: %+v", d3.State)
+	}
+}
