@@ -6,7 +6,7 @@
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
 # BENCH_SKIP (space-separated stages to skip: write fsync fsynclive flush wire
-# staged lag backlog burst outage steady steadyhalf sync),
+# staged lag backlog burst outage steady steadyhalf sync db),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the server's measured ceiling for the lag
 # workload's own pattern, random 64 KiB Put Pages), BENCH_SYNC
@@ -294,6 +294,37 @@ if ! skip write; then
   kill -9 "$VPID_W"; sleep 0.5; umount -l "$VMNT"
   stop_servers 9
   rm -rf "$work/local.img" "$work/pass-backing.img" "$work"/s3b*-dir "$work/v" || true
+fi
+
+############ 1b: a database's writes on ext4: 8 jobs of random 8 KiB writes,
+# each followed by fdatasync, on files in ext4 on a loop device; vhdsync
+# (remote detached, as in stage 1) against the passthrough FUSE server, in
+# alternating repetitions
+if ! skip db; then
+  log "db: 8 jobs of random 8 KiB writes + fdatasync on ext4"
+  start_nullfuse dbpass --backing "$work/dbpass-backing.img"
+  VSIZE=8GiB
+  mount_vhdsync db
+  stop_azurite "$VAZ"
+  VPID_DB=$VPID
+  declare -A DBFS=()
+  for t in pass vhdsync; do
+    f=$work/dbpass/dbpass.img; [ "$t" = vhdsync ] && f=$VMNT/db.img
+    attach_ext4 "$f" 0 $((4 << 30)) "$work/dbfs-$t"; DBFS[$t]=$work/dbfs-$t
+  done
+  for rep in $(seq 1 "$REPS"); do
+    order=(pass vhdsync); [ $((rep % 2)) = 0 ] && order=(vhdsync pass)
+    for t in "${order[@]}"; do
+      fio --name=db --directory="${DBFS[$t]}" --rw=randwrite --bs=8k --numjobs=8 --fdatasync=1 --size=64M \
+          --ioengine=psync --runtime="$RT" --time_based=1 --group_reporting --output-format=json \
+          > "$res/db-$t-$rep.json" 2>/dev/null || log "db: fio on $t failed"
+    done
+  done
+  for t in pass vhdsync; do umount "${DBFS[$t]}"; unlist fsmounts "${DBFS[$t]}"; done
+  for l in "${loops[@]}"; do losetup -d "$l"; done; loops=()
+  kill -9 "$VPID_DB"; sleep 0.5; umount -l "$VMNT"
+  stop_servers 9
+  rm -f "$work/dbpass-backing.img"; rm -rf "$work/db"
 fi
 
 ############ 2b: fsync on a fresh mount with a live remote (the state a
