@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 )
 
 // Options tune a mount.
@@ -54,6 +56,9 @@ type FS struct {
 	cutMu   sync.Mutex
 	cut     *CutStats // the cut, once made
 	done    chan struct{}
+	// conn is the kernel's FUSE connection (its directory under
+	// /sys/fs/fuse/connections), aborted by Unmount.
+	conn string
 }
 
 // inode is a file, directory, symlink or special file.
@@ -162,7 +167,54 @@ func Mount(backing, mountpoint string, o Options) (*FS, error) {
 		f.closeFiles()
 		return nil, fmt.Errorf("mount power-cut file system at %s: %w", mountpoint, err)
 	}
+	// go-fuse opens /dev/fuse without O_CLOEXEC: every process a test
+	// starts (the daemon under test) would inherit the server's end of
+	// this mount, keep the connection alive after the test, and wait for
+	// ever on a request of its own that nobody serves.
+	if err := cloexecFuseFds(); err != nil {
+		_ = server.Unmount()
+		return nil, err
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(mountpoint, &st); err == nil {
+		f.conn = filepath.Join("/sys/fs/fuse/connections", fmt.Sprint(unix.Minor(st.Dev)))
+	}
 	return f, nil
+}
+
+// cloexecFuseFds sets FD_CLOEXEC on every /dev/fuse descriptor of this
+// process.
+func cloexecFuseFds() error {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("list file descriptors: %w", err)
+	}
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if target, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err != nil || target != "/dev/fuse" {
+			continue
+		}
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
+			return fmt.Errorf("set close-on-exec on /dev/fuse (fd %d): %w", fd, err)
+		}
+	}
+	return nil
+}
+
+// abortConn aborts the kernel's connection of this mount, if it is still
+// there (a mount detached lazily while a killed process's request was in
+// flight): the requests still waiting fail, and their processes can exit.
+func (f *FS) abortConn() {
+	if f.conn == "" {
+		return
+	}
+	err := os.WriteFile(filepath.Join(f.conn, "abort"), []byte("1"), 0)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		f.log.Warn("abort the power-cut mount's FUSE connection", "conn", f.conn, "err", err)
+	}
 }
 
 // Mountpoint is where the file system is mounted.
@@ -313,6 +365,10 @@ func (f *FS) Unmount() error {
 		err = errors.Join(err, f.syncAll())
 		f.gate.Unlock()
 		f.closeFiles()
+	} else {
+		// Cut, and perhaps detached while a request of the killed
+		// process was in flight: nothing is served any more.
+		f.abortConn()
 	}
 	return err
 }
