@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/container"
 
@@ -65,6 +66,21 @@ func TestDetachStopRestart(t *testing.T) {
 	cc := containerAt(t, endpoint+"/kept")
 	if _, err := cc.Create(context.Background(), nil); err != nil {
 		t.Fatalf("create a container: %v", err)
+	}
+	// Azurite saves its metadata (LokiJS) in the background and again when
+	// it closes; a save already under way when it closes can leave the
+	// newest change out (seen once in make test). What the restart must
+	// keep is what Azurite has saved: wait for the container to be in its
+	// database file.
+	db := filepath.Join(loc, "__azurite_db_blob__.json")
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if b, err := os.ReadFile(db); err == nil && strings.Contains(string(b), `"kept"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Azurite has not saved the container in %s within 30 s", db)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	// A second one on the same location is refused.
 	if out, err := run("--location", loc, "--port", "0", "--detach"); err == nil || !strings.Contains(out, "already serves") {
