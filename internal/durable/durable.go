@@ -48,3 +48,29 @@ func MkdirAll(dir string, perm os.FileMode) error {
 	}
 	return nil
 }
+
+// WriteFile replaces path with b (mode 0600) so that a power loss leaves
+// either the old contents or the new, whole: b goes to path.tmp, which is
+// fsynced and renamed over path, and the directory is fsynced.
+func WriteFile(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return SyncDir(filepath.Dir(path))
+}

@@ -202,26 +202,10 @@ func (d *Dir) Save() error {
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	tmp := filepath.Join(d.Path, StateFile+".tmp")
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
+	if err := durable.WriteFile(filepath.Join(d.Path, StateFile), append(b, '\n')); err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		f.Close()
-		return fmt.Errorf("write state: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync state: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close state: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(d.Path, StateFile)); err != nil {
-		return fmt.Errorf("install state: %w", err)
-	}
-	return syncDir(d.Path)
+	return nil
 }
 
 func syncDir(path string) error { return durable.SyncDir(path) }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
+	"github.com/vhdsync/vhdsync/internal/durable"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 )
 
@@ -185,7 +186,9 @@ func (d *Download) Run(ctx context.Context, path string) (DownloadResult, error)
 		return res, fmt.Errorf("rename %s to %s: %w", tmp, path, err)
 	}
 	ok = true
-	syncParent(path)
+	if err := durable.SyncDir(filepath.Dir(path)); err != nil {
+		return res, fmt.Errorf("the download is in %s, but its name may not survive a power loss: %w", path, err)
+	}
 	res.DownloadStats = d.Stats()
 	res.FileSize = fileSize
 	res.Duration = time.Since(start)
@@ -265,11 +268,4 @@ func checkFileFooter(f *os.File, size int64) error {
 		return fmt.Errorf("the downloaded file %s: %w", f.Name(), err)
 	}
 	return nil
-}
-
-func syncParent(path string) {
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
 }

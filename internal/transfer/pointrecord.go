@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
+
+	"github.com/vhdsync/vhdsync/internal/durable"
 )
 
 // PointRecord is what a file restored from a recovery point records about
@@ -67,17 +70,9 @@ func WritePointRecord(file string, r PointRecord) error {
 	if err != nil {
 		return fmt.Errorf("record the recovery point of %s: %w", file, err)
 	}
-	path := PointRecordPath(file)
-	tmp := path + ".tmp"
-	if err := writeFileSync(tmp, append(b, '\n')); err != nil {
-		os.Remove(tmp)
+	if err := durable.WriteFile(PointRecordPath(file), append(b, '\n')); err != nil {
 		return fmt.Errorf("record the recovery point of %s: %w", file, err)
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("record the recovery point of %s: %w", file, err)
-	}
-	syncParent(path)
 	return nil
 }
 
@@ -87,25 +82,10 @@ func RemovePointRecord(file string) error {
 	if err := os.Remove(PointRecordPath(file)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove the stale recovery point record of %s: %w", file, err)
 	}
-	syncParent(file)
+	if err := durable.SyncDir(filepath.Dir(file)); err != nil {
+		return fmt.Errorf("remove the stale recovery point record of %s: %w", file, err)
+	}
 	return nil
-}
-
-// writeFileSync writes b to a new file at path and fsyncs it.
-func writeFileSync(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 // CheckPointRecord checks that file holds the recovery point since of the

@@ -84,30 +84,26 @@ func (p *progress) save(dir string, sync bool) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, ProgressFile+".tmp")
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return fmt.Errorf("save import progress: %w", err)
-	}
-	_, err = f.Write(append(b, '\n'))
-	if err == nil && sync {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("save import progress: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, ProgressFile)); err != nil {
-		return fmt.Errorf("save import progress: %w", err)
-	}
+	path := filepath.Join(dir, ProgressFile)
 	if sync {
-		if err := durable.SyncDir(dir); err != nil {
-			return fmt.Errorf("save import progress: %w", err)
-		}
+		err = durable.WriteFile(path, append(b, '\n'))
+	} else {
+		err = writeUnsynced(path, append(b, '\n'))
+	}
+	if err != nil {
+		return fmt.Errorf("save import progress: %w", err)
 	}
 	return nil
+}
+
+// writeUnsynced replaces path with b atomically (temporary file, rename),
+// without fsync.
+func writeUnsynced(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 // isDone reports whether window idx is recorded as done.
