@@ -109,7 +109,7 @@ func TestE2ECrashStates(t *testing.T) {
 	// One round, or as many as fit in VHDSYNC_CRASH_DURATION, or more
 	// (up to crashMaxRounds) until enough snapshots of the filesystem were
 	// taken to mean something (a slow Azurite gives fewer per round).
-	long := crashDuration(t)
+	long := envDuration(t, "VHDSYNC_CRASH_DURATION")
 	rounds, churn := 0, 0
 	for rounds == 0 || time.Since(began) < long || (rounds < crashMaxRounds && !snaps.enough()) {
 		rounds++
@@ -270,21 +270,6 @@ func crashRound(t *testing.T, e *e2e, fsDir string, round int) int {
 		}
 	}
 	return churn
-}
-
-// crashDuration is VHDSYNC_CRASH_DURATION, the long form's workload time
-// (0: one round).
-func crashDuration(t *testing.T) time.Duration {
-	t.Helper()
-	v := os.Getenv("VHDSYNC_CRASH_DURATION")
-	if v == "" {
-		return 0
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil {
-		t.Fatalf("VHDSYNC_CRASH_DURATION=%q: %v", v, err)
-	}
-	return d
 }
 
 // recordedMount is the disk served in this process through the recorder.

@@ -120,7 +120,7 @@ func TestE2ENetworkFaults(t *testing.T) {
 	// The soak repeats the faults for half of VHDSYNC_SOAK_DURATION (the
 	// kill -9 loop takes the other half), with a storm of each kind; the
 	// short form has one storm mixing both.
-	soak := soakDuration(t) / 2
+	soak := envDuration(t, "VHDSYNC_SOAK_DURATION") / 2
 	if soak > 0 {
 		faults = append(faults,
 			netFault{name: "503 ServerBusy storm", storm: storm(0)},
@@ -140,16 +140,17 @@ func TestE2ENetworkFaults(t *testing.T) {
 	t.Logf("network faults:\n%s\n%s", netFaultHeader, strings.Join(rows, "\n"))
 }
 
-// soakDuration is VHDSYNC_SOAK_DURATION (0 outside `make soak`).
-func soakDuration(t *testing.T) time.Duration {
+// envDuration is the duration in environment variable name, the length
+// of a test's long form (0 when unset: the short form of make test).
+func envDuration(t *testing.T, name string) time.Duration {
 	t.Helper()
-	s := os.Getenv("VHDSYNC_SOAK_DURATION")
-	if s == "" {
+	v := os.Getenv(name)
+	if v == "" {
 		return 0
 	}
-	d, err := time.ParseDuration(s)
+	d, err := time.ParseDuration(v)
 	if err != nil {
-		t.Fatalf("VHDSYNC_SOAK_DURATION: %v", err)
+		t.Fatalf("%s=%q: %v", name, v, err)
 	}
 	return d
 }

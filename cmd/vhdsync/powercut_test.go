@@ -47,7 +47,7 @@ const (
 // TestE2EPowerCut: see the file comment. Figures go to RELIABILITY.md.
 func TestE2EPowerCut(t *testing.T) {
 	e := newE2E(t, "mkfs.ext4", "e2fsck", "fstrim")
-	long := powercutDuration(t)
+	long := envDuration(t, "VHDSYNC_POWERCUT_DURATION")
 	began := time.Now()
 	r := &pcRun{t: t, e: e, rng: rand.New(rand.NewSource(time.Now().UnixNano())), fired: map[string]int{}, missed: map[string]int{}}
 	r.mountPC()
@@ -144,21 +144,6 @@ func TestE2EPowerCut(t *testing.T) {
 	if _, lost := r.model.counts(); lost != 0 || r.replayFailed != 0 || r.fsckFailed != 0 {
 		t.Errorf("%d acknowledged writes lost, %d replays failed, %d e2fsck failures: all must be 0", lost, r.replayFailed, r.fsckFailed)
 	}
-}
-
-// powercutDuration is VHDSYNC_POWERCUT_DURATION, the long form's length
-// (0: the short form).
-func powercutDuration(t *testing.T) time.Duration {
-	t.Helper()
-	v := os.Getenv("VHDSYNC_POWERCUT_DURATION")
-	if v == "" {
-		return 0
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil {
-		t.Fatalf("VHDSYNC_POWERCUT_DURATION=%q: %v", v, err)
-	}
-	return d
 }
 
 // pcRun is the loop's world.

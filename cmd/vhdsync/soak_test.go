@@ -26,7 +26,7 @@ import (
 
 func TestE2EKill9Loop(t *testing.T) {
 	e := newE2E(t)
-	soak := soakDuration(t) / 2 // the fault loop takes the other half
+	soak := envDuration(t, "VHDSYNC_SOAK_DURATION") / 2 // the fault loop takes the other half
 	const sizeMiB, slot = 32, killSlot
 	const slots = sizeMiB << 20 / slot
 	url, state := e.createDisk("loop", sizeMiB)
