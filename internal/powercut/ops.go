@@ -190,40 +190,29 @@ func (f *FS) mknodLocked(h *fuse.InHeader, name string, mode, rdev uint32) (*ino
 
 // Mknod makes a regular file, socket, fifo or device node.
 func (f *FS) Mknod(cancel <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
-	if !f.enter() {
-		return fuse.EIO
-	}
-	defer f.leave()
-	f.mu.Lock()
-	_, ino, st := f.mknodLocked(&in.InHeader, name, in.Mode, in.Rdev)
-	if !st.Ok() {
-		f.mu.Unlock()
-		return st
-	}
-	f.entryLocked(ino, out)
-	op := Op{Kind: OpCreate}
-	if f.armed() {
-		op.Path = f.pathLocked(ino)
-	}
-	f.mu.Unlock()
-	f.after(op)
-	return fuse.OK
+	return f.makeEntry(&in.InHeader, name, in.Mode, in.Rdev, OpCreate, out)
 }
 
 // Mkdir makes a directory.
 func (f *FS) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	return f.makeEntry(&in.InHeader, name, syscall.S_IFDIR|in.Mode&^syscall.S_IFMT, 0, OpMkdir, out)
+}
+
+// makeEntry makes name in the directory of hdr (see mknodLocked) and
+// reports it to an armed cut as kind.
+func (f *FS) makeEntry(hdr *fuse.InHeader, name string, mode, rdev uint32, kind OpKind, out *fuse.EntryOut) fuse.Status {
 	if !f.enter() {
 		return fuse.EIO
 	}
 	defer f.leave()
 	f.mu.Lock()
-	_, ino, st := f.mknodLocked(&in.InHeader, name, syscall.S_IFDIR|in.Mode&^syscall.S_IFMT, 0)
+	_, ino, st := f.mknodLocked(hdr, name, mode, rdev)
 	if !st.Ok() {
 		f.mu.Unlock()
 		return st
 	}
 	f.entryLocked(ino, out)
-	op := Op{Kind: OpMkdir}
+	op := Op{Kind: kind}
 	if f.armed() {
 		op.Path = f.pathLocked(ino)
 	}
