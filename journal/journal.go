@@ -140,8 +140,7 @@ type Journal struct {
 	space          *sync.Cond
 	pendingBytes   int64
 	pendingRecords int64
-	oldest         time.Time // time of the oldest pending record
-	blocked        int       // writers waiting for space (or for a legacy record)
+	blocked        int // writers waiting for space (or for a legacy record)
 	// legacy are the pending image-backed records an older binary left,
 	// by seq (see legacy.go).
 	legacy map[uint64]*legacyRecord
@@ -336,6 +335,7 @@ func (j *Journal) recover() error {
 	}
 	j.markedEpoch.Store(synced)
 	var torn []uint64
+	var oldest time.Time // the oldest pending record's
 	err = j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
 		opts.PrefetchValues = false
@@ -371,7 +371,7 @@ func (j *Journal) recover() error {
 				seg.keep(seq)
 			}
 			if first {
-				j.oldest = hdr.Time
+				oldest = hdr.Time
 				first = false
 			}
 			j.pendingRecords++
@@ -423,7 +423,7 @@ func (j *Journal) recover() error {
 	if j.pendingRecords > 0 {
 		// The remote holds none of them as far as this process knows:
 		// the replica is behind since the oldest.
-		j.noteEpochFirst(maxEpoch, j.oldest.UnixNano())
+		j.noteEpochFirst(maxEpoch, oldest.UnixNano())
 	}
 	// Records of the highest epoch may belong to an epoch that was open at
 	// the crash: it counts as closed, new writes start a new epoch.
@@ -680,9 +680,6 @@ func (j *Journal) waitForSpace(ctx context.Context, size int64) error {
 			j.space.Wait()
 		}
 		j.blocked--
-	}
-	if j.pendingRecords == 0 {
-		j.oldest = time.Now()
 	}
 	j.pendingBytes += size
 	j.pendingRecords++
@@ -1281,20 +1278,12 @@ func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legac
 	// not cover can outlive its payload): deleting gigabytes of segment
 	// files took seconds at the end of a drain (trim.go).
 	j.trim.kick()
-	start := time.Now()
-	next, err := j.firstPendingTime(lastSeq + 1)
-	if err != nil {
-		return err
-	}
-	j.log.Debug("journal: drained", "last_seq", lastSeq, "head_seconds", time.Since(start).Seconds())
+	j.log.Debug("journal: drained", "last_seq", lastSeq)
 	j.mu.Lock()
 	j.pendingBytes -= bytes
 	j.pendingRecords -= records
 	if j.pendingRecords < 0 || j.pendingBytes < 0 {
 		j.pendingRecords, j.pendingBytes = max(j.pendingRecords, 0), max(j.pendingBytes, 0)
-	}
-	if !next.IsZero() {
-		j.oldest = next
 	}
 	j.forgetLegacy(legacy)
 	j.space.Broadcast()
@@ -1302,24 +1291,11 @@ func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legac
 	return nil
 }
 
-func (j *Journal) firstPendingTime(from uint64) (time.Time, error) {
-	var t time.Time
-	err := j.scan(from, func(r Record) (bool, error) {
-		t = r.Time
-		return true, nil
-	})
-	if err != nil {
-		return t, fmt.Errorf("read journal head: %w", err)
-	}
-	return t, nil
-}
-
 // Stats is a snapshot of the journal's counters.
 type Stats struct {
 	PendingRecords int64
 	PendingBytes   int64
 	MaxBytes       int64
-	Oldest         time.Time // zero when nothing is pending
 	// OldestNotOnRemote: see Journal.OldestNotOnRemote.
 	OldestNotOnRemote time.Time
 	OpenEpoch         uint64
@@ -1336,9 +1312,6 @@ type Stats struct {
 func (j *Journal) Stats() Stats {
 	j.mu.Lock()
 	s := Stats{PendingRecords: j.pendingRecords, PendingBytes: j.pendingBytes, MaxBytes: j.max, BlockedWriters: j.blocked}
-	if j.pendingRecords > 0 {
-		s.Oldest = j.oldest
-	}
 	j.mu.Unlock()
 	j.barrierMu.RLock()
 	s.OpenEpoch = j.epoch

@@ -61,7 +61,7 @@ func TestJournalRecoversCounters(t *testing.T) {
 	}
 	defer j.Close()
 	st := j.Stats()
-	if st.PendingRecords != 4 || st.Oldest.IsZero() {
+	if st.PendingRecords != 4 || st.OldestNotOnRemote.IsZero() {
 		t.Fatalf("recovered stats %+v", st)
 	}
 	var got []Record
