@@ -15,6 +15,7 @@ import (
 	"github.com/vhdsync/vhdsync/remote"
 	"github.com/vhdsync/vhdsync/replicate"
 	"github.com/vhdsync/vhdsync/staged"
+	"github.com/vhdsync/vhdsync/thin"
 	"golang.org/x/sys/unix"
 )
 
@@ -53,10 +54,22 @@ type DiskOptions struct {
 	// (0: for ever). Past it the barrier returns as in write-back mode and
 	// the disk is degraded (Degraded) until the blob has caught up.
 	SyncTimeout time.Duration
-	Journal     journal.Options
-	Sender      replicate.SenderOptions
-	Flusher     replicate.FlusherOptions
-	Logger      *slog.Logger
+	// Thin, for a thin-attached disk (create --from-blob --thin), records
+	// which chunks of the image hold the blob's data; the others are
+	// fetched from ThinSource before a read or write touches them, and in
+	// the background (Prefetch, unless NoPrefetch). OnThinComplete runs
+	// once every chunk is local (the state then stops being thin). Until
+	// then Close keeps the blob's lease: the blob is the only copy of the
+	// chunks not yet fetched, and no other writer may change them.
+	Thin           *thin.Map
+	ThinSource     thin.Source
+	Prefetch       thin.PrefetchOptions
+	NoPrefetch     bool
+	OnThinComplete func() error
+	Journal        journal.Options
+	Sender         replicate.SenderOptions
+	Flusher        replicate.FlusherOptions
+	Logger         *slog.Logger
 }
 
 // Disk is one virtual disk: the local image, the journal in front of it,
@@ -90,6 +103,11 @@ type Disk struct {
 	// the disk, and for writing by Resize while the disk changes size: the
 	// resize is then an ordered step between two epochs (see Resize).
 	resizing sync.RWMutex
+	// thin is DiskOptions.Thin (nil: every chunk is local); thinDone is
+	// closed when its prefetch and completion have ended.
+	thin     *thin.Map
+	thinDone chan struct{}
+	thinErr  atomic.Pointer[error]
 }
 
 // ReplayStats says what Open found in the journal.
@@ -110,10 +128,28 @@ var ErrOutOfRange = errors.New("beyond the end of the disk")
 // ErrSyncStaged: synchronous mode needs the direct transfer.
 var ErrSyncStaged = errors.New("synchronous replication (--sync) needs the direct transfer: with --transfer staged the apply worker writes the blob, long after a barrier; mount with --transfer direct, or without --sync")
 
+// ErrThinStaged, ErrThinBreakLease, ErrThinBlobMoved: what a thin disk
+// refuses, as the blob is the only copy of the chunks not yet local.
+var (
+	ErrThinStaged     = errors.New("a thin disk needs the direct transfer: the blob is the only copy of the chunks not yet local, and the staged transfer's worker holds its lease; mount with --transfer direct until `vhdsync status` shows the disk complete")
+	ErrThinBreakLease = errors.New("a thin disk cannot break the blob's lease: the blob is the only copy of the chunks not yet local, and another writer may have changed them; find the holder and stop it (its lease then lapses or is released), or make a new state directory (`vhdsync create --from-blob`)")
+	ErrThinBlobMoved  = errors.New("the blob was written by another writer since this thin state directory was made: its chunks not yet local would mix two disks")
+)
+
 // Open opens the disk for writing: journal, lease, replay, flusher.
 func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	if o.Sync && o.Staging != nil {
 		return nil, ErrSyncStaged
+	}
+	if o.Thin != nil && !o.Thin.Complete() {
+		switch {
+		case o.Staging != nil:
+			return nil, ErrThinStaged
+		case o.BreakLease:
+			return nil, ErrThinBreakLease
+		case o.ThinSource == nil:
+			return nil, errors.New("thin disk: no blob to fetch from")
+		}
 	}
 	log := o.Logger
 	if log == nil {
@@ -131,7 +167,7 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		img.Close()
 		return nil, fmt.Errorf("local image %s: size %d, want %d (%v)", o.ImagePath, st.Size(), o.VirtualSize, err)
 	}
-	d := &Disk{o: o, img: img, locks: newRangeLock(), log: log}
+	d := &Disk{o: o, img: img, locks: newRangeLock(), log: log, thin: o.Thin}
 	d.size.Store(o.VirtualSize)
 	d.alloc.init(o.VirtualSize)
 	ok := false
@@ -156,6 +192,12 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	}
 	if err := d.replayJournal(seq, o.Staging != nil); err != nil {
 		return nil, err
+	}
+	if d.thin != nil && !d.thin.Complete() {
+		base := remote.Sequence(d.thin.BaseSequence())
+		if seq.Epoch() > max(d.j.ClosedEpoch(), d.j.DrainedEpoch(), base.Epoch()) {
+			return nil, fmt.Errorf("%w (blob at epoch %d; this state directory attached it at %d and wrote up to %d); make a new state directory with `vhdsync create --from-blob`", ErrThinBlobMoved, seq.Epoch(), base.Epoch(), max(d.j.ClosedEpoch(), d.j.DrainedEpoch()))
+		}
 	}
 	// New epochs must be above anything the blob has seen.
 	above := seq.Target()
@@ -201,8 +243,64 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 		defer close(d.runDone)
 		d.runErr = d.f.Run(runCtx)
 	}()
+	if d.thin != nil {
+		d.thin.Bind(o.ThinSource, img, o.Flusher.SyncImage)
+		d.thinDone = make(chan struct{})
+		go d.runThin(runCtx)
+	}
 	ok = true
 	return d, nil
+}
+
+// runThin prefetches the thin disk's chunks (unless NoPrefetch) and, once
+// every chunk is local, runs OnThinComplete. An error is kept for status
+// (ThinErr): reads and writes still fetch what they need.
+func (d *Disk) runThin(ctx context.Context) {
+	defer close(d.thinDone)
+	setErr := func(err error) { d.thinErr.Store(&err) }
+	if !d.o.NoPrefetch && !d.thin.Complete() {
+		d.log.Info("thin disk: prefetching the chunks not yet local", "missing_chunks", d.thin.Stats().MissingChunks, "bytes_per_second", d.o.Prefetch.BytesPerSecond)
+		if err := d.thin.Prefetch(ctx, d.o.Prefetch); err != nil {
+			if ctx.Err() == nil {
+				d.log.Error("thin disk: prefetch stopped; reads and writes still fetch what they need", "err", err)
+				setErr(err)
+			}
+			return
+		}
+	}
+	select {
+	case <-d.thin.Done():
+	case <-ctx.Done():
+		return
+	}
+	if d.o.OnThinComplete != nil {
+		if err := d.o.OnThinComplete(); err != nil {
+			d.log.Error("thin disk: every chunk is local, but recording it failed", "err", err)
+			setErr(err)
+			return
+		}
+	}
+	d.log.Info("thin disk: every chunk is local")
+}
+
+// ThinErr is the error that stopped the thin disk's prefetch or its
+// completion, if one did.
+func (d *Disk) ThinErr() error {
+	if p := d.thinErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// ensureLocal makes the thin disk's chunks under [off, end) local.
+func (d *Disk) ensureLocal(off, end int64) error {
+	if d.thin == nil {
+		return nil
+	}
+	if err := d.thin.Ensure(d.runCtx, off, end); err != nil {
+		return fmt.Errorf("thin disk: fetch %d+%d from the blob: %w", off, end-off, err)
+	}
+	return nil
 }
 
 // staging is the staged transfer's sink: segments chained from the last
@@ -216,6 +314,9 @@ func (d *Disk) abort() {
 		d.j.Close()
 	}
 	d.img.Close()
+	if d.thin != nil {
+		d.thin.Close()
+	}
 }
 
 func (d *Disk) acquireLease(ctx context.Context) error {
@@ -360,6 +461,9 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	if rem := size - off; int64(len(p)) > rem {
 		p = p[:rem]
 	}
+	if err := d.ensureLocal(off, off+int64(len(p))); err != nil {
+		return 0, err
+	}
 	return d.img.ReadAt(p, off)
 }
 
@@ -392,6 +496,11 @@ func (d *Disk) writeAt(ctx context.Context, p []byte, off int64) error {
 	}
 	aoff := off &^ (journal.SectorSize - 1)
 	aend := (off + int64(len(p)) + journal.SectorSize - 1) &^ (journal.SectorSize - 1)
+	// A write may touch a thin disk's chunk only once the chunk is
+	// durably local: the fetch would otherwise overwrite it (see thin).
+	if err := d.ensureLocal(aoff, aend); err != nil {
+		return err
+	}
 	h := d.locks.lock(aoff, aend)
 	defer d.locks.unlock(h)
 	buf := p
@@ -438,6 +547,9 @@ func (d *Disk) Zero(ctx context.Context, off, n int64, discard bool) error {
 		return nil
 	}
 	if err := d.check(off, n); err != nil {
+		return err
+	}
+	if err := d.ensureLocal(off, off+n); err != nil {
 		return err
 	}
 	aoff := (off + journal.SectorSize - 1) &^ (journal.SectorSize - 1)
@@ -562,6 +674,8 @@ func (d *Disk) Drain(ctx context.Context) error {
 
 // Stats is everything status shows about the write-back path.
 type Stats struct {
+	// Thin is the thin disk's progress (nil: not thin).
+	Thin    *thin.Stats
 	Sync    SyncState
 	Journal journal.Stats
 	Flusher replicate.FlusherStats
@@ -570,7 +684,12 @@ type Stats struct {
 
 // Stats returns the current counters.
 func (d *Disk) Stats() Stats {
-	return Stats{Sync: d.Sync(), Journal: d.j.Stats(), Flusher: d.f.Stats(), LeaseID: d.lease}
+	st := Stats{Sync: d.Sync(), Journal: d.j.Stats(), Flusher: d.f.Stats(), LeaseID: d.lease}
+	if d.thin != nil {
+		ts := d.thin.Stats()
+		st.Thin = &ts
+	}
+	return st
 }
 
 // FlusherErr returns the error that stopped the flusher, if it stopped.
@@ -605,6 +724,9 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 	}
 	d.cancel()
 	<-d.runDone
+	if d.thinDone != nil {
+		<-d.thinDone
+	}
 	if err := d.j.Close(); err != nil {
 		errs = append(errs, err)
 	}
@@ -614,7 +736,14 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 	if err := d.img.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close local image: %w", err))
 	}
-	if drained && d.lease != "" {
+	if d.thin != nil {
+		if err := d.thin.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close the thin record: %w", err))
+		}
+	}
+	if drained && d.lease != "" && d.thin != nil && !d.thin.Complete() {
+		d.log.Info("thin disk: the blob's lease is kept until every chunk is local (the blob is their only copy)")
+	} else if drained && d.lease != "" {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		// A few tries: a lost response must not leave the lease held (the

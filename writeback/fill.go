@@ -73,6 +73,11 @@ func (w *watch) ReadClean(off int64, p []byte) ([]replicate.Range, bool, error) 
 	if err := d.check(off, int64(len(p))); err != nil {
 		return nil, false, err
 	}
+	// A thin disk's chunk not yet local holds nothing to send: the blob
+	// has its data, and the image zeros.
+	if d.thin != nil && !d.thin.Present(off, end) {
+		return nil, false, nil
+	}
 	// Never wait for a writer: one may hold its range while it waits for
 	// journal space, which only this flusher frees. A range being written
 	// is not clean anyway.

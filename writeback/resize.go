@@ -88,6 +88,9 @@ func (d *Disk) Resize(ctx context.Context, o ResizeOptions) (ResizeStats, error)
 		return st, fmt.Errorf("%w: %d bytes is not a whole number of sectors", ErrResizeRefused, o.Size)
 	case o.Size < from && !o.Shrink:
 		return st, fmt.Errorf("%w: %d bytes is smaller than the disk (%d bytes); shrink the file system on it first, then pass --shrink", ErrResizeRefused, o.Size, from)
+	case d.thin != nil && !d.thin.Complete():
+		ts := d.thin.Stats()
+		return st, fmt.Errorf("%w: the disk is thin (%d of %d bytes local): the blob's page ranges it was attached with would no longer fit; wait until `vhdsync status` shows every chunk local, then resize", ErrResizeRefused, ts.PresentBytes, ts.AllocatedBytes)
 	case d.o.Staging != nil:
 		return st, fmt.Errorf("%w: the disk is mounted with the staged transfer, whose apply worker owns the blob; mount it with the direct transfer to resize it", ErrResizeRefused)
 	}

@@ -5,14 +5,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/azure/staging"
+	"github.com/vhdsync/vhdsync/internal/control"
 	"github.com/vhdsync/vhdsync/internal/statedir"
+	"github.com/vhdsync/vhdsync/thin"
 	"github.com/vhdsync/vhdsync/writeback"
 )
 
@@ -192,4 +196,83 @@ func diskOptions(d *statedir.Dir, c *pageblob.Client, store *staging.Store, brea
 		o.Staging = store
 	}
 	return o
+}
+
+// thinOptions makes o serve a thin state directory (create --from-blob
+// --thin): its record of the chunks present, the blob to fetch the rest
+// from, and, once every chunk is local, the state saved as no longer thin
+// and the record removed. A state directory that is not thin has nothing
+// to do, but a record left by a crash after its state was saved whole.
+func thinOptions(d *statedir.Dir, c *pageblob.Client, o *writeback.DiskOptions, log *slog.Logger) error {
+	if !d.State.Thin {
+		return thin.Remove(d.Path)
+	}
+	m, err := thin.Open(d.Path, int64(d.State.VirtualSize))
+	if err != nil {
+		return fmt.Errorf("%s: %w; the blob still holds the chunks not yet local: make a new state directory with `vhdsync create --from-blob`", d.Path, err)
+	}
+	o.Thin, o.ThinSource = m, c
+	o.OnThinComplete = func() error {
+		d.State.Thin = false
+		if err := d.Save(); err != nil {
+			d.State.Thin = true
+			return fmt.Errorf("record the disk as complete: %w", err)
+		}
+		log.Info("thin disk complete: every chunk is local; the state directory is an ordinary one now")
+		return thin.Remove(d.Path)
+	}
+	return nil
+}
+
+// refuseThin refuses what a thin state directory cannot do (what is not
+// local yet exists only on the blob): why names the operation.
+func refuseThin(d *statedir.Dir, what string) error {
+	if !d.State.Thin {
+		return nil
+	}
+	return usageError{fmt.Errorf("%s: %s is a thin disk whose chunks are not all local yet (the blob holds the rest); mount it and wait until `vhdsync status --state %s` no longer shows it thin", what, d.Path, d.Path)}
+}
+
+// prefetchFlag is mount --prefetch parsed.
+type prefetchFlag struct {
+	off  bool
+	opts thin.PrefetchOptions
+}
+
+// parsePrefetch reads --prefetch: on, off, or a cap in MiB/s.
+func parsePrefetch(s string) (prefetchFlag, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "on", "":
+		return prefetchFlag{}, nil
+	case "off", "0":
+		return prefetchFlag{off: true}, nil
+	}
+	v, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(s), "MiB/s"), 64)
+	if err != nil || v <= 0 {
+		return prefetchFlag{}, usageError{fmt.Errorf("--prefetch %q: give on, off, or a rate in MiB/s such as 20", s)}
+	}
+	return prefetchFlag{opts: thin.PrefetchOptions{BytesPerSecond: int64(v * (1 << 20))}}, nil
+}
+
+// thinStatus is status's view of a thin disk (nil: not thin, or complete
+// before this mount).
+func thinStatus(s *thin.Stats, err error, prefetch string, since time.Time) *control.Thin {
+	if s == nil || (s.MissingChunks == 0 && s.FetchedBytes == 0) {
+		return nil
+	}
+	t := &control.Thin{
+		AllocatedBytes: s.AllocatedBytes, PresentBytes: s.PresentBytes, MissingChunks: s.MissingChunks,
+		FetchedBytes: s.FetchedBytes, FetchRequests: s.Requests, DemandChunks: s.DemandChunks, PrefetchChunks: s.PrefetchChunks,
+		DemandWaitSeconds: s.DemandWait.Seconds(), Prefetch: prefetch,
+	}
+	if el := time.Since(since).Seconds(); el > 0 {
+		t.FetchBytesPerSec = float64(s.FetchedBytes) / el
+	}
+	if t.FetchBytesPerSec > 0 && s.MissingChunks > 0 {
+		t.CompleteInSeconds = float64(s.AllocatedBytes-s.PresentBytes) / t.FetchBytesPerSec
+	}
+	if err != nil {
+		t.Error = err.Error()
+	}
+	return t
 }

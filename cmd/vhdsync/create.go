@@ -22,6 +22,7 @@ type createFlags struct {
 	overwrite       bool
 	createContainer bool
 	fromBlob        string
+	thin            bool
 }
 
 func newCreateCmd(g *globals) *cobra.Command {
@@ -42,11 +43,17 @@ be new or empty.
 With --from-blob URL instead of --blob and --size: make the state directory
 for an existing page-blob VHD (uploaded by another tool, say), downloading
 its data into the local image, so it can be mounted and kept in sync.
+With --thin as well, nothing is downloaded: the state directory is ready in
+seconds whatever the disk's size, and the mount fetches each 4 MiB chunk
+from the blob when it is first read or written, and the rest in the
+background (mount --prefetch). The blob stays leased by the state directory
+until every chunk is local (vhdsync status shows the progress).
 
 ` + vhdlayer.SizeHelp,
 		Example: `  vhdsync create --blob https://acct.blob.core.windows.net/disks/data.vhd --size 20GiB --state /var/lib/vhdsync/data
   vhdsync create --blob http://127.0.0.1:10000/devstoreaccount1/disks/test.vhd --size 1GiB --state ./test --create-container
-  vhdsync create --from-blob https://acct.blob.core.windows.net/disks/uploaded.vhd --state /var/lib/vhdsync/uploaded`,
+  vhdsync create --from-blob https://acct.blob.core.windows.net/disks/uploaded.vhd --state /var/lib/vhdsync/uploaded
+  vhdsync create --from-blob https://acct.blob.core.windows.net/disks/big.vhd --state /var/lib/vhdsync/big --thin`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runCreate(cmd, g, f) },
 	}

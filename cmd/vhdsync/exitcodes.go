@@ -10,6 +10,7 @@ import (
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/staged"
+	"github.com/vhdsync/vhdsync/thin"
 	"github.com/vhdsync/vhdsync/vhdlayer"
 	"github.com/vhdsync/vhdsync/writeback"
 )
@@ -60,11 +61,13 @@ func exitCode(err error) int {
 		return ExitBadSegment
 	case errors.Is(err, staging.ErrLocked):
 		return ExitLeased
-	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending), errors.Is(err, writeback.ErrStagingAhead):
+	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending), errors.Is(err, writeback.ErrStagingAhead),
+		errors.Is(err, errBlobMidBatch), errors.Is(err, writeback.ErrThinBlobMoved), errors.Is(err, thin.ErrDamaged):
 		return ExitState
 	case errors.Is(err, transfer.ErrSourceChanged), errors.Is(err, transfer.ErrNotPointCopy):
 		return ExitSrcChanged
-	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL), errors.Is(err, writeback.ErrResizeRefused):
+	case errors.As(err, &ue), isCobraUsage(err), errors.Is(err, pageblob.ErrBadURL), errors.Is(err, writeback.ErrResizeRefused),
+		errors.Is(err, writeback.ErrThinStaged), errors.Is(err, writeback.ErrThinBreakLease):
 		return ExitUsage
 	case errors.Is(err, pageblob.ErrAuth):
 		return ExitAuth

@@ -69,6 +69,8 @@ type mountFlags struct {
 	pprofAddr      string
 	staged         stagingFlags
 	metrics        string // --metrics ADDR (metrics.go)
+	// prefetch: a thin disk's background fetch, "on", "off" or MiB/s.
+	prefetch string
 }
 
 func newMountCmd(g *globals) *cobra.Command {
@@ -133,6 +135,7 @@ come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 	fl.DurationVar(&f.mergeWait, "merge-wait", time.Second, "how long a batch of small scattered writes may wait for more writes to merge with while writers are busy (0: never)")
 	fl.BoolVar(&f.sync, "sync", false, "synchronous replication: fsync (a flush from the loop device) returns only once the blob holds every write before it, so losing the whole machine loses nothing fsync acknowledged; writes between barriers stay write-back. Direct transfer only")
 	fl.DurationVar(&f.syncTimeout, "sync-timeout", 0, "with --sync, the longest a barrier waits for the blob (e.g. 30s); past it barriers return as in write-back mode, logged and counted, and status says degraded until the blob has caught up (default: wait for ever)")
+	fl.StringVar(&f.prefetch, "prefetch", "on", "a thin disk (create --from-blob --thin): fetch the chunks not yet local in the background, `on` (as fast as the blob serves), off, or a cap in MiB/s (e.g. 20); reads and writes fetch what they need first either way")
 	fl.BoolVar(&f.noFills, "no-fills", false, "send only pending ranges, never clean sectors between them (measurement only)")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
@@ -232,7 +235,7 @@ func rebuildMountArgs(g *globals, f mountFlags, mp string) []string {
 	if f.staged.transfer != "" {
 		a = append(a, "--transfer", f.staged.transfer)
 	}
-	a = append(a, "--blob-limits", f.blobLimits, "--max-odd-window", f.oddWindow.String(), "--merge-wait", f.mergeWait.String())
+	a = append(a, "--blob-limits", f.blobLimits, "--max-odd-window", f.oddWindow.String(), "--merge-wait", f.mergeWait.String(), "--prefetch", f.prefetch)
 	if f.noFills {
 		a = append(a, "--no-fills")
 	}
@@ -282,6 +285,9 @@ type lastStop struct {
 	Error          string    `json:"error,omitempty"`
 	PendingRecords int64     `json:"pending_records"`
 	PendingBytes   int64     `json:"pending_bytes"`
+	// LeaseKept: the disk is thin and not every chunk is local, so its
+	// state directory keeps the blob's lease.
+	LeaseKept bool `json:"lease_kept,omitempty"`
 }
 
 // runDaemon is the mount itself.
@@ -348,6 +354,12 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	defer lock.Unlock()
 	_ = os.Remove(filepath.Join(d.Path, lastStopFile))
 
+	if d.State.Thin && f.breakLease {
+		return usageError{writeback.ErrThinBreakLease}
+	}
+	if d.State.Thin && f.staged.transfer == transferStaged {
+		return usageError{writeback.ErrThinStaged}
+	}
 	client, err := connect(g, d, f.blob, true)
 	if err != nil {
 		return err
@@ -363,6 +375,10 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		return err
 	}
 	limits, err := parseBlobLimits(f.blobLimits)
+	if err != nil {
+		return err
+	}
+	prefetch, err := parsePrefetch(f.prefetch)
 	if err != nil {
 		return err
 	}
@@ -389,7 +405,15 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 	o.Flusher = replicate.FlusherOptions{Linger: f.linger, AfterBatch: afterBatchHook(rp),
 		RequestCost: limits.requestCost(), MaxBatchDistinct: limits.bytesIn(f.oddWindow), MergeWait: mergeWaitOption(f.mergeWait)}
 	o.Logger = log
+	if err := thinOptions(d, client, &o, log); err != nil {
+		releaseStaging()
+		return err
+	}
+	o.Prefetch, o.NoPrefetch = prefetch.opts, prefetch.off
 	disk, err := writeback.Open(ctx, o)
+	if err != nil && o.Thin != nil {
+		_ = o.Thin.Close()
+	}
 	if err != nil {
 		return err
 	}
@@ -431,6 +455,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 			stagedStatus(ctx, &out, store.URL(), pageblob.Remote{C: client}, s.Flusher)
 		}
 		out.RecoveryPoints = recoveryStatus(rp)
+		out.Thin = thinStatus(s.Thin, disk.ThinErr(), f.prefetch, started)
 		return out
 	}})
 	if err != nil {
@@ -525,6 +550,7 @@ wait:
 	st := disk.Stats()
 	saveCarried(d.Path, rp, st.Flusher.RemoteSequence, log)
 	stop.PendingRecords, stop.PendingBytes = st.Journal.PendingRecords, st.Journal.PendingBytes
+	stop.LeaseKept = st.Thin != nil && st.Thin.MissingChunks > 0
 	if cerr != nil {
 		stop.Error = cerr.Error()
 	} else if forced {
@@ -536,6 +562,10 @@ wait:
 		if store != nil {
 			releaseStaging()
 			log.Info("journal drained into the staging container; `vhdsync apply` brings the blob up to date", "staging", store.URL())
+			return nil
+		}
+		if stop.LeaseKept {
+			log.Info("journal drained; the blob holds every write; its lease is kept, as the disk is thin (the blob holds the chunks not yet local)")
 			return nil
 		}
 		log.Info("journal drained, lease released; the blob holds every write")

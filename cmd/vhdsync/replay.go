@@ -68,8 +68,17 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 	}
 	o := diskOptions(d, c, store, breakLease)
 	o.Logger = g.logger()
+	// A thin disk's fills must not read chunks that are not local; no
+	// prefetch: replay only drains.
+	if err := thinOptions(d, c, &o, g.logger()); err != nil {
+		return err
+	}
+	o.NoPrefetch = true
 	disk, err := writeback.Open(ctx, o)
 	if err != nil {
+		if o.Thin != nil {
+			_ = o.Thin.Close()
+		}
 		return err
 	}
 	rs := disk.Replay()
@@ -104,7 +113,11 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 			rs.Records, humanBytes(rs.Bytes), store.URL(), s.Flusher.Segments, humanBytes(int64(s.Flusher.BytesSent)))
 		return nil
 	}
-	fmt.Fprintf(g.stdout, "replayed %d journal records (%s); %d were already on the blob; sent %s in %d Put Page and %d Clear Pages; the blob holds every write, lease released\n",
-		rs.Records, humanBytes(rs.Bytes), rs.AlreadyRemote, humanBytes(int64(s.Flusher.BytesSent)), s.Flusher.PutCalls, s.Flusher.ClearCalls)
+	lease := "lease released"
+	if s.Thin != nil && s.Thin.MissingChunks > 0 {
+		lease = "lease kept: the disk is thin, and the blob holds the chunks not yet local"
+	}
+	fmt.Fprintf(g.stdout, "replayed %d journal records (%s); %d were already on the blob; sent %s in %d Put Page and %d Clear Pages; the blob holds every write, %s\n",
+		rs.Records, humanBytes(rs.Bytes), rs.AlreadyRemote, humanBytes(int64(s.Flusher.BytesSent)), s.Flusher.PutCalls, s.Flusher.ClearCalls, lease)
 	return nil
 }

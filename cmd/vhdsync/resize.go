@@ -106,6 +106,9 @@ func runResize(ctx context.Context, g *globals, f resizeFlags) error {
 	if d.State.Transfer == "staged" {
 		return usageError{fmt.Errorf("%s was last mounted with --transfer staged; resize is offered for the direct transfer only: mount it without --transfer staged (after `vhdsync apply` has caught up), then resize", d.Path)}
 	}
+	if err := refuseThin(d, "resize"); err != nil {
+		return err
+	}
 	if st, err := control.Get(ctx, d.Path); err == nil {
 		return resizeMounted(ctx, g, d, st, size, f.shrink)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/remote"
 	"github.com/vhdsync/vhdsync/replicate"
+	"github.com/vhdsync/vhdsync/thin"
 )
 
 type statusReport struct {
@@ -120,6 +121,17 @@ func collectStatus(ctx context.Context, g *globals, state string, bf blobFlags) 
 	if err := pendingResize(d); err != nil {
 		rep.ResizePending = err.Error()
 	}
+	if d.State.Thin {
+		m, err := thin.Open(d.Path, int64(d.State.VirtualSize))
+		if err != nil {
+			return statusReport{}, err
+		}
+		ts := m.Stats()
+		rep.Thin = &control.Thin{AllocatedBytes: ts.AllocatedBytes, PresentBytes: ts.PresentBytes, MissingChunks: ts.MissingChunks}
+		if err := m.Close(); err != nil {
+			return statusReport{}, err
+		}
+	}
 	j, err := journal.Open(d.JournalPath(), journal.Options{})
 	if err != nil {
 		return statusReport{}, err
@@ -191,6 +203,8 @@ func statusVerdict(rep *statusReport) error {
 		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("the flusher is %s, the replica falls behind (lag %.1f s): %s", rep.FlusherState, rep.LagSeconds, rep.LastError)
 	case rep.Mounted && rep.SyncDegraded:
 		code, rep.Problem = ExitUnhealthy, fmt.Sprintf("synchronous replication is degraded: fsync returns without the blob until it has caught up (lag %.1f s, %d barriers timed out)", rep.LagSeconds, rep.SyncTimeouts)
+	case rep.Mounted && rep.Thin != nil && rep.Thin.Error != "":
+		code, rep.Problem = ExitUnhealthy, "the thin disk's prefetch stopped (reads and writes still fetch what they need): "+rep.Thin.Error
 	case rep.Mounted && rep.AppliedError != "":
 		code, rep.Problem = ExitUnhealthy, "the blob could not be read: "+rep.AppliedError
 	case rep.blobErr != nil:
@@ -242,6 +256,20 @@ func printStatus(w io.Writer, r statusReport) {
 			fmt.Fprintf(tw, "replication:	synchronous: fsync returns once the blob holds the writes\n")
 		}
 	}
+	if t := r.Thin; t != nil {
+		fmt.Fprintf(tw, "thin disk:\t%s of %s local (%.1f%%), %d chunks of 4 MiB to fetch", humanBytes(t.PresentBytes), humanBytes(t.AllocatedBytes),
+			100*float64(t.PresentBytes)/float64(max(t.AllocatedBytes, 1)), t.MissingChunks)
+		if r.Mounted {
+			fmt.Fprintf(tw, "; prefetch %s, fetched %s at %.1f MiB/s (%d chunks for reads and writes, %d ahead of them)%s",
+				t.Prefetch, humanBytes(t.FetchedBytes), t.FetchBytesPerSec/(1<<20), t.DemandChunks, t.PrefetchChunks, catchUpThin(t.CompleteInSeconds))
+		} else {
+			fmt.Fprintf(tw, "; mount it to fetch the rest (the blob stays leased until then)")
+		}
+		fmt.Fprintln(tw)
+		if t.Error != "" {
+			fmt.Fprintf(tw, "prefetch error:\t%s\n", t.Error)
+		}
+	}
 	if r.BlockedWriters > 0 {
 		fmt.Fprintf(tw, "blocked writers:\t%d (the journal is at its cap; they resume as the flusher drains)\n", r.BlockedWriters)
 	}
@@ -283,6 +311,14 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, "last error:\t%s\n", r.LastError)
 	}
 	tw.Flush()
+}
+
+// catchUpThin formats a thin disk's estimate of its completion.
+func catchUpThin(sec float64) string {
+	if sec <= 0 {
+		return ""
+	}
+	return fmt.Sprintf(", complete in about %s", (time.Duration(sec) * time.Second).Round(time.Second))
 }
 
 // catchUp formats the catch-up estimate for the flusher line.

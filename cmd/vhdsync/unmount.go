@@ -111,6 +111,10 @@ func runUnmount(ctx context.Context, g *globals, mp string, timeout time.Duratio
 		fmt.Fprintf(g.stdout, "the staging container %s holds every write; `vhdsync apply --staging %s --blob %s` brings the blob up to date\n", st.StagingURL, st.StagingURL, st.BlobURL)
 		return nil
 	}
+	if ls.LeaseKept {
+		fmt.Fprintf(g.stdout, "the blob %s holds every write; lease kept: the disk is thin, and the blob holds the chunks not yet local (mount it again to fetch them)\n", st.BlobURL)
+		return nil
+	}
 	fmt.Fprintf(g.stdout, "the blob %s holds every write; lease released\n", st.BlobURL)
 	return nil
 }

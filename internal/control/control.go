@@ -93,6 +93,32 @@ type Status struct {
 
 	// RecoveryPoints is the recovery-point state (nil: not known).
 	RecoveryPoints *RecoveryPoints `json:"recovery_points,omitempty"`
+
+	// Thin is a thin disk's progress (nil: every chunk is local).
+	Thin *Thin `json:"thin,omitempty"`
+}
+
+// Thin is the thin-attach part of Status (create --from-blob --thin): how
+// much of the blob's data is local, and the fetches that bring the rest.
+type Thin struct {
+	// AllocatedBytes is the blob's data when the disk was attached;
+	// PresentBytes how much of it is local; MissingChunks the 4 MiB
+	// chunks holding data not yet local.
+	AllocatedBytes int64 `json:"allocated_bytes"`
+	PresentBytes   int64 `json:"present_bytes"`
+	MissingChunks  int64 `json:"missing_chunks"`
+	// This mount's fetches: bytes, read requests, chunks fetched because
+	// a read or write needed them and by the background prefetch, and the
+	// time reads and writes waited for them.
+	FetchedBytes      int64   `json:"fetched_bytes"`
+	FetchRequests     int64   `json:"fetch_requests"`
+	DemandChunks      int64   `json:"demand_chunks"`
+	PrefetchChunks    int64   `json:"prefetch_chunks"`
+	DemandWaitSeconds float64 `json:"demand_wait_seconds"`
+	FetchBytesPerSec  float64 `json:"fetch_bytes_per_second"`
+	Prefetch          string  `json:"prefetch"`
+	CompleteInSeconds float64 `json:"complete_in_seconds,omitempty"`
+	Error             string  `json:"error,omitempty"`
 }
 
 // RecoveryPoints is the recovery-point part of Status.

@@ -79,6 +79,10 @@ type State struct {
 	// else touches the blob (see writeback.ResizeBlob). VirtualSize and
 	// Footer stay the old disk's until it is finished.
 	Resize *ResizeIntent `json:"resize,omitempty"`
+	// Thin says the disk was attached thin (create --from-blob --thin) and
+	// not every chunk is local yet: the blob holds the rest, and the thin
+	// record beside the image says which (see package thin).
+	Thin bool `json:"thin,omitempty"`
 }
 
 // ResizeIntent records a resize of the disk from From to To bytes, made an
