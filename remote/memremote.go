@@ -226,3 +226,15 @@ func (m *MemRemote) Size(context.Context) (int64, error) {
 	defer m.mu.Unlock()
 	return int64(len(m.data)), nil
 }
+
+// ReadAt reads the blob's bytes at off into p (a thin disk's fetch).
+func (m *MemRemote) ReadAt(_ context.Context, p []byte, off int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if off < 0 || off+int64(len(p)) > int64(len(m.data)) {
+		return fmt.Errorf("read %d+%d beyond the %d-byte blob", off, len(p), len(m.data))
+	}
+	copy(p, m.data[off:])
+	m.Calls["read"]++
+	return nil
+}
