@@ -432,7 +432,8 @@ type PrefetchOptions struct {
 	BytesPerSecond int64
 	// Workers is how many reads run at once (default 4).
 	Workers int
-	// Group is how many chunks a worker fetches per image sync (default 4).
+	// Group is how many chunks a worker fetches per image sync (default 4,
+	// 1 under a cap below 64 MiB/s).
 	Group int
 }
 
@@ -445,6 +446,11 @@ func (m *Map) Prefetch(ctx context.Context, o PrefetchOptions) error {
 	}
 	if o.Group <= 0 {
 		o.Group = 4
+		// A group goes at once and the cap spaces the next: under a low
+		// cap, a chunk at a time keeps the rate near it.
+		if o.BytesPerSecond > 0 && o.BytesPerSecond < 16*ChunkSize {
+			o.Group = 1
+		}
 	}
 	next := make(chan []int64)
 	errc := make(chan error, o.Workers)

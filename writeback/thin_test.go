@@ -79,7 +79,17 @@ func TestThinDiskServesTheBlobAndKeepsWrites(t *testing.T) {
 		t.Fatal("read of a chunk not local differs from the blob")
 	}
 	// A write into a chunk not local: the chunk is fetched first, so the
-	// rest of it keeps the blob's data.
+	// rest of it keeps the blob's data, and a later fetch cannot overwrite
+	// the write. The blob refuses writes meanwhile, so that it cannot
+	// hand the write back to such a fetch.
+	var away atomic.Bool
+	away.Store(true)
+	f.r.Fault = func(op string, off, n int64) (bool, error) {
+		if away.Load() {
+			return false, &remote.TransientError{Msg: "away"}
+		}
+		return true, nil
+	}
 	w := bytes.Repeat([]byte{0xAB}, 1000)
 	if err := d.WriteAt(ctx, w, 20*mib+100); err != nil {
 		t.Fatal(err)
@@ -99,6 +109,7 @@ func TestThinDiskServesTheBlobAndKeepsWrites(t *testing.T) {
 		t.Fatalf("ReadClean of a chunk not local: ok %v err %v", ok, err)
 	}
 	wt.Stop()
+	away.Store(false)
 	if err := d.Drain(ctx); err != nil {
 		t.Fatal(err)
 	}

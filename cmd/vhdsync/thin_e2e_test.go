@@ -156,3 +156,104 @@ func TestE2EThinAttach(t *testing.T) {
 	e.mustVhdsync("verify", "--state", state)
 	e.checkBlobIsImage(url, state, size)
 }
+
+// TestE2EThinKill9: a thin disk is killed with SIGKILL while its prefetch
+// runs (capped, so that chunks are still missing) and fio writes O_SYNC
+// blocks with verify headers through a loop device, several times over.
+// After each kill the disk is mounted again (the journal replayed, the
+// prefetch resumed): the data the blob held when attached (fio verify
+// headers of its own job) and every write fio saw acknowledged in every
+// cycle (into chunks the blob held data in) read back intact; at the end the disk completes and the blob
+// equals the image.
+func TestE2EThinKill9(t *testing.T) {
+	e := newE2E(t, "fio")
+	const size = 96 << 20
+	cycles := 3
+	url, srcState := e.createDisk("thinkill", 96)
+	fioDir := e.mkdir("fio")
+	// The attached data: 32 MiB of fio blocks with verify headers.
+	base := func(dev string) []string {
+		return []string{"--name=base", "--filename=" + dev, "--rw=write", "--bs=64k", "--size=32M", "--direct=1",
+			"--verify=crc32c", "--ioengine=psync", "--output-format=json"}
+	}
+	mp := e.path("mnt")
+	d := e.mount(srcState, mp)
+	loop := e.losetup(filepath.Join(mp, "thinkill.img"))
+	if r := execTimeout(t, fioDir, 2*time.Minute, "fio", append(base(loop), "--do_verify=0", "--output="+filepath.Join(fioDir, "base.json"))...); r.code != 0 {
+		t.Fatalf("fio base: %s", r)
+	}
+	// Data under the cycles' writes too: each of their chunks must be
+	// fetched before a write touches it, and never fetched over it.
+	if r := execTimeout(t, fioDir, 2*time.Minute, "fio", "--name=under", "--filename="+loop, "--rw=write", "--bs=1M", "--offset=32M", "--size=32M", "--direct=1", "--ioengine=psync"); r.code != 0 {
+		t.Fatalf("fio under: %s", r)
+	}
+	detachLoop(t, loop, filepath.Join(mp, "thinkill.img"))
+	e.mustVhdsync("unmount", mp)
+	d.waitExit(30 * time.Second)
+
+	state := e.path("state-thin")
+	e.mustVhdsync("create", "--from-blob", url, "--state", state, "--thin")
+	// Cycle i writes 8 MiB at 32 MiB + i*8 MiB, over data the blob held.
+	cycleJob := func(dev string, i int) []string {
+		return []string{"--name=c", "--filename=" + dev, "--rw=randwrite", "--bs=4k", fmt.Sprintf("--offset=%d", 32<<20+i*(8<<20)), "--size=8M",
+			"--direct=1", "--sync=1", "--verify=crc32c", "--ioengine=psync", "--randrepeat=1", fmt.Sprintf("--randseed=%d", 100+i), "--output-format=json"}
+	}
+	acked := make([]int64, cycles)
+	for i := range cycles {
+		d := e.mount(state, mp, "--prefetch", "1")
+		loop := e.losetup(filepath.Join(mp, "thinkill.img"))
+		w := e.startBackground(fioDir, fmt.Sprintf("fio-%d.log", i), "fio", append(cycleJob(loop, i), "--do_verify=0", fmt.Sprintf("--output=%s/c%d.json", fioDir, i))...)
+		const minWrites = 300
+		var before statusReport
+		waitFor(t, 90*time.Second, fmt.Sprintf("fio to write %d blocks", minWrites), func() (bool, error) {
+			if w.exited() {
+				t.Fatalf("fio ended before the kill: %v", w.err)
+			}
+			s, err := e.status(state)
+			before = s
+			return err == nil && s.FuseWrites >= minWrites, err
+		})
+		if before.Thin == nil || before.Thin.MissingChunks == 0 {
+			t.Fatalf("cycle %d: the prefetch finished before the kill (capped at 1 MiB/s): %+v", i, before.Thin)
+		}
+		if err := syscall.Kill(d.pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		d.waitExit(10 * time.Second)
+		waitFor(t, 60*time.Second, "fio to fail", func() (bool, error) { return w.exited(), nil })
+		acked[i] = readFioJSON(t, fmt.Sprintf("%s/c%d.json", fioDir, i)).Jobs[0].Write.IOBytes / 4096
+		t.Logf("cycle %d: killed with %d of %d chunks missing (%d fetched by reads and writes, %d by the prefetch); fio had %d writes acknowledged",
+			i, before.Thin.MissingChunks, before.Thin.MissingChunks+before.Thin.PrefetchChunks+before.Thin.DemandChunks, before.Thin.DemandChunks, before.Thin.PrefetchChunks, acked[i])
+		detachLoop(t, loop, filepath.Join(mp, "thinkill.img"))
+		if err := syscall.Unmount(mp, syscall.MNT_DETACH); err != nil {
+			t.Fatalf("umount -l %s: %v", mp, err)
+		}
+	}
+
+	// Mounted again after the last kill: everything reads back.
+	d = e.mount(state, mp, "--prefetch", "off")
+	loop = e.losetup(filepath.Join(mp, "thinkill.img"))
+	if r := execTimeout(t, fioDir, 2*time.Minute, "fio", append(base(loop), "--verify_only", "--output="+filepath.Join(fioDir, "base-verify.json"))...); r.code != 0 {
+		t.Fatalf("fio verify of the data the blob held when attached: %s", r)
+	}
+	for i := range cycles {
+		r := execTimeout(t, fioDir, 2*time.Minute, "fio", append(cycleJob(loop, i), "--verify_only", fmt.Sprintf("--number_ios=%d", acked[i]), fmt.Sprintf("--output=%s/v%d.json", fioDir, i))...)
+		if r.code != 0 {
+			t.Fatalf("fio verify of cycle %d's %d acknowledged writes: %s", i, acked[i], r)
+		}
+	}
+	detachLoop(t, loop, filepath.Join(mp, "thinkill.img"))
+	e.mustVhdsync("unmount", mp)
+	d.waitExit(30 * time.Second)
+	// The prefetch completes the disk (if the verify's reads did not
+	// already); then blob and image are equal.
+	d = e.mount(state, mp)
+	waitFor(t, 2*time.Minute, "the disk to complete", func() (bool, error) {
+		b, err := os.ReadFile(filepath.Join(state, "vhdsync.json"))
+		return err == nil && !strings.Contains(string(b), `"thin": true`), err
+	})
+	e.mustVhdsync("unmount", mp)
+	d.waitExit(30 * time.Second)
+	e.mustVhdsync("verify", "--state", state)
+	e.checkBlobIsImage(url, state, size)
+}
