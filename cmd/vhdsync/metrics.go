@@ -170,6 +170,9 @@ var metricDefs = []struct {
 	{"vhdsync_replica_lag_seconds", "Age of the oldest write not yet on the blob (0: the blob holds every write).", nil},
 	{"vhdsync_sync_degraded", "1 while synchronous replication (--sync) is degraded: barriers timed out (--sync-timeout) and return without the blob until it has caught up; 0 otherwise.", nil},
 	{"vhdsync_sync_timeouts_total", "Barriers of synchronous replication (--sync) that returned without the blob after --sync-timeout.", nil},
+	{"vhdsync_thin_missing_bytes", "A thin-attached disk: the blob's data not yet local (0: every chunk is local, or the disk is not thin).", nil},
+	{"vhdsync_thin_fetched_bytes_total", "A thin-attached disk: bytes fetched from the blob by reads, writes and the prefetch.", nil},
+	{"vhdsync_thin_fetch_requests_total", "A thin-attached disk: read requests the fetches sent to the blob.", nil},
 	{"vhdsync_journal_pending_bytes", "Journal bytes of the writes not yet on the blob.", nil},
 	{"vhdsync_journal_pending_records", "Journal records (writes, discards) not yet on the blob.", nil},
 	{"vhdsync_journal_cap_bytes", "Pending journal bytes above which writers wait (--journal-cap).", nil},
@@ -240,6 +243,15 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge("vhdsync_sync_degraded", degraded)
 	counter("vhdsync_sync_timeouts_total", s.Sync.Timeouts)
+	var thinMissing float64
+	var thinFetched, thinRequests uint64
+	if t := s.Thin; t != nil {
+		thinMissing = float64(t.AllocatedBytes - t.PresentBytes)
+		thinFetched, thinRequests = uint64(t.FetchedBytes), uint64(t.Requests)
+	}
+	gauge("vhdsync_thin_missing_bytes", thinMissing)
+	counter("vhdsync_thin_fetched_bytes_total", thinFetched)
+	counter("vhdsync_thin_fetch_requests_total", thinRequests)
 	gauge("vhdsync_journal_pending_bytes", float64(j.PendingBytes))
 	gauge("vhdsync_journal_pending_records", float64(j.PendingRecords))
 	gauge("vhdsync_journal_cap_bytes", float64(j.MaxBytes))
