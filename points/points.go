@@ -411,6 +411,29 @@ func (p *RecoveryPoints) AfterBatch(ctx context.Context, epoch uint64) {
 	})
 }
 
+// Final takes a point of the blob as it is at epoch, whatever the
+// interval, unless the newest point already is that epoch: an unmount
+// calls it once the journal is drained, so that the blob's state when
+// this writer lets go of it is a point. Another writer that takes the blob
+// over then records its changes from that point, and this state directory
+// can later catch up with them by diff (`vhdsync resync`). The caller must
+// not write to the blob meanwhile, as for AfterBatch.
+func (p *RecoveryPoints) Final(ctx context.Context, epoch uint64) {
+	p.run.Lock()
+	if !p.anchored {
+		actx, cancel := context.WithTimeout(ctx, p.o.Timeout)
+		p.anchor(actx)
+		cancel()
+	}
+	if st := p.Stats(); st.LastID != "" && st.LastEpoch == epoch {
+		p.run.Unlock()
+		return
+	}
+	p.due = true
+	p.run.Unlock()
+	p.AfterBatch(ctx, epoch)
+}
+
 // anchor reads the points the blob already has, so that a restart does
 // not take a point before the interval since the newest one has passed.
 // Without any (or if the listing fails) the next boundary takes one.

@@ -61,6 +61,10 @@ type DiskOptions struct {
 	// once every chunk is local (the state then stops being thin). Until
 	// then Close keeps the blob's lease: the blob is the only copy of the
 	// chunks not yet fetched, and no other writer may change them.
+	// BaseSequence is the blob's sequence number when the state directory
+	// last took the blob as its own (nil: not recorded): a blob beyond it
+	// and beyond everything the journal wrote is refused (ErrBlobMoved).
+	BaseSequence   *int64
 	Thin           *thin.Map
 	ThinSource     thin.Source
 	Prefetch       thin.PrefetchOptions
@@ -133,8 +137,15 @@ var ErrSyncStaged = errors.New("synchronous replication (--sync) needs the direc
 var (
 	ErrThinStaged     = errors.New("a thin disk needs the direct transfer: the blob is the only copy of the chunks not yet local, and the staged transfer's worker holds its lease; mount with --transfer direct until `vhdsync status` shows the disk complete")
 	ErrThinBreakLease = errors.New("a thin disk cannot break the blob's lease: the blob is the only copy of the chunks not yet local, and another writer may have changed them; find the holder and stop it (its lease then lapses or is released), or make a new state directory (`vhdsync create --from-blob`)")
-	ErrThinBlobMoved  = errors.New("the blob was written by another writer since this thin state directory was made: its chunks not yet local would mix two disks")
 )
+
+// ErrBlobMoved: the blob holds epochs beyond both the sequence number this
+// state directory last took it at (DiskOptions.BaseSequence) and
+// everything its journal wrote: another writer wrote it since (after a
+// --break-lease, or while this one was unmounted). Mounting would serve
+// the image's older data, and the writes that follow would mix two disks
+// on the blob.
+var ErrBlobMoved = errors.New("the blob was written by another writer since this state directory last wrote it")
 
 // Open opens the disk for writing: journal, lease, replay, flusher.
 func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
@@ -193,11 +204,16 @@ func Open(ctx context.Context, o DiskOptions) (*Disk, error) {
 	if err := d.replayJournal(seq, o.Staging != nil); err != nil {
 		return nil, err
 	}
-	if d.thin != nil && !d.thin.Complete() {
-		base := remote.Sequence(d.thin.BaseSequence())
-		if seq.Epoch() > max(d.j.ClosedEpoch(), d.j.DrainedEpoch(), base.Epoch()) {
-			return nil, fmt.Errorf("%w (blob at epoch %d; this state directory attached it at %d and wrote up to %d); make a new state directory with `vhdsync create --from-blob`", ErrThinBlobMoved, seq.Epoch(), base.Epoch(), max(d.j.ClosedEpoch(), d.j.DrainedEpoch()))
+	if err := d.checkBlobNotMoved(seq); err != nil {
+		// This state directory will not write the blob: the lease just
+		// taken goes back, so that the resync (or the other writer) can
+		// go on.
+		if d.lease != "" {
+			if rerr := o.Remote.ReleaseLease(ctx, d.lease); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("release the lease: %w", rerr))
+			}
 		}
+		return nil, err
 	}
 	// New epochs must be above anything the blob has seen.
 	above := seq.Target()
@@ -299,6 +315,30 @@ func (d *Disk) ensureLocal(off, end int64) error {
 	}
 	if err := d.thin.Ensure(d.runCtx, off, end); err != nil {
 		return fmt.Errorf("thin disk: fetch %d+%d from the blob: %w", off, end-off, err)
+	}
+	return nil
+}
+
+// checkBlobNotMoved refuses a blob another writer wrote since this state
+// directory last did (ErrBlobMoved). Every epoch this state directory
+// sent is at most the journal's closed or drained epoch (both durable with
+// the records, or with their deletion), or the base it last took the blob
+// at (its creation, an import, a resize, a resync). Without a base (a
+// state directory made before it was recorded) nothing is checked.
+func (d *Disk) checkBlobNotMoved(seq remote.Sequence) error {
+	base, ok := int64(0), false
+	if d.o.BaseSequence != nil {
+		base, ok = *d.o.BaseSequence, true
+	}
+	if d.thin != nil && !d.thin.Complete() {
+		base, ok = max(base, d.thin.BaseSequence()), true
+	}
+	if !ok {
+		return nil
+	}
+	wrote := max(d.j.ClosedEpoch(), d.j.DrainedEpoch())
+	if b := remote.Sequence(base).Epoch(); seq.Epoch() > max(wrote, b) {
+		return fmt.Errorf("%w: the blob is at epoch %d, this state directory took it at epoch %d and wrote up to epoch %d", ErrBlobMoved, seq.Epoch(), b, wrote)
 	}
 	return nil
 }

@@ -183,14 +183,15 @@ var errNotDrained = errors.New("not drained")
 // lease remembered in d (saved when it changes).
 func diskOptions(d *statedir.Dir, c *pageblob.Client, store *staging.Store, breakLease bool) writeback.DiskOptions {
 	o := writeback.DiskOptions{
-		DiskID:      d.State.DiskID,
-		ImagePath:   d.ImagePath(),
-		JournalDir:  d.JournalPath(),
-		VirtualSize: int64(d.State.VirtualSize),
-		Remote:      pageblob.Remote{C: c},
-		LeaseID:     d.State.LeaseID,
-		SaveLeaseID: func(id string) error { d.State.LeaseID = id; return d.Save() },
-		BreakLease:  breakLease,
+		DiskID:       d.State.DiskID,
+		ImagePath:    d.ImagePath(),
+		JournalDir:   d.JournalPath(),
+		VirtualSize:  int64(d.State.VirtualSize),
+		Remote:       pageblob.Remote{C: c},
+		LeaseID:      d.State.LeaseID,
+		SaveLeaseID:  func(id string) error { d.State.LeaseID = id; return d.Save() },
+		BreakLease:   breakLease,
+		BaseSequence: d.State.BaseSequence,
 	}
 	if store != nil {
 		o.Staging = store
@@ -275,4 +276,12 @@ func thinStatus(s *thin.Stats, err error, prefetch string, since time.Time) *con
 		t.Error = err.Error()
 	}
 	return t
+}
+
+// blobMovedAdvice adds what to do to writeback.ErrBlobMoved.
+func blobMovedAdvice(err error, d *statedir.Dir) error {
+	if !errors.Is(err, writeback.ErrBlobMoved) {
+		return err
+	}
+	return fmt.Errorf("%w; the image holds the older disk: `vhdsync resync --state %s` brings it up to the blob by diff where recovery points allow, else make a new state directory: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once", err, d.Path, d.State.BlobURL)
 }

@@ -122,6 +122,7 @@ func runCreate(cmd *cobra.Command, g *globals, f createFlags) error {
 		Footer:      raw[:],
 		CreatedAt:   time.Now().UTC(),
 	}
+	st.SetBase(0) // a new blob's sequence number
 	if _, err := statedir.Create(f.state, st); err != nil {
 		return fmt.Errorf("the blob %s was created, but the state directory was not: %w; fix the cause and rerun with --overwrite", loc.URL(), err)
 	}

@@ -42,6 +42,10 @@ func runCreateFromBlob(ctx context.Context, g *globals, f createFlags) error {
 	if f.thin {
 		return createThin(ctx, g, f, client)
 	}
+	seq, err := client.Sequence(ctx)
+	if err != nil {
+		return interrupted(ctx, err)
+	}
 	dl, err := transfer.PrepareDownload(ctx, client, transfer.DownloadOptions{Workers: 8, Logger: g.logger()})
 	if err != nil {
 		return interrupted(ctx, err)
@@ -51,7 +55,7 @@ func runCreateFromBlob(ctx context.Context, g *globals, f createFlags) error {
 		f.state, p.BlobURL, vhdlayer.FormatSize(uint64(p.VirtualSize)), p.Ranges, humanBytes(p.Bytes))
 	bar := newTransferProgress(g.stdout, "download", p.Bytes)
 	stop := watch(ctx, func() { s := dl.Stats(); bar.update(s.Received, "") })
-	d, res, err := transfer.CreateStateFromBlob(ctx, dl, f.state, transfer.FromBlobOptions{Name: f.name})
+	d, res, err := transfer.CreateStateFromBlob(ctx, dl, f.state, transfer.FromBlobOptions{Name: f.name, Sequence: seq})
 	stop()
 	bar.finish(err == nil)
 	if err != nil {

@@ -62,7 +62,7 @@ func exitCode(err error) int {
 	case errors.Is(err, staging.ErrLocked):
 		return ExitLeased
 	case errors.Is(err, errWrongBlob), errors.Is(err, transfer.ErrBlobReplaced), errors.Is(err, errStagedPending), errors.Is(err, writeback.ErrStagingAhead),
-		errors.Is(err, errBlobMidBatch), errors.Is(err, writeback.ErrThinBlobMoved), errors.Is(err, thin.ErrDamaged):
+		errors.Is(err, errBlobMidBatch), errors.Is(err, writeback.ErrBlobMoved), errors.Is(err, thin.ErrDamaged):
 		return ExitState
 	case errors.Is(err, transfer.ErrSourceChanged), errors.Is(err, transfer.ErrNotPointCopy):
 		return ExitSrcChanged
@@ -73,7 +73,7 @@ func exitCode(err error) int {
 		return ExitAuth
 	case errors.Is(err, pageblob.ErrUnreachable):
 		return ExitUnreachable
-	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound), errors.Is(err, pageblob.ErrSnapshotNotFound):
+	case errors.Is(err, pageblob.ErrContainerNotFound), errors.Is(err, pageblob.ErrBlobNotFound), errors.Is(err, pageblob.ErrSnapshotNotFound), errors.Is(err, errNoResyncPoint):
 		return ExitNotFound
 	case errors.Is(err, pageblob.ErrBlobExists), errors.Is(err, transfer.ErrFileExists):
 		return ExitExists

@@ -65,7 +65,7 @@ for an Azurite URL; Entra ID (az login, managed identity, AZURE_CLIENT_* vars).`
 	root.SetErr(g.stderr)
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&g.logJSON, "log-json", false, "write logs as JSON lines instead of text")
-	root.AddCommand(newCreateCmd(g), newInspectCmd(g), newMountCmd(g), newUnmountCmd(g), newStatusCmd(g), newReplayCmd(g), newVerifyCmd(g), newImportCmd(g), newDownloadCmd(g), newApplyCmd(g), newPointsCmd(g))
+	root.AddCommand(newCreateCmd(g), newInspectCmd(g), newMountCmd(g), newUnmountCmd(g), newStatusCmd(g), newReplayCmd(g), newResyncCmd(g), newVerifyCmd(g), newImportCmd(g), newDownloadCmd(g), newApplyCmd(g), newPointsCmd(g))
 	root.AddCommand(newSetBlobCmd(g), newResizeCmd(g))
 	return root
 }

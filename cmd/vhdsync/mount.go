@@ -415,7 +415,7 @@ func runDaemon(ctx context.Context, g *globals, f mountFlags, mp string) (err er
 		_ = o.Thin.Close()
 	}
 	if err != nil {
-		return err
+		return blobMovedAdvice(err, d)
 	}
 	views := &fusefs.Views{}
 	server, counters, err := fusefs.Mount(absMP, disk, fusefs.Options{
@@ -543,6 +543,15 @@ wait:
 			case <-dctx.Done():
 			}
 		}()
+		// With recovery points, the blob as this mount leaves it is a
+		// point: a writer that takes it over records its changes from
+		// there, and `vhdsync resync` can bring this state directory
+		// back by diff.
+		if rp != nil && store == nil {
+			if derr := disk.Drain(dctx); derr == nil {
+				rp.Final(dctx, disk.Stats().Flusher.RemoteEpoch)
+			}
+		}
 		cerr = disk.Close(dctx, true)
 		stop.Drained = cerr == nil
 		cancel()

@@ -79,7 +79,7 @@ func runReplay(ctx context.Context, g *globals, state string, breakLease bool, b
 		if o.Thin != nil {
 			_ = o.Thin.Close()
 		}
-		return err
+		return blobMovedAdvice(err, d)
 	}
 	rs := disk.Replay()
 	pending := disk.Stats().Journal.PendingBytes

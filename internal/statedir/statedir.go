@@ -83,7 +83,19 @@ type State struct {
 	// not every chunk is local yet: the blob holds the rest, and the thin
 	// record beside the image says which (see package thin).
 	Thin bool `json:"thin,omitempty"`
+	// BaseSequence is the blob's sequence number when this state
+	// directory last took the blob as its own: made it or attached it
+	// (create, import), changed its size (resize) or caught up with
+	// another writer's changes (resync). A mount refuses a blob beyond it
+	// and beyond everything the journal wrote (another writer wrote it
+	// since). Absent in state directories made before it was recorded:
+	// then nothing is checked.
+	BaseSequence *int64 `json:"base_sequence,omitempty"`
 }
+
+// SetBase records the blob's sequence number n as the one this state
+// directory took it at (see State.BaseSequence); the caller saves.
+func (s *State) SetBase(n int64) { s.BaseSequence = &n }
 
 // ResizeIntent records a resize of the disk from From to To bytes, made an
 // ordered step at epoch Epoch of the journal: the blob is marked
@@ -121,12 +133,15 @@ func (d *Dir) FinishResize() error {
 	// Field by field, not the whole State: a daemon reads other fields
 	// (the blob URL) while it serves.
 	size, footer, geometry := d.State.VirtualSize, d.State.Footer, d.State.Geometry
+	base := d.State.BaseSequence
 	d.State.VirtualSize = r.To
 	d.State.Footer = append([]byte(nil), r.Footer...)
 	d.State.Geometry = f.Geometry.String()
 	d.State.Resize = nil
+	// The resize's own epoch is on the blob, and in no journal record.
+	d.State.SetBase(2 * int64(r.Epoch))
 	if err := d.Save(); err != nil {
-		d.State.VirtualSize, d.State.Footer, d.State.Geometry, d.State.Resize = size, footer, geometry, r
+		d.State.VirtualSize, d.State.Footer, d.State.Geometry, d.State.Resize, d.State.BaseSequence = size, footer, geometry, r, base
 		return fmt.Errorf("record the new size: %w", err)
 	}
 	return nil

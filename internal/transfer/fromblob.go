@@ -19,14 +19,16 @@ import (
 type FromBlobOptions struct {
 	// Name of the files the mount shows; default: the blob name without .vhd.
 	Name string
+	// Sequence is the blob's sequence number, read before its data
+	// (State.BaseSequence).
+	Sequence int64
 	// Thin makes the state directory without downloading: an empty
 	// image and the thin record (see package thin) of the blob's page
-	// ranges at Sequence, its sequence number, under the lease LeaseID
-	// the caller acquired first (so that nothing changes the ranges while
-	// they are listed, and until the disk is complete).
-	Thin     bool
-	Sequence int64
-	LeaseID  string
+	// ranges at Sequence, under the lease LeaseID the caller acquired
+	// first (so that nothing changes the ranges while they are listed,
+	// and until the disk is complete).
+	Thin    bool
+	LeaseID string
 }
 
 // CreateStateFromBlob builds a state directory for the existing page-blob
@@ -94,6 +96,7 @@ func CreateStateFromBlob(ctx context.Context, d *Download, dir string, o FromBlo
 		DiskID: f.UniqueID.String(), Geometry: f.Geometry.String(), Footer: d.info.Raw[:], CreatedAt: time.Now().UTC(),
 		Thin: o.Thin, LeaseID: o.LeaseID,
 	}
+	sd.State.SetBase(o.Sequence)
 	if err := sd.Save(); err != nil {
 		return nil, res, err
 	}

@@ -597,6 +597,10 @@ func (im *Import) finish(ctx context.Context) error {
 		}
 	}
 	if !im.final {
+		seq, err := im.o.Client.Sequence(ctx)
+		if err != nil {
+			return fmt.Errorf("read the blob's sequence number: %w; rerun the same command to finish", err)
+		}
 		if err := im.o.Client.ReleaseLease(ctx, im.lease); err != nil {
 			return fmt.Errorf("release the import's lease: %w; rerun the same command to finish", err)
 		}
@@ -605,6 +609,7 @@ func (im *Import) finish(ctx context.Context) error {
 			Version: statedir.FormatVersion, Name: p.Name, BlobURL: p.BlobURL, VirtualSize: uint64(p.VirtualSize),
 			DiskID: f.UniqueID.String(), Geometry: f.Geometry.String(), Footer: p.Footer, CreatedAt: im.o.Now().UTC(),
 		}}
+		d.State.SetBase(seq)
 		if err := d.Save(); err != nil {
 			return fmt.Errorf("write the state file: %w; rerun the same command to finish", err)
 		}
