@@ -3,6 +3,7 @@ package writeback
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -208,6 +209,56 @@ func TestThinDiskCrashAfterWrite(t *testing.T) {
 		t.Fatal("the blob lacks the write after the drain")
 	}
 	if err := d2.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A blob another writer moved on since the state directory took it is
+// refused, and the lease just taken is given back; within what the
+// journal wrote or the recorded base, it is not; without a base nothing
+// is checked.
+func TestBlobMovedOnRefused(t *testing.T) {
+	ctx := context.Background()
+	const size = 8 * mib
+	r := remote.NewMemRemote(size + 512)
+	dir := t.TempDir()
+	base := int64(0)
+	d := newTestDisk(t, dir, size, r, DiskOptions{BaseSequence: &base})
+	if err := d.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	mine, _ := r.Sequence(ctx)
+	// Reopened as is: the blob holds only this directory's epochs.
+	d = newTestDisk(t, dir, size, r, DiskOptions{BaseSequence: &base})
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	// Another writer sends a later epoch.
+	if err := r.RaiseSequence(ctx, mine+10, ""); err != nil {
+		t.Fatal(err)
+	}
+	o := DiskOptions{BaseSequence: &base, ImagePath: filepath.Join(dir, "disk.img"), JournalDir: filepath.Join(dir, "journal"), VirtualSize: size, Remote: r}
+	if _, err := Open(ctx, o); !errors.Is(err, ErrBlobMoved) {
+		t.Fatalf("open after another writer: %v, want ErrBlobMoved", err)
+	}
+	if r.Lease() != "" {
+		t.Fatal("the lease taken by the refused open was kept")
+	}
+	// A base at the other writer's mark (a resync) lets it open.
+	moved := mine + 10
+	d = newTestDisk(t, dir, size, r, DiskOptions{BaseSequence: &moved})
+	if err := d.Close(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.RaiseSequence(ctx, mine+20, ""); err != nil {
+		t.Fatal(err)
+	}
+	// Without a base (an older state directory), nothing is checked.
+	d = newTestDisk(t, dir, size, r, DiskOptions{})
+	if err := d.Close(ctx, true); err != nil {
 		t.Fatal(err)
 	}
 }
