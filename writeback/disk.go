@@ -287,6 +287,10 @@ func (d *Disk) runThin(ctx context.Context) {
 	select {
 	case <-d.thin.Done():
 	case <-ctx.Done():
+	}
+	// Complete even if the disk is closing meanwhile: the record of it
+	// must not wait for the next mount.
+	if !d.thin.Complete() {
 		return
 	}
 	if d.o.OnThinComplete != nil {

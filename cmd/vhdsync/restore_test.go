@@ -437,17 +437,20 @@ func TestE2EIncrementalRestoreAfterKill(t *testing.T) {
 	b, bTime, imgB := waitPoint(1)
 	time.Sleep(time.Until(bTime.Add(1100 * time.Millisecond)))
 	writeAtSync(t, img, map[int64][]byte{12 << 20: pattern("c", 64<<10), 0: pattern("c0", 4096)})
-	c, cTime, imgC := waitPoint(2)
+	c, _, imgC := waitPoint(2)
 	// A batch right after C (within the interval: no point), then a clean
-	// unmount: the mount hands its record to the next one, and point D
-	// after the remount still has a complete record.
+	// unmount, which takes a point of the blob it leaves (or, were that to
+	// fail, hands its record to the next mount): point D after the
+	// remount still restores incrementally from C.
 	writeAtSync(t, img, map[int64][]byte{14 << 20: pattern("d1", 8192)})
 	e.mustVhdsync("unmount", mp)
+	unmounted := time.Now()
 	if _, err := os.Stat(filepath.Join(state, carriedFile)); err != nil {
 		t.Errorf("the unmount left no record of changes: %v", err)
 	}
 	e.mount(state, mp, "--linger", "1h")
-	time.Sleep(time.Until(cTime.Add(1100 * time.Millisecond)))
+	// The interval counts from the unmount's point.
+	time.Sleep(time.Until(unmounted.Add(1100 * time.Millisecond)))
 	writeAtSync(t, img, map[int64][]byte{16 << 20: pattern("d2", 4096)})
 	dp, _, imgD := waitPoint(1)
 	e.mustVhdsync("unmount", mp)
@@ -497,7 +500,7 @@ func TestE2EIncrementalRestoreAfterKill(t *testing.T) {
 	case last.ID != dp || last.Changes == nil:
 		t.Fatalf("point D: %+v", last)
 	case last.Prev != c:
-		t.Logf("the batch after C got a point of its own (%s): the record was not carried over an unmount", last.Prev)
+		t.Logf("the batch after C got a point of its own (%s, the unmount's)", last.Prev)
 	case !slices.ContainsFunc(last.Changes.Ranges(), func(r points.Range) bool { return r.Off <= 14<<20 && 14<<20+8192 <= r.End }):
 		t.Fatalf("point D's record misses the write carried over the unmount: %v", last.Changes.Ranges())
 	}
