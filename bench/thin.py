@@ -168,6 +168,13 @@ def cmd_report(args):
         blob = v
     c["proxy_total"] = st.get("total")
     c["proxy_blob"] = blob
+    c["proxy_note"] = "proxy bytes charge a ranged GET its whole range: the page-range list's range is the disk"
+    try:
+        import re
+        mt = re.search(r"(\d+) page ranges holding", open(os.path.join(res, "create.log")).read())
+        c["page_ranges"] = int(mt.group(1)) if mt else None
+    except OSError:
+        c["page_ranges"] = None
     if os.path.exists(os.path.join(res, "create-wire.jsonl")):
         c["wire"] = wire(os.path.join(res, "create-wire.jsonl"))
     direct = []
@@ -234,11 +241,15 @@ def cmd_report(args):
         return "-" if x is None else ("%.*f" % (nd, x))
 
     cw = c.get("wire") or {}
-    L.append("| `create --from-blob --thin`, s | %s | - | - | wall time through azurite-throttle (--rps 0 --mibps 0); "
-             "without the proxy, later reps: %s s |" % (f1(c.get("seconds"), 2), ", ".join(f1(x, 2) for x in direct) or "-"))
-    L.append("| ... read from the blob | %s requests, %s bytes charged, %s bytes of page data | - | - | proxy counters "
-             "(ranged GET bytes + page-list XML); kinds: %s |" % (
-                 cw.get("requests", "-"), (c.get("proxy_blob") or {}).get("bytes", "-"), cw.get("data_bytes_asked", "-"),
+    L.append("| `create --from-blob --thin`, s | %s | - | - | wall time, through azurite-throttle (--rps 0 --mibps 0); "
+             "without the proxy (the prefetch reps' creates): %s s |" % (
+                 f1(c.get("seconds"), 2), ", ".join(f1(x, 2) for x in direct) or "-"))
+    nr = c.get("page_ranges")
+    L.append("| what it read from the blob | %s B of page data + 1 page-range list (%s ranges, ~%s B of XML) | - | - | "
+             "the proxy's wire log: %s requests (%s); page data = the bytes its ranged Get Blob asked for (the footer); "
+             "the proxy does not count the list's answer, estimated at ~60 B per range |" % (
+                 cw.get("data_bytes_asked", "-"), nr if nr is not None else "-",
+                 (200 + 60 * nr) if nr is not None else "-", cw.get("requests", "-"),
                  ", ".join("%s %d" % kv for kv in sorted((cw.get("by_kind") or {}).items()))))
     if "cold" in fr and "local" in fr:
         L.append("| first read of an unfetched 4 KiB block, p50 / p99 µs | %s / %s | %s / %s (local) | %s / %s | fio psync "
@@ -252,7 +263,7 @@ def cmd_report(args):
     L.append("")
     L.append("Repetitions of the prefetch (alternating with the download):")
     L.append("")
-    L.append("| rep | order | create s | thin complete s | thin MiB/s | fetch requests | download s | download MiB/s |")
+    L.append("| rep | order | create s | thin complete s | thin MiB/s | fetch requests (last status before completion) | download s | download MiB/s |")
     L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in reps:
         t, d = r.get("thin") or {}, r.get("download") or {}
@@ -262,6 +273,12 @@ def cmd_report(args):
             f1(d.get("seconds"), 1), f1(r.get("download_mibs"))))
     L.append("")
     notes = []
+    ts = fr.get("thin_status_after_cold")
+    if ts:
+        notes.append("The cold reads, by `status --json` after them: %d chunks fetched on demand in %d requests "
+                     "(%.0f MiB), %.2f s waited in total, %d chunks still missing." % (
+                         ts.get("demand_chunks", 0), ts.get("fetch_requests", 0), ts.get("fetched_bytes", 0) / MiB,
+                         ts.get("demand_wait_seconds", 0), ts.get("missing_chunks", 0)))
     if fr.get("image_equals_source") is not None:
         notes.append("After the cold reads the local image %s the source file (`cmp`)." %
                      ("equals" if fr["image_equals_source"] else "DIFFERS FROM"))
