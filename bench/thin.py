@@ -106,7 +106,7 @@ def cmd_wait_complete(args):
     t0 = time.time()
     last = 0.0
     with open(out, "a") as f:
-        while time.time() - t0 < limit:
+        while time.time() - t0 < limit and os.path.isdir(st):
             j = load(os.path.join(st, "vhdsync.json"))
             if j is not None and not j.get("thin"):
                 print("%.6f" % time.time())

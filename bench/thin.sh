@@ -174,8 +174,10 @@ if is_thin "$S1"; then
   log "b. still thin after the reads: $(vstatus "$S1" | python3 -c 'import json,sys;print(json.load(sys.stdin).get("thin"))'); prefetching the rest"
   vunmount "$MP1" "$VPID"
   vmount "$S1" "$MP1" --prefetch on
-  python3 bench/thin.py wait-complete --bin "$bin" --state "$S1" --samples "$res/s1-finish.jsonl" --limit "$LIMIT" >/dev/null \
-    || log "b. first state directory not complete within $LIMIT s"
+  python3 bench/thin.py wait-complete --bin "$bin" --state "$S1" --samples "$res/s1-finish.jsonl" --limit "$LIMIT" >/dev/null &
+  wp=$!; pids+=("$wp")
+  wait "$wp" || log "b. first state directory not complete within $LIMIT s"
+  unlist pids "$wp"
 fi
 vunmount "$MP1" "$VPID"
 [ "$CMP" = 1 ] && cmp_image "$S1" "$res/read-cmp.json"
@@ -185,7 +187,7 @@ rm -rf "$S1"
 # thin_rep I ORDER: a fresh thin state directory, mount --prefetch on, timed
 # until complete
 thin_rep() {
-  local i=$1 order=$2 st=$work/p$1 mp=$work/mpp$1 t0 t1 t2 t3 tc ok alloc
+  local i=$1 order=$2 st=$work/p$1 mp=$work/mpp$1 t0 t1 t2 t3 tc ok alloc wp
   t0=$(now)
   "$bin" create --from-blob "$URL" --state "$st" --thin > "$res/prefetch-$i-create.log" 2>&1 \
     || { log "c. create --thin failed"; cat "$res/prefetch-$i-create.log" >&2; return 1; }
@@ -195,8 +197,12 @@ thin_rep() {
   vmount "$st" "$mp" --prefetch on
   t3=$(now)
   ok=true
-  tc=$(python3 bench/thin.py wait-complete --bin "$bin" --state "$st" --samples "$res/prefetch-$i-samples.jsonl" --limit "$LIMIT") \
-    || { ok=false; tc=$(now); log "c. rep $i: prefetch not complete within $LIMIT s"; }
+  # in the background, so that the cleanup trap stops it too
+  python3 bench/thin.py wait-complete --bin "$bin" --state "$st" --samples "$res/prefetch-$i-samples.jsonl" \
+    --limit "$LIMIT" > "$work/complete.$i" &
+  wp=$!; pids+=("$wp")
+  if wait "$wp"; then tc=$(cat "$work/complete.$i"); else ok=false; tc=$(now); log "c. rep $i: prefetch not complete within $LIMIT s"; fi
+  unlist pids "$wp"
   python3 - "$res/prefetch-$i-samples.jsonl" "$res/prefetch-$i.json" <<PY
 import json,sys
 last=None
