@@ -227,8 +227,9 @@ def cmd_report(args):
     L.append("# vhdsync benchmarks: thin attach (%s, commit %s)" % (m.get("date"), m.get("commit")))
     L.append("")
     L.append("Machine: %s CPUs (%s), kernel %s, %s, %s. Shared machine (2 cores, other test runs at the same "
-             "time): the figures are noisy, read them as orders of magnitude. `bench/thin.sh`, raw figures in "
-             "results-thin.json." % (m.get("nproc"), m.get("cpu", ""), m.get("kernel"), m.get("fio"), m.get("go")))
+             "time; load average at the start: %s): the figures are noisy, read them as orders of magnitude. "
+             "`bench/thin.sh`, raw figures in results-thin.json." % (
+                 m.get("nproc"), m.get("cpu", ""), m.get("kernel"), m.get("fio"), m.get("go"), m.get("loadavg", "-")))
     L.append("")
     L.append("Blob: a %d GiB disk (page blob on a private Azurite) holding %d MiB of random data in %s extents of "
              "4-64 MiB at MiB-aligned random offsets (%s chunks of 4 MiB hold data), uploaded with `vhdsync import`."
@@ -263,14 +264,14 @@ def cmd_report(args):
     L.append("")
     L.append("Repetitions of the prefetch (alternating with the download):")
     L.append("")
-    L.append("| rep | order | create s | thin complete s | thin MiB/s | fetch requests (last status before completion) | download s | download MiB/s |")
-    L.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+    L.append("| rep | order | create s | thin complete s | thin MiB/s | fetch requests (last status before completion) | download s | download MiB/s | load average (1 min) after thin / download |")
+    L.append("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for r in reps:
         t, d = r.get("thin") or {}, r.get("download") or {}
-        L.append("| %d | %s | %s | %s | %s | %s | %s | %s |" % (
+        L.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s / %s |" % (
             r["rep"], t.get("order", d.get("order", "-")), f1(t.get("create_s"), 2), f1(t.get("complete_s"), 1),
             f1(r.get("thin_mibs")), (t.get("last_status") or {}).get("fetch_requests", "-"),
-            f1(d.get("seconds"), 1), f1(r.get("download_mibs"))))
+            f1(d.get("seconds"), 1), f1(r.get("download_mibs")), t.get("loadavg", "-"), d.get("loadavg", "-")))
     L.append("")
     notes = []
     ts = fr.get("thin_status_after_cold")

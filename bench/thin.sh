@@ -20,9 +20,11 @@
 #     chunk local: the local baseline (clat p50/p99 of both);
 #  c. prefetch rate: a fresh thin state directory mounted --prefetch on,
 #     timed from the mount until vhdsync.json no longer says thin; against
-#     `vhdsync download` of the same blob, alternating (BENCH_THIN_REPS, 2).
+#     `vhdsync download` of the same blob, alternating (BENCH_THIN_REPS, 4:
+#     the machines this runs on are shared, and one slow repetition in two
+#     would move the median).
 #
-# Knobs: BENCH_BIN (bin/vhdsync), BENCH_THIN_REPS (2), BENCH_THIN_DISK_GIB
+# Knobs: BENCH_BIN (bin/vhdsync), BENCH_THIN_REPS (4), BENCH_THIN_DISK_GIB
 # (8), BENCH_THIN_DATA_MIB (1024), BENCH_THIN_LIMIT (seconds a prefetch or a
 # download may take, 900), BENCH_THIN_CMP (1: cmp the local image with the
 # source after the cold reads and after the first prefetch).
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench/thin.sh needs root (FUSE mounts)"; exit 1; }
 repo=$PWD
 bin=${BENCH_BIN:-$repo/bin/vhdsync}
-REPS=${BENCH_THIN_REPS:-2}
+REPS=${BENCH_THIN_REPS:-4}
 DISK_GIB=${BENCH_THIN_DISK_GIB:-8}
 DATA_MIB=${BENCH_THIN_DATA_MIB:-1024}
 LIMIT=${BENCH_THIN_LIMIT:-900}
@@ -118,7 +120,7 @@ def sh(c):
 cpu=sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
 json.dump({"nproc":os.cpu_count(),"kernel":os.uname().release,"cpu":cpu,"fio":sh("fio --version"),
            "go":sh("go version"),"vhdsync":sh(sys.argv[1]+" --version"),
-           "commit":sh("git rev-parse --short HEAD"),"date":time.strftime("%Y-%m-%dT%H:%M:%SZ",time.gmtime())},
+           "commit":sh("git rev-parse --short HEAD"),"loadavg":" ".join(open("/proc/loadavg").read().split()[:3]),"date":time.strftime("%Y-%m-%dT%H:%M:%SZ",time.gmtime())},
           open(sys.argv[2],"w"))
 PY
 
@@ -212,7 +214,8 @@ try:
         if j.get("thin"): last=j["thin"]
 except OSError: pass
 json.dump({"order":"$order","create_s":$t1-$t0,"allocated_bytes":$alloc,"mount_s":$t3-$t2,
-           "complete_s":($tc-$t2) if "$ok"=="true" else None,"ok":"$ok"=="true","last_status":last},open(sys.argv[2],"w"))
+           "complete_s":($tc-$t2) if "$ok"=="true" else None,"ok":"$ok"=="true","last_status":last,
+           "loadavg":open("/proc/loadavg").read().split()[0]},open(sys.argv[2],"w"))
 PY
   vunmount "$mp" "$VPID"
   if [ "$CMP" = 1 ] && [ "$i" = 1 ]; then
@@ -229,7 +232,7 @@ dl_rep() {
   t0=$(now)
   timeout "$LIMIT" "$bin" download --blob "$URL" "$f" > "$res/download-$i.log" 2>&1 || { ok=false; log "c. download failed"; tail -5 "$res/download-$i.log" >&2; }
   t1=$(now)
-  python3 -c "import json;json.dump({'order':'$order','seconds':$t1-$t0,'bytes':$DATA_MIB*1048576,'ok':'$ok'=='true'},open('$res/download-$i.json','w'))"
+  python3 -c "import json;json.dump({'order':'$order','seconds':$t1-$t0,'bytes':$DATA_MIB*1048576,'ok':'$ok'=='true','loadavg':open('/proc/loadavg').read().split()[0]},open('$res/download-$i.json','w'))"
   rm -f "$f" "$f.part"
   log "c. rep $i download: $(python3 -c "print(round($t1-$t0,1))") s"
 }
