@@ -6,7 +6,8 @@
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_RUNTIME (seconds per fio run, 5),
 # BENCH_SKIP (space-separated stages to skip: write fsync fsynclive flush wire
-# staged lag backlog burst outage steady steadyhalf sync db),
+# staged lag backlog burst outage steady steadyhalf sync db thin; thin is
+# bench/thin.sh, results in results-thin.md),
 # BENCH_FLUSH_SIZE (1GiB), BENCH_FLUSH_REPS (BENCH_REPS), BENCH_RTT (0,20ms),
 # BENCH_LAG_RATE (MiB/s; default half the server's measured ceiling for the lag
 # workload's own pattern, random 64 KiB Put Pages), BENCH_SYNC
@@ -667,6 +668,12 @@ if ! skip sync; then
     stop_azurite "$VAZ"; unlist pids "$VAZ"
     rm -rf "$d"
   done
+fi
+
+############ 9: thin attach (issue #23): bench/thin.sh, with its own Azurite,
+# cleanup and results (results-thin.json, results-thin.md)
+if ! skip thin; then
+  BENCH_BIN="$bin" bench/thin.sh "$work/thin" || log "thin: failed"
 fi
 
 out=${BENCH_OUT:-bench}; mkdir -p "$out"
