@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/google/uuid"
@@ -67,6 +68,9 @@ func runCreateFromBlob(ctx context.Context, g *globals, f createFlags) error {
 	return nil
 }
 
+// thinLeaseSpace is the UUID namespace of thin attach's lease ids.
+var thinLeaseSpace = uuid.MustParse("5b0c4f7e-9a53-4d1e-8f0a-6d2c1b7e4a90")
+
 // errBlobMidBatch: the blob's sequence number says a batch was cut short.
 var errBlobMidBatch = errors.New("the blob is in the middle of a batch")
 
@@ -79,7 +83,15 @@ func createThin(ctx context.Context, g *globals, f createFlags, client *pageblob
 	if _, err := client.OpenVHD(ctx); err != nil {
 		return interrupted(ctx, err)
 	}
-	lease, err := client.AcquireLease(ctx, uuid.NewString())
+	// The lease id follows from the blob and the state directory: a rerun
+	// of the same command after a crash between the lease and the state
+	// file (whose lease id it would not know) takes the same lease back.
+	abs, err := filepath.Abs(f.state)
+	if err != nil {
+		return err
+	}
+	proposed := uuid.NewSHA1(thinLeaseSpace, []byte(client.Location().URL()+"\x00"+abs)).String()
+	lease, err := client.AcquireLease(ctx, proposed)
 	if err != nil {
 		return interrupted(ctx, err)
 	}
