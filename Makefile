@@ -101,15 +101,19 @@ soak: deps build
 ## powercut: the power-cut loop of RELIABILITY.md for DURATION (default 10m):
 ## the daemon's state directory on internal/powercut, ext4 on the disk,
 ## cuts at random and at chosen moments (MOMENT="<name>" makes every cut
-## at that one); then the journal's own power-cut cycles for JOURNAL_DURATION
+## at that one); then the same loop on a thin-attached disk for THIN_DURATION
+## (default 2m), then the journal's own power-cut cycles for JOURNAL_DURATION
 ## (default 2m). Prints the RELIABILITY.md rows and keeps powercut.log.
 JOURNAL_DURATION ?= 2m
+THIN_DURATION ?= 2m
 MOMENT ?=
 powercut: deps build
 	@set -o pipefail; rc=0; VHDSYNC_POWERCUT_DURATION=$(DURATION) VHDSYNC_POWERCUT_MOMENT="$(MOMENT)" \
 	  $(GO) test -count=1 -timeout 0 -v -run '^TestE2EPowerCut$$' ./cmd/vhdsync/ > powercut.log 2>&1 || rc=$$?; \
+	  VHDSYNC_THIN_POWERCUT_DURATION=$(THIN_DURATION) VHDSYNC_POWERCUT_MOMENT="$(MOMENT)" \
+	  $(GO) test -count=1 -timeout 0 -v -run '^TestE2EThinPowerCut$$' ./cmd/vhdsync/ >> powercut.log 2>&1 || rc=$$?; \
 	  VHDSYNC_POWERCUT_DURATION=$(JOURNAL_DURATION) $(GO) test -count=1 -timeout 0 -v -run '^TestJournalPowerCut$$' ./journal/ >> powercut.log 2>&1 || rc=$$?; \
-	  echo "powercut DURATION=$(DURATION) JOURNAL_DURATION=$(JOURNAL_DURATION) (log: powercut.log)"; \
+	  echo "powercut DURATION=$(DURATION) THIN_DURATION=$(THIN_DURATION) JOURNAL_DURATION=$(JOURNAL_DURATION) (log: powercut.log)"; \
 	  grep -h 'RELIABILITY |' powercut.log | sed 's/.*RELIABILITY //'; \
 	  grep -h 'power-cut loop memory' powercut.log | sed 's/.*powercut_test.go:[0-9]*: //'; \
 	  grep -E '^(--- |ok|FAIL)' powercut.log; exit $$rc

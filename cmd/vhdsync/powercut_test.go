@@ -39,6 +39,9 @@ const (
 	powercutFileMiB   = 8
 	powercutBlock     = 4096
 	powercutShortCuts = 20
+	// powercutThinShortCuts: the thin-attached loop's cuts in make test.
+	powercutThinShortCuts = 8
+	powercutThinDiskMiB   = 256
 	// powercutHookWait is how long a cycle waits for its chosen moment
 	// before it cuts at random instead.
 	powercutHookWait = 4 * time.Second
@@ -46,21 +49,43 @@ const (
 
 // TestE2EPowerCut: see the file comment. Figures go to RELIABILITY.md.
 func TestE2EPowerCut(t *testing.T) {
+	runPowerCut(t, false, powercutShortCuts, envDuration(t, "VHDSYNC_POWERCUT_DURATION"))
+}
+
+// TestE2EThinPowerCut is the same loop on a thin-attached disk: the blob
+// holds ext4 and the writer's file when the state directory (on the
+// power-cut file system) is made with create --from-blob --thin, and the
+// prefetch crawls (0.25 MiB/s); every chunk of the blob holds data, so
+// that reads and writes fetch chunks while the cuts come, some right after
+// a chunk's mark is written or synced. A chunk marked without its data would read as zeros (lost
+// writes); one fetched again over a replayed write would lose it too.
+func TestE2EThinPowerCut(t *testing.T) {
+	runPowerCut(t, true, powercutThinShortCuts, envDuration(t, "VHDSYNC_THIN_POWERCUT_DURATION"))
+}
+
+func runPowerCut(t *testing.T, thinAttach bool, shortCuts int, long time.Duration) {
 	e := newE2E(t, "mkfs.ext4", "e2fsck", "fstrim")
-	long := envDuration(t, "VHDSYNC_POWERCUT_DURATION")
 	began := time.Now()
-	r := &pcRun{t: t, e: e, rng: rand.New(rand.NewSource(time.Now().UnixNano())), fired: map[string]int{}, missed: map[string]int{}}
+	r := &pcRun{t: t, e: e, rng: rand.New(rand.NewSource(time.Now().UnixNano())), fired: map[string]int{}, missed: map[string]int{}, thin: thinAttach, diskMiB: powercutDiskMiB}
+	if thinAttach {
+		// More chunks, fetched one by one as the loop's writes reach them.
+		r.diskMiB = powercutThinDiskMiB
+	}
 	r.mountPC()
 	r.url = e.az.BlobURL("disks", "pc.vhd")
 	r.state = filepath.Join(r.pcMP, "state")
 	r.mp = e.path("mnt")
 	r.fsDir = e.path("fs")
-	e.mustVhdsync("create", "--blob", r.url, "--size", fmt.Sprintf("%dMiB", powercutDiskMiB), "--state", r.state, "--create-container")
+	if thinAttach {
+		r.prepareThin()
+	} else {
+		e.mustVhdsync("create", "--blob", r.url, "--size", fmt.Sprintf("%dMiB", r.diskMiB), "--state", r.state, "--create-container")
+	}
 
 	defer func() {
 		writes, lost := r.model.counts()
-		t.Logf("RELIABILITY | power cuts | %d cuts in %v (%d at a random moment, %d at chosen moments: %s) | %d acknowledged-and-synced writes checked | %d lost | %d replays failed | e2fsck -fn after every replay: %d runs, %d failures | blob equals image: after %d replays and drains, and at the end: %v |",
-			r.cuts, time.Since(began).Round(time.Second), r.cuts-r.hooked, r.hooked, r.firedSummary(), writes, lost, r.replayFailed, r.fscks, r.fsckFailed, r.converged, r.blobOK)
+		t.Logf("RELIABILITY | power cuts%s | %d cuts in %v (%d at a random moment, %d at chosen moments: %s) | %d acknowledged-and-synced writes checked | %d lost | %d replays failed | e2fsck -fn after every replay: %d runs, %d failures | blob equals image: after %d replays and drains, and at the end: %v |",
+			r.thinLabel(), r.cuts, time.Since(began).Round(time.Second), r.cuts-r.hooked, r.hooked, r.firedSummary(), writes, lost, r.replayFailed, r.fscks, r.fsckFailed, r.converged, r.blobOK)
 		var ru syscall.Rusage
 		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 		t.Logf("power-cut loop memory: test process (power-cut file system included) max RSS %d MiB; daemon VmHWM max %d MiB; %d cuts dropped %d MiB of unsynced changes in %d files and %d directory entries; writer: %d writes, %d fsyncs; %d blocks torn by writes in flight (legal)",
@@ -68,19 +93,28 @@ func TestE2EPowerCut(t *testing.T) {
 	}()
 
 	// The first mount: ext4 on the disk, the writer's file written whole
-	// and made durable (file and directory) before anything is recorded.
+	// and made durable (file and directory) before anything is recorded
+	// (a thin disk's blob holds them already).
 	if !r.mountDaemon(nil) {
 		t.Fatal("the first mount was cut")
 	}
 	r.attach()
-	r.e.must("mkfs.ext4", "-q", r.loop)
+	if !thinAttach {
+		r.e.must("mkfs.ext4", "-q", r.loop)
+	}
 	r.mountFS()
-	r.model = newPCModel(powercutFileMiB << 20 / powercutBlock)
-	if err := r.model.create(filepath.Join(r.fsDir, "data.bin")); err != nil {
-		t.Fatal(err)
+	if !thinAttach {
+		r.model = newPCModel(powercutFileMiB << 20 / powercutBlock)
+		if err := r.model.create(filepath.Join(r.fsDir, "data.bin")); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	moments := powercutMoments()
+	if thinAttach {
+		// First, while most chunks are still to be fetched.
+		moments = append(thinPowercutMoments(), moments...)
+	}
 	// VHDSYNC_POWERCUT_MOMENT names a moment every cut is made at.
 	var forced *cutMoment
 	if name := os.Getenv("VHDSYNC_POWERCUT_MOMENT"); name != "" {
@@ -94,7 +128,7 @@ func TestE2EPowerCut(t *testing.T) {
 		}
 	}
 	converge := false // the last cut asks for a convergence check
-	for cycle := 1; r.cuts < powercutShortCuts || time.Since(began) < long; cycle++ {
+	for cycle := 1; r.cuts < shortCuts || time.Since(began) < long; cycle++ {
 		// Every other cut is at a chosen moment, in turn.
 		var m *cutMoment
 		if cycle%2 == 0 {
@@ -127,19 +161,30 @@ func TestE2EPowerCut(t *testing.T) {
 		r.workload(cycle, m)
 		converge = m != nil && m.converge
 	}
-	// The end: a last check, then drain, verify, blob against image.
+	// The end: a last check, then drain, verify, blob against image (a
+	// thin disk fetches the rest first).
+	r.mountArgs = nil
 	if !r.mountDaemon(nil) {
 		t.Fatal("the last mount was cut")
 	}
 	r.attach()
 	r.mountFS()
 	r.check()
+	if thinAttach {
+		if st := r.e.mustStatus(r.state); st.Thin != nil {
+			r.thinMissing = int(st.Thin.MissingChunks)
+		}
+		waitFor(t, 2*time.Minute, "the thin disk to complete", func() (bool, error) {
+			b, err := os.ReadFile(filepath.Join(r.state, "vhdsync.json"))
+			return err == nil && !strings.Contains(string(b), `"thin": true`), err
+		})
+	}
 	umountFS(t, r.fsDir)
 	r.e.must("losetup", "-d", r.loop)
 	r.e.mustVhdsync("unmount", r.mp)
 	r.d.waitExit(time.Minute)
 	r.e.mustVhdsync("verify", "--state", r.state)
-	r.e.checkBlobIsImage(r.url, r.state, powercutDiskMiB<<20)
+	r.e.checkBlobIsImage(r.url, r.state, int64(r.diskMiB)<<20)
 	r.blobOK = true // both fail the test otherwise
 	if _, lost := r.model.counts(); lost != 0 || r.replayFailed != 0 || r.fsckFailed != 0 {
 		t.Errorf("%d acknowledged writes lost, %d replays failed, %d e2fsck failures: all must be 0", lost, r.replayFailed, r.fsckFailed)
@@ -163,8 +208,15 @@ type pcRun struct {
 	fired, missed                                            map[string]int
 	blobOK                                                   bool
 	daemonHWM                                                int64 // KiB
-	droppedBytes                                             int64
-	droppedFiles, droppedEntries                             int
+	// thin: the disk is thin-attached; mountArgs go to every mount but
+	// the last; thinMissing is the chunks still missing at the end.
+	thin                         bool
+	mountArgs                    []string
+	thinMissing                  int
+	thinCuts                     int // cuts after which the disk was still thin
+	diskMiB                      int // the disk's size
+	droppedBytes                 int64
+	droppedFiles, droppedEntries int
 }
 
 // mountPC mounts the power-cut file system and registers its unmount,
@@ -212,7 +264,8 @@ func (r *pcRun) mountDaemon(fired <-chan powercut.CutStats) bool {
 	}
 	done := make(chan res, 1)
 	go func() {
-		out, err := runTimeout(r.e.dir, 2*time.Minute, r.e.bin, "mount", "--state", r.state, r.mp)
+		args := append(append([]string{"mount", "--state", r.state}, r.mountArgs...), r.mp)
+		out, err := runTimeout(r.e.dir, 2*time.Minute, r.e.bin, args...)
 		done <- res{out, err}
 	}()
 	var out res
@@ -400,6 +453,9 @@ func (r *pcRun) afterCut(m *cutMoment, atMount bool) {
 	}
 	r.killDaemons()
 	r.remountPC()
+	if r.thinLocal() != nil {
+		r.thinCuts++
+	}
 }
 
 // noteHWM records the daemon's peak memory.
@@ -763,7 +819,12 @@ func (r *pcRun) convergeCheck(cycle int) {
 	const chunk = 4 << 20
 	img := make([]byte, chunk)
 	first, last, n := int64(-1), int64(-1), 0
-	for off := int64(0); off < powercutDiskMiB<<20; off += chunk {
+	// A thin disk's chunks not yet fetched are on the blob only.
+	local := r.thinLocal()
+	for off := int64(0); off < int64(r.diskMiB)<<20; off += chunk {
+		if local != nil && !local(off) {
+			continue
+		}
 		if _, err := f.ReadAt(img, off); err != nil {
 			r.t.Fatal(err)
 		}
@@ -784,4 +845,71 @@ func (r *pcRun) convergeCheck(cycle int) {
 		return
 	}
 	r.t.Fatalf("cycle %d: after the replay of cut %d and a drain the blob differs from the image: %d sectors, bytes %d-%d", cycle, r.cuts, n, first, last+512)
+}
+
+// prepareThin makes the blob a disk with ext4 and the writer's file
+// (through a state directory of its own, off the power-cut file system),
+// then the loop's state directory from it with create --from-blob --thin,
+// and the mounts' crawling prefetch.
+func (r *pcRun) prepareThin() {
+	src := r.e.path("state-src")
+	r.e.mustVhdsync("create", "--blob", r.url, "--size", fmt.Sprintf("%dMiB", r.diskMiB), "--state", src, "--create-container")
+	mp := r.e.path("mnt-src")
+	d := r.e.mount(src, mp)
+	loop := r.e.losetup(filepath.Join(mp, "pc.img"))
+	// Data in every chunk of the blob (what ext4 leaves free included), so
+	// that the loop's writes fetch chunks all along; mkfs without discard
+	// keeps it.
+	r.e.must("dd", "if=/dev/urandom", "of="+loop, "bs=1M", fmt.Sprintf("count=%d", r.diskMiB), "oflag=direct", "status=none")
+	r.e.must("mkfs.ext4", "-q", "-E", "nodiscard", loop)
+	r.e.mountFS(loop, r.fsDir)
+	r.model = newPCModel(powercutFileMiB << 20 / powercutBlock)
+	if err := r.model.create(filepath.Join(r.fsDir, "data.bin")); err != nil {
+		r.t.Fatal(err)
+	}
+	umountFS(r.t, r.fsDir)
+	detachLoop(r.t, loop, filepath.Join(mp, "pc.img"))
+	r.e.mustVhdsync("unmount", mp)
+	d.waitExit(30 * time.Second)
+	r.e.mustVhdsync("create", "--from-blob", r.url, "--state", r.state, "--thin")
+	r.mountArgs = []string{"--prefetch", "0.25"}
+}
+
+// thinLabel names the loop in its figures.
+func (r *pcRun) thinLabel() string {
+	if r.thin {
+		return fmt.Sprintf(", thin-attached disk (%d of the cuts while chunks were missing; %d still missing before the last prefetch)", r.thinCuts, r.thinMissing)
+	}
+	return ""
+}
+
+// thinLocal returns, for a thin disk, whether the 4 MiB chunk at an offset
+// is marked local (nil: not thin, every chunk is).
+func (r *pcRun) thinLocal() func(off int64) bool {
+	st, err := os.ReadFile(filepath.Join(r.state, "vhdsync.json"))
+	if err != nil || !strings.Contains(string(st), `"thin": true`) {
+		return nil
+	}
+	bits, err := os.ReadFile(filepath.Join(r.state, "thin.present"))
+	if err != nil {
+		r.t.Fatalf("a thin state directory without its bitmap: %v", err)
+	}
+	return func(off int64) bool {
+		c := off / (4 << 20)
+		return bits[c/8]&(1<<(c%8)) != 0
+	}
+}
+
+// thinPowercutMoments are the thin disk's chosen moments: right after a
+// chunk's mark is written (not yet synced: the cut drops it), and right
+// after it is synced.
+func thinPowercutMoments() []cutMoment {
+	return []cutMoment{
+		{name: "thin chunk mark written", pred: nth(2, func(op powercut.Op) bool {
+			return op.Kind == powercut.OpWrite && op.Path == "state/thin.present"
+		})},
+		{name: "thin chunk mark synced", converge: true, pred: nth(2, func(op powercut.Op) bool {
+			return op.Kind == powercut.OpFsync && op.Path == "state/thin.present"
+		})},
+	}
 }

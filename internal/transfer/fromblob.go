@@ -55,7 +55,9 @@ func CreateStateFromBlob(ctx context.Context, d *Download, dir string, o FromBlo
 	}
 	_, statErr := os.Stat(abs)
 	madeDir := errors.Is(statErr, os.ErrNotExist)
-	if err := os.MkdirAll(abs, 0o700); err != nil {
+	// Durably: a power loss must not take the directory (and the state
+	// file in it) back after the command said it was made.
+	if err := durable.MkdirAll(abs, 0o700); err != nil {
 		return nil, res, fmt.Errorf("create state directory: %w", err)
 	}
 	sd := &statedir.Dir{Path: abs}
