@@ -151,7 +151,11 @@ type Map struct {
 	img  *os.File
 	sync func() error
 
+	// bg counts the fetches ReadThrough started in the background.
+	bg sync.WaitGroup
+
 	fetchedBytes, requests, demandChunks, prefetchChunks atomic.Int64
+	readThroughBytes, bgFailures                         atomic.Int64
 	demandWait                                           atomic.Int64 // ns readers and writers waited
 	done                                                 chan struct{}
 	doneOnce                                             sync.Once
@@ -341,6 +345,45 @@ func (m *Map) fetch(ctx context.Context, want []int64, counter *atomic.Int64) er
 	}
 	return nil
 }
+
+// ReadThrough serves a read that lies inside one chunk not yet present
+// straight from the blob, and starts that chunk's fetch in the background:
+// a first read then waits for its own bytes, not for the whole chunk. The
+// blob's data of a chunk not present is the disk's (nothing writes the
+// chunk before it is present, invariant 8), so the bytes are right; a
+// write that completes meanwhile is concurrent with the read. ok is false
+// when it does not apply (the chunk is present, or the read spans chunks):
+// the caller then uses Ensure and the image. A background fetch that
+// fails leaves the chunk as it was; the next access fetches it again and
+// reports the error (Stats.BackgroundFailures counts them).
+func (m *Map) ReadThrough(ctx context.Context, p []byte, off int64) (ok bool, err error) {
+	if len(p) == 0 || m.src == nil {
+		return false, nil
+	}
+	c := off / ChunkSize
+	if (off+int64(len(p))-1)/ChunkSize != c || m.has(c) {
+		return false, nil
+	}
+	m.bg.Add(1)
+	go func() {
+		defer m.bg.Done()
+		if err := m.fetch(ctx, []int64{c}, &m.demandChunks); err != nil {
+			m.bgFailures.Add(1)
+		}
+	}()
+	start := time.Now()
+	defer func() { m.demandWait.Add(int64(time.Since(start))) }()
+	if err := m.src.ReadAt(ctx, p, off); err != nil {
+		return true, fmt.Errorf("read %d+%d from the blob: %w", off, len(p), err)
+	}
+	m.requests.Add(1)
+	m.readThroughBytes.Add(int64(len(p)))
+	return true, nil
+}
+
+// Wait waits for the fetches ReadThrough started (cancel their context
+// first to have them stop).
+func (m *Map) Wait() { m.bg.Wait() }
 
 // load reads chunks from the blob into the image, makes them durable, then
 // records them present. One read per chunk (from its first to its last
@@ -554,8 +597,13 @@ type Stats struct {
 	// FetchedBytes and Requests count this run's fetches; DemandChunks
 	// the chunks a read or write fetched, PrefetchChunks the background's.
 	FetchedBytes, Requests, DemandChunks, PrefetchChunks int64
-	// DemandWait is the time reads and writes spent waiting for fetches.
+	// DemandWait is the time reads and writes spent waiting for fetches
+	// (or for the blob's answer to a read served from it).
 	DemandWait time.Duration
+	// ReadThroughBytes is what first reads took straight from the blob
+	// (ReadThrough); BackgroundFailures the fetches they started that
+	// failed.
+	ReadThroughBytes, BackgroundFailures int64
 }
 
 // Stats returns the current counters.
@@ -564,7 +612,8 @@ func (m *Map) Stats() Stats {
 		AllocatedBytes: m.allocated, PresentBytes: m.presentB.Load(), MissingChunks: m.missing.Load(),
 		FetchedBytes: m.fetchedBytes.Load(), Requests: m.requests.Load(),
 		DemandChunks: m.demandChunks.Load(), PrefetchChunks: m.prefetchChunks.Load(),
-		DemandWait: time.Duration(m.demandWait.Load()),
+		DemandWait:       time.Duration(m.demandWait.Load()),
+		ReadThroughBytes: m.readThroughBytes.Load(), BackgroundFailures: m.bgFailures.Load(),
 	}
 }
 

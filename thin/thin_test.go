@@ -302,3 +302,36 @@ func TestRemove(t *testing.T) {
 		t.Fatalf("second remove: %v", err)
 	}
 }
+
+// A first read inside a chunk not present gets its bytes from the blob and
+// starts the chunk's fetch; reads across chunks, or of a present one, are
+// left to Ensure and the image.
+func TestReadThrough(t *testing.T) {
+	f := newFixture(t, 32*mib, testRanges)
+	m := f.open(t)
+	ctx := context.Background()
+	p := make([]byte, 8192)
+	ok, err := m.ReadThrough(ctx, p, 7*mib)
+	if err != nil || !ok {
+		t.Fatalf("read through: ok %v err %v", ok, err)
+	}
+	if !bytes.Equal(p, f.src.data[7*mib:7*mib+8192]) {
+		t.Fatal("read through returned other bytes than the blob's")
+	}
+	m.Wait()
+	if !m.Present(4*mib, 8*mib) {
+		t.Fatal("the read did not fetch its chunk behind it")
+	}
+	if !bytes.Equal(f.image(t)[4*mib:8*mib], f.src.data[4*mib:8*mib]) {
+		t.Fatal("the chunk fetched behind the read differs from the blob")
+	}
+	if ok, _ := m.ReadThrough(ctx, p, 7*mib); ok {
+		t.Fatal("a present chunk was read from the blob")
+	}
+	if ok, _ := m.ReadThrough(ctx, p, 24*mib-4096); ok {
+		t.Fatal("a read across two chunks was read from the blob")
+	}
+	if st := m.Stats(); st.ReadThroughBytes != 8192 || st.DemandChunks != 1 || st.BackgroundFailures != 0 {
+		t.Fatalf("stats: %+v", st)
+	}
+}

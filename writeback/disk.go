@@ -505,6 +505,16 @@ func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
 	if rem := size - off; int64(len(p)) > rem {
 		p = p[:rem]
 	}
+	if d.thin != nil {
+		// A first read inside a chunk not yet local is served from the
+		// blob while the chunk is fetched behind it.
+		if ok, err := d.thin.ReadThrough(d.runCtx, p, off); ok {
+			if err != nil {
+				return 0, fmt.Errorf("thin disk: %w", err)
+			}
+			return len(p), nil
+		}
+	}
 	if err := d.ensureLocal(off, off+int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -770,6 +780,7 @@ func (d *Disk) Close(ctx context.Context, drain bool) error {
 	<-d.runDone
 	if d.thinDone != nil {
 		<-d.thinDone
+		d.thin.Wait() // the fetches first reads started write the image
 	}
 	if err := d.j.Close(); err != nil {
 		errs = append(errs, err)
