@@ -264,7 +264,7 @@ func thinStatus(s *thin.Stats, err error, prefetch string, since time.Time) *con
 	t := &control.Thin{
 		AllocatedBytes: s.AllocatedBytes, PresentBytes: s.PresentBytes, MissingChunks: s.MissingChunks,
 		FetchedBytes: s.FetchedBytes, FetchRequests: s.Requests, DemandChunks: s.DemandChunks, PrefetchChunks: s.PrefetchChunks,
-		DemandWaitSeconds: s.DemandWait.Seconds(), Prefetch: prefetch,
+		DemandWaitSeconds: s.DemandWait.Seconds(), ReadThroughBytes: s.ReadThroughBytes, Prefetch: prefetch,
 	}
 	if el := time.Since(since).Seconds(); el > 0 {
 		t.FetchBytesPerSec = float64(s.FetchedBytes) / el

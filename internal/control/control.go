@@ -109,13 +109,15 @@ type Thin struct {
 	MissingChunks  int64 `json:"missing_chunks"`
 	// This mount's fetches: bytes, read requests, chunks fetched because
 	// a read or write needed them and by the background prefetch, and the
-	// time reads and writes waited for them.
+	// time reads and writes waited for them; the bytes first reads took
+	// straight from the blob while their chunk was fetched behind them.
 	FetchedBytes      int64   `json:"fetched_bytes"`
 	FetchRequests     int64   `json:"fetch_requests"`
 	DemandChunks      int64   `json:"demand_chunks"`
 	PrefetchChunks    int64   `json:"prefetch_chunks"`
 	DemandWaitSeconds float64 `json:"demand_wait_seconds"`
 	FetchBytesPerSec  float64 `json:"fetch_bytes_per_second"`
+	ReadThroughBytes  int64   `json:"read_through_bytes"`
 	Prefetch          string  `json:"prefetch"`
 	CompleteInSeconds float64 `json:"complete_in_seconds,omitempty"`
 	Error             string  `json:"error,omitempty"`
