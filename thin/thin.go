@@ -473,7 +473,7 @@ func (m *Map) mark(cs []int64) error {
 type PrefetchOptions struct {
 	// BytesPerSecond caps the fetch rate (0: no cap).
 	BytesPerSecond int64
-	// Workers is how many reads run at once (default 4).
+	// Workers is how many reads run at once (default 8, as a download).
 	Workers int
 	// Group is how many chunks a worker fetches per image sync (default 4,
 	// 1 under a cap below 64 MiB/s).
@@ -485,7 +485,7 @@ type PrefetchOptions struct {
 // chunk fetch it themselves meanwhile, ahead of the prefetch.
 func (m *Map) Prefetch(ctx context.Context, o PrefetchOptions) error {
 	if o.Workers <= 0 {
-		o.Workers = 4
+		o.Workers = 8
 	}
 	if o.Group <= 0 {
 		o.Group = 4
