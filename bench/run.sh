@@ -589,7 +589,9 @@ steady_run() {
   VSIZE=4GiB
   start_azurite "$d"; VAZ=$AZPID
   start_throttle "$d" "$EP" --rps "$rps" --mibps "$mibps"
-  mount_on "$TEP" "$name"
+  # The mount is told the limits the proxy enforces (--blob-limits), as an
+  # operator would give a premium blob's.
+  mount_on "$TEP" "$name" --blob-limits "$rps,$mibps"
   if [ "${BENCH_STEADY_PREFILL:-1}" = 1 ]; then
     # The hot region is a database's working set: data that exists, on
     # the blob, before the load starts (see BENCH_BURST_PREFILL).
