@@ -135,7 +135,7 @@ come from files in $CREDENTIALS_DIRECTORY (README: Run it as a service).`,
 	fl.DurationVar(&f.mergeWait, "merge-wait", time.Second, "how long a batch of small scattered writes may wait for more writes to merge with while writers are busy (0: never)")
 	fl.BoolVar(&f.sync, "sync", false, "synchronous replication: fsync (a flush from the loop device) returns only once the blob holds every write before it, so losing the whole machine loses nothing fsync acknowledged; writes between barriers stay write-back. Direct transfer only")
 	fl.DurationVar(&f.syncTimeout, "sync-timeout", 0, "with --sync, the longest a barrier waits for the blob (e.g. 30s); past it barriers return as in write-back mode, logged and counted, and status says degraded until the blob has caught up (default: wait for ever)")
-	fl.StringVar(&f.prefetch, "prefetch", "on", "a thin disk (create --from-blob --thin): fetch the chunks not yet local in the background, `on` (as fast as the blob serves), off, or a cap in MiB/s (e.g. 20); reads and writes fetch what they need first either way")
+	fl.StringVar(&f.prefetch, "prefetch", "on", "a thin disk (create --from-blob --thin): fetch the chunks not yet local in the background; `MODE` is on (as fast as the blob serves), off, or a cap in MiB/s (e.g. 20); reads and writes fetch what they need first either way")
 	fl.BoolVar(&f.noFills, "no-fills", false, "send only pending ranges, never clean sectors between them (measurement only)")
 	f.staged.register(fl)
 	fl.BoolVar(&f.fuseDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
