@@ -308,8 +308,14 @@ func (r *pcRun) killDaemons() {
 			if err != nil || pid == os.Getpid() {
 				continue
 			}
+			// Alive first (from /proc/PID/stat): reading the command line of
+			// a zombie whose threads are stuck in the kernel blocks on its
+			// memory map, and would hang the loop on somebody else's process.
+			if !processAlive(pid) {
+				continue
+			}
 			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-			if err != nil || !strings.Contains(string(b), pattern) || !processAlive(pid) {
+			if err != nil || !strings.Contains(string(b), pattern) {
 				continue
 			}
 			alive++
