@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -202,55 +201,22 @@ func (d *Download) Run(ctx context.Context, path string) (DownloadResult, error)
 // fill reads every page range, in pieces of at most 4 MiB, in parallel,
 // and writes their non-zero sectors to f.
 func (d *Download) fill(ctx context.Context, f *os.File) error {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	work := make(chan span)
-	var wg sync.WaitGroup
-	for range d.o.Workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, pageblob.MaxPutPage)
-			for s := range work {
-				n := s.len()
-				if err := d.c.ReadAt(ctx, buf[:n], s.off); err != nil {
-					cancel(err)
-					return
-				}
-				d.requests.Add(1)
-				d.received.Add(n)
-				runs, _ := scanZeros(buf, 0, n)
-				for _, r := range mergeRuns(runs, imageGap) {
-					if _, err := f.WriteAt(buf[r.off:r.end], s.off+r.off); err != nil {
-						cancel(fmt.Errorf("write %s at %d: %w", f.Name(), s.off+r.off, err))
-						return
-					}
-					d.written.Add(r.len())
-				}
-			}
-		}()
-	}
-feed:
+	spans := make([]span, 0, len(d.ranges))
 	for _, r := range d.ranges {
-		end := min(r.Off+r.Len, d.plan.VirtualSize)
-		for off := r.Off; off < end; {
-			// Pieces follow the 4 MiB grid, so ranges split the same way
-			// whatever their neighbours.
-			next := min((off/pageblob.MaxPutPage+1)*pageblob.MaxPutPage, end)
-			select {
-			case work <- span{off, next}:
-			case <-ctx.Done():
-				break feed
-			}
-			off = next
+		if end := min(r.Off+r.Len, d.plan.VirtualSize); end > r.Off {
+			spans = append(spans, span{r.Off, end})
 		}
 	}
-	close(work)
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil {
-		return err
-	}
-	return nil
+	return readGrid(ctx, d.c, spans, d.o.Workers, &d.requests, &d.received, func(buf []byte, off int64) error {
+		runs, _ := scanZeros(buf, 0, int64(len(buf)))
+		for _, r := range mergeRuns(runs, imageGap) {
+			if _, err := f.WriteAt(buf[r.off:r.end], off+r.off); err != nil {
+				return fmt.Errorf("write %s at %d: %w", f.Name(), off+r.off, err)
+			}
+			d.written.Add(r.len())
+		}
+		return nil
+	})
 }
 
 // checkFileFooter reads back the footer of a written fixed VHD and checks

@@ -158,6 +158,34 @@ func splitChanged(changed, valid []pageblob.Range, size int64) (reads, holes []s
 // parallel, and writes each piece's non-zero sectors to f, punching the
 // rest: the file held other data there.
 func readInto(ctx context.Context, c *pageblob.Client, f *os.File, reads []span, workers int, received, written, punched, requests *atomic.Int64) error {
+	return readGrid(ctx, c, reads, workers, requests, received, func(buf []byte, off int64) error {
+		n := int64(len(buf))
+		runs, _ := scanZeros(buf, 0, n)
+		at := int64(0)
+		for _, r := range append(mergeRuns(runs, imageGap), span{n, n}) {
+			if r.off > at {
+				if err := punch(f, off+at, r.off-at); err != nil {
+					return err
+				}
+				punched.Add(r.off - at)
+			}
+			if r.end > r.off {
+				if _, err := f.WriteAt(buf[r.off:r.end], off+r.off); err != nil {
+					return fmt.Errorf("write %s at %d: %w", f.Name(), off+r.off, err)
+				}
+				written.Add(r.len())
+			}
+			at = r.end
+		}
+		return nil
+	})
+}
+
+// readGrid reads the spans from c in pieces on the 4 MiB grid (so that a
+// range splits the same way whatever its neighbours), workers at a time,
+// counting requests and bytes received, and hands each piece to write with
+// its offset; the first error stops every worker and is returned.
+func readGrid(ctx context.Context, c *pageblob.Client, spans []span, workers int, requests, received *atomic.Int64, write func(buf []byte, off int64) error) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	work := make(chan span)
@@ -175,30 +203,15 @@ func readInto(ctx context.Context, c *pageblob.Client, f *os.File, reads []span,
 				}
 				requests.Add(1)
 				received.Add(n)
-				runs, _ := scanZeros(buf, 0, n)
-				at := int64(0)
-				for _, r := range append(mergeRuns(runs, imageGap), span{n, n}) {
-					if r.off > at {
-						if err := punch(f, s.off+at, r.off-at); err != nil {
-							cancel(err)
-							return
-						}
-						punched.Add(r.off - at)
-					}
-					if r.end > r.off {
-						if _, err := f.WriteAt(buf[r.off:r.end], s.off+r.off); err != nil {
-							cancel(fmt.Errorf("write %s at %d: %w", f.Name(), s.off+r.off, err))
-							return
-						}
-						written.Add(r.len())
-					}
-					at = r.end
+				if err := write(buf[:n], s.off); err != nil {
+					cancel(err)
+					return
 				}
 			}
 		}()
 	}
 feed:
-	for _, r := range reads {
+	for _, r := range spans {
 		for off := r.off; off < r.end; {
 			next := min((off/pageblob.MaxPutPage+1)*pageblob.MaxPutPage, r.end)
 			select {
