@@ -201,10 +201,7 @@ func runDownloadSince(ctx context.Context, g *globals, f downloadFlags, file str
 			return downloadSinceInFull(ctx, g, f, file, sc, base, pt, miss)
 		}
 	}
-	var changed []pageblob.Range
-	for _, r := range changes.Ranges() {
-		changed = append(changed, pageblob.Range{Off: r.Off, Len: r.End - r.Off})
-	}
+	changed := blobRanges(changes)
 	// Until the record says NEW, FILE is half-way: only this same restore
 	// (or a full download) may touch it again.
 	rec.UpdatingTo = f.point
@@ -227,6 +224,15 @@ func runDownloadSince(ctx context.Context, g *globals, f downloadFlags, file str
 		file, f.since, f.point, pt.Epoch, res.ChangedRanges, humanBytes(res.Changed), humanBytes(res.Received), res.Received, res.Requests,
 		humanBytes(res.FullBytes), res.FullBytes, ratio(res.Received, res.FullBytes), humanBytes(res.Written), humanBytes(res.Punched), res.Duration.Round(time.Millisecond))
 	return nil
+}
+
+// blobRanges is a record of changed ranges as the page blob client's.
+func blobRanges(c *points.Changes) []pageblob.Range {
+	var out []pageblob.Range
+	for _, r := range c.Ranges() {
+		out = append(out, pageblob.Range{Off: r.Off, Len: r.End - r.Off})
+	}
+	return out
 }
 
 // ratio says what share of full the incremental restore read.

@@ -145,11 +145,7 @@ func runResync(ctx context.Context, g *globals, state string, bf blobFlags, work
 	if err != nil {
 		return err
 	}
-	var changed []pageblob.Range
-	for _, r := range changes.Ranges() {
-		changed = append(changed, pageblob.Range{Off: r.Off, Len: r.End - r.Off})
-	}
-	res, err := transfer.RunIncremental(ctx, sc, d.ImagePath(), changed, transfer.IncrementalOptions{Raw: true, Workers: workers})
+	res, err := transfer.RunIncremental(ctx, sc, d.ImagePath(), blobRanges(changes), transfer.IncrementalOptions{Raw: true, Workers: workers})
 	if errors.Is(err, transfer.ErrNotIncremental) {
 		return fmt.Errorf("%w: %v; %s", errNoResyncPoint, err, thinAdvice)
 	}
