@@ -283,5 +283,9 @@ func blobMovedAdvice(err error, d *statedir.Dir) error {
 	if !errors.Is(err, writeback.ErrBlobMoved) {
 		return err
 	}
+	if d.State.Thin {
+		// A thin image is partly the old blob's: nothing can resync it.
+		return fmt.Errorf("%w; this state directory is thin, and its chunks not yet local were the old disk's: make a new state directory: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once", err, d.State.BlobURL)
+	}
 	return fmt.Errorf("%w; the image holds the older disk: `vhdsync resync --state %s` brings it up to the blob by diff where recovery points allow, else make a new state directory: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once", err, d.Path, d.State.BlobURL)
 }
