@@ -1,7 +1,8 @@
 // Package thin keeps a thin-attached disk's record of which 4 MiB chunks
 // of the local image hold the blob's data, and fetches the others from the
-// blob: on demand, before a read or a write touches them, and in the
-// background (prefetch) until every chunk is local.
+// blob: on demand, before a write touches them or behind a first read
+// served from the blob (ReadThrough), and in the background (prefetch)
+// until every chunk is local.
 //
 // A state directory made by `vhdsync create --from-blob --thin` holds an
 // empty (sparse) image, the blob's page ranges as they were then
