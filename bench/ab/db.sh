@@ -1,0 +1,51 @@
+#!/bin/bash
+# bench/ab/db.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: the database job of bench/run.sh stage 1b (8 jobs of
+# random 8 KiB writes, each followed by fdatasync, on ext4 on a loop device) on two vhdsync binaries
+# mounted side by side (remote detached) and on the passthrough FUSE server (nullfuse --backing), the
+# order rotated every round. Prints "round target writes/s fdatasync_p99_us write_p99_us" lines. Root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-3} RT=${4:-10}
+work=$(mktemp -d /var/tmp/ab-db.XXXXXX)
+go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
+go build -o $work/nullfuse ./bench/cmd/nullfuse
+declare -A BIN=([old]=$OLDB [new]=$NEWB)
+declare -A VPID FILE FS
+AZ=() PASSPID= LOOPS=()
+cleanup() { set +e
+  for m in "${FS[@]}"; do grep -q " $m " /proc/mounts && umount $m; done
+  for l in "${LOOPS[@]}"; do losetup -d $l; done
+  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
+  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
+  [ -n "$PASSPID" ] && kill $PASSPID; sleep 0.3
+  grep -q " $work/pass " /proc/mounts && umount -l $work/pass
+  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
+trap cleanup EXIT
+for v in old new; do
+  d=$work/$v; mkdir -p $d/mnt
+  $work/azurite-run --port 0 --location $d/az --endpoint-file $d/ep >/dev/null 2>&1 & a=$!; AZ+=($a)
+  for _ in $(seq 600); do [ -s $d/ep ] && break; sleep 0.1; done
+  ${BIN[$v]} create --blob "$(cat $d/ep)/bench/$v.vhd" --size 8GiB --state $d/st --create-container >/dev/null 2>&1
+  ${BIN[$v]} mount --state $d/st --journal-cap 48GiB $d/mnt >/dev/null 2>&1
+  VPID[$v]=$(${BIN[$v]} status --state $d/st --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])')
+  kill $a
+  FILE[$v]=$d/mnt/$v.img
+done
+mkdir -p $work/pass; $work/nullfuse --size 8GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
+for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
+FILE[pass]=$work/pass/pass.img
+t=(old new pass)
+for v in "${t[@]}"; do
+  l=$(losetup -f --show "${FILE[$v]}"); LOOPS+=($l)
+  mkfs.ext4 -q -F $l; mkdir -p $work/fs-$v; mount $l $work/fs-$v; FS[$v]=$work/fs-$v
+done
+for r in $(seq 1 $R); do
+  o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
+  for v in "${order[@]}"; do
+    out=$(fio --name=db --directory="${FS[$v]}" --rw=randwrite --bs=8k --numjobs=8 --fdatasync=1 --size=64M \
+      --ioengine=psync --runtime=$RT --time_based=1 --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
+j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j["sync"]["lat_ns"]["percentile"]
+print(int(w["iops"]), int(s["99.000000"]/1000), int(w["clat_ns"]["percentile"]["99.000000"]/1000))')
+    echo "$r $v $out"
+  done
+done
