@@ -94,8 +94,15 @@ func TestE2EStagedTransfer(t *testing.T) {
 	detachLoop(t, dev, img)
 	stagedWorkload(t, img, 6)
 
-	s := e.mustStatus(state)
-	if s.Transfer != transferStaged || s.StagedEpoch == 0 {
+	// The flusher stages its first batch on its own time: wait for it
+	// (the status was read before it once, on a busy machine).
+	var s statusReport
+	waitFor(t, time.Minute, "a staged epoch in the status", func() (bool, error) {
+		var err error
+		s, err = e.status(state)
+		return err == nil && s.StagedEpoch > 0, err
+	})
+	if s.Transfer != transferStaged {
 		t.Fatalf("status of a staged mount: transfer %q, staged epoch %d", s.Transfer, s.StagedEpoch)
 	}
 	e.mustVhdsync("unmount", mp)
