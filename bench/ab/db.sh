@@ -2,7 +2,8 @@
 # bench/ab/db.sh OLD_BIN NEW_BIN [ROUNDS] [RUNTIME]: the database job of bench/run.sh stage 1b (8 jobs of
 # random 8 KiB writes, each followed by fdatasync, on ext4 on a loop device) on two vhdsync binaries
 # mounted side by side (remote detached) and on the passthrough FUSE server (nullfuse --backing), the
-# order rotated every round. Prints "round target writes/s fdatasync_p99_us write_p99_us" lines. Root.
+# order rotated every round. Prints "round target writes/s fdatasync_p99_us write_p99_us p50_us(fdatasync/write)=..."
+# lines. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-3} RT=${4:-10}
@@ -45,7 +46,8 @@ for r in $(seq 1 $R); do
     out=$(fio --name=db --directory="${FS[$v]}" --rw=randwrite --bs=8k --numjobs=8 --fdatasync=1 --size=64M \
       --ioengine=psync --runtime=$RT --time_based=1 --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j["sync"]["lat_ns"]["percentile"]
-print(int(w["iops"]), int(s["99.000000"]/1000), int(w["clat_ns"]["percentile"]["99.000000"]/1000))')
+c=w["clat_ns"]["percentile"]
+print(int(w["iops"]), int(s["99.000000"]/1000), int(c["99.000000"]/1000), "p50_us(fdatasync/write)=%d/%d" % (s["50.000000"]/1000, c["50.000000"]/1000))')
     echo "$r $v $out"
   done
 done
