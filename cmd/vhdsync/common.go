@@ -278,6 +278,30 @@ func thinStatus(s *thin.Stats, err error, prefetch string, since time.Time) *con
 	return t
 }
 
+// openLocked opens the state directory for a command that changes it:
+// it must be writable, and the command holds its lock (doing is what the
+// lock file says, e.g. "replaying") until it calls Unlock.
+func openLocked(state, doing string) (*statedir.Dir, *statedir.Lock, error) {
+	d, err := statedir.Open(state)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := d.CheckWritable(); err != nil {
+		return nil, nil, err
+	}
+	lock, err := d.TryLock(doing)
+	if err != nil {
+		return nil, nil, err
+	}
+	return d, lock, nil
+}
+
+// newStateAdvice says how to start over from the blob as it is: a new
+// state directory, ready at once when thin.
+func newStateAdvice(blobURL string) string {
+	return fmt.Sprintf("make a new state directory: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once and fetches the data as it is used", blobURL)
+}
+
 // blobMovedAdvice adds what to do to writeback.ErrBlobMoved.
 func blobMovedAdvice(err error, d *statedir.Dir) error {
 	if !errors.Is(err, writeback.ErrBlobMoved) {
@@ -285,7 +309,7 @@ func blobMovedAdvice(err error, d *statedir.Dir) error {
 	}
 	if d.State.Thin {
 		// A thin image is partly the old blob's: nothing can resync it.
-		return fmt.Errorf("%w; this state directory is thin, and its chunks not yet local were the old disk's: make a new state directory: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once", err, d.State.BlobURL)
+		return fmt.Errorf("%w; this state directory is thin, and its chunks not yet local were the old disk's: %s", err, newStateAdvice(d.State.BlobURL))
 	}
-	return fmt.Errorf("%w; the image holds the older disk: `vhdsync resync --state %s` brings it up to the blob by diff where recovery points allow, else make a new state directory: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once", err, d.Path, d.State.BlobURL)
+	return fmt.Errorf("%w; the image holds the older disk: `vhdsync resync --state %s` brings it up to the blob by diff where recovery points allow, else %s", err, d.Path, newStateAdvice(d.State.BlobURL))
 }

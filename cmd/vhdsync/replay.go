@@ -6,7 +6,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/writeback"
 )
 
@@ -38,14 +37,7 @@ on it (losetup -d) and run umount -l MOUNTPOINT.`,
 }
 
 func runReplay(ctx context.Context, g *globals, state string, breakLease bool, bf blobFlags) error {
-	d, err := statedir.Open(state)
-	if err != nil {
-		return err
-	}
-	if err := d.CheckWritable(); err != nil {
-		return err
-	}
-	lock, err := d.TryLock("replaying")
+	d, lock, err := openLocked(state, "replaying")
 	if err != nil {
 		return err
 	}

@@ -10,7 +10,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
-	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/internal/transfer"
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/points"
@@ -59,14 +58,7 @@ ready at once and fetches the data as it is used.`,
 }
 
 func runResync(ctx context.Context, g *globals, state string, bf blobFlags, workers int) error {
-	d, err := statedir.Open(state)
-	if err != nil {
-		return err
-	}
-	if err := d.CheckWritable(); err != nil {
-		return err
-	}
-	lock, err := d.TryLock("resyncing")
+	d, lock, err := openLocked(state, "resyncing")
 	if err != nil {
 		return err
 	}
@@ -87,8 +79,8 @@ func runResync(ctx context.Context, g *globals, state string, bf blobFlags, work
 		return err
 	}
 	if js.PendingRecords > 0 {
-		return fmt.Errorf("%w: the journal of %s holds %d writes (%s) the blob lacks; a resync would lose them. Mount or `vhdsync replay` sends them, if the blob is still this disk's; if another writer took it over, choose whose disk to keep: to keep the blob's, move %s aside and make a new state directory with `vhdsync create --from-blob --thin`",
-			errNotDrained, d.Path, js.PendingRecords, humanBytes(js.PendingBytes), d.Path)
+		return fmt.Errorf("%w: the journal of %s holds %d writes (%s) the blob lacks; a resync would lose them. Mount or `vhdsync replay` sends them, if the blob is still this disk's; if another writer took it over, choose whose disk to keep: to keep the blob's, move %s aside and %s",
+			errNotDrained, d.Path, js.PendingRecords, humanBytes(js.PendingBytes), d.Path, newStateAdvice(d.State.BlobURL))
 	}
 	c, err := connect(g, d, bf, false)
 	if err != nil {
@@ -130,7 +122,7 @@ func runResync(ctx context.Context, g *globals, state string, bf blobFlags, work
 			to = p
 		}
 	}
-	thinAdvice := fmt.Sprintf("make a new state directory instead: `vhdsync create --from-blob %s --state NEWDIR --thin` is ready at once and fetches the data as it is used", d.State.BlobURL)
+	thinAdvice := newStateAdvice(d.State.BlobURL)
 	switch {
 	case from == nil:
 		return fmt.Errorf("%w: the blob has no recovery point of epoch %d, the disk as %s last wrote it (a mount with --recovery-points takes one when it unmounts); %s", errNoResyncPoint, imgEpoch, d.Path, thinAdvice)

@@ -8,7 +8,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vhdsync/vhdsync/azure/pageblob"
-	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/journal"
 	"github.com/vhdsync/vhdsync/remote"
 )
@@ -43,14 +42,7 @@ mounted (exit 10). A SAS in URL is used for the check, never stored.`,
 }
 
 func runSetBlob(ctx context.Context, g *globals, state, blobURL string) error {
-	d, err := statedir.Open(state)
-	if err != nil {
-		return err
-	}
-	if err := d.CheckWritable(); err != nil {
-		return err
-	}
-	lock, err := d.TryLock("changing the blob URL")
+	d, lock, err := openLocked(state, "changing the blob URL")
 	if err != nil {
 		return err
 	}
