@@ -22,16 +22,8 @@ cleanup() { set +e
   grep -q " $work/pass " /proc/mounts && umount -l $work/pass
   for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
 trap cleanup EXIT
-for v in old new; do
-  d=$work/$v; mkdir -p $d/mnt
-  $work/azurite-run --port 0 --location $d/az --endpoint-file $d/ep >/dev/null 2>&1 & a=$!; AZ+=($a)
-  for _ in $(seq 600); do [ -s $d/ep ] && break; sleep 0.1; done
-  ${BIN[$v]} create --blob "$(cat $d/ep)/bench/$v.vhd" --size 8GiB --state $d/st --create-container >/dev/null 2>&1
-  ${BIN[$v]} mount --state $d/st --journal-cap 48GiB $d/mnt >/dev/null 2>&1
-  VPID[$v]=$(${BIN[$v]} status --state $d/st --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])')
-  kill $a
-  FILE[$v]=$d/mnt/$v.img
-done
+. bench/ab/lib.sh
+for v in old new; do ab_mount $v 8GiB; done
 mkdir -p $work/pass; $work/nullfuse --size 8GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
 for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
 FILE[pass]=$work/pass/pass.img

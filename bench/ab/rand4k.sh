@@ -24,17 +24,9 @@ cleanup() { set +e
   for m in null pass; do grep -q " $work/$m " /proc/mounts && umount -l $work/$m; done
   for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
 trap cleanup EXIT
-for v in old new; do
-  d=$work/$v; mkdir -p $d/mnt
-  $work/azurite-run --port 0 --location $d/az --endpoint-file $d/ep >/dev/null 2>&1 & a=$!; AZ+=($a)
-  for _ in $(seq 600); do [ -s $d/ep ] && break; sleep 0.1; done
-  ${BIN[$v]} create --blob "$(cat $d/ep)/bench/$v.vhd" --size 64GiB --state $d/st --create-container >/dev/null 2>&1
-  ${BIN[$v]} mount --state $d/st --journal-cap 48GiB $d/mnt >/dev/null 2>&1
-  VPID[$v]=$(${BIN[$v]} status --state $d/st --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])')
-  # AB_LIVE=1 keeps each mount's Azurite running (the flusher drains as it goes)
-  [ -n "${AB_LIVE:-}" ] || kill $a
-  FILE[$v]=$d/mnt/$v.img
-done
+. bench/ab/lib.sh
+# AB_LIVE=1 keeps each mount's Azurite running (the flusher drains as it goes)
+for v in old new; do ab_mount $v 64GiB; done
 mkdir -p $work/null; $work/nullfuse --size 64GiB --name null $work/null >/dev/null 2>&1 & NULLPID=$!
 for _ in $(seq 100); do [ -e $work/null/null.img ] && break; sleep 0.1; done
 FILE[null]=$work/null/null.img
