@@ -48,21 +48,7 @@ repo=$PWD
 bin=${BENCH_BIN:-$repo/bin/vhdsync}
 work=$(mktemp -d /var/tmp/vhdsync-bench.XXXXXX)
 res=$work/res; mkdir -p "$res"
-pids=() loops=() fsmounts=() fusemounts=() vpids=() frozen=()
-cleanup() {
-  set +e
-  # a frozen Azurite (outage stage) first resumes, so that it can be stopped
-  for g in "${frozen[@]}"; do kill -CONT -- "-$g" 2>/dev/null; done
-  for m in "${fsmounts[@]}"; do mountpoint -q "$m" && umount "$m"; done
-  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
-  for p in "${vpids[@]}"; do kill -9 "$p" 2>/dev/null; done
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  for m in "${fusemounts[@]}"; do grep -q " $m " /proc/mounts && umount -l "$m"; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/lib.sh
 log() { printf '[%s] %s\n' "$(date -u +%T)" "$*" >&2; }
 skip() { [[ "$SKIP" == *" $1 "* ]]; }
 
@@ -70,16 +56,6 @@ go build -o "$work/nullfuse" ./bench/cmd/nullfuse
 go build -o "$work/flushbench" ./bench/cmd/flushbench
 go build -o "$work/azurite-run" ./internal/azurite/cmd/azurite-run
 
-# start_azurite DIR: sets AZPID and EP
-start_azurite() {
-  local d=$1; mkdir -p "$d"
-  "$work/azurite-run" --port 0 --location "$d/az" --endpoint-file "$d/ep" --log "$d/az.log" >/dev/null 2>&1 &
-  AZPID=$!; pids+=("$AZPID")
-  for _ in $(seq 1 600); do [ -s "$d/ep" ] && break; kill -0 "$AZPID" || { echo "azurite died"; exit 1; }; sleep 0.1; done
-  EP=$(cat "$d/ep")
-}
-stop_azurite() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-vstatus() { "$bin" status --state "$1" --json; }
 # wait_drained STATE: until the mount's journal is empty (at most 10 minutes)
 wait_drained() {
   python3 - "$1" "$bin" <<'PY' || true
@@ -92,7 +68,6 @@ while time.time()-t0<600:
     time.sleep(0.5)
 PY
 }
-vpid() { vstatus "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'; }
 # start_nullfuse NAME [--backing FILE]: the null FUSE server (or, with
 # --backing, the passthrough one) at $work/NAME, serving NAME.img
 start_nullfuse() {
@@ -127,31 +102,6 @@ mount_on() {
   fusemounts+=("$d/mnt")
   VST=$d/st VMNT=$d/mnt VPID=$(vpid "$d/st"); vpids+=("$VPID")
 }
-# unlist ARRAY VALUE: drop VALUE from the cleanup array ARRAY once it is
-# undone here (a stopped process's pid can be reused)
-unlist() {
-  local -n arr=$1; local x=$2 keep=() e
-  for e in "${arr[@]}"; do [ "$e" = "$x" ] || keep+=("$e"); done
-  arr=("${keep[@]}")
-}
-# start_throttle DIR TARGET [azurite-throttle flags]: the Azure-limits proxy
-# in front of the Azurite at TARGET, logging every request to DIR/wire.jsonl
-# and writing its counters to DIR/proxy-stats.json when stopped; sets TPID
-# and TEP (its endpoint, which clients use instead of TARGET)
-start_throttle() {
-  local d=$1 target=$2; shift 2
-  mkdir -p "$d"; rm -f "$d/proxy.out"; mkfifo "$d/proxy.out"
-  "$work/azurite-throttle" --target "$target" --endpoint-file "$d/proxy.url" --wire-log "$d/wire.jsonl" \
-    --stats-file "$d/proxy-stats.json" "$@" > "$d/proxy.out" 2> "$d/proxy.log" &
-  TPID=$!; pids+=("$TPID")
-  # its one line of output is the endpoint, printed once it listens
-  TEP=
-  read -r -t 60 TEP < "$d/proxy.out" || true
-  rm -f "$d/proxy.out"
-  [ -n "$TEP" ] || { log "azurite-throttle did not start"; cat "$d/proxy.log" >&2; exit 1; }
-}
-# stop_throttle PID: SIGTERM makes the proxy write its stats file
-stop_throttle() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; unlist pids "$1"; }
 # drain_mount PREFIX LIMIT T0: `vhdsync unmount` of the current mount (VST,
 # VMNT, VPID) with LIMIT seconds to drain, timed from T0 (the workload's end,
 # epoch seconds) into $res/PREFIX-drain.json; past LIMIT ("not drained") the

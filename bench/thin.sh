@@ -41,53 +41,13 @@ CMP=${BENCH_THIN_CMP:-1}
 out=${BENCH_OUT:-bench}
 if [ $# -ge 1 ]; then work=$1; mkdir -p "$work"; else work=$(mktemp -d /var/tmp/vhdsync-bench-thin.XXXXXX); fi
 res=$work/res; mkdir -p "$res"
-pids=() loops=() fusemounts=() vpids=()
-cleanup() {
-  set +e
-  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
-  for p in "${vpids[@]}"; do kill -9 "$p" 2>/dev/null; done
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  for m in "${fusemounts[@]}"; do grep -q " $m " /proc/mounts && umount -l "$m"; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/lib.sh
 log() { printf '[%s] thin: %s\n' "$(date -u +%T)" "$*" >&2; }
 now() { date +%s.%N; }
-# unlist ARRAY VALUE: drop VALUE from the cleanup array ARRAY once undone here
-unlist() {
-  local -n arr=$1; local x=$2 keep=() e
-  for e in "${arr[@]}"; do [ "$e" = "$x" ] || keep+=("$e"); done
-  arr=("${keep[@]}")
-}
 
 go build -o "$work/azurite-run" ./internal/azurite/cmd/azurite-run
 go build -o "$work/azurite-throttle" ./internal/azurite/cmd/azurite-throttle
 
-# start_azurite DIR: sets AZPID and EP (as bench/run.sh's)
-start_azurite() {
-  local d=$1; mkdir -p "$d"
-  "$work/azurite-run" --port 0 --location "$d/az" --endpoint-file "$d/ep" --log "$d/az.log" >/dev/null 2>&1 &
-  AZPID=$!; pids+=("$AZPID")
-  for _ in $(seq 1 600); do [ -s "$d/ep" ] && break; kill -0 "$AZPID" || { echo "azurite died"; exit 1; }; sleep 0.1; done
-  EP=$(cat "$d/ep")
-}
-# start_throttle DIR TARGET [flags]: azurite-throttle in front of TARGET,
-# wire log DIR/wire.jsonl, counters DIR/proxy-stats.json once stopped; sets
-# TPID and TEP
-start_throttle() {
-  local d=$1 target=$2; shift 2
-  mkdir -p "$d"; rm -f "$d/proxy.url"
-  "$work/azurite-throttle" --target "$target" --endpoint-file "$d/proxy.url" --wire-log "$d/wire.jsonl" \
-    --stats-file "$d/proxy-stats.json" "$@" > "$d/proxy.log" 2>&1 &
-  TPID=$!; pids+=("$TPID")
-  for _ in $(seq 1 600); do [ -s "$d/proxy.url" ] && break; kill -0 "$TPID" || { log "azurite-throttle died"; cat "$d/proxy.log" >&2; exit 1; }; sleep 0.1; done
-  TEP=$(cat "$d/proxy.url")
-}
-stop_pid() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; unlist pids "$1"; }
-vstatus() { "$bin" status --state "$1" --json; }
-vpid() { vstatus "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'; }
 is_thin() { python3 -c 'import json,sys;sys.exit(0 if json.load(open(sys.argv[1])).get("thin") else 1)' "$1/vhdsync.json"; }
 # vmount STATE MP [flags]: sets VPID
 vmount() {
@@ -149,7 +109,7 @@ t=$(now)
 "$bin" create --from-blob "$TEP/bench/$NAME.vhd" --state "$S1" --thin > "$res/create.log" 2>&1 \
   || { log "create --thin failed"; cat "$res/create.log" >&2; exit 1; }
 t1=$(now)
-stop_pid "$TPID"
+stop_throttle "$TPID"
 cp "$work/proxy/proxy-stats.json" "$res/create-proxy-stats.json" || true
 cp "$work/proxy/wire.jsonl" "$res/create-wire.jsonl" || true
 echo "{\"seconds\": $(python3 -c "print($t1-$t)")}" > "$res/create.json"
@@ -246,7 +206,7 @@ for i in $(seq 1 "$REPS"); do
   fi
 done
 
-stop_pid "$AZ"
+stop_throttle "$AZ"
 mkdir -p "$out"
 if [ -n "${BENCH_RAW:-}" ]; then mkdir -p "$BENCH_RAW/thin"; cp -r "$res/." "$BENCH_RAW/thin/"; fi
 python3 bench/thin.py report "$res" "$out/results-thin.json" "$out/results-thin.md"
