@@ -44,8 +44,9 @@ func (j *Journal) DeleteRange(d Drained) error {
 		return nil
 	}
 	legacy, pieceKeys := j.legacyInRange(d.FirstSeq, d.LastSeq)
+	imgs := j.imgs.inRange(d.FirstSeq, d.LastSeq)
 	if err := j.deleteKeys(pieceKeys, nil, d.LastSeq, d.LastEpoch); err != nil {
 		return err
 	}
-	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes, legacy)
+	return j.drained(d.LastSeq, d.LastEpoch, d.Records, d.Bytes, legacy, imgs)
 }

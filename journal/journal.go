@@ -104,10 +104,16 @@ type Journal struct {
 	// to badger (tests).
 	replayedIntents int
 
-	// img is the local image, read only for the image-backed records an
-	// older binary left (see legacy.go); legacyN counts those pending.
-	img       *os.File
-	legacyN   atomic.Int64
+	// img is the local image, which holds the payloads of image-backed
+	// records (imagerec.go, and legacy.go for those an older binary
+	// left; legacyN counts those pending).
+	img     *os.File
+	legacyN atomic.Int64
+	// imgs are the pending image-backed records (imagerec.go); imgLow is
+	// the lowest epoch holding one whose bytes no image sync has covered
+	// yet (0: none), which Sync then syncs the image for.
+	imgs      imageRecs
+	imgLow    atomic.Uint64
 	inlineMax int64        // see Options.InlineMax
 	appending atomic.Int64 // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
@@ -251,6 +257,7 @@ func Open(dir string, o Options) (*Journal, error) {
 	j.syncDone = sync.NewCond(&j.syncState)
 	j.group.init(db)
 	j.legacy = map[uint64]*legacyRecord{}
+	j.imgs.init()
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
@@ -335,6 +342,7 @@ func (j *Journal) recover() error {
 	}
 	j.markedEpoch.Store(synced)
 	var torn []uint64
+	var reverted []Record
 	var oldest time.Time // the oldest pending record's
 	err = j.db.View(func(txn *badger.Txn) error {
 		opts := badger.DefaultIteratorOptions
@@ -357,11 +365,19 @@ func (j *Journal) recover() error {
 			}
 			if isTorn, err := j.tornCheck(hdr, synced); err != nil {
 				return err
+			} else if isTorn && hdr.captured {
+				// A capture whose sync did not finish: the write
+				// that needed it never reached the image, which
+				// still holds the record (imagerec.go).
+				hdr.seg, hdr.segOff, hdr.captured = imageSeg, 0, false
+				reverted = append(reverted, hdr)
 			} else if isTorn {
 				torn = append(torn, seq)
 				continue
 			}
-			if hdr.InImage() {
+			if hdr.ImageBacked() {
+				j.imgs.add(&hdr)
+			} else if hdr.InImage() {
 				j.legacy[seq] = &legacyRecord{off: hdr.Offset, end: hdr.End()}
 			} else if hdr.Kind == KindData {
 				seg, err := j.segs.get(hdr.seg)
@@ -387,6 +403,11 @@ func (j *Journal) recover() error {
 	})
 	if err != nil {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	if len(reverted) > 0 {
+		if err := j.revertCaptures(reverted); err != nil {
+			return fmt.Errorf("recover journal %s: restore image-backed records whose capture a power loss took: %w", j.dir, err)
+		}
 	}
 	if len(torn) > 0 {
 		if err := j.dropTorn(torn, synced); err != nil {
@@ -536,6 +557,13 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 			return err
 		}
 	}
+	if apply != nil && j.imgs.uncaptured.Load() > 0 {
+		// The image must not change under a pending image-backed
+		// record before its capture is durable (imagerec.go).
+		if err := j.captureOverlapping(r.Offset, r.End()); err != nil {
+			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
+		}
+	}
 	size := r.payloadSize()
 	if err := j.waitForSpace(ctx, size); err != nil {
 		return err
@@ -545,7 +573,12 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 	var seg *segment
 	var inline *intentlog.Inline
 	direct := false
-	if r.Kind == KindData {
+	imageBacked := apply != nil && j.imageBacked(r)
+	if imageBacked {
+		// Written once: the apply function's image write is the only
+		// copy of the payload (imagerec.go).
+		r.seg, r.segOff, r.crc = imageSeg, 0, crc32c(r.Data)
+	} else if r.Kind == KindData {
 		var err error
 		seg, r.segOff, err = j.segs.reserve(r.Length)
 		if err != nil {
@@ -585,6 +618,12 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
 		if seg != nil {
 			seg.keep(r.Seq)
+		}
+		if imageBacked {
+			j.imgs.add(r)
+			// Under barrierMu: an append of a later epoch cannot
+			// set it first.
+			j.imgLow.CompareAndSwap(0, r.Epoch)
 		}
 	}
 	j.barrierMu.RUnlock()
@@ -627,10 +666,16 @@ func (j *Journal) WaitApplied() {
 func (j *Journal) SyncApplied(syncImage func() error) error {
 	j.applyMu.Lock()
 	defer j.applyMu.Unlock()
-	if err := j.Sync(); err != nil {
+	if err := j.syncLog(); err != nil {
 		return err
 	}
-	return syncImage()
+	if err := syncImage(); err != nil {
+		return err
+	}
+	// No append is in flight: every image-backed record appended so far
+	// is applied, and now durable.
+	j.imgLow.Store(0)
+	return nil
 }
 
 // closeEpoch closes epoch e if it is still the open one. Closing an epoch
@@ -809,11 +854,13 @@ func (j *Journal) OpenEpochAge() time.Duration {
 }
 
 // Sync makes every record appended before it durable: the segment files
-// and intent log files written since the last sync, in parallel. Badger's
-// logs are not synced here: what a barrier promises is in the intent log;
-// badger is synced before anything depends on it (syncIndex). Nor is the
-// local image: the flusher syncs it before it deletes what was applied to
-// it.
+// and intent log files written since the last sync, in parallel (syncLog),
+// and, when an image-backed record of a closed epoch may not be durable
+// in the local image yet, the image too (through SyncApplied, see
+// imagerec.go). Badger's logs are not synced here: what a barrier
+// promises is in the intent log; badger is synced before anything depends
+// on it (syncIndex). Otherwise the image is left to the flusher, which
+// syncs it before it deletes what was applied to it.
 //
 // Concurrent calls share the work: a call returns with the result of the
 // first sync that started after it was made (waiting for one already
@@ -821,6 +868,26 @@ func (j *Journal) OpenEpochAge() time.Duration {
 // arriving while the flusher syncs costs at most one more sync, and N
 // writers fsyncing at once cost about two, not N.
 func (j *Journal) Sync() error {
+	if err := j.syncLog(); err != nil {
+		return err
+	}
+	if low := j.imgLow.Load(); low == 0 || low > j.closed.Load() {
+		return nil
+	}
+	// An image-backed record of a closed epoch may have its bytes in the
+	// image's page cache only: a barrier acknowledging it, or a batch
+	// sending it to the blob, needs them durable (imagerec.go).
+	return j.SyncApplied(func() error {
+		if err := Datasync(j.img); err != nil {
+			return fmt.Errorf("sync local image: %w", err)
+		}
+		return nil
+	})
+}
+
+// syncLog is Sync without the image: the intent log and the segments.
+// Concurrent calls share the work (see Sync).
+func (j *Journal) syncLog() error {
 	j.syncState.Lock()
 	want := j.syncStarted + 1
 	for j.syncFinished < want {
@@ -1190,6 +1257,9 @@ func (j *Journal) load(r *Record) error {
 	if r.seg == 0 {
 		return j.loadImageBacked(r)
 	}
+	if r.seg == imageSeg {
+		return j.loadImageRecord(r)
+	}
 	var err error
 	r.Data, err = j.segs.read(r)
 	return err
@@ -1202,6 +1272,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 		return nil
 	}
 	legacy, pieceKeys := j.legacyKeys(recs)
+	imgs := j.imgs.among(recs)
 	var bytes int64
 	for i := range recs {
 		bytes += recs[i].payloadSize()
@@ -1216,7 +1287,7 @@ func (j *Journal) Delete(recs []Record, lastEpoch uint64) error {
 	if err := j.deleteKeys(pieceKeys, seqs, recs[len(recs)-1].Seq, lastEpoch); err != nil {
 		return err
 	}
-	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes, legacy)
+	return j.drained(recs[len(recs)-1].Seq, lastEpoch, int64(len(recs)), bytes, legacy, imgs)
 }
 
 // deleteKeys deletes, in one badger write batch, the index entries of the
@@ -1264,13 +1335,15 @@ func (j *Journal) deleteKeys(pieceKeys [][]byte, seqs iter.Seq[uint64], lastSeq,
 // drained updates the journal after the deletion of drained records up to
 // lastSeq (durable in badger, legacy among them): the drained epoch, the
 // segments no pending record needs, and the pending counters.
-func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legacy []uint64) error {
-	if legacy != nil {
-		// The writers waiting for these records go on once their deletion
-		// is durable (see legacy.go).
+func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legacy []uint64, imgs []*imageRec) error {
+	if legacy != nil || imgs != nil {
+		// The writers waiting for these records go on, and writes over
+		// image-backed ones stop capturing them, once their deletion is
+		// durable (see legacy.go, imageRecs.drop).
 		if err := j.syncIndex(); err != nil {
 			return fmt.Errorf("delete drained records: %w", err)
 		}
+		j.imgs.drop(imgs)
 	}
 	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
 	// Whole segments whose records are all drained are deleted by the
@@ -1306,6 +1379,12 @@ type Stats struct {
 	// DirectEntries counts the entries written to the intent log with
 	// O_DIRECT (see directCadence).
 	DirectEntries uint64
+	// ImageBacked counts the pending records whose payload only the local
+	// image holds; Captures and CapturedBytes the copies made of such
+	// records before a write changed the image over them (imagerec.go).
+	ImageBacked   int64
+	Captures      uint64
+	CapturedBytes uint64
 }
 
 // Stats returns the journal's counters.
@@ -1321,6 +1400,9 @@ func (j *Journal) Stats() Stats {
 	s.OldestNotOnRemote = j.OldestNotOnRemote()
 	s.DiskBytes = dirBytes(j.dir)
 	s.DirectEntries = j.directEntries.Load()
+	s.ImageBacked = j.imgs.uncaptured.Load()
+	s.Captures = j.imgs.captures.Load()
+	s.CapturedBytes = j.imgs.capturedBytes.Load()
 	return s
 }
 

@@ -46,8 +46,9 @@ type legacyRecord struct {
 }
 
 // AttachImage gives the journal the local image, where the payloads of
-// image-backed records written by an older binary are (see legacy.go).
-// Disk does this before it replays or writes anything.
+// image-backed records are (imagerec.go, and those an older binary wrote,
+// legacy.go). Disk does this before it replays or writes anything; without
+// it every record goes to segments.
 func (j *Journal) AttachImage(f *os.File) { j.img = f }
 
 func pieceKey(seq uint64, off int64) []byte {

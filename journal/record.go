@@ -52,6 +52,9 @@ type Record struct {
 	seg    uint64
 	segOff int64
 	crc    uint32
+	// captured: an image-backed record whose bytes a capture copied to
+	// the segment (see imagerec.go). Stored as the kind byte's top bit.
+	captured bool
 }
 
 // End is Offset+Length.
@@ -70,12 +73,18 @@ func (r *Record) encode() []byte {
 	be.PutUint64(b[8:], uint64(r.Offset))
 	be.PutUint64(b[16:], uint64(r.Length))
 	b[24] = byte(r.Kind)
+	if r.captured {
+		b[24] |= capturedFlag
+	}
 	be.PutUint64(b[25:], uint64(r.Time.UnixNano()))
 	be.PutUint64(b[33:], r.seg)
 	be.PutUint64(b[41:], uint64(r.segOff))
 	be.PutUint32(b[49:], r.crc)
 	return b
 }
+
+// capturedFlag is the kind byte's bit that marks a captured record.
+const capturedFlag = 0x80
 
 // decodeRecord parses an index entry (without the payload).
 func decodeRecord(seq uint64, b []byte) (Record, error) {
@@ -88,11 +97,13 @@ func decodeRecord(seq uint64, b []byte) (Record, error) {
 		Epoch:  be.Uint64(b[0:]),
 		Offset: int64(be.Uint64(b[8:])),
 		Length: int64(be.Uint64(b[16:])),
-		Kind:   Kind(b[24]),
+		Kind:   Kind(b[24] &^ capturedFlag),
 		Time:   time.Unix(0, int64(be.Uint64(b[25:]))),
 		seg:    be.Uint64(b[33:]),
 		segOff: int64(be.Uint64(b[41:])),
 		crc:    be.Uint32(b[49:]),
+
+		captured: b[24]&capturedFlag != 0,
 	}
 	if err := r.check(); err != nil {
 		return Record{}, fmt.Errorf("journal record %d: %w", seq, err)
@@ -122,9 +133,10 @@ func (r *Record) payloadSize() int64 {
 }
 
 // InImage reports whether the record's payload lives in the local image
-// only, not in a segment: an image-backed record, which only the removed
-// mount --write-once wrote. It stays because a state directory left by a
+// only, not in a segment, and was written by the removed
+// mount --write-once. It stays because a state directory left by a
 // binary that had it may still hold pending ones, whose only copy is the
 // image: replay must leave that alone rather than ask for a segment that
-// does not exist (see legacy.go).
+// does not exist (see legacy.go). This binary's image-backed records
+// (ImageBacked, imagerec.go) are captured by recovery instead.
 func (r *Record) InImage() bool { return r.Kind == KindData && r.seg == 0 }

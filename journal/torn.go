@@ -71,18 +71,23 @@ func (j *Journal) markSynced(closed uint64) {
 // tornCheck reports whether record r, read at open, is torn: its epoch is
 // above the synced mark and its segment is missing or its payload does not
 // match its CRC. Below the mark such a record is damage (an error).
+//
+// A captured record (imagerec.go) carries the epoch of the record it
+// copies, below the mark as often as not, so its copy is checked whatever
+// its epoch, and a bad one is torn too: the caller turns it back into the
+// image-backed record it was.
 func (j *Journal) tornCheck(r Record, synced uint64) (torn bool, err error) {
-	if r.Kind != KindData || r.InImage() {
+	if r.Kind != KindData || r.InImage() || r.ImageBacked() {
 		return false, nil
 	}
 	_, gerr := j.segs.get(r.seg)
-	if gerr == nil && r.Epoch > synced {
+	if gerr == nil && (r.Epoch > synced || r.captured) {
 		_, gerr = j.segs.read(&r)
 	}
 	switch {
 	case gerr == nil:
 		return false, nil
-	case r.Epoch > synced:
+	case r.Epoch > synced || r.captured:
 		return true, nil
 	default:
 		return false, fmt.Errorf("journal record %d: %w", r.Seq, gerr)

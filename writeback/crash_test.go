@@ -156,7 +156,7 @@ func TestCrashRecovery(t *testing.T) {
 	var total orderStats
 	points := map[string]int{}
 	base := propBaseDir(t)
-	cases, replayed, alreadyRemote := 0, 0, 0
+	cases, replayed, alreadyRemote, imageBacked := 0, 0, 0, 0
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
 		size := rapid.SampledFrom([]int64{128 << 10, 256 << 10}).Draw(rt, "size")
@@ -271,9 +271,16 @@ func TestCrashRecovery(t *testing.T) {
 		total.add(ost)
 		replayed += rp.Records
 		alreadyRemote += rp.AlreadyRemote
+		imageBacked += rp.ImageBacked
+		if rp.Torn > 0 {
+			rt.Fatalf("%d image-backed records found torn without a power loss", rp.Torn)
+		}
 	})
-	t.Logf("crash: %d crash points %v; %d records replayed, %d of them already on the blob; %d states checked (%d in segments across a crash)",
-		cases, points, replayed, alreadyRemote, total.states, total.crashSegment)
+	t.Logf("crash: %d crash points %v; %d records replayed, %d of them already on the blob, %d image-backed (captured by the replay); %d states checked (%d in segments across a crash)",
+		cases, points, replayed, alreadyRemote, imageBacked, total.states, total.crashSegment)
+	if cases > 20 && imageBacked == 0 {
+		t.Errorf("no image-backed record was pending at a crash: the test does not exercise their replay")
+	}
 }
 
 // crashKind says where in the flusher's cycle the crash hit.

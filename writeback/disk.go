@@ -120,6 +120,11 @@ type ReplayStats struct {
 	Bytes          int64 // their data bytes
 	AlreadyRemote  int   // records the blob already held (dropped)
 	RemoteSequence int64
+	// ImageBacked records (payload in the image only) were captured to
+	// the journal's segments; Torn of them had lost (part of) their bytes
+	// to a power loss and took what the image held instead.
+	ImageBacked int
+	Torn        int
 }
 
 // ErrStagingAhead: the staging store holds segments this state directory
@@ -413,7 +418,7 @@ func (d *Disk) replayJournal(seq remote.Sequence, keepAll bool) error {
 		return nil
 	}
 	d.replay.Records = len(recs)
-	if d.replay.Bytes, err = d.reapply(recs); err != nil {
+	if err := d.replayImageBacked(recs); err != nil {
 		return fmt.Errorf("replay journal: %w", err)
 	}
 	if err := d.img.Sync(); err != nil {
@@ -423,7 +428,71 @@ func (d *Disk) replayJournal(seq remote.Sequence, keepAll bool) error {
 	if err := d.j.Delete(onRemote, remoteEpoch); err != nil {
 		return fmt.Errorf("replay journal: %w", err)
 	}
-	d.log.Info("journal replayed", "records", d.replay.Records, "bytes", d.replay.Bytes, "already_on_blob", len(onRemote), "blob_sequence", seq)
+	d.log.Info("journal replayed", "records", d.replay.Records, "bytes", d.replay.Bytes, "already_on_blob", len(onRemote), "blob_sequence", seq,
+		"image_backed", d.replay.ImageBacked, "torn_image_backed", d.replay.Torn)
+	return nil
+}
+
+// replayImageBacked re-applies recs to the image (reapply), capturing
+// every image-backed record among them to the journal's segments first
+// (journal/imagerec.go), and makes the captures durable.
+//
+// A record whose bytes the image holds (its CRC matches) is captured
+// before anything writes the image. One whose bytes a power loss took was
+// never acknowledged (a barrier syncs the image before it returns): it
+// takes no part in the re-application, and is captured afterwards with
+// what the image then holds over its range, its own bytes or the older
+// ones per sector. Re-applying an older record over it is what restores
+// the older ones where the image lost those too; leaving it the winner
+// would keep bytes older still.
+func (d *Disk) replayImageBacked(recs []journal.Record) error {
+	var torn []int
+	for i := range recs {
+		if !recs[i].ImageBacked() {
+			continue
+		}
+		d.replay.ImageBacked++
+		ok, err := d.j.CheckImage(&recs[i])
+		if err != nil {
+			return err
+		}
+		if !ok {
+			torn = append(torn, i)
+			continue
+		}
+		if recs[i], err = d.j.Capture(recs[i], true); err != nil {
+			return err
+		}
+	}
+	apply := recs
+	if len(torn) > 0 {
+		apply = make([]journal.Record, 0, len(recs)-len(torn))
+		for i, t := 0, 0; i < len(recs); i++ {
+			if t < len(torn) && torn[t] == i {
+				t++
+				continue
+			}
+			apply = append(apply, recs[i])
+		}
+	}
+	var err error
+	if d.replay.Bytes, err = d.reapply(apply); err != nil {
+		return err
+	}
+	for _, i := range torn {
+		if recs[i], err = d.j.Capture(recs[i], false); err != nil {
+			return err
+		}
+	}
+	d.replay.Torn = len(torn)
+	if len(torn) > 0 {
+		d.log.Warn("journal replay: image-backed records lost (part of) their bytes in a power loss; they were written after the last barrier, and take what the image holds", "records", len(torn), "first_seq", recs[torn[0]].Seq)
+	}
+	if d.replay.ImageBacked > 0 {
+		if err := d.j.Sync(); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

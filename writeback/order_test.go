@@ -661,6 +661,7 @@ func propFinalCheck(t propT, dir string, r *remote.MemRemote, m *diskModel, clos
 func TestOrderProperty(t *testing.T) {
 	var total orderStats
 	cases, steps, batches, filled, unfilled, preempted := 0, 0, uint64(0), uint64(0), uint64(0), uint64(0)
+	captures := uint64(0)
 	base := propBaseDir(t)
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
@@ -728,11 +729,15 @@ func TestOrderProperty(t *testing.T) {
 		filled += st.Flusher.FilledBytes
 		preempted += st.Flusher.PreemptedBatches
 		unfilled += st.Flusher.UnfilledBytes
+		captures += st.Journal.Captures
 	})
-	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches (%d preempted), %d bytes filled from the image (%d planned fill bytes refused: written since, or holes)",
-		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches, preempted, filled, unfilled)
+	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches (%d preempted), %d bytes filled from the image (%d planned fill bytes refused: written since, or holes), %d image-backed records captured",
+		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches, preempted, filled, unfilled, captures)
 	if cases > 20 && preempted == 0 {
 		t.Errorf("no batch was preempted: the test does not exercise preemption")
+	}
+	if cases > 20 && captures == 0 {
+		t.Errorf("no image-backed record was captured: the test does not exercise writes over large pending writes")
 	}
 	if cases > 20 && filled == 0 {
 		t.Errorf("no Put Page carried clean sectors from the image: the test does not exercise fills")

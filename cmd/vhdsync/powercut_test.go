@@ -696,7 +696,9 @@ func (m *pcModel) create(path string) error {
 	return syncDir(filepath.Dir(path))
 }
 
-// write writes 1-4 blocks at a time at random, an fsync or fdatasync after
+// write writes 1-4 blocks at a time at random, and one time in four
+// 16-32 (64-128 KiB, which the daemon keeps in its image only, and
+// captures when a later write lands on them), an fsync or fdatasync after
 // a random number of writes, until stop or an error.
 func (m *pcModel) write(path string, rng *rand.Rand, stop <-chan struct{}) error {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -713,6 +715,9 @@ func (m *pcModel) write(path string, rng *rand.Rand, stop <-chan struct{}) error
 		default:
 		}
 		k := 1 + rng.Intn(4)
+		if rng.Intn(4) == 0 {
+			k = min(16+rng.Intn(17), blocks)
+		}
 		first := rng.Intn(blocks - k + 1)
 		buf := make([]byte, 0, k*powercutBlock)
 		m.mu.Lock()

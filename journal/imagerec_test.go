@@ -1,0 +1,104 @@
+package journal
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// appendImage appends a data record of n bytes of b at off with an apply
+// function that writes it to img, as Disk does.
+func appendImage(t *testing.T, j *Journal, img *os.File, off int64, n int, b byte) Record {
+	t.Helper()
+	r := Record{Offset: off, Length: int64(n), Kind: KindData, Data: bytes.Repeat([]byte{b}, n)}
+	if err := j.AppendApply(context.Background(), &r, func() error {
+		_, err := img.WriteAt(r.Data, off)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestCaptureTornByPowerLossReverts: a capture's copy that a power loss
+// took (its sync never finished, so the write over the record never
+// reached the image either) turns back into the image-backed record it
+// was, rather than being dropped or refused.
+func TestCaptureTornByPowerLossReverts(t *testing.T) {
+	dir := t.TempDir()
+	const size = 1 << 20
+	imgPath := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(imgPath, make([]byte, size), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	img, err := os.OpenFile(imgPath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	j, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.AttachImage(img)
+	v := appendImage(t, j, img, 0, 128<<10, 9)
+	if !v.ImageBacked() {
+		t.Fatalf("a 128 KiB write with an apply function is not image-backed")
+	}
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	appendImage(t, j, img, 64<<10, 128<<10, 5) // over v's second half
+	if st := j.Stats(); st.Captures != 1 || st.ImageBacked != 1 {
+		t.Fatalf("%d captures, %d image-backed; want 1, 1", st.Captures, st.ImageBacked)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The power loss: the capture's copy is gone, and so is the write
+	// over v (the image holds v again).
+	segs, err := filepath.Glob(filepath.Join(dir, "seg-*.dat"))
+	if err != nil || len(segs) == 0 {
+		t.Fatalf("no segment files (%v)", err)
+	}
+	for _, s := range segs {
+		if err := os.Truncate(s, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := img.WriteAt(bytes.Repeat([]byte{9}, 64<<10), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+
+	j2, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatalf("reopen after the capture was lost: %v", err)
+	}
+	defer j2.Close()
+	j2.AttachImage(img)
+	var got []Record
+	if err := j2.Scan(0, func(r Record) (bool, error) {
+		got = append(got, r)
+		return false, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Seq != v.Seq {
+		t.Fatalf("pending records after the reopen: %+v", got)
+	}
+	if !got[0].ImageBacked() {
+		t.Fatalf("record %d is not image-backed again: %+v", v.Seq, got[0])
+	}
+	if ok, err := j2.CheckImage(&got[0]); err != nil || !ok {
+		t.Fatalf("CheckImage of the reverted record: %v, %v; want true", ok, err)
+	}
+	p, err := j2.Payload(&got[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(p, v.Data) {
+		t.Fatal("the reverted record does not read back as written")
+	}
+}
