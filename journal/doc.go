@@ -5,7 +5,9 @@
 // An append's index entry (and a small payload) goes to the intent log
 // (package intentlog) with one pwrite; an indexer commits the entries to
 // badger in the background (indexer.go, groupcommit.go), and small
-// payloads to their segment (segment.go). Badger is the ordered index
+// payloads to their segment (segment.go). A payload of ImageMin bytes or
+// more appended with an apply function stays in the local image only, and
+// is captured to a segment before anything writes over it (imagerec.go). Badger is the ordered index
 // that every read goes through: the flusher scans whole closed epochs in
 // seq order (Scan), reads each payload when it sends it (Payload), and
 // deletes a batch once delivered (DeleteRange; replay uses Delete), which
@@ -18,11 +20,13 @@
 //
 //  1. Durable ack. A write is in the journal before it is acknowledged:
 //     Append returns once the record's entry (and a small payload) is in
-//     the intent log and a large payload in its segment file, so it
-//     survives kill -9, and every read sees it. Everything acknowledged
-//     before a Barrier returned is durable: Barrier closes the epoch, then
-//     fdatasyncs the intent log and segment files written since the last
-//     sync, so it survives power loss too.
+//     the intent log and a large payload in its segment file, or, for an
+//     image-backed record, in the image, so it survives kill -9, and every
+//     read sees it. Everything acknowledged before a Barrier returned is
+//     durable: Barrier closes the epoch, then fdatasyncs the intent log and
+//     segment files written since the last sync (and the image, when it
+//     may hold an image-backed record's bytes only in its page cache), so
+//     it survives power loss too.
 //  6. Bounded. The pending bytes (payloads and index entries) are capped
 //     by Options.MaxPendingBytes: an Append that would exceed the cap
 //     blocks until the flusher has drained enough, or its context ends;
@@ -36,6 +40,7 @@
 // never the reverse:
 //
 //	applyMu (read) → barrierMu → indexer.mu, intentlog Log.mu
+//	imageRec.mu → imageRecs.mu, segments.mu, intentlog Log.mu, indexer.mu
 //	applyMu (write) → syncMu, markMu (SyncApplied)
 //	markMu → indexer.mu, intentlog Log.mu (markSynced)
 //	syncMu → segments.closeMu (read) → segments.mu

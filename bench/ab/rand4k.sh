@@ -9,7 +9,9 @@ cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
 # AB_FIO replaces the workload, e.g. AB_FIO="--rw=randwrite --bs=4k --ioengine=psync --fsync=1"
 # (fsync latency) or AB_FIO="--rw=write --bs=1M --iodepth=8 --ioengine=libaio" (sequential).
-# AB_LIVE=1 leaves the remotes attached.
+# AB_LIVE=1 leaves the remotes attached. AB_FRESH=16G gives each round its own 16 GiB of never
+# written space (round r at (r-1)*16 GiB; at most 4 rounds), so that no write lands on data still
+# pending from an earlier round: e.g. a file system filled for the first time.
 FIOARGS=${AB_FIO:---rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio}
 work=$(mktemp -d /var/tmp/ab-rand4k.XXXXXX)
 go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
@@ -39,7 +41,9 @@ t=(old new null pass local)
 for r in $(seq 1 $R); do
   o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do
-    iops=$(fio --name=j --filename="${FILE[$v]}" --size=2G --direct=1 --runtime=$RT --time_based=1 \
+    span="--size=2G"
+    if [ -n "${AB_FRESH:-}" ]; then span="--offset=$(( (r-1) * ${AB_FRESH%G} ))G --size=$AB_FRESH"; fi
+    iops=$(fio --name=j --filename="${FILE[$v]}" $span --direct=1 --runtime=$RT --time_based=1 \
       $FIOARGS --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j.get("sync",{}).get("lat_ns",{}).get("percentile",{})
 p=w["clat_ns"]["percentile"]

@@ -323,7 +323,9 @@ func (e *e2e) syncedPendingJournal(name string) (url, state string) {
 	if err := px.Proxy.SetLimits(throttle.Limits{RequestsPerSecond: 0.001}); err != nil {
 		e.t.Fatal(err)
 	}
-	writeAtSync(e.t, filepath.Join(mp, name+".img"), map[int64][]byte{0: pattern("p0", 64<<10), 1 << 20: pattern("p1", 64<<10)})
+	// 48 KiB: above what the intent log carries, below what the image
+	// alone holds (journal.ImageMin): each payload in a segment.
+	writeAtSync(e.t, filepath.Join(mp, name+".img"), map[int64][]byte{0: pattern("p0", 48<<10), 1 << 20: pattern("p1", 48<<10)})
 	if s := e.mustStatus(state); s.JournalRecords != 2 {
 		e.t.Fatalf("the acknowledged writes are not pending in the journal: %+v", s)
 	}

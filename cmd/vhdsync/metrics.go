@@ -257,6 +257,9 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge("vhdsync_journal_cap_bytes", float64(j.MaxBytes))
 	gauge("vhdsync_journal_disk_bytes", float64(j.DiskBytes))
 	gauge("vhdsync_journal_blocked_writers", float64(j.BlockedWriters))
+	gauge("vhdsync_journal_image_backed_records", float64(j.ImageBacked))
+	counter("vhdsync_journal_captures_total", j.Captures)
+	counter("vhdsync_journal_captured_bytes_total", j.CapturedBytes)
 	gauge("vhdsync_journal_open_epoch", float64(j.OpenEpoch))
 	counter("vhdsync_journal_epochs_closed_total", j.EpochsClosed)
 

@@ -39,6 +39,13 @@ type Status struct {
 	OldestPending   time.Time `json:"oldest_pending,omitzero"`
 	LagSeconds      float64   `json:"lag_seconds"`
 	BlockedWriters  int       `json:"blocked_writers"`
+	// ImageBacked counts the pending records whose only copy is the local
+	// image (writes of 64 KiB or more, written once); Captures and
+	// CapturedBytes the copies made of such records before a write
+	// changed the image over them.
+	ImageBacked   int64  `json:"journal_image_backed_records"`
+	Captures      uint64 `json:"journal_captures"`
+	CapturedBytes uint64 `json:"journal_captured_bytes"`
 	// Sync: mounted with --sync (a barrier waits for the blob);
 	// SyncDegraded: barriers timed out (--sync-timeout) and return without
 	// the blob until it has caught up; SyncTimeouts counts them.
