@@ -50,9 +50,17 @@ func TestCaptureTornByPowerLossReverts(t *testing.T) {
 	if _, err := j.Barrier(); err != nil {
 		t.Fatal(err)
 	}
-	appendImage(t, j, img, 64<<10, 128<<10, 5) // over v's second half
-	if st := j.Stats(); st.Captures != 1 || st.ImageBacked != 1 {
-		t.Fatalf("%d captures, %d image-backed; want 1, 1", st.Captures, st.ImageBacked)
+	// A zero range over v's second half (no payload, so the only
+	// segment bytes are the capture's).
+	z := Record{Offset: 64 << 10, Length: 128 << 10, Kind: KindZero}
+	if err := j.AppendApply(context.Background(), &z, func() error {
+		_, err := img.WriteAt(make([]byte, z.Length), z.Offset)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if st := j.Stats(); st.Captures != 1 || st.ImageBacked != 0 {
+		t.Fatalf("%d captures, %d image-backed; want 1, 0", st.Captures, st.ImageBacked)
 	}
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
@@ -100,5 +108,66 @@ func TestCaptureTornByPowerLossReverts(t *testing.T) {
 	}
 	if !bytes.Equal(p, v.Data) {
 		t.Fatal("the reverted record does not read back as written")
+	}
+}
+
+// TestHotRanges: the ranges of pending large writes merge where they
+// touch, answer overlaps, and go once drained.
+func TestHotRanges(t *testing.T) {
+	var h hotRanges
+	h.add(0, 256<<10, 1)
+	h.add(256<<10, 512<<10, 2) // touches: merges
+	h.add(1<<20, 2<<20, 3)
+	if len(h.ranges) != 2 || h.ranges[0] != (hotRange{0, 512 << 10, 2}) {
+		t.Fatalf("ranges %+v", h.ranges)
+	}
+	for _, c := range []struct {
+		off, end int64
+		want     bool
+	}{{0, 1, true}, {511 << 10, 512 << 10, true}, {512 << 10, 1 << 20, false}, {1<<20 - 1, 1 << 20, false}, {1 << 20, 1<<20 + 1, true}, {2 << 20, 3 << 20, false}, {100, 3 << 20, true}} {
+		if got := h.overlaps(c.off, c.end); got != c.want {
+			t.Errorf("overlaps(%d, %d) = %v, want %v", c.off, c.end, got, c.want)
+		}
+	}
+	h.add(400<<10, 1<<20+1, 4) // bridges both: one range
+	if len(h.ranges) != 1 || h.ranges[0] != (hotRange{0, 2 << 20, 4}) {
+		t.Fatalf("after a bridging write: %+v", h.ranges)
+	}
+	h.drained(3)
+	if len(h.ranges) != 1 {
+		t.Fatalf("a range with a pending write went: %+v", h.ranges)
+	}
+	h.drained(4)
+	if len(h.ranges) != 0 || h.overlaps(0, 1<<30) {
+		t.Fatalf("drained ranges stay: %+v", h.ranges)
+	}
+}
+
+// TestLargeWriteOverPendingLargeWriteGoesToSegment: only a large write
+// over space no pending large write covers is written once.
+func TestLargeWriteOverPendingLargeWriteGoesToSegment(t *testing.T) {
+	imgPath := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(imgPath, make([]byte, 4<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	img, err := os.OpenFile(imgPath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	j, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	j.AttachImage(img)
+	a := appendImage(t, j, img, 0, 1<<20, 1)
+	b := appendImage(t, j, img, 1<<20, 1<<20, 2)
+	c := appendImage(t, j, img, 512<<10, 128<<10, 3)
+	if !a.ImageBacked() || !b.ImageBacked() || c.ImageBacked() {
+		t.Fatalf("image-backed: fresh %v, fresh %v, over pending %v; want true, true, false", a.ImageBacked(), b.ImageBacked(), c.ImageBacked())
+	}
+	if st := j.Stats(); st.Captures != 1 || st.ImageBacked != 1 {
+		t.Fatalf("%d captures, %d image-backed; want 1, 1", st.Captures, st.ImageBacked)
 	}
 }

@@ -114,6 +114,13 @@ type Journal struct {
 	// yet (0: none), which Sync then syncs the image for.
 	imgs      imageRecs
 	imgLow    atomic.Uint64
+	// syncCover is the highest epoch a sync has started to make durable
+	// (the closed epoch when it began): a capture of a record of that
+	// epoch or below must be durable before the write over it goes on
+	// (imagerec.go).
+	syncCover atomic.Uint64
+	// hot are the ranges pending large writes cover (imagerec.go).
+	hot hotRanges
 	inlineMax int64        // see Options.InlineMax
 	appending atomic.Int64 // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
@@ -375,6 +382,9 @@ func (j *Journal) recover() error {
 				torn = append(torn, seq)
 				continue
 			}
+			if hdr.Kind == KindData && hdr.Length >= ImageMin {
+				j.hot.add(hdr.Offset, hdr.End(), seq)
+			}
 			if hdr.ImageBacked() {
 				j.imgs.add(&hdr)
 			} else if hdr.InImage() {
@@ -618,6 +628,9 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		full = j.epochBytes.Add(size) >= j.maxEpochBytes
 		if seg != nil {
 			seg.keep(r.Seq)
+		}
+		if apply != nil && r.Kind == KindData && r.Length >= ImageMin {
+			j.hot.add(r.Offset, r.End(), r.Seq)
 		}
 		if imageBacked {
 			j.imgs.add(r)
@@ -921,6 +934,12 @@ func (j *Journal) syncLog() error {
 // durable, payload included: markSynced records that (see torn.go).
 func (j *Journal) syncOnce() error {
 	closed := j.closed.Load()
+	for {
+		c := j.syncCover.Load()
+		if c >= closed || j.syncCover.CompareAndSwap(c, closed) {
+			break
+		}
+	}
 	j.syncMu.Lock()
 	var wg sync.WaitGroup
 	var segErr error
@@ -1346,6 +1365,7 @@ func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legac
 		j.imgs.drop(imgs)
 	}
 	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
+	j.hot.drained(lastSeq)
 	// Whole segments whose records are all drained are deleted by the
 	// trimmer, after the drained seq is durable (so no index entry it does
 	// not cover can outlive its payload): deleting gigabytes of segment

@@ -37,7 +37,7 @@ for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
 FILE[pass]=$work/pass/pass.img
 FILE[local]=$work/local.img
 fio --name=layout --filename="${FILE[local]}" --size=2G --rw=write --bs=1M --direct=1 >/dev/null 2>&1
-t=(old new null pass local)
+t=(${AB_TARGETS:-old new null pass local})  # AB_TARGETS="old new pass" runs only those
 for r in $(seq 1 $R); do
   o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do

@@ -1,0 +1,53 @@
+#!/bin/bash
+# bench/ab/cost.sh OLD_BIN NEW_BIN [ROUNDS] [GIB]: what a sequential write costs each of two vhdsync
+# binaries, mounted side by side (remote detached): fio writes GIB GiB of 1 MiB blocks (iodepth 8,
+# direct) on each .img three times over the same range, pass 1 on never-written space and passes 2
+# and 3 over the pass before it, still pending; each round takes its own range. Per pass it prints
+# "round pass target MiB/s local_write_bytes_per_byte cpu_seconds_per_GiB": the bytes the daemon
+# had written to the state directory's file system (/proc/PID/io write_bytes: journal and image)
+# for each byte fio wrote, and the daemon's CPU time. Unlike a throughput, the two cost figures do
+# not depend on what else the machine is doing. The passthrough FUSE server (nullfuse --backing)
+# runs the same passes for the MiB/s column. Root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-3} G=${4:-2}
+work=$(mktemp -d /var/tmp/ab-cost.XXXXXX)
+go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
+go build -o $work/nullfuse ./bench/cmd/nullfuse
+declare -A BIN=([old]=$OLDB [new]=$NEWB)
+declare -A VPID FILE
+AZ=() PASSPID=
+cleanup() { set +e
+  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
+  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
+  [ -n "$PASSPID" ] && kill $PASSPID; sleep 0.3
+  grep -q " $work/pass " /proc/mounts && umount -l $work/pass
+  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
+trap cleanup EXIT
+. bench/ab/lib.sh
+for v in old new; do ab_mount $v 64GiB; done
+mkdir -p $work/pass; $work/nullfuse --size 64GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
+for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
+FILE[pass]=$work/pass/pass.img
+VPID[pass]=$PASSPID
+# counters PID: write_bytes and CPU seconds (utime+stime) of the process
+counters() {
+  local wb cpu
+  wb=$(awk '/^write_bytes/ {print $2}' /proc/$1/io)
+  cpu=$(awk -v hz=$(getconf CLK_TCK) '{printf "%.3f", ($14+$15)/hz}' /proc/$1/stat)
+  echo "$wb $cpu"
+}
+t=(old new pass)
+for r in $(seq 1 $R); do
+  o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
+  for p in 1 2 3; do
+    for v in "${order[@]}"; do
+      read -r wb0 cpu0 < <(counters ${VPID[$v]})
+      mibs=$(fio --name=c --filename="${FILE[$v]}" --offset=$(( (r-1) * G ))G --size=${G}G --direct=1 \
+        --rw=write --bs=1M --iodepth=8 --ioengine=libaio --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["write"]["bw"]/1024))')
+      read -r wb1 cpu1 < <(counters ${VPID[$v]})
+      python3 -c "import sys; g=$G; print($r, $p, '$v', $mibs, '%.2f' % (($wb1-$wb0)/(g*2**30)), '%.2f' % (($cpu1-$cpu0)/g))"
+    done
+  done
+done
