@@ -112,15 +112,15 @@ type Journal struct {
 	// imgs are the pending image-backed records (imagerec.go); imgLow is
 	// the lowest epoch holding one whose bytes no image sync has covered
 	// yet (0: none), which Sync then syncs the image for.
-	imgs      imageRecs
-	imgLow    atomic.Uint64
+	imgs   imageRecs
+	imgLow atomic.Uint64
 	// syncCover is the highest epoch a sync has started to make durable
 	// (the closed epoch when it began): a capture of a record of that
 	// epoch or below must be durable before the write over it goes on
 	// (imagerec.go).
 	syncCover atomic.Uint64
 	// hot are the ranges pending large writes cover (imagerec.go).
-	hot hotRanges
+	hot       hotRanges
 	inlineMax int64        // see Options.InlineMax
 	appending atomic.Int64 // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
