@@ -469,7 +469,10 @@ type hotRange struct {
 
 // hotRanges is the set of ranges written by pending large writes: sorted,
 // disjoint, merged where they touch (so a pass over the disk is one
-// range), each with the newest seq written into it.
+// range), each with the newest seq written into it. At most maxHotRanges:
+// past that a new range joins its nearest neighbour, which only widens
+// what counts as hot (large writes scattered over a disk while the remote
+// is away would otherwise make each insertion move megabytes).
 type hotRanges struct {
 	mu     sync.Mutex
 	ranges []hotRange
@@ -504,8 +507,20 @@ func (h *hotRanges) add(off, end int64, seq uint64) {
 	for ; k < len(h.ranges) && h.ranges[k].off <= end; k++ {
 		nr.off, nr.end, nr.seq = min(nr.off, h.ranges[k].off), max(nr.end, h.ranges[k].end), max(nr.seq, h.ranges[k].seq)
 	}
+	if k == i && len(h.ranges) >= maxHotRanges {
+		// Full, and nothing to merge with: join the nearer neighbour
+		// (i-1 ends before off, i starts after end).
+		if i == len(h.ranges) || (i > 0 && off-h.ranges[i-1].end <= h.ranges[i].off-end) {
+			i--
+		}
+		k = i + 1
+		nr.off, nr.end, nr.seq = min(nr.off, h.ranges[i].off), max(nr.end, h.ranges[i].end), max(nr.seq, h.ranges[i].seq)
+	}
 	h.ranges = slices.Replace(h.ranges, i, k, nr)
 }
+
+// maxHotRanges bounds hotRanges (see there).
+const maxHotRanges = 4096
 
 // drained drops the ranges whose writes are all drained (seq up to
 // lastSeq).

@@ -171,3 +171,30 @@ func TestLargeWriteOverPendingLargeWriteGoesToSegment(t *testing.T) {
 		t.Fatalf("%d captures, %d image-backed; want 1, 1", st.Captures, st.ImageBacked)
 	}
 }
+
+// TestHotRangesBounded: past maxHotRanges a new range joins its nearest
+// neighbour; nothing recorded stops counting as hot.
+func TestHotRangesBounded(t *testing.T) {
+	var h hotRanges
+	const step = 1 << 20
+	for i := range maxHotRanges + 100 {
+		h.add(int64(i)*step, int64(i)*step+64<<10, uint64(i+1))
+	}
+	if len(h.ranges) > maxHotRanges {
+		t.Fatalf("%d ranges, want at most %d", len(h.ranges), maxHotRanges)
+	}
+	for i := range maxHotRanges + 100 {
+		if !h.overlaps(int64(i)*step, int64(i)*step+1) {
+			t.Fatalf("write %d no longer counts as hot", i)
+		}
+	}
+	for i := 1; i < len(h.ranges); i++ {
+		if h.ranges[i].off < h.ranges[i-1].end {
+			t.Fatalf("ranges %d and %d overlap or are out of order: %+v %+v", i-1, i, h.ranges[i-1], h.ranges[i])
+		}
+	}
+	h.add(int64(maxHotRanges+200)*step, int64(maxHotRanges+200)*step+64<<10, 1<<40) // past the last: joins it
+	if !h.overlaps(int64(maxHotRanges+200)*step, int64(maxHotRanges+200)*step+1) || len(h.ranges) > maxHotRanges {
+		t.Fatalf("a range past the end was lost or grew the set: %d ranges", len(h.ranges))
+	}
+}
