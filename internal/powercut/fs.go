@@ -144,7 +144,31 @@ func Mount(backing, mountpoint string, o Options) (*FS, error) {
 		Options:                  []string{"default_permissions"},
 		Debug:                    o.Debug,
 	}
+	// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC: a process
+	// the test starts meanwhile (a daemon, mkfs, losetup, from another
+	// goroutine) would inherit the server's end of this mount, keep the
+	// connection alive after a cut or after the test, and, once killed,
+	// wait for ever on a request of its own that nobody answers (a daemon
+	// left in D state in request_wait_answer). So the open and the flag
+	// are made under syscall.ForkLock, read-locked as the standard library
+	// does around creating a descriptor: no exec comes in between. Only
+	// for the direct mount (root), made strict: the fusermount fallback
+	// execs a helper, which would wait for this very lock.
+	root := os.Geteuid() == 0
+	mo.DirectMountStrict = root
+	if root {
+		syscall.ForkLock.RLock()
+	}
 	server, err := fuse.NewServer(f, mountpoint, mo)
+	if err == nil && root {
+		err = cloexecFuseFds()
+		if err != nil {
+			_ = server.Unmount()
+		}
+	}
+	if root {
+		syscall.ForkLock.RUnlock()
+	}
 	if err != nil {
 		f.closeFiles()
 		return nil, fmt.Errorf("mount power-cut file system at %s: %w", mountpoint, err)
@@ -167,10 +191,8 @@ func Mount(backing, mountpoint string, o Options) (*FS, error) {
 		f.closeFiles()
 		return nil, fmt.Errorf("mount power-cut file system at %s: %w", mountpoint, err)
 	}
-	// go-fuse opens /dev/fuse without O_CLOEXEC: every process a test
-	// starts (the daemon under test) would inherit the server's end of
-	// this mount, keep the connection alive after the test, and wait for
-	// ever on a request of its own that nobody serves.
+	// Not root: the descriptor came from fusermount, already close-on-exec;
+	// for root, done above. Checked again all the same.
 	if err := cloexecFuseFds(); err != nil {
 		_ = server.Unmount()
 		return nil, err

@@ -514,3 +514,54 @@ func TestSocketsAndSpecialFiles(t *testing.T) {
 		t.Errorf("fifo: %v %v", fi, err)
 	}
 }
+
+// TestMountDescriptorNotInherited: a process started while the file system
+// mounts never inherits the server's /dev/fuse descriptor. One that did
+// kept the connection alive after a cut, and, killed, waited for ever on
+// a request of its own (a daemon left in D state after the power-cut
+// loop). Children are started without a pause from another goroutine
+// while the file system is cut and mounted again, and each lists its own
+// descriptors.
+func TestMountDescriptorNotInherited(t *testing.T) {
+	p := mountPC(t)
+	stop := make(chan struct{})
+	found := make(chan string, 1)
+	children := 0
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			out, err := exec.Command("ls", "-l", "/proc/self/fd/").Output()
+			if err != nil {
+				continue
+			}
+			children++
+			if bytes.Contains(out, []byte("/dev/fuse")) {
+				select {
+				case found <- string(out):
+				default:
+				}
+			}
+		}
+	}()
+	for range 30 {
+		p.cut()
+		p.remount()
+	}
+	close(stop)
+	<-done
+	select {
+	case out := <-found:
+		t.Fatalf("a child started during a mount holds /dev/fuse:\n%s", out)
+	default:
+	}
+	if children < 30 {
+		t.Fatalf("only %d children ran during 30 mounts: the test is too weak", children)
+	}
+	t.Logf("%d children started during 30 mounts, none inherited /dev/fuse", children)
+}
