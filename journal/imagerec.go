@@ -60,8 +60,10 @@ import (
 // image then holds over its range: per sector either its own bytes or
 // the older ones, both states a power cut may leave of an unacknowledged
 // write. A captured entry whose segment payload a power loss took is
-// turned back into the image-backed record it was (its capture's sync did
-// not finish, so the write that needed it never reached the image).
+// turned back into the image-backed record it was: its capture was never
+// synced, so either the write that needed it never reached the image, or
+// no sync covered the record's epoch either (nothing acknowledged it) and
+// replay finds it torn.
 //
 // Memory is bounded: at most maxImageRecords image-backed records are
 // pending (about 150 bytes each, captured ones included until drained);
@@ -274,8 +276,9 @@ func (j *Journal) imageBacked(r *Record) bool {
 }
 
 // captureOverlapping captures every pending image-backed record that
-// [off, end) overlaps, then syncs the journal, before a write changes the
-// image over that range (see the top of this file). The caller holds the
+// [off, end) overlaps, then syncs the journal if a sync has begun to cover
+// one of their epochs (syncCover), before a write changes the image over
+// that range (see the top of this file). The caller holds the
 // range (Disk's range lock), so no new image-backed record can appear in
 // it meanwhile.
 func (j *Journal) captureOverlapping(off, end int64) error {
