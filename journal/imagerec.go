@@ -2,6 +2,7 @@ package journal
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"math"
@@ -347,7 +348,9 @@ func (j *Journal) captureLocked(v *imageRec, verify bool) (Record, error) {
 		done += int64(len(b))
 	}
 	if verify && crc != v.crc {
-		return Record{}, fmt.Errorf("capture journal record %d (%d+%d): %w: the local image holds bytes with CRC-32C %08x, the record's is %08x", v.seq, v.off, n, ErrJournalDamaged, crc, v.crc)
+		// Nothing logged: the reserved bytes stay unused until the
+		// segment goes.
+		return Record{}, &notHeldError{seq: v.seq, off: v.off, n: n, got: crc, want: v.crc}
 	}
 	seg.dirty.Store(true)
 	r := v.record()
@@ -390,43 +393,49 @@ func (j *Journal) loadImageRecord(r *Record) error {
 		return fmt.Errorf("journal record %d: read %d+%d from the local image: %w", v.seq, v.off, len(buf), err)
 	}
 	if crc := crc32c(buf); crc != v.crc {
-		return fmt.Errorf("journal record %d (%d+%d): %w: the local image holds bytes with CRC-32C %08x, the record's is %08x", v.seq, v.off, len(buf), ErrJournalDamaged, crc, v.crc)
+		return &notHeldError{seq: v.seq, off: v.off, n: int64(len(buf)), got: crc, want: v.crc}
 	}
 	r.Data = buf
 	return nil
 }
 
-// CheckImage reports whether the image holds the payload of r, a record
-// this binary appended image-backed (Record.ImageBacked), as its CRC says:
-// false after a power loss took (part of) it. Recovery asks before
-// anything writes the image.
-func (j *Journal) CheckImage(r *Record) (bool, error) {
-	if j.img == nil {
-		return false, fmt.Errorf("journal record %d: its payload is in the local image, which is not open", r.Seq)
-	}
-	buf := make([]byte, r.Length)
-	if _, err := j.img.ReadAt(buf, r.Offset); err != nil {
-		return false, fmt.Errorf("journal record %d: read %d+%d from the local image: %w", r.Seq, r.Offset, r.Length, err)
-	}
-	return crc32c(buf) == r.crc, nil
+// notHeldError: the image does not hold an uncaptured image-backed
+// record's bytes (their CRC differs), which nothing the daemon does can
+// cause: the journal counts as damaged.
+type notHeldError struct {
+	seq      uint64
+	off, n   int64
+	got, want uint32
 }
+
+func (e *notHeldError) Error() string {
+	return fmt.Sprintf("journal record %d (%d+%d): %v: the local image holds bytes with CRC-32C %08x, the record's is %08x (was disk.img written to while the disk was not mounted?); %s",
+		e.seq, e.off, e.n, ErrJournalDamaged, e.got, e.want, damagedAdvice)
+}
+
+func (e *notHeldError) Unwrap() error { return ErrJournalDamaged }
 
 // Capture copies r, a pending image-backed record (Record.ImageBacked),
 // from the image to a segment and returns its new index entry; Sync makes
-// it durable. Recovery captures them all: with verify for those whose
-// bytes the image holds (CheckImage), before anything writes the image;
-// without, for torn ones, once the other records are re-applied.
-func (j *Journal) Capture(r Record, verify bool) (Record, error) {
+// it durable. Recovery captures them all, before anything writes the
+// image, with verify: held is false (and nothing captured) for a record
+// whose bytes the image does not hold, torn by a power loss; those it
+// captures without verify once the other records are re-applied.
+func (j *Journal) Capture(r Record, verify bool) (rec Record, held bool, err error) {
 	v := j.imgs.get(r.Seq)
 	if v == nil {
-		return Record{}, fmt.Errorf("journal record %d: not a pending image-backed record", r.Seq)
+		return Record{}, false, fmt.Errorf("journal record %d: not a pending image-backed record", r.Seq)
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.captured || v.deleted {
-		return Record{}, fmt.Errorf("journal record %d: already captured or deleted", r.Seq)
+		return Record{}, false, fmt.Errorf("journal record %d: already captured or deleted", r.Seq)
 	}
-	return j.captureLocked(v, verify)
+	rec, err = j.captureLocked(v, verify)
+	if _, torn := errors.AsType[*notHeldError](err); torn {
+		return Record{}, false, nil
+	}
+	return rec, err == nil, err
 }
 
 // ImageBacked reports whether the record's payload is in the local image

@@ -99,15 +99,15 @@ func TestCaptureTornByPowerLossReverts(t *testing.T) {
 	if !got[0].ImageBacked() {
 		t.Fatalf("record %d is not image-backed again: %+v", v.Seq, got[0])
 	}
-	if ok, err := j2.CheckImage(&got[0]); err != nil || !ok {
-		t.Fatalf("CheckImage of the reverted record: %v, %v; want true", ok, err)
-	}
 	p, err := j2.Payload(&got[0])
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(p, v.Data) {
 		t.Fatal("the reverted record does not read back as written")
+	}
+	if _, held, err := j2.Capture(got[0], true); err != nil || !held {
+		t.Fatalf("capture of the reverted record: held %v, %v; want held", held, err)
 	}
 }
 

@@ -452,16 +452,14 @@ func (d *Disk) replayImageBacked(recs []journal.Record) error {
 			continue
 		}
 		d.replay.ImageBacked++
-		ok, err := d.j.CheckImage(&recs[i])
-		if err != nil {
+		rec, held, err := d.j.Capture(recs[i], true)
+		switch {
+		case err != nil:
 			return err
-		}
-		if !ok {
+		case held:
+			recs[i] = rec
+		default:
 			torn = append(torn, i)
-			continue
-		}
-		if recs[i], err = d.j.Capture(recs[i], true); err != nil {
-			return err
 		}
 	}
 	apply := recs
@@ -480,7 +478,7 @@ func (d *Disk) replayImageBacked(recs []journal.Record) error {
 		return err
 	}
 	for _, i := range torn {
-		if recs[i], err = d.j.Capture(recs[i], false); err != nil {
+		if recs[i], _, err = d.j.Capture(recs[i], false); err != nil {
 			return err
 		}
 	}
