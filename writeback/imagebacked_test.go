@@ -14,24 +14,67 @@ import (
 // fill returns n bytes of b.
 func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
 
+// fillAt is a write of n bytes of b at off.
+type fillAt struct {
+	off int64
+	n   int
+	b   byte
+}
+
+// pendingDisk opens a disk of size bytes in dir whose remote is down until
+// f.setDown(false): everything written stays pending.
+func pendingDisk(t *testing.T, dir string, size int64) (*Disk, *remote.MemRemote, *remoteFault) {
+	t.Helper()
+	r := remote.NewMemRemote(size + 512)
+	f := newRemoteFault()
+	f.setDown(true)
+	r.Fault = f.fault
+	return newTestDisk(t, dir, size, r, DiskOptions{}), r, f
+}
+
+// writeFills makes the writes on d, in order.
+func writeFills(t *testing.T, d *Disk, ws ...fillAt) {
+	t.Helper()
+	for _, w := range ws {
+		if err := d.WriteAt(context.Background(), fill(w.n, w.b), w.off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// drainAndCheck closes d with a drain, then wants the image to hold the
+// writes ws (made in this order, over zeros) and the blob to equal it;
+// what says what a difference in the image would mean.
+func drainAndCheck(t *testing.T, d *Disk, dir string, r *remote.MemRemote, size int64, what string, ws ...fillAt) {
+	t.Helper()
+	if err := d.Close(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	for _, w := range ws {
+		copy(want[w.off:], fill(w.n, w.b))
+	}
+	img := readImage(t, dir)
+	if i := bytediff.First(img, want); i >= 0 {
+		t.Fatalf("image differs from the writes at byte %d (holds %d): %s", i, img[i], what)
+	}
+	if i := bytediff.First(r.Bytes()[:size], img); i >= 0 {
+		t.Fatalf("blob differs from the image at byte %d", i)
+	}
+}
+
 // TestImageBackedWritesOnceAndCaptures: a large write keeps its payload in
 // the image only; a write over it, of the same or a later epoch, first
 // copies it to the journal (a capture), so that each barrier's state
 // still reaches the blob; the blob ends equal to the image.
 func TestImageBackedWritesOnceAndCaptures(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
 	const size = 4 << 20
-	r := remote.NewMemRemote(size + 512)
-	f := newRemoteFault()
-	f.setDown(true) // everything stays pending until the end
-	r.Fault = f.fault
-	d := newTestDisk(t, dir, size, r, DiskOptions{})
-	t.Cleanup(func() { d.Close(ctx, false) })
+	d, r, f := pendingDisk(t, dir, size)
+	t.Cleanup(func() { d.Close(context.Background(), false) })
 
-	if err := d.WriteAt(ctx, fill(1<<20, 1), 0); err != nil {
-		t.Fatal(err)
-	}
+	ws := []fillAt{{0, 1 << 20, 1}, {8192, 4096, 2}, {2 << 20, 256 << 10, 3}, {2<<20 + 64<<10, 128 << 10, 4}}
+	writeFills(t, d, ws[0])
 	st := d.Stats().Journal
 	if st.ImageBacked != 1 || st.Captures != 0 {
 		t.Fatalf("after one 1 MiB write: %d image-backed records, %d captures; want 1, 0", st.ImageBacked, st.Captures)
@@ -40,9 +83,7 @@ func TestImageBackedWritesOnceAndCaptures(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A later epoch writes into it: the first 1 MiB is captured whole.
-	if err := d.WriteAt(ctx, fill(4096, 2), 8192); err != nil {
-		t.Fatal(err)
-	}
+	writeFills(t, d, ws[1])
 	st = d.Stats().Journal
 	if st.ImageBacked != 0 || st.Captures != 1 || st.CapturedBytes != 1<<20 {
 		t.Fatalf("after a write over it: %d image-backed, %d captures of %d bytes; want 0, 1, 1 MiB", st.ImageBacked, st.Captures, st.CapturedBytes)
@@ -51,32 +92,13 @@ func TestImageBackedWritesOnceAndCaptures(t *testing.T) {
 	// first is captured as well (the image never changes under an
 	// uncaptured record), and the second, over pending large data, goes
 	// to a segment.
-	if err := d.WriteAt(ctx, fill(256<<10, 3), 2<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.WriteAt(ctx, fill(128<<10, 4), 2<<20+64<<10); err != nil {
-		t.Fatal(err)
-	}
+	writeFills(t, d, ws[2], ws[3])
 	st = d.Stats().Journal
 	if st.ImageBacked != 0 || st.Captures != 2 {
 		t.Fatalf("after two overlapping large writes: %d image-backed, %d captures; want 0, 2", st.ImageBacked, st.Captures)
 	}
 	f.setDown(false)
-	if err := d.Close(ctx, true); err != nil {
-		t.Fatal(err)
-	}
-	img := readImage(t, dir)
-	if i := bytediff.First(r.Bytes()[:size], img); i >= 0 {
-		t.Fatalf("blob differs from the image at byte %d", i)
-	}
-	want := make([]byte, size)
-	copy(want, fill(1<<20, 1))
-	copy(want[8192:], fill(4096, 2))
-	copy(want[2<<20:], fill(256<<10, 3))
-	copy(want[2<<20+64<<10:], fill(128<<10, 4))
-	if i := bytediff.First(img, want); i >= 0 {
-		t.Fatalf("image differs from the writes at byte %d", i)
-	}
+	drainAndCheck(t, d, dir, r, size, "a write lost", ws...)
 }
 
 // TestImageBackedTornByPowerLoss: an image-backed record whose bytes the
@@ -86,28 +108,20 @@ func TestImageBackedWritesOnceAndCaptures(t *testing.T) {
 // is not; the power loss takes both image writes (the image was never
 // synced). Replay must restore Y, not leave the bytes from before Y.
 func TestImageBackedTornByPowerLoss(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
 	const size = 1 << 20
-	r := remote.NewMemRemote(size + 512)
-	f := newRemoteFault()
-	f.setDown(true)
-	r.Fault = f.fault
-	d := newTestDisk(t, dir, size, r, DiskOptions{})
+	d, r, f := pendingDisk(t, dir, size)
 	lease := d.Stats().LeaseID
-	if err := d.WriteAt(ctx, fill(4096, 7), 0); err != nil {
-		t.Fatal(err)
-	}
+	y := fillAt{0, 4096, 7}
+	writeFills(t, d, y)
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.WriteAt(ctx, fill(128<<10, 9), 0); err != nil {
-		t.Fatal(err)
-	}
+	writeFills(t, d, fillAt{0, 128 << 10, 9})
 	if got := d.Stats().Journal.ImageBacked; got != 1 {
 		t.Fatalf("%d image-backed records, want 1", got)
 	}
-	if err := d.Close(ctx, false); err != nil {
+	if err := d.Close(context.Background(), false); err != nil {
 		t.Fatal(err)
 	}
 	// The power loss: the image never got either write.
@@ -116,69 +130,35 @@ func TestImageBackedTornByPowerLoss(t *testing.T) {
 	}
 	f.setDown(false)
 	d2 := newTestDisk(t, dir, size, r, DiskOptions{LeaseID: lease})
-	t.Cleanup(func() { d2.Close(ctx, false) })
+	t.Cleanup(func() { d2.Close(context.Background(), false) })
 	if rp := d2.Replay(); rp.ImageBacked != 1 || rp.Torn != 1 {
 		t.Fatalf("replay: %d image-backed, %d torn; want 1, 1", rp.ImageBacked, rp.Torn)
 	}
-	if err := d2.Close(ctx, true); err != nil {
-		t.Fatal(err)
-	}
-	want := make([]byte, size)
-	copy(want, fill(4096, 7))
-	img := readImage(t, dir)
-	if i := bytediff.First(img, want); i >= 0 {
-		t.Fatalf("image after replay differs at byte %d (got %d): the acknowledged 4 KiB write was not restored", i, img[i])
-	}
-	if i := bytediff.First(r.Bytes()[:size], img); i >= 0 {
-		t.Fatalf("blob differs from the image at byte %d", i)
-	}
+	drainAndCheck(t, d2, dir, r, size, "the acknowledged 4 KiB write was not restored", y)
 }
 
 // TestImageBackedSurvivesKill: after kill -9 (page cache intact), replay
 // captures the pending image-backed records as the image holds them, and
 // a write over them afterwards is still sent in its own epoch.
 func TestImageBackedSurvivesKill(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
 	const size = 1 << 20
-	r := remote.NewMemRemote(size + 512)
-	f := newRemoteFault()
-	f.setDown(true)
-	r.Fault = f.fault
-	d := newTestDisk(t, dir, size, r, DiskOptions{})
+	d, r, f := pendingDisk(t, dir, size)
 	lease := d.Stats().LeaseID
-	if err := d.WriteAt(ctx, fill(4096, 7), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.WriteAt(ctx, fill(128<<10, 9), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Close(ctx, false); err != nil {
+	ws := []fillAt{{0, 4096, 7}, {0, 128 << 10, 9}, {0, 64 << 10, 5}}
+	writeFills(t, d, ws[0], ws[1])
+	if err := d.Close(context.Background(), false); err != nil {
 		t.Fatal(err)
 	}
 	f.setDown(false)
 	d2 := newTestDisk(t, dir, size, r, DiskOptions{LeaseID: lease})
-	t.Cleanup(func() { d2.Close(ctx, false) })
+	t.Cleanup(func() { d2.Close(context.Background(), false) })
 	if rp := d2.Replay(); rp.ImageBacked != 1 || rp.Torn != 0 {
 		t.Fatalf("replay: %d image-backed, %d torn; want 1, 0", rp.ImageBacked, rp.Torn)
 	}
 	if st := d2.Stats().Journal; st.ImageBacked != 0 {
 		t.Fatalf("%d image-backed records left after the replay, want 0 (all captured)", st.ImageBacked)
 	}
-	if err := d2.WriteAt(ctx, fill(64<<10, 5), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := d2.Close(ctx, true); err != nil {
-		t.Fatal(err)
-	}
-	want := make([]byte, size)
-	copy(want, fill(128<<10, 9))
-	copy(want, fill(64<<10, 5))
-	img := readImage(t, dir)
-	if i := bytediff.First(img, want); i >= 0 {
-		t.Fatalf("image differs at byte %d", i)
-	}
-	if i := bytediff.First(r.Bytes()[:size], img); i >= 0 {
-		t.Fatalf("blob differs from the image at byte %d", i)
-	}
+	writeFills(t, d2, ws[2])
+	drainAndCheck(t, d2, dir, r, size, "a write lost", ws...)
 }
