@@ -403,8 +403,8 @@ func (j *Journal) loadImageRecord(r *Record) error {
 // record's bytes (their CRC differs), which nothing the daemon does can
 // cause: the journal counts as damaged.
 type notHeldError struct {
-	seq      uint64
-	off, n   int64
+	seq       uint64
+	off, n    int64
 	got, want uint32
 }
 
