@@ -17,18 +17,10 @@ go build -o $work/nullfuse ./bench/cmd/nullfuse
 declare -A BIN=([old]=$OLDB [new]=$NEWB)
 declare -A VPID FILE
 AZ=() PASSPID=
-cleanup() { set +e
-  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
-  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
-  [ -n "$PASSPID" ] && kill $PASSPID; sleep 0.3
-  grep -q " $work/pass " /proc/mounts && umount -l $work/pass
-  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
-trap cleanup EXIT
 . bench/ab/lib.sh
+trap ab_cleanup EXIT
 for v in old new; do ab_mount $v 64GiB; done
-mkdir -p $work/pass; $work/nullfuse --size 64GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
-for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
-FILE[pass]=$work/pass/pass.img
+ab_pass 64GiB
 VPID[pass]=$PASSPID
 # counters PID: write_bytes and CPU seconds (utime+stime) of the process
 counters() {

@@ -13,20 +13,14 @@ go build -o $work/nullfuse ./bench/cmd/nullfuse
 declare -A BIN=([old]=$OLDB [new]=$NEWB)
 declare -A VPID FILE FS
 AZ=() PASSPID= LOOPS=()
+. bench/ab/lib.sh
 cleanup() { set +e
   for m in "${FS[@]}"; do grep -q " $m " /proc/mounts && umount $m; done
   for l in "${LOOPS[@]}"; do losetup -d $l; done
-  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
-  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
-  [ -n "$PASSPID" ] && kill $PASSPID; sleep 0.3
-  grep -q " $work/pass " /proc/mounts && umount -l $work/pass
-  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
+  ab_cleanup; }
 trap cleanup EXIT
-. bench/ab/lib.sh
 for v in old new; do ab_mount $v 8GiB; done
-mkdir -p $work/pass; $work/nullfuse --size 8GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
-for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
-FILE[pass]=$work/pass/pass.img
+ab_pass 8GiB
 t=(old new pass)
 for v in "${t[@]}"; do
   l=$(losetup -f --show "${FILE[$v]}"); LOOPS+=($l)

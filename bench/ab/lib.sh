@@ -1,4 +1,4 @@
-# bench/ab/lib.sh: sourced by the A/B scripts (rand4k.sh, db.sh) after they set work, BIN (an
+# bench/ab/lib.sh: sourced by the A/B scripts (rand4k.sh, db.sh, cost.sh) after they set work, BIN (an
 # associative array of binaries) and the arrays AZ, VPID and FILE.
 #
 # ab_mount V SIZE: a fresh Azurite for build V, a SIZE disk created on it and mounted at
@@ -15,3 +15,23 @@ ab_mount() {
   [ -n "${AB_LIVE:-}" ] || kill $a
   FILE[$v]=$d/mnt/$v.img
 }
+
+# ab_pass SIZE: the passthrough FUSE server (nullfuse --backing) with a SIZE file at
+# $work/pass/pass.img; sets PASSPID and FILE[pass].
+ab_pass() {
+  mkdir -p $work/pass
+  $work/nullfuse --size $1 --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
+  for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
+  FILE[pass]=$work/pass/pass.img
+}
+
+# ab_cleanup: the EXIT trap of the A/B scripts: kills both builds' daemons, the null and
+# passthrough servers (NULLPID, PASSPID, when set) and the Azurites, unmounts what they
+# served, and removes $work. A script with more to undo (file systems, loop devices) does that
+# first, then calls it.
+ab_cleanup() { set +e
+  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
+  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
+  for p in ${NULLPID:-} ${PASSPID:-}; do kill $p; done; sleep 0.3
+  for m in null pass; do grep -q " $work/$m " /proc/mounts && umount -l $work/$m; done
+  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }

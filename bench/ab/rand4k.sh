@@ -19,22 +19,14 @@ go build -o $work/nullfuse ./bench/cmd/nullfuse
 declare -A BIN=([old]=$OLDB [new]=$NEWB)
 declare -A VMNT VPID FILE
 AZ=() NULLPID= PASSPID=
-cleanup() { set +e
-  for v in old new; do [ -n "${VPID[$v]:-}" ] && kill -9 ${VPID[$v]}; done; sleep 0.5
-  for v in old new; do grep -q " $work/$v/mnt " /proc/mounts && umount -l $work/$v/mnt; done
-  for p in $NULLPID $PASSPID; do kill $p; done; sleep 0.3
-  for m in null pass; do grep -q " $work/$m " /proc/mounts && umount -l $work/$m; done
-  for p in "${AZ[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf $work; }
-trap cleanup EXIT
 . bench/ab/lib.sh
+trap ab_cleanup EXIT
 # AB_LIVE=1 keeps each mount's Azurite running (the flusher drains as it goes)
 for v in old new; do ab_mount $v 64GiB; done
 mkdir -p $work/null; $work/nullfuse --size 64GiB --name null $work/null >/dev/null 2>&1 & NULLPID=$!
 for _ in $(seq 100); do [ -e $work/null/null.img ] && break; sleep 0.1; done
 FILE[null]=$work/null/null.img
-mkdir -p $work/pass; $work/nullfuse --size 64GiB --name pass --backing $work/pass-backing.img $work/pass >/dev/null 2>&1 & PASSPID=$!
-for _ in $(seq 100); do [ -e $work/pass/pass.img ] && break; sleep 0.1; done
-FILE[pass]=$work/pass/pass.img
+ab_pass 64GiB
 FILE[local]=$work/local.img
 fio --name=layout --filename="${FILE[local]}" --size=2G --rw=write --bs=1M --direct=1 >/dev/null 2>&1
 t=(${AB_TARGETS:-old new null pass local})  # AB_TARGETS="old new pass" runs only those
