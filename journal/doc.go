@@ -59,7 +59,8 @@
 // Barrier releases it first. segments.closeMu is held for writing by
 // reclaim alone, with no other lock. Journal.mu (pending accounting, the
 // space condition, legacy records), syncState (Sync's coalescing),
-// indexer.mu, segments.mu, segments.dirMu and Log.mu are leaves: nothing
+// indexer.mu, segments.mu, segments.dirMu, Log.mu, imageRecs.mu and
+// hotRanges.mu (image-backed records, imagerec.go) are leaves: nothing
 // is taken while one is held. indexer.gate is held around each badger
 // commit, with none of the others (tests hold it to stall the indexer).
 // A caller may hold its own locks (Disk's range lock) across any call; the
