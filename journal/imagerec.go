@@ -355,7 +355,7 @@ func (j *Journal) captureLocked(v *imageRec, verify bool) (Record, error) {
 	seg.dirty.Store(true)
 	r := v.record()
 	r.seg, r.segOff, r.crc, r.captured = seg.id, segOff, crc, true
-	err = j.logEntry(intentlog.Entry{Key: recKey(v.seq), Val: r.encode()}, &r, false)
+	err = j.logEntry(intentlog.Entry{Key: recKey(v.seq), Val: r.encode()}, nil, 0, false)
 	// Even when logging failed: the entry may be in the intent log, which
 	// a restart replays, and its segment must outlive it.
 	seg.keep(v.seq)

@@ -11,7 +11,8 @@ import (
 )
 
 // indexer commits the entries appends wrote to the intent log into badger,
-// in the background and in order (see package intentlog). Reads wait for it with flush. A failed commit is retried, from the failed entry on, so the
+// in the background and in order (see package intentlog), after writing
+// their inline payloads to their segments. Reads wait for it with flush. A failed commit is retried, from the failed entry on, so the
 // entries reach badger in the order they were written: a later entry for a
 // key never lands before an earlier one.
 type indexer struct {
@@ -34,16 +35,21 @@ type indexer struct {
 }
 
 // indexItem is one append's entries, queued for badger, and the intent
-// log spans they took.
+// log spans they took. An inline payload (the intent log's copy) goes to
+// seg at off first.
 type indexItem struct {
 	entries []intentlog.Entry
 	spans   []intentlog.Span
+	seg     *segment
+	off     int64
+	inline  []byte
 }
 
-// ErrIndexRefused: badger refuses the journal's index entries (a full or
-// failing state filesystem). Writes then fail; those acknowledged before
-// are in the intent log.
-var ErrIndexRefused = errors.New("the journal cannot index its entries (badger's writes fail)")
+// ErrIndexRefused: badger refuses the journal's index entries, or a segment
+// the inline payloads of small writes (see package intentlog) are copied to
+// (a full or failing state filesystem). Writes then fail; those
+// acknowledged before are in the intent log.
+var ErrIndexRefused = errors.New("the journal cannot index its entries (badger or a segment write fails)")
 
 // indexAdvice follows ErrIndexRefused.
 const indexAdvice = "every write acknowledged so far is kept in the intent log and replayed at the next mount: free space or fix the state directory's filesystem (see the kernel log), then unmount and mount again"
@@ -155,10 +161,21 @@ func (x *indexer) run() {
 	}
 }
 
-// commit writes batch's entries to badger in as few transactions as it
-// allows, in order, and stops at the first failure: it returns how many
-// items are committed and that failure.
+// commit writes batch's inline payloads to their segments, then its
+// entries to badger in as few transactions as it allows, in order, and
+// stops at the first failure: it returns how many items are committed and
+// that failure.
 func (x *indexer) commit(batch []indexItem) (int, error) {
+	n, perr := writeInline(batch)
+	done, err := x.commitEntries(batch[:n])
+	if err != nil {
+		return done, err
+	}
+	return done, perr
+}
+
+// commitEntries writes batch's entries to badger (see commit).
+func (x *indexer) commitEntries(batch []indexItem) (int, error) {
 	entries := make([]*groupEntry, len(batch))
 	for i := range batch {
 		entries[i] = &groupEntry{kvs: batch[i].entries}

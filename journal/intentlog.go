@@ -12,35 +12,16 @@ import (
 )
 
 // The Journal's side of the intent log (package intentlog): an append's
-// index entry goes to the log, then to badger through the indexer; a small
-// record's payload goes to the log with its entry and stays there until the
-// record is drained; log files go once badger is durable and their payloads
-// are drained; Open replays what the last run left.
-
-// Small records' payloads live in the intent log. In the log's own copy of
-// the entry a small record's segment is inlineSeg ("after this entry");
-// the index (badger) gets the entry with the payload's place in the log,
-// logSeg(file id) and its offset, which the indexer cannot know before the
-// log has placed it. Segment ids count up from 1 and never reach
-// logSegBit; imageSeg (all ones) is neither.
-const (
-	logSegBit = 1 << 62
-	inlineSeg = logSegBit
-)
-
-// logSeg is the segment number of a payload in intent log file id.
-func logSeg(id uint64) uint64 { return logSegBit | id }
-
-// isLogSeg reports whether seg names an intent log file (or inlineSeg).
-func isLogSeg(seg uint64) bool { return seg != imageSeg && seg&logSegBit != 0 }
+// index entry goes to the log, then to badger through the indexer; log
+// files go once badger, and the segments their inline payloads were copied
+// to, are durable; Open replays what the last run left.
 
 // logEntry writes an append's index entry to the intent log and queues it
 // for badger: when it returns nil it survives kill -9 and every read sees
-// it. An inline payload (e.Inline) stays in the log: r's segment and
-// offset become its place there, in the entry badger gets. With direct,
-// the entry goes to the device before it returns
+// it. An inline payload (e.Inline) goes to seg at off once the indexer
+// gets to it. With direct, the entry goes to the device before it returns
 // (intentlog.Log.WriteDirect).
-func (j *Journal) logEntry(e intentlog.Entry, r *Record, direct bool) error {
+func (j *Journal) logEntry(e intentlog.Entry, seg *segment, off int64, direct bool) error {
 	if err := j.idx.failed(); err != nil {
 		// Badger refuses entries: stop taking writes rather than pile up
 		// intent logs nothing drains.
@@ -62,51 +43,22 @@ func (j *Journal) logEntry(e intentlog.Entry, r *Record, direct bool) error {
 	if err != nil {
 		return err
 	}
+	it := indexItem{entries: entries, spans: spans}
 	if e.Inline != nil {
-		id, off := spans[0].Payload()
-		r.seg, r.segOff = logSeg(id), off
-		entries[0].Val = r.encode()
+		// The log's copy of the payload (Write points e.Inline at it).
+		it.seg, it.off, it.inline = seg, off, e.Inline.Data
 	}
-	j.idx.add(indexItem{entries: entries, spans: spans})
+	j.idx.add(it)
 	return nil
-}
-
-// loadLogged reads a small record's payload from the intent log file that
-// holds it (see logSeg), checked against its CRC.
-func (j *Journal) loadLogged(r *Record) error {
-	buf := make([]byte, r.Length)
-	if err := j.ilog.ReadAt(r.seg&^logSegBit, buf, r.segOff); err != nil {
-		return fmt.Errorf("journal record %d: %w", r.Seq, err)
-	}
-	if got := crc32c(buf); got != r.crc {
-		return fmt.Errorf("journal record %d: payload CRC-32C is 0x%08x, the index says 0x%08x (%s at %d)", r.Seq, got, r.crc, segName(r.seg), r.segOff)
-	}
-	r.Data = buf
-	return nil
-}
-
-// releaseLogs lets the intent log files go whose payloads all belong to
-// records drained up to drained (the trimmer calls it as the drained seq
-// moves): recycled once the drained seq is durable, which indexed makes
-// sure of before it recycles anything.
-func (j *Journal) releaseLogs(drained uint64) {
-	if j.ilog.Release(drained) {
-		j.indexed(nil)
-	}
 }
 
 // indexed is the indexer's callback: spans are in badger. Intent log
-// files wholly in badger, whose payloads are all drained, are recycled
-// once badger's logs (the drained seq among them), and the segments replay
-// copied payloads to, are synced. A failure leaves them for the
+// files wholly in badger are recycled once badger's logs, and the segments
+// their inline payloads went to, are synced. A failure leaves them for the
 // next commit (or the next open) to try again: they only hold entries
 // badger has.
 func (j *Journal) indexed(spans []intentlog.Span) {
 	j.ilog.Resolve(spans)
-	// The indexer and the trimmer (releaseLogs) both get here: one at a
-	// time, or both would recycle the same files.
-	j.recycleMu.Lock()
-	defer j.recycleMu.Unlock()
 	done := j.ilog.Done()
 	if len(done) == 0 {
 		return
@@ -137,8 +89,7 @@ func (j *Journal) indexed(spans []intentlog.Span) {
 }
 
 // syncBeforeLogsGo makes durable what an intent log file's entries became:
-// badger's logs (with the drained seq that released its payloads), and the
-// segments replay copied inline payloads to.
+// badger's logs, and the segments the indexer copied inline payloads to.
 // Intent log files are recycled or deleted only after it. Called with
 // filesMu held.
 func (j *Journal) syncBeforeLogsGo() error {
@@ -212,27 +163,12 @@ func (j *Journal) replayIntents() (next, gen uint64, err error) {
 				continue
 			}
 			if in := kv.Inline; in != nil {
-				// Its payload goes to a segment: the log files go once
-				// the replay is durable.
+				// Its payload goes to its segment again: the indexer may
+				// not have written it, or not synced it.
 				r, err := decodeRecord(seq, kv.Val)
-				if err != nil || r.Kind != KindData || r.seg == 0 || r.seg == imageSeg || (isLogSeg(r.seg) && r.seg != inlineSeg) || r.crc != in.CRC || r.Length != int64(len(in.Data)) {
+				if err != nil || r.Kind != KindData || r.seg == 0 || r.crc != in.CRC || r.Length != int64(len(in.Data)) {
 					return 0, 0, damaged(fmt.Errorf("intent log entry of record %d does not match its inline payload (%v)", seq, err))
 				}
-				if r.seg == inlineSeg {
-					// A payload that lived in the log: a new place in a
-					// segment, and the entry says so. A replay cut short
-					// does this again; the segment it wrote first is
-					// then no pending record's and goes at recovery.
-					seg, off, err := j.segs.reserve(r.Length)
-					if err != nil {
-						return 0, 0, fmt.Errorf("replay intent log: %w; %s", err, replayAdvice)
-					}
-					r.seg, r.segOff = seg.id, off
-					seg.inflight.Add(-1)
-					kv.Val = r.encode()
-				}
-				// An older binary's entries name the segment the
-				// payload was to be copied to.
 				if err := j.segs.writeAt(r.seg, r.segOff, in.Data); err != nil {
 					return 0, 0, fmt.Errorf("replay intent log: %w; %s", err, replayAdvice)
 				}

@@ -8,13 +8,14 @@ import (
 )
 
 // TestBarrierDuringRecycleSync: while the indexer fsyncs what a full
-// intent log file's entries became (badger's logs) before recycling it, barriers go on: they wait for neither
+// intent log file's entries became (badger's logs, the segments it copied
+// payloads to) before recycling it, barriers go on: they wait for neither
 // those fsyncs nor the recycle. The indexer is held inside that window;
 // a write and its barrier must complete meanwhile, and everything reads
 // back once it is released.
 func TestBarrierDuringRecycleSync(t *testing.T) {
 	dir := t.TempDir()
-	j, err := Open(dir, Options{IntentLogSlots: 64})
+	j, err := Open(dir, Options{IntentLogSlots: 1 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,10 +37,8 @@ func TestBarrierDuringRecycleSync(t *testing.T) {
 		}
 		j.Close()
 	}()
-	// 64-slot files take no 4 KiB inline payload (intentlog.MaxInline),
-	// so each append takes one slot and leaves no payload holding its
-	// file: a file fills after 64 of them, and the indexer then syncs
-	// before recycling it.
+	// 4 KiB inline entries take 34 slots: a 1,024-slot file fills after
+	// 30 of them, and the indexer then syncs before recycling it.
 	n := 0 // appends made
 	for n < 200 {
 		appendData(t, j, int64(n)*4096, byte(n), 4096)

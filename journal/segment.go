@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -12,7 +13,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vhdsync/vhdsync/journal/intentlog"
 	"github.com/vhdsync/vhdsync/journal/internal/files"
 )
 
@@ -93,12 +93,7 @@ type segments struct {
 	barrierSyncs atomic.Uint64
 }
 
-func segName(id uint64) string {
-	if isLogSeg(id) {
-		return "intent log " + intentlog.Name(id&^logSegBit)
-	}
-	return fmt.Sprintf("seg-%016x.dat", id)
-}
+func segName(id uint64) string { return fmt.Sprintf("seg-%016x.dat", id) }
 
 // openSegments opens every segment file in dir for reading; new payloads
 // go to a fresh segment.
@@ -270,6 +265,45 @@ func (s *segments) writeAt(id uint64, off int64, data []byte) error {
 	}
 	seg.copied.Store(true)
 	return nil
+}
+
+// writeInline writes the inline payloads of items to their segments, in
+// order, one pwritev per run of payloads that follow each other in a
+// segment. It returns how many items are written and the first failure.
+func writeInline(items []indexItem) (int, error) {
+	var seg *segment
+	var off, end int64
+	var iov [][]byte
+	first := 0 // item of iov[0]
+	flush := func() error {
+		if len(iov) == 0 {
+			return nil
+		}
+		err := pwritev(seg.f, iov, off)
+		iov = iov[:0]
+		if err != nil {
+			return fmt.Errorf("write inline payloads to journal segment %s at %d: %w", segName(seg.id), off, err)
+		}
+		seg.copied.Store(true)
+		return nil
+	}
+	for i, it := range items {
+		if it.inline == nil {
+			continue
+		}
+		if it.seg != seg || it.off != end || len(iov) == maxIOV {
+			if err := flush(); err != nil {
+				return first, err
+			}
+			seg, off, end, first = it.seg, it.off, it.off, i
+		}
+		iov = append(iov, it.inline)
+		end += int64(len(it.inline))
+	}
+	if err := flush(); err != nil {
+		return first, err
+	}
+	return len(items), nil
 }
 
 // syncCopied fdatasyncs every segment inline payloads were written to
@@ -444,4 +478,45 @@ func (seg *segment) close() {
 	if seg.direct != nil {
 		seg.direct.Close()
 	}
+}
+
+// maxIOV is the most buffers one pwritev takes (Linux's IOV_MAX).
+const maxIOV = 1024
+
+// pwritev writes bufs back to back at off in f, in as few pwritev calls
+// as it takes.
+func pwritev(f *os.File, bufs [][]byte, off int64) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var werr error
+	if err := rc.Control(func(fd uintptr) {
+		for len(bufs) > 0 {
+			n, err := unix.Pwritev(int(fd), bufs, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				werr = err
+				return
+			}
+			if n == 0 {
+				werr = io.ErrShortWrite
+				return
+			}
+			off += int64(n)
+			for n > 0 {
+				if n < len(bufs[0]) {
+					bufs[0] = bufs[0][n:]
+					break
+				}
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	return werr
 }

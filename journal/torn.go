@@ -61,7 +61,7 @@ func (j *Journal) markSynced(closed uint64) {
 	}
 	var v [8]byte
 	binary.BigEndian.PutUint64(v[:], closed)
-	if err := j.logEntry(intentlog.Entry{Key: keySynced, Val: v[:]}, nil, false); err != nil {
+	if err := j.logEntry(intentlog.Entry{Key: keySynced, Val: v[:]}, nil, 0, false); err != nil {
 		return
 	}
 	j.markedEpoch.Store(closed)

@@ -102,7 +102,6 @@ func (t *trimmer) loop(j *Journal) {
 		} else if n > 0 {
 			j.log.Debug("journal: drained segments deleted", "segments", n, "drained_seq", target)
 		}
-		j.releaseLogs(target)
 		for cleaned < target {
 			select {
 			case <-t.quit:

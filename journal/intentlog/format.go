@@ -41,15 +41,12 @@ type Entry struct {
 	Key, Val []byte
 	Del      bool
 	Inline   *Inline
-	// Hold, with Inline, keeps the entry's file from being recycled or
-	// deleted until Release is given Hold or more: the caller reads the
-	// payload from the log (ReadAt) until then.
-	Hold uint64
 }
 
 // Inline is a payload carried in the log with its entry (see the package
 // comment). Write points Data at the log's own copy, which stays valid
-// after the caller reuses its buffer.
+// after the caller reuses its buffer: the journal writes that copy to the
+// payload's segment later.
 type Inline struct {
 	Data []byte
 	CRC  uint32 // CRC-32C of Data, checked by Read: a torn payload voids its entry

@@ -1,13 +1,11 @@
 package intentlog
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -29,10 +27,7 @@ type File struct {
 	// never be (their write failed, or they were skipped): when it
 	// reaches used in a full file, the file can go.
 	resolved atomic.Int64
-	// hold is the highest Entry.Hold of the file's entries (guarded by
-	// Log.mu): the file stays until Release reaches it.
-	hold  uint64
-	dirty atomic.Bool
+	dirty    atomic.Bool
 	// direct is f opened with O_DIRECT (nil where the filesystem refused
 	// it), for the entries of writers that fsync after every write (see
 	// WriteDirect); directRefused once a direct write got EINVAL.
@@ -45,12 +40,6 @@ type File struct {
 type Span struct {
 	file     *File
 	first, n int64
-}
-
-// Payload is where the inline payload of the span's first entry lies:
-// the file's id and the payload's offset in it (for ReadAt).
-func (sp Span) Payload() (file uint64, off int64) {
-	return sp.file.id, HeaderSize + (sp.first+1)*SlotSize + InlineHeader
 }
 
 // Log is the set of intent log files of a journal directory: the one
@@ -71,8 +60,6 @@ type Log struct {
 	spareErr  error
 	spareBusy bool
 	spareDone *sync.Cond
-	// released is the highest value Release was given (guarded by mu).
-	released uint64
 }
 
 // maxFreeLogs is how many recycled files are kept ready; more are deleted.
@@ -146,7 +133,7 @@ func (lf *File) closeFiles() {
 func (l *Log) start(lf *File) error {
 	l.gen++
 	lf.gen, lf.inc = l.gen, rand.Uint64()|1
-	lf.used, lf.full, lf.hold = 0, false, 0
+	lf.used, lf.full = 0, false
 	lf.resolved.Store(0)
 	if _, err := lf.f.WriteAt(lf.header(), 0); err != nil {
 		return fmt.Errorf("start intent log %s: %w", Name(lf.id), err)
@@ -242,9 +229,6 @@ func (l *Log) Write(entries []Entry) ([]Span, error) {
 		sp := Span{file: l.cur, first: l.cur.used}
 		for i < len(entries) && l.cur.slots-l.cur.used >= entrySlots(entries[i]) {
 			n := entrySlots(entries[i])
-			if entries[i].Inline != nil {
-				l.cur.hold = max(l.cur.hold, entries[i].Hold)
-			}
 			l.cur.used += n
 			sp.n += n
 			i++
@@ -336,7 +320,6 @@ func (l *Log) WriteDirect(e Entry) (spans []Span, ok bool, err error) {
 		// The slots skipped to reach a block boundary are never written.
 		cur.resolved.Add(pad)
 		cur.used += pad
-		cur.hold = max(cur.hold, e.Hold)
 		spans = []Span{{file: cur, first: cur.used, n: need}}
 		cur.used += need
 		break
@@ -403,82 +386,19 @@ func (l *Log) Sync() error {
 	return errors.Join(errs...)
 }
 
-// Done returns the files that are full, wholly resolved and hold no
-// payload Release has not reached, oldest first, up to the first that is
-// not: they can be recycled once what their entries became (the index) is
-// durable. Files go in generation order because replay takes the last
-// entry for a key as the one that counts: a file left behind an older one
-// that went could otherwise bring back, at replay, an entry that a later
-// one, gone with its file, had replaced (a record's capture, see the
-// journal).
+// Done returns the files that are full and wholly resolved: they can be
+// recycled once what their entries became (the index, and the segments
+// their payloads went to) is durable.
 func (l *Log) Done() []*File {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var out []*File
-	blocked := false
-	for _, lf := range l.byGen() {
-		if !lf.full || lf.resolved.Load() != lf.used {
-			blocked = true
-			continue
-		}
-		if !blocked && lf.hold <= l.released {
+	for _, lf := range l.files {
+		if lf.full && lf.resolved.Load() == lf.used {
 			out = append(out, lf)
-			continue
-		}
-		blocked = true
-		if lf.direct != nil {
-			// Kept, and written no more (every slot is resolved, so no
-			// write is in flight): one descriptor each is enough while
-			// a long outage piles them up.
-			lf.direct.Close()
-			lf.direct = nil
 		}
 	}
 	return out
-}
-
-// byGen is the files in use, oldest generation first. Called with mu held.
-func (l *Log) byGen() []*File {
-	list := make([]*File, 0, len(l.files))
-	for _, lf := range l.files {
-		list = append(list, lf)
-	}
-	slices.SortFunc(list, func(a, b *File) int { return cmp.Compare(a.gen, b.gen) })
-	return list
-}
-
-// Release lets the files whose entries' Hold are all at most hold go
-// (Done), once the caller no longer reads their payloads. It reports
-// whether a full file became free to go.
-func (l *Log) Release(hold uint64) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if hold <= l.released {
-		return false
-	}
-	freed := false
-	for _, lf := range l.files {
-		if lf.full && lf.hold > l.released && lf.hold <= hold {
-			freed = true
-		}
-	}
-	l.released = hold
-	return freed
-}
-
-// ReadAt reads len(p) bytes at off of file id, which holds the payload of
-// an entry whose Hold Release has not reached.
-func (l *Log) ReadAt(id uint64, p []byte, off int64) error {
-	l.mu.Lock()
-	lf := l.files[id]
-	l.mu.Unlock()
-	if lf == nil {
-		return fmt.Errorf("intent log %s is not in use", Name(id))
-	}
-	if _, err := lf.f.ReadAt(p, off); err != nil {
-		return fmt.Errorf("read intent log %s at %d: %w", Name(id), off, err)
-	}
-	return nil
 }
 
 // Recycle takes done files (from Done, with what their entries became
@@ -493,11 +413,6 @@ func (l *Log) Recycle(done []*File) error {
 			l.cur = nil
 		}
 		if len(l.free) < maxFreeLogs && lf.slots == l.slots {
-			if lf.direct == nil {
-				// Closed by Done while it was held; best effort, as
-				// in create.
-				lf.direct, _ = os.OpenFile(filepath.Join(l.dir, Name(lf.id)), os.O_WRONLY|unix.O_DIRECT, 0)
-			}
 			l.free = append(l.free, lf)
 		} else {
 			drop = append(drop, lf)
@@ -520,9 +435,9 @@ func (l *Log) remove(list []*File) error {
 }
 
 // Close closes the files. With clean (every entry is in the index, and
-// the index is durable) it deletes all but those holding payloads Release
-// has not reached, so that a clean shutdown with nothing pending leaves
-// none; otherwise the files in use stay for the next open to replay.
+// the index is durable) it deletes them all, so that a clean shutdown
+// leaves none; otherwise the files in use stay for the next open to
+// replay.
 func (l *Log) Close(clean bool) error {
 	l.mu.Lock()
 	for l.spareBusy {
@@ -533,23 +448,14 @@ func (l *Log) Close(clean bool) error {
 		idle = append(idle, l.spare)
 	}
 	l.spare, l.free = nil, nil
-	var used, held []*File
-	for _, lf := range l.byGen() {
-		if clean && (len(held) > 0 || lf.hold > l.released) {
-			// Its payloads are still needed, or an older file's are
-			// (see Done): the next open replays it.
-			held = append(held, lf)
-		} else {
-			used = append(used, lf)
-		}
+	var used []*File
+	for _, lf := range l.files {
+		used = append(used, lf)
 	}
 	l.files = map[uint64]*File{}
 	l.cur = nil
 	l.mu.Unlock()
 	err := l.remove(idle)
-	for _, lf := range held {
-		lf.closeFiles()
-	}
 	if clean {
 		return errors.Join(err, l.remove(used))
 	}
