@@ -3,7 +3,9 @@
 # random 8 KiB writes, each followed by fdatasync, on ext4 on a loop device) on two vhdsync binaries
 # mounted side by side (remote detached) and on the passthrough FUSE server (nullfuse --backing), the
 # order rotated every round. Prints "round target writes/s fdatasync_p99_us write_p99_us p50_us(fdatasync/write)=..."
-# lines. Root.
+# lines, each with the daemon's own answer times for that run ("daemon mean_us write/fsync=..."; from
+# vhdsync's fuse_duration_seconds histogram), and at the end the passthrough's over all rounds (nullfuse
+# --latency): they tell the daemon's share of a transaction from the kernel's. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-3} RT=${4:-10}
@@ -11,7 +13,7 @@ work=$(mktemp -d /var/tmp/ab-db.XXXXXX)
 go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
 go build -o $work/nullfuse ./bench/cmd/nullfuse
 declare -A BIN=([old]=$OLDB [new]=$NEWB)
-declare -A VPID FILE FS
+declare -A VPID FILE FS MOUNTARGS PORT LOOP
 AZ=() PASSPID= LOOPS=()
 . bench/ab/lib.sh
 cleanup() { set +e
@@ -19,21 +21,42 @@ cleanup() { set +e
   for l in "${LOOPS[@]}"; do losetup -d $l; done
   ab_cleanup; }
 trap cleanup EXIT
-for v in old new; do ab_mount $v 8GiB; done
+for v in old new; do
+  PORT[$v]=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MOUNTARGS[$v]="--metrics 127.0.0.1:${PORT[$v]}"
+  ab_mount $v 8GiB
+done
+PASSARGS="--latency $work/pass-latency.txt"
 ab_pass 8GiB
+# served: the write and fsync answer counts and seconds in a vhdsync daemon's metrics.
+served() { curl -s http://127.0.0.1:${PORT[$1]}/metrics | awk '/^vhdsync_fuse_duration_seconds_(sum|count)\{op="(write|fsync)"\}/ {print $2}' | tr '\n' ' '; }
 t=(old new pass)
 for v in "${t[@]}"; do
-  l=$(losetup -f --show "${FILE[$v]}"); LOOPS+=($l)
+  l=$(losetup -f --show "${FILE[$v]}"); LOOPS+=($l); LOOP[$v]=$l
   mkfs.ext4 -q -F $l; mkdir -p $work/fs-$v; mount $l $work/fs-$v; FS[$v]=$work/fs-$v
 done
 for r in $(seq 1 $R); do
   o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do
+    [ $v = pass ] || before=$(served $v)
     out=$(fio --name=db --directory="${FS[$v]}" --rw=randwrite --bs=8k --numjobs=8 --fdatasync=1 --size=64M \
       --ioengine=psync --runtime=$RT --time_based=1 --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
 j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j["sync"]["lat_ns"]["percentile"]
 c=w["clat_ns"]["percentile"]
 print(int(w["iops"]), int(s["99.000000"]/1000), int(c["99.000000"]/1000), "p50_us(fdatasync/write)=%d/%d" % (s["50.000000"]/1000, c["50.000000"]/1000))')
+    if [ $v != pass ]; then
+      out="$out $(python3 -c 'import sys
+a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
+d = [q - p for p, q in zip(a, b)]  # fsync sum, fsync count, write sum, write count (sorted by op)
+m = lambda s, c: int(s / c * 1e6) if c else 0
+print("daemon mean_us write/fsync=%d/%d" % (m(d[2], d[3]), m(d[0], d[1])))' "$before" "$(served $v)")"
+    fi
     echo "$r $v $out"
   done
 done
+# the passthrough's answer times over all rounds (op count mean_us p50_us p99_us), written as it
+# exits: its file system and loop device go first
+umount ${FS[pass]} && unset 'FS[pass]'
+losetup -d ${LOOP[pass]} && LOOPS=(${LOOPS[@]/${LOOP[pass]}})
+kill $PASSPID; wait $PASSPID 2>/dev/null; PASSPID=
+sed 's/^/pass daemon /' $work/pass-latency.txt

@@ -17,13 +17,18 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"os/signal"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -140,6 +145,7 @@ func main() {
 	name := flag.String("name", "null", "file base name")
 	maxWrite := flag.Int("max-write", 0, "FUSE max write (0: fusefs default)")
 	backing := flag.String("backing", "", "serve this local file (made sparse at --size) instead of memory: the passthrough ceiling")
+	latency := flag.String("latency", "", "at exit, write to this file how long the server took to answer writes and fsyncs: \"op count mean_us p50_us p99_us\" per line (the daemon's side of a request, as vhdsync's fuse_duration_seconds)")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: nullfuse [--size N] [--name NAME] [--backing FILE] MOUNTPOINT")
@@ -163,7 +169,17 @@ func main() {
 		defer f.Close()
 		d = &fileDisk{size: n, f: f}
 	}
-	srv, _, err := fusefs.Mount(flag.Arg(0), d, fusefs.Options{Name: *name, FsName: "nullfuse", MaxWrite: *maxWrite})
+	opts := fusefs.Options{Name: *name, FsName: "nullfuse", MaxWrite: *maxWrite}
+	var lat latencies
+	if *latency != "" {
+		opts.Latency = lat.add
+		defer func() {
+			if err := os.WriteFile(*latency, lat.report(), 0o644); err != nil {
+				fmt.Fprintln(os.Stderr, "nullfuse: latency report:", err)
+			}
+		}()
+	}
+	srv, _, err := fusefs.Mount(flag.Arg(0), d, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "nullfuse:", err)
 		os.Exit(1)
@@ -176,4 +192,37 @@ func main() {
 	}()
 	fmt.Println("ready")
 	srv.Wait()
+}
+
+// latencies keeps every answer time of the operations fusefs measures.
+type latencies struct {
+	mu  sync.Mutex
+	ops map[string][]time.Duration
+}
+
+func (l *latencies) add(op string, d time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ops == nil {
+		l.ops = map[string][]time.Duration{}
+	}
+	l.ops[op] = append(l.ops[op], d)
+}
+
+// report is one line per operation: count, mean, p50 and p99 in µs.
+func (l *latencies) report() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var b bytes.Buffer
+	for _, op := range slices.Sorted(maps.Keys(l.ops)) {
+		ds := l.ops[op]
+		slices.Sort(ds)
+		var sum time.Duration
+		for _, d := range ds {
+			sum += d
+		}
+		q := func(p float64) int64 { return ds[int(p*float64(len(ds)-1))].Microseconds() }
+		fmt.Fprintf(&b, "%s %d %d %d %d\n", op, len(ds), (sum / time.Duration(len(ds))).Microseconds(), q(0.5), q(0.99))
+	}
+	return b.Bytes()
 }
