@@ -57,6 +57,33 @@ type segment struct {
 	// a barrier skips it, but the intent log files go only after it is
 	// synced (syncCopied).
 	copied atomic.Bool
+	// writebackFrom is where the copied payloads whose writeback has not
+	// been started begin (see startWriteback); only the indexer, one
+	// goroutine, reads and writes it.
+	writebackFrom int64
+}
+
+// writebackChunk is how many bytes of copied payloads startWriteback lets
+// gather in a segment before it starts their writeback.
+const writebackChunk = 1 << 20
+
+// startWriteback starts writing the copied payloads in the segment up to
+// end to the device, once a writebackChunk of them has gathered: the
+// fdatasync before an intent log file is recycled then finds them written
+// (or on their way) instead of writing 8 MiB at once, which barriers'
+// fdatasyncs queued behind. In the database job (8 writers of 8 KiB, each
+// followed by fdatasync, on ext4 on a loop device; bench/ab/db.sh, 6
+// rounds) the fdatasync p99 fell to 0.54-0.91 of what it was, the writes/s
+// unchanged (0.94-1.09). Starting it after every copy instead raised the
+// p50. Best effort: an error here only means the writeback starts later;
+// durability still comes from the fdatasync.
+func (seg *segment) startWriteback(end int64) {
+	from := min(seg.writebackFrom, end)
+	if end-from < writebackChunk {
+		return
+	}
+	_ = unix.SyncFileRange(int(seg.f.Fd()), from, end-from, unix.SYNC_FILE_RANGE_WRITE)
+	seg.writebackFrom = end
 }
 
 // keep makes the segment outlive record seq (lastSeq only rises).
@@ -285,6 +312,7 @@ func writeInline(items []indexItem) (int, error) {
 			return fmt.Errorf("write inline payloads to journal segment %s at %d: %w", segName(seg.id), off, err)
 		}
 		seg.copied.Store(true)
+		seg.startWriteback(end)
 		return nil
 	}
 	for i, it := range items {

@@ -5,6 +5,7 @@
 # $work/V/mnt (journal cap 48 GiB, plus the mount flags in MOUNTARGS[V] if the script declares
 # that array); sets VPID[V] and FILE[V] (the mount's .img). The Azurite is killed after the
 # mount (the remote detached, as bench/run.sh stage 1) unless AB_LIVE=1.
+declare -A MOUNTARGS  # a script may fill it (db.sh); empty keeps every mount's flags as they were
 ab_mount() {
   local v=$1 size=$2 d=$work/$1 a
   mkdir -p $d/mnt

@@ -43,7 +43,9 @@
 // filesystem's journal (p50 346 µs for a barrier after one 4 KiB write),
 // while the log's files never change size. The journal fdatasyncs the
 // segments it copied payloads to before a log file is recycled or
-// deleted, and replay writes the payloads again. The payload slots are a
+// deleted (having started their writeback a MiB at a time as it copied,
+// so that this fdatasync is no burst that barriers queue behind), and
+// replay writes the payloads again. The payload slots are a
 // length, a CRC-32C and the payload: a payload whose CRC does not check (a
 // torn write) voids its entry.
 //
