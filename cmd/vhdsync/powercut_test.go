@@ -30,6 +30,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhdsync/vhdsync/internal/fuseconn"
 	"github.com/vhdsync/vhdsync/internal/powercut"
 )
 
@@ -449,7 +450,9 @@ func (r *pcRun) afterCut(m *cutMoment, atMount bool) {
 		detachLoop(r.t, r.loop, filepath.Join(r.mp, "pc.img"))
 		r.loop = ""
 	}
+	conn, connErr := uint32(0), os.ErrNotExist
 	if isMounted(r.mp) {
+		conn, connErr = fuseconn.ID(r.mp)
 		if err := syscall.Unmount(r.mp, syscall.MNT_DETACH); err != nil {
 			r.t.Fatalf("umount -l %s: %v", r.mp, err)
 		}
@@ -458,6 +461,14 @@ func (r *pcRun) afterCut(m *cutMoment, atMount bool) {
 		r.d.waitExit(30 * time.Second)
 	}
 	r.killDaemons()
+	if connErr == nil {
+		// The killed daemon's own connection: a thread of it may wait on
+		// a request to its own mount, which nobody answers any more
+		// (package fuseconn).
+		if err := fuseconn.Abort(conn); err != nil {
+			r.t.Errorf("abort the killed daemon's FUSE connection: %v", err)
+		}
+	}
 	r.remountPC()
 	if r.thinLocal() != nil {
 		r.thinCuts++

@@ -17,6 +17,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/internal/fuseconn"
 )
 
 // Options tune a mount.
@@ -56,9 +58,10 @@ type FS struct {
 	cutMu   sync.Mutex
 	cut     *CutStats // the cut, once made
 	done    chan struct{}
-	// conn is the kernel's FUSE connection (its directory under
-	// /sys/fs/fuse/connections), aborted by Unmount.
-	conn string
+	// conn is the kernel's FUSE connection (package fuseconn), aborted by
+	// Unmount after a cut; hasConn once it is known.
+	conn    uint32
+	hasConn bool
 }
 
 // inode is a file, directory, symlink or special file.
@@ -197,9 +200,8 @@ func Mount(backing, mountpoint string, o Options) (*FS, error) {
 		_ = server.Unmount()
 		return nil, err
 	}
-	var st syscall.Stat_t
-	if err := syscall.Stat(mountpoint, &st); err == nil {
-		f.conn = filepath.Join("/sys/fs/fuse/connections", fmt.Sprint(unix.Minor(st.Dev)))
+	if id, err := fuseconn.ID(mountpoint); err == nil {
+		f.conn, f.hasConn = id, true
 	}
 	return f, nil
 }
@@ -230,11 +232,10 @@ func cloexecFuseFds() error {
 // there (a mount detached lazily while a killed process's request was in
 // flight): the requests still waiting fail, and their processes can exit.
 func (f *FS) abortConn() {
-	if f.conn == "" {
+	if !f.hasConn {
 		return
 	}
-	err := os.WriteFile(filepath.Join(f.conn, "abort"), []byte("1"), 0)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := fuseconn.Abort(f.conn); err != nil {
 		f.log.Warn("abort the power-cut mount's FUSE connection", "conn", f.conn, "err", err)
 	}
 }
