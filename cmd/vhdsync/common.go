@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -15,6 +14,7 @@ import (
 	"github.com/vhdsync/vhdsync/azure/pageblob"
 	"github.com/vhdsync/vhdsync/azure/staging"
 	"github.com/vhdsync/vhdsync/internal/control"
+	"github.com/vhdsync/vhdsync/internal/mountinfo"
 	"github.com/vhdsync/vhdsync/internal/statedir"
 	"github.com/vhdsync/vhdsync/thin"
 	"github.com/vhdsync/vhdsync/writeback"
@@ -117,43 +117,17 @@ func findMount(mp string) (vhdsyncMount, bool, error) {
 // vhdsyncMounts lists the mounts of type fuse.vhdsync; their source is the
 // state directory (fusefs.Options.FsName).
 func vhdsyncMounts() ([]vhdsyncMount, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read()
 	if err != nil {
-		return nil, fmt.Errorf("read mounts: %w", err)
+		return nil, err
 	}
-	defer f.Close()
 	var out []vhdsyncMount
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
+	for _, m := range mounts {
+		if m.FSType == "fuse.vhdsync" {
+			out = append(out, vhdsyncMount{Mountpoint: m.Mountpoint, StateDir: m.Source})
 		}
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(qf) < 2 || qf[0] != "fuse.vhdsync" {
-			continue
-		}
-		out = append(out, vhdsyncMount{Mountpoint: unescapeMount(pf[4]), StateDir: unescapeMount(qf[1])})
 	}
-	return out, sc.Err()
-}
-
-// unescapeMount undoes the octal escapes (\040 for space) of mountinfo.
-func unescapeMount(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v int
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%03o", &v); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return out, nil
 }
 
 // loopDevicesOn lists loop devices whose backing file is under dir.

@@ -5,7 +5,6 @@ package main
 // it in t.Cleanup, in reverse order of creation, also when a test fails.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -28,6 +27,7 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob/blob"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/mountinfo"
 	"github.com/vhdsync/vhdsync/internal/testenv"
 )
 
@@ -439,20 +439,9 @@ type mountInfo struct{ fstype, source string }
 // mountpoints lists the mounts of /proc/self/mountinfo by mountpoint.
 func mountpoints() map[string]mountInfo {
 	out := map[string]mountInfo{}
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return out
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(pf) < 5 || len(qf) < 2 {
-			continue
-		}
-		out[unescapeMount(pf[4])] = mountInfo{fstype: qf[0], source: unescapeMount(qf[1])}
+	mounts, _ := mountinfo.Read()
+	for _, m := range mounts {
+		out[m.Mountpoint] = mountInfo{fstype: m.FSType, source: m.Source}
 	}
 	return out
 }

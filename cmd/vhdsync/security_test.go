@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vhdsync/vhdsync/internal/azurite"
+	"github.com/vhdsync/vhdsync/internal/mountinfo"
 )
 
 func TestE2ESecurity(t *testing.T) {
@@ -109,15 +110,13 @@ func TestE2ESecurity(t *testing.T) {
 // last field), where allow_other shows.
 func superOpts(t *testing.T, mp string) string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if ok && len(pf) >= 5 && len(qf) >= 3 && unescapeMount(pf[4]) == mp {
-			return qf[2]
+	for _, m := range mounts {
+		if m.Mountpoint == mp && m.SuperOptions != "" {
+			return m.SuperOptions
 		}
 	}
 	t.Fatalf("%s is not in mountinfo", mp)

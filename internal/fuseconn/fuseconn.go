@@ -16,11 +16,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhdsync/vhdsync/internal/mountinfo"
 )
 
 // ctlDir is where fusectl is usually mounted.
@@ -28,55 +29,20 @@ const ctlDir = "/sys/fs/fuse/connections"
 
 // ID returns the connection id of the FUSE mount at path: the number of its
 // directory under fusectl, the mount's device number (major 0). It reads
-// /proc/self/mountinfo rather than stat the mount point, which would wait
-// for ever on a server that cannot answer.
+// mountinfo rather than stat the mount point, which would wait for ever on
+// a server that cannot answer.
 func ID(path string) (uint32, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return 0, fmt.Errorf("fuse connection of %s: %w", path, err)
 	}
-	var id uint32
-	found := false
-	for _, line := range strings.Split(string(b), "\n") {
-		// id parent major:minor root mountpoint options... - type source ...
-		f := strings.Fields(line)
-		if len(f) < 5 || unescape(f[4]) != path {
-			continue
+	for i := len(mounts) - 1; i >= 0; i-- { // the last mount at path is the one on top
+		m := mounts[i]
+		if m.Mountpoint == path && (m.FSType == "fuse" || m.FSType == "fuseblk" || strings.HasPrefix(m.FSType, "fuse.")) {
+			return m.Minor()
 		}
-		sep := slices.Index(f, "-")
-		if sep < 0 || sep+1 >= len(f) || !strings.HasPrefix(f[sep+1], "fuse") {
-			continue
-		}
-		_, minor, ok := strings.Cut(f[2], ":")
-		n, err := strconv.ParseUint(minor, 10, 32)
-		if !ok || err != nil {
-			return 0, fmt.Errorf("fuse connection of %s: bad device %q in mountinfo", path, f[2])
-		}
-		id, found = uint32(n), true // the last mount at path is the one on top
 	}
-	if !found {
-		return 0, fmt.Errorf("fuse connection of %s: %w", path, os.ErrNotExist)
-	}
-	return id, nil
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for a space, ...).
-func unescape(s string) string {
-	if !strings.Contains(s, "\\") {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return 0, fmt.Errorf("fuse connection of %s: %w", path, os.ErrNotExist)
 }
 
 // Abort aborts connection id: every request waiting on it fails, and later
