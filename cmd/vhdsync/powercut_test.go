@@ -450,9 +450,12 @@ func (r *pcRun) afterCut(m *cutMoment, atMount bool) {
 		detachLoop(r.t, r.loop, filepath.Join(r.mp, "pc.img"))
 		r.loop = ""
 	}
-	conn, connErr := uint32(0), os.ErrNotExist
+	// The killed daemon's own connection: a thread of it may wait on a
+	// request to its own mount, which nobody answers any more (package
+	// fuseconn). Found before the mount is detached, aborted once the
+	// daemon is killed.
+	conn, connErr := fuseconn.ID(r.mp)
 	if isMounted(r.mp) {
-		conn, connErr = fuseconn.ID(r.mp)
 		if err := syscall.Unmount(r.mp, syscall.MNT_DETACH); err != nil {
 			r.t.Fatalf("umount -l %s: %v", r.mp, err)
 		}
@@ -462,9 +465,6 @@ func (r *pcRun) afterCut(m *cutMoment, atMount bool) {
 	}
 	r.killDaemons()
 	if connErr == nil {
-		// The killed daemon's own connection: a thread of it may wait on
-		// a request to its own mount, which nobody answers any more
-		// (package fuseconn).
 		if err := fuseconn.Abort(conn); err != nil {
 			r.t.Errorf("abort the killed daemon's FUSE connection: %v", err)
 		}
