@@ -10,14 +10,9 @@
 # runs the same passes for the MiB/s column. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-3} G=${4:-2}
-work=$(mktemp -d /var/tmp/ab-cost.XXXXXX)
-go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
-go build -o $work/nullfuse ./bench/cmd/nullfuse
-declare -A BIN=([old]=$OLDB [new]=$NEWB)
-declare -A VPID FILE
-AZ=() PASSPID=
+R=${3:-3} G=${4:-2}
 . bench/ab/lib.sh
+ab_setup cost "$1" "$2"
 trap ab_cleanup EXIT
 for v in old new; do ab_mount $v 64GiB; done
 ab_pass 64GiB

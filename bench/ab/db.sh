@@ -8,14 +8,11 @@
 # --latency): they tell the daemon's share of a transaction from the kernel's. Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-3} RT=${4:-10}
-work=$(mktemp -d /var/tmp/ab-db.XXXXXX)
-go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
-go build -o $work/nullfuse ./bench/cmd/nullfuse
-declare -A BIN=([old]=$OLDB [new]=$NEWB)
-declare -A VPID FILE FS MOUNTARGS PORT LOOP
-AZ=() PASSPID= LOOPS=()
+R=${3:-3} RT=${4:-10}
 . bench/ab/lib.sh
+ab_setup db "$1" "$2"
+declare -A FS PORT LOOP
+LOOPS=()
 cleanup() { set +e
   for m in "${FS[@]}"; do grep -q " $m " /proc/mounts && umount $m; done
   for l in "${LOOPS[@]}"; do losetup -d $l; done

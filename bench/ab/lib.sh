@@ -1,5 +1,17 @@
-# bench/ab/lib.sh: sourced by the A/B scripts (rand4k.sh, db.sh, cost.sh) after they set work, BIN (an
-# associative array of binaries) and the arrays AZ, VPID and FILE.
+# bench/ab/lib.sh: sourced by the A/B scripts (rand4k.sh, db.sh, cost.sh), which start with ab_setup.
+#
+# ab_setup NAME OLD_BIN NEW_BIN: the work directory $work (/var/tmp/ab-NAME.*) with the Azurite
+# launcher and nullfuse built into it; BIN (old and new: the two builds, as absolute paths), and the
+# arrays and pids the functions below fill (VPID, FILE, AZ, PASSPID, NULLPID).
+ab_setup() {
+  work=$(mktemp -d /var/tmp/ab-$1.XXXXXX)
+  go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
+  go build -o $work/nullfuse ./bench/cmd/nullfuse
+  local old new
+  old=$(realpath "$2"); new=$(realpath "$3")
+  declare -gA BIN=([old]=$old [new]=$new) VPID=() FILE=()
+  AZ=() PASSPID= NULLPID=
+}
 #
 # ab_mount V SIZE: a fresh Azurite for build V, a SIZE disk created on it and mounted at
 # $work/V/mnt (journal cap 48 GiB, plus the mount flags in MOUNTARGS[V] if the script declares

@@ -6,20 +6,15 @@
 # lines, then each daemon's peak resident memory (VmHWM). Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OLDB=$(realpath "$1") NEWB=$(realpath "$2") R=${3:-6} RT=${4:-5}
+R=${3:-6} RT=${4:-5}
 # AB_FIO replaces the workload, e.g. AB_FIO="--rw=randwrite --bs=4k --ioengine=psync --fsync=1"
 # (fsync latency) or AB_FIO="--rw=write --bs=1M --iodepth=8 --ioengine=libaio" (sequential).
 # AB_LIVE=1 leaves the remotes attached. AB_FRESH=16G gives each round its own 16 GiB of never
 # written space (round r at (r-1)*16 GiB; at most 4 rounds), so that no write lands on data still
 # pending from an earlier round: e.g. a file system filled for the first time.
 FIOARGS=${AB_FIO:---rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio}
-work=$(mktemp -d /var/tmp/ab-rand4k.XXXXXX)
-go build -o $work/azurite-run ./internal/azurite/cmd/azurite-run
-go build -o $work/nullfuse ./bench/cmd/nullfuse
-declare -A BIN=([old]=$OLDB [new]=$NEWB)
-declare -A VMNT VPID FILE
-AZ=() NULLPID= PASSPID=
 . bench/ab/lib.sh
+ab_setup rand4k "$1" "$2"
 trap ab_cleanup EXIT
 # AB_LIVE=1 keeps each mount's Azurite running (the flusher drains as it goes)
 for v in old new; do ab_mount $v 64GiB; done
