@@ -99,6 +99,16 @@ type imageRec struct {
 	deleted  bool
 	seg      uint64 // captured: where the copy is
 	segOff   int64
+	// overwritten: a bound write went over it (bind.go), so the image
+	// holds newer bytes in some of its range and its CRC says nothing.
+	overwritten bool
+
+	// Guarded by Journal.bindMu (bind.go): binds whose write is not
+	// appended yet, the newest epoch of a write bound to it, and whether
+	// it is in Journal.boundRecs.
+	binding int
+	boundTo uint64
+	inBound bool
 
 	listed bool // in imageRecs.byChunk; guarded by imageRecs.mu
 }
@@ -126,6 +136,7 @@ type imageRecs struct {
 
 	captures      atomic.Uint64
 	capturedBytes atomic.Uint64
+	binds         atomic.Uint64 // writes over a record bound instead of captured
 }
 
 func (x *imageRecs) init() {
@@ -269,38 +280,53 @@ func (x *imageRecs) drop(vs []*imageRec) {
 }
 
 // imageBacked says whether an append of r with an apply function keeps
-// its payload in the image only: a large write over space no pending large
-// write covers (see hotRanges).
+// its payload in the image only: a large write, while fewer than
+// maxImageRecords are pending.
 func (j *Journal) imageBacked(r *Record) bool {
-	return j.img != nil && r.Kind == KindData && r.Length >= ImageMin && j.imgs.total.Load() < maxImageRecords &&
-		!j.hot.overlaps(r.Offset, r.End())
+	return j.img != nil && r.Kind == KindData && r.Length >= ImageMin && j.imgs.total.Load() < maxImageRecords
 }
 
-// captureOverlapping captures every pending image-backed record that
-// [off, end) overlaps, then syncs the journal if a sync has begun to cover
-// one of their epochs (syncCover), before a write changes the image over
-// that range (see the top of this file). The caller holds the
-// range (Disk's range lock), so no new image-backed record can appear in
-// it meanwhile.
-func (j *Journal) captureOverlapping(off, end int64) error {
+// captureOverlapping binds (bind.go) or captures every pending
+// image-backed record that [off, end) overlaps, then syncs the journal if
+// a sync has begun to cover the epoch of one it captured (syncCover),
+// before a write changes the image over that range (see the top of this
+// file). It returns the records it bound, whose binds the caller settles
+// (bindDone) once the write is appended. The caller holds the range
+// (Disk's range lock), so no new image-backed record can appear in it
+// meanwhile.
+func (j *Journal) captureOverlapping(off, end int64) (bound []*imageRec, err error) {
 	victims := j.imgs.overlapping(off, end)
 	if len(victims) == 0 {
-		return nil
+		return nil, nil
 	}
-	oldest := victims[0].epoch // the oldest epoch among the victims
+	if err := j.syncImageForBind(victims); err != nil {
+		return nil, fmt.Errorf("sync the local image to bind image-backed records: %w", err)
+	}
+	oldest := uint64(math.MaxUint64) // the oldest epoch among those captured
 	for _, v := range victims {
-		oldest = min(oldest, v.epoch)
 		v.mu.Lock()
-		if v.captured || v.deleted {
-			// Captured by another writer meanwhile, whose sync may
-			// not be done: the check below covers it too.
+		if v.deleted {
 			v.mu.Unlock()
 			continue
 		}
-		_, err := j.captureLocked(v, true)
+		if v.captured {
+			// Captured by another writer meanwhile, whose sync may
+			// not be done: the check below covers it too.
+			oldest = min(oldest, v.epoch)
+			v.mu.Unlock()
+			continue
+		}
+		if j.bindable(v) {
+			bound = append(bound, v)
+			v.mu.Unlock()
+			continue
+		}
+		oldest = min(oldest, v.epoch)
+		_, err := j.captureLocked(v, !v.overwritten)
 		v.mu.Unlock()
 		if err != nil {
-			return err
+			j.bindDone(bound, 0, false)
+			return nil, err
 		}
 	}
 	if oldest > j.syncCover.Load() {
@@ -310,12 +336,13 @@ func (j *Journal) captureOverlapping(off, end int64) error {
 		// them then stand for them (replay finds them torn). A sync
 		// that starts from now on carries the captures, logged above,
 		// before it acknowledges their epochs.
-		return nil
+		return bound, nil
 	}
 	if err := j.syncLog(); err != nil {
-		return fmt.Errorf("sync the journal after capturing image-backed records: %w", err)
+		j.bindDone(bound, 0, false)
+		return nil, fmt.Errorf("sync the journal after capturing image-backed records: %w", err)
 	}
-	return nil
+	return bound, nil
 }
 
 // captureBuf is the size of the pieces a capture copies through.
@@ -392,7 +419,7 @@ func (j *Journal) loadImageRecord(r *Record) error {
 	if _, err := j.img.ReadAt(buf, v.off); err != nil {
 		return fmt.Errorf("journal record %d: read %d+%d from the local image: %w", v.seq, v.off, len(buf), err)
 	}
-	if crc := crc32c(buf); crc != v.crc {
+	if crc := crc32c(buf); crc != v.crc && !v.overwritten {
 		return &notHeldError{seq: v.seq, off: v.off, n: int64(len(buf)), got: crc, want: v.crc}
 	}
 	r.Data = buf
@@ -459,85 +486,4 @@ func (j *Journal) revertCaptures(recs []Record) error {
 	j.log.Warn("journal: image-backed records whose capture a power loss took are read from the local image again",
 		"records", len(recs), "first_seq", recs[0].Seq)
 	return nil
-}
-
-// Which large writes are written once. Writing once pays when the
-// record's range is not written again while it is pending; a write over
-// it costs a capture, a copy more than the journal would have made in the
-// first place. So a large write is image-backed only if no pending large
-// write overlaps it (hotRanges): the first pass over fresh space (a file
-// system filled, an image copied in) is written once, while data
-// rewritten faster than the remote takes it goes to segments, as every
-// write once did, after one capture of what the first pass left.
-// (fio sequential 1 MiB writes looping over 2 GiB with the remote
-// detached ran at 0.58-0.73 of the segment path when every pass was
-// written once and captured by the next.)
-
-// hotRange is a range that pending large writes (up to seq) cover.
-type hotRange struct {
-	off, end int64
-	seq      uint64
-}
-
-// hotRanges is the set of ranges written by pending large writes: sorted,
-// disjoint, merged where they touch (so a pass over the disk is one
-// range), each with the newest seq written into it. At most maxHotRanges:
-// past that a new range joins its nearest neighbour, which only widens
-// what counts as hot (large writes scattered over a disk while the remote
-// is away would otherwise make each insertion move megabytes).
-type hotRanges struct {
-	mu     sync.Mutex
-	ranges []hotRange
-}
-
-// overlaps reports whether [off, end) overlaps a range in the set.
-func (h *hotRanges) overlaps(off, end int64) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	i, _ := slices.BinarySearchFunc(h.ranges, off, func(r hotRange, off int64) int {
-		if r.end <= off {
-			return -1
-		}
-		return 1
-	})
-	return i < len(h.ranges) && h.ranges[i].off < end
-}
-
-// add records a large write of [off, end) with seq.
-func (h *hotRanges) add(off, end int64, seq uint64) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	// The ranges from i to k-1 touch [off, end): they merge with it.
-	i, _ := slices.BinarySearchFunc(h.ranges, off, func(r hotRange, off int64) int {
-		if r.end < off {
-			return -1
-		}
-		return 1
-	})
-	k := i
-	nr := hotRange{off: off, end: end, seq: seq}
-	for ; k < len(h.ranges) && h.ranges[k].off <= end; k++ {
-		nr.off, nr.end, nr.seq = min(nr.off, h.ranges[k].off), max(nr.end, h.ranges[k].end), max(nr.seq, h.ranges[k].seq)
-	}
-	if k == i && len(h.ranges) >= maxHotRanges {
-		// Full, and nothing to merge with: join the nearer neighbour
-		// (i-1 ends before off, i starts after end).
-		if i == len(h.ranges) || (i > 0 && off-h.ranges[i-1].end <= h.ranges[i].off-end) {
-			i--
-		}
-		k = i + 1
-		nr.off, nr.end, nr.seq = min(nr.off, h.ranges[i].off), max(nr.end, h.ranges[i].end), max(nr.seq, h.ranges[i].seq)
-	}
-	h.ranges = slices.Replace(h.ranges, i, k, nr)
-}
-
-// maxHotRanges bounds hotRanges (see there).
-const maxHotRanges = 4096
-
-// drained drops the ranges whose writes are all drained (seq up to
-// lastSeq).
-func (h *hotRanges) drained(lastSeq uint64) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.ranges = slices.DeleteFunc(h.ranges, func(r hotRange) bool { return r.seq <= lastSeq })
 }

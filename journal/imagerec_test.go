@@ -50,6 +50,9 @@ func TestCaptureTornByPowerLossReverts(t *testing.T) {
 	if _, err := j.Barrier(); err != nil {
 		t.Fatal(err)
 	}
+	// The flusher claims v's epoch: a write over it captures it rather
+	// than binds (bind.go).
+	j.ClaimBatch(j.ClosedEpoch())
 	// A zero range over v's second half (no payload, so the only
 	// segment bytes are the capture's).
 	z := Record{Offset: 64 << 10, Length: 128 << 10, Kind: KindZero}
@@ -111,90 +114,104 @@ func TestCaptureTornByPowerLossReverts(t *testing.T) {
 	}
 }
 
-// TestHotRanges: the ranges of pending large writes merge where they
-// touch, answer overlaps, and go once drained.
-func TestHotRanges(t *testing.T) {
-	var h hotRanges
-	h.add(0, 256<<10, 1)
-	h.add(256<<10, 512<<10, 2) // touches: merges
-	h.add(1<<20, 2<<20, 3)
-	if len(h.ranges) != 2 || h.ranges[0] != (hotRange{0, 512 << 10, 2}) {
-		t.Fatalf("ranges %+v", h.ranges)
-	}
-	for _, c := range []struct {
-		off, end int64
-		want     bool
-	}{{0, 1, true}, {511 << 10, 512 << 10, true}, {512 << 10, 1 << 20, false}, {1<<20 - 1, 1 << 20, false}, {1 << 20, 1<<20 + 1, true}, {2 << 20, 3 << 20, false}, {100, 3 << 20, true}} {
-		if got := h.overlaps(c.off, c.end); got != c.want {
-			t.Errorf("overlaps(%d, %d) = %v, want %v", c.off, c.end, got, c.want)
-		}
-	}
-	h.add(400<<10, 1<<20+1, 4) // bridges both: one range
-	if len(h.ranges) != 1 || h.ranges[0] != (hotRange{0, 2 << 20, 4}) {
-		t.Fatalf("after a bridging write: %+v", h.ranges)
-	}
-	h.drained(3)
-	if len(h.ranges) != 1 {
-		t.Fatalf("a range with a pending write went: %+v", h.ranges)
-	}
-	h.drained(4)
-	if len(h.ranges) != 0 || h.overlaps(0, 1<<30) {
-		t.Fatalf("drained ranges stay: %+v", h.ranges)
-	}
-}
-
-// TestLargeWriteOverPendingLargeWriteGoesToSegment: only a large write
-// over space no pending large write covers is written once.
-func TestLargeWriteOverPendingLargeWriteGoesToSegment(t *testing.T) {
+// openImageJournal opens a journal in a temp dir with a zeroed image of
+// size bytes attached.
+func openImageJournal(t *testing.T, size int64) (*Journal, *os.File) {
+	t.Helper()
 	imgPath := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(imgPath, make([]byte, 4<<20), 0o600); err != nil {
+	if err := os.WriteFile(imgPath, make([]byte, size), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	img, err := os.OpenFile(imgPath, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer img.Close()
+	t.Cleanup(func() { img.Close() })
 	j, err := Open(t.TempDir(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer j.Close()
+	t.Cleanup(func() { j.Close() })
 	j.AttachImage(img)
+	return j, img
+}
+
+// TestLargeRewriteBindsEpochs: a large write over a pending image-backed
+// record no batch has claimed is written once too, without a capture; the
+// record reads back as the image now holds it, and no batch may end
+// between the two writes' epochs (bind.go).
+func TestLargeRewriteBindsEpochs(t *testing.T) {
+	j, img := openImageJournal(t, 4<<20)
 	a := appendImage(t, j, img, 0, 1<<20, 1)
-	b := appendImage(t, j, img, 1<<20, 1<<20, 2)
-	c := appendImage(t, j, img, 512<<10, 128<<10, 3)
-	if !a.ImageBacked() || !b.ImageBacked() || c.ImageBacked() {
-		t.Fatalf("image-backed: fresh %v, fresh %v, over pending %v; want true, true, false", a.ImageBacked(), b.ImageBacked(), c.ImageBacked())
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
 	}
-	if st := j.Stats(); st.Captures != 1 || st.ImageBacked != 1 {
-		t.Fatalf("%d captures, %d image-backed; want 1, 1", st.Captures, st.ImageBacked)
+	// Over a's second half, and past it.
+	c := appendImage(t, j, img, 512<<10, 1<<20, 3)
+	if !a.ImageBacked() || !c.ImageBacked() {
+		t.Fatalf("image-backed: first %v, over it %v; want both", a.ImageBacked(), c.ImageBacked())
+	}
+	if st := j.Stats(); st.Captures != 0 || st.Binds != 1 || st.ImageBacked != 2 {
+		t.Fatalf("%d captures, %d binds, %d image-backed; want 0, 1, 2", st.Captures, st.Binds, st.ImageBacked)
+	}
+	if j.imgSynced.Load() < a.Seq {
+		t.Fatalf("bound record %d above the durable image-synced mark %d", a.Seq, j.imgSynced.Load())
+	}
+	// c's epoch is open: a batch may not hold a's.
+	if limit, _ := j.ClaimBatch(j.ClosedEpoch()); limit >= a.Epoch {
+		t.Fatalf("limit %d with a's epoch %d bound to the open epoch %d", limit, a.Epoch, c.Epoch)
+	}
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	limit, endsAt := j.ClaimBatch(j.ClosedEpoch())
+	if limit < c.Epoch || endsAt(a.Epoch) || !endsAt(c.Epoch) {
+		t.Fatalf("limit %d (want >= %d), a batch may end at a's epoch %d: %v, at c's %d: %v; want false, true",
+			limit, c.Epoch, a.Epoch, endsAt(a.Epoch), c.Epoch, endsAt(c.Epoch))
+	}
+	p, err := j.Payload(&a)
+	if err != nil {
+		t.Fatalf("read the overwritten record: %v", err)
+	}
+	want := append(bytes.Repeat([]byte{1}, 512<<10), bytes.Repeat([]byte{3}, 512<<10)...)
+	if !bytes.Equal(p, want) {
+		t.Fatal("the overwritten record does not read back as the image holds it")
+	}
+	// Both epochs are claimed now: a write over c captures it, with
+	// what the image holds.
+	appendImage(t, j, img, 0, 2<<20, 4)
+	if st := j.Stats(); st.Captures != 2 || st.Binds != 1 {
+		t.Fatalf("after a write over claimed records: %d captures, %d binds; want 2, 1", st.Captures, st.Binds)
+	}
+	if p, err := j.Payload(&c); err != nil || !bytes.Equal(p, bytes.Repeat([]byte{3}, 1<<20)) {
+		t.Fatalf("the captured record does not read back as written (%v)", err)
 	}
 }
 
-// TestHotRangesBounded: past maxHotRanges a new range joins its nearest
-// neighbour; nothing recorded stops counting as hot.
-func TestHotRangesBounded(t *testing.T) {
-	var h hotRanges
-	const step = 1 << 20
-	for i := range maxHotRanges + 100 {
-		h.add(int64(i)*step, int64(i)*step+64<<10, uint64(i+1))
+// TestBindWaitsForImageSyncedMark: a record above the durable
+// image-synced mark is bound only after the image and the mark are synced,
+// and a writer runs that sync at most every imageSyncEvery; otherwise it
+// captures.
+func TestBindWaitsForImageSyncedMark(t *testing.T) {
+	j, img := openImageJournal(t, 4<<20)
+	a := appendImage(t, j, img, 0, 1<<20, 1)
+	// No barrier: the mark is below a. The first write over it syncs the
+	// image, makes the mark durable and binds.
+	appendImage(t, j, img, 0, 128<<10, 2)
+	if st := j.Stats(); st.Binds != 1 || st.Captures != 0 {
+		t.Fatalf("%d binds, %d captures; want 1, 0", st.Binds, st.Captures)
 	}
-	if len(h.ranges) > maxHotRanges {
-		t.Fatalf("%d ranges, want at most %d", len(h.ranges), maxHotRanges)
+	if j.imgSynced.Load() < a.Seq {
+		t.Fatalf("durable image-synced mark %d below the bound record %d", j.imgSynced.Load(), a.Seq)
 	}
-	for i := range maxHotRanges + 100 {
-		if !h.overlaps(int64(i)*step, int64(i)*step+1) {
-			t.Fatalf("write %d no longer counts as hot", i)
-		}
+	// A second record over other space, rewritten at once: the last image
+	// sync is too recent to run another, so it is captured.
+	b := appendImage(t, j, img, 2<<20, 1<<20, 5)
+	appendImage(t, j, img, 2<<20, 128<<10, 6)
+	if st := j.Stats(); st.Binds != 1 || st.Captures != 1 {
+		t.Fatalf("%d binds, %d captures; want 1, 1", st.Binds, st.Captures)
 	}
-	for i := 1; i < len(h.ranges); i++ {
-		if h.ranges[i].off < h.ranges[i-1].end {
-			t.Fatalf("ranges %d and %d overlap or are out of order: %+v %+v", i-1, i, h.ranges[i-1], h.ranges[i])
-		}
-	}
-	h.add(int64(maxHotRanges+200)*step, int64(maxHotRanges+200)*step+64<<10, 1<<40) // past the last: joins it
-	if !h.overlaps(int64(maxHotRanges+200)*step, int64(maxHotRanges+200)*step+1) || len(h.ranges) > maxHotRanges {
-		t.Fatalf("a range past the end was lost or grew the set: %d ranges", len(h.ranges))
+	if p, err := j.Payload(&b); err != nil || !bytes.Equal(p, bytes.Repeat([]byte{5}, 1<<20)) {
+		t.Fatalf("the captured record does not read back as written (%v)", err)
 	}
 }

@@ -119,10 +119,22 @@ type Journal struct {
 	// epoch or below must be durable before the write over it goes on
 	// (imagerec.go).
 	syncCover atomic.Uint64
-	// hot are the ranges pending large writes cover (imagerec.go).
-	hot       hotRanges
-	inlineMax int64        // see Options.InlineMax
-	appending atomic.Int64 // appends in flight (see inlineBusy)
+	// Bound epochs (bind.go). bindMu guards claim (the highest epoch a
+	// planned batch may hold: writes over its image-backed records
+	// capture them), boundRecs (the records bound writes went over, with
+	// their imageRec.binding and boundTo) and replayBound.
+	bindMu      sync.Mutex
+	claim       uint64
+	boundRecs   map[*imageRec]struct{}
+	replayBound []epochSpan
+	// The image-synced mark (bind.go): as logged, as durable, when last
+	// logged, and as read at open.
+	imgSyncLogged   atomic.Uint64
+	imgSynced       atomic.Uint64
+	imgSyncedAt     atomic.Int64
+	imgSyncedAtOpen uint64
+	inlineMax       int64        // see Options.InlineMax
+	appending       atomic.Int64 // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
 	// epoch that Barrier closed held exactly one, and how many entries
 	// went to the intent log with O_DIRECT.
@@ -265,6 +277,7 @@ func Open(dir string, o Options) (*Journal, error) {
 	j.group.init(db)
 	j.legacy = map[uint64]*legacyRecord{}
 	j.imgs.init()
+	j.boundRecs = map[*imageRec]struct{}{}
 	j.maxEpochBytes = o.MaxEpochBytes
 	if j.maxEpochBytes <= 0 {
 		j.maxEpochBytes = 32 << 20
@@ -348,6 +361,13 @@ func (j *Journal) recover() error {
 		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
 	}
 	j.markedEpoch.Store(synced)
+	imgSynced, err := j.counter(keyImageSynced)
+	if err != nil {
+		return fmt.Errorf("recover journal %s: %w: %w; %s", j.dir, ErrJournalDamaged, err, damagedAdvice)
+	}
+	j.imgSynced.Store(imgSynced)
+	j.imgSyncLogged.Store(imgSynced)
+	j.imgSyncedAtOpen = imgSynced
 	var torn []uint64
 	var reverted []Record
 	var oldest time.Time // the oldest pending record's
@@ -381,9 +401,6 @@ func (j *Journal) recover() error {
 			} else if isTorn {
 				torn = append(torn, seq)
 				continue
-			}
-			if hdr.Kind == KindData && hdr.Length >= ImageMin {
-				j.hot.add(hdr.Offset, hdr.End(), seq)
 			}
 			if hdr.ImageBacked() {
 				j.imgs.add(&hdr)
@@ -567,15 +584,19 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 			return err
 		}
 	}
+	var bound []*imageRec
 	if apply != nil && j.imgs.uncaptured.Load() > 0 {
 		// The image must not change under a pending image-backed
-		// record before its capture is durable (imagerec.go).
-		if err := j.captureOverlapping(r.Offset, r.End()); err != nil {
+		// record before its capture is durable, or its epoch is bound
+		// to this write's (imagerec.go, bind.go).
+		var err error
+		if bound, err = j.captureOverlapping(r.Offset, r.End()); err != nil {
 			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
 		}
 	}
 	size := r.payloadSize()
 	if err := j.waitForSpace(ctx, size); err != nil {
+		j.bindDone(bound, 0, false)
 		return err
 	}
 	// The payload goes to a segment file first, outside any lock; the
@@ -592,6 +613,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		var err error
 		seg, r.segOff, err = j.segs.reserve(r.Length)
 		if err != nil {
+			j.bindDone(bound, 0, false)
 			j.release(size)
 			return err
 		}
@@ -605,6 +627,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		} else {
 			if err := seg.writePayload(r.Data, r.segOff); err != nil {
 				seg.inflight.Add(-1)
+				j.bindDone(bound, 0, false)
 				j.release(size)
 				return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
 			}
@@ -629,9 +652,6 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		if seg != nil {
 			seg.keep(r.Seq)
 		}
-		if apply != nil && r.Kind == KindData && r.Length >= ImageMin {
-			j.hot.add(r.Offset, r.End(), r.Seq)
-		}
 		if imageBacked {
 			j.imgs.add(r)
 			// Under barrierMu: an append of a later epoch cannot
@@ -640,6 +660,9 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		}
 	}
 	j.barrierMu.RUnlock()
+	// Before the image write: until then the flusher counts these binds
+	// as reaching past any epoch (ClaimBatch).
+	j.bindDone(bound, r.Epoch, err == nil)
 	if seg != nil {
 		seg.inflight.Add(-1)
 	}
@@ -688,6 +711,7 @@ func (j *Journal) SyncApplied(syncImage func() error) error {
 	// No append is in flight: every image-backed record appended so far
 	// is applied, and now durable.
 	j.imgLow.Store(0)
+	j.noteImageSynced(j.nextSeq.Load() - 1)
 	return nil
 }
 
@@ -934,6 +958,7 @@ func (j *Journal) syncLog() error {
 // durable, payload included: markSynced records that (see torn.go).
 func (j *Journal) syncOnce() error {
 	closed := j.closed.Load()
+	imgMark := j.imgSyncLogged.Load()
 	for {
 		c := j.syncCover.Load()
 		if c >= closed || j.syncCover.CompareAndSwap(c, closed) {
@@ -949,6 +974,9 @@ func (j *Journal) syncOnce() error {
 	j.syncMu.Unlock()
 	if err = errors.Join(segErr, err); err == nil {
 		j.markSynced(closed)
+		if imgMark > j.imgSynced.Load() {
+			j.imgSynced.Store(imgMark)
+		}
 	}
 	return err
 }
@@ -1363,9 +1391,9 @@ func (j *Journal) drained(lastSeq, lastEpoch uint64, records, bytes int64, legac
 			return fmt.Errorf("delete drained records: %w", err)
 		}
 		j.imgs.drop(imgs)
+		j.unbind(imgs)
 	}
 	j.drainedEpoch.Store(max(j.drainedEpoch.Load(), lastEpoch))
-	j.hot.drained(lastSeq)
 	// Whole segments whose records are all drained are deleted by the
 	// trimmer, after the drained seq is durable (so no index entry it does
 	// not cover can outlive its payload): deleting gigabytes of segment
@@ -1401,10 +1429,13 @@ type Stats struct {
 	DirectEntries uint64
 	// ImageBacked counts the pending records whose payload only the local
 	// image holds; Captures and CapturedBytes the copies made of such
-	// records before a write changed the image over them (imagerec.go).
+	// records before a write changed the image over them (imagerec.go);
+	// Binds the writes over such records that bound epochs instead of
+	// copying (bind.go).
 	ImageBacked   int64
 	Captures      uint64
 	CapturedBytes uint64
+	Binds         uint64
 }
 
 // Stats returns the journal's counters.
@@ -1423,6 +1454,7 @@ func (j *Journal) Stats() Stats {
 	s.ImageBacked = j.imgs.uncaptured.Load()
 	s.Captures = j.imgs.captures.Load()
 	s.CapturedBytes = j.imgs.capturedBytes.Load()
+	s.Binds = j.imgs.binds.Load()
 	return s
 }
 

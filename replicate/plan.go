@@ -170,14 +170,18 @@ func (f *Flusher) plan() (*batch, error) {
 	// Every record of a closed epoch is committed; wait until they are
 	// all in the image too, so that the image is the disk up to them.
 	f.j.WaitApplied()
+	// Writes over the closed epochs' image-backed records capture them
+	// from now on; a batch ends at or below limit, and only where no
+	// binding spans (journal/bind.go).
+	limit, endsAt := f.j.ClaimBatch(closed)
 	cut := false
 	var cur uint64
 	err := f.j.Scan(f.next, func(r journal.Record) (bool, error) {
-		if !cut && r.Epoch <= closed && b.drained.Records > 0 && r.Epoch != cur && cur >= f.minLast && b.full(&f.o, backlog) {
+		if !cut && r.Epoch <= limit && b.drained.Records > 0 && r.Epoch != cur && cur >= f.minLast && endsAt(cur) && b.full(&f.o, backlog) {
 			cut = true
 			b.cut = true
 		}
-		if cut || r.Epoch > closed {
+		if cut || r.Epoch > limit {
 			if b.watch == nil {
 				return true, nil
 			}
@@ -203,7 +207,11 @@ func (f *Flusher) plan() (*batch, error) {
 		}
 		return false, nil
 	})
-	if err == nil && b.drained.Records > 0 && b.last < f.minLast {
+	if err == nil && b.drained.Records > 0 && b.last < f.minLast && limit < f.minLast {
+		// A binding keeps the batch from reaching minLast until the
+		// epoch of the write that bound it closes.
+		b.drained.Records = 0
+	} else if err == nil && b.drained.Records > 0 && b.last < f.minLast {
 		err = fmt.Errorf("the journal ends at epoch %d, but the blob's odd sequence number says a batch up to epoch %d was being sent: the journal lost records (a bug or a damaged state directory; `vhdsync verify` shows what differs)", b.last, f.minLast)
 	}
 	if err != nil || b.drained.Records == 0 {

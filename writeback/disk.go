@@ -122,9 +122,12 @@ type ReplayStats struct {
 	RemoteSequence int64
 	// ImageBacked records (payload in the image only) were captured to
 	// the journal's segments; Torn of them had lost (part of) their bytes
-	// to a power loss and took what the image held instead.
+	// to a power loss and took what the image held instead; Overwritten
+	// of them had later writes bound over them (journal/bind.go) and took
+	// the image's newer bytes.
 	ImageBacked int
 	Torn        int
+	Overwritten int
 }
 
 // ErrStagingAhead: the staging store holds segments this state directory
@@ -438,15 +441,24 @@ func (d *Disk) replayJournal(seq remote.Sequence, keepAll bool) error {
 // (journal/imagerec.go), and makes the captures durable.
 //
 // A record whose bytes the image holds (its CRC matches) is captured
-// before anything writes the image. One whose bytes a power loss took was
-// never acknowledged (a barrier syncs the image before it returns): it
-// takes no part in the re-application, and is captured afterwards with
-// what the image then holds over its range, its own bytes or the older
-// ones per sector. Re-applying an older record over it is what restores
-// the older ones where the image lost those too; leaving it the winner
-// would keep bytes older still.
+// before anything writes the image. One whose CRC does not match is one of
+// two (journal/bind.go):
+//   - at or below the image-synced mark, its bytes were durable in the
+//     image and only a bound write over it changed them: it stays the
+//     winner of its range in the re-application (no older record goes
+//     over it), is captured afterwards with what the image then holds,
+//     and the first batch must reach the last pending epoch (BindReplay),
+//     since its copy holds the later writes' bytes;
+//   - above it, a power loss took its bytes and it was never acknowledged
+//     (a barrier syncs the image before it returns): it takes no part in
+//     the re-application, and is captured afterwards with what the image
+//     then holds over its range, its own bytes or the older ones per
+//     sector. Re-applying an older record over it is what restores the
+//     older ones where the image lost those too; leaving it the winner
+//     would keep bytes older still.
 func (d *Disk) replayImageBacked(recs []journal.Record) error {
-	var torn []int
+	var torn, overwritten []int
+	imgSynced := d.j.ImageSyncedSeq()
 	for i := range recs {
 		if !recs[i].ImageBacked() {
 			continue
@@ -458,6 +470,8 @@ func (d *Disk) replayImageBacked(recs []journal.Record) error {
 			return err
 		case held:
 			recs[i] = rec
+		case recs[i].Seq <= imgSynced:
+			overwritten = append(overwritten, i)
 		default:
 			torn = append(torn, i)
 		}
@@ -482,7 +496,20 @@ func (d *Disk) replayImageBacked(recs []journal.Record) error {
 			return err
 		}
 	}
+	if len(overwritten) > 0 {
+		from := recs[overwritten[0]].Epoch
+		for _, i := range overwritten {
+			from = min(from, recs[i].Epoch)
+			if recs[i], _, err = d.j.Capture(recs[i], false); err != nil {
+				return err
+			}
+		}
+		d.j.BindReplay(from, recs[len(recs)-1].Epoch)
+		d.log.Info("journal replay: image-backed records that later writes went over without a copy take what the image holds; the first batch reaches the last pending epoch",
+			"records", len(overwritten), "first_seq", recs[overwritten[0]].Seq, "epochs", fmt.Sprintf("%d-%d", from, recs[len(recs)-1].Epoch))
+	}
 	d.replay.Torn = len(torn)
+	d.replay.Overwritten = len(overwritten)
 	if len(torn) > 0 {
 		d.log.Warn("journal replay: image-backed records lost (part of) their bytes in a power loss; they were written after the last barrier, and take what the image holds", "records", len(torn), "first_seq", recs[torn[0]].Seq)
 	}
@@ -512,8 +539,9 @@ func (d *Disk) reapply(recs []journal.Record) (int64, error) {
 			if err := punch(d.img, e.Off, e.End-e.Off); err != nil {
 				return bytes, fmt.Errorf("zero local image %d+%d: %w", e.Off, e.End-e.Off, err)
 			}
-		case r.InImage():
-			// Image-backed: the image holds it.
+		case r.InImage() || r.ImageBacked():
+			// Image-backed: the image holds it (or, overwritten
+			// by a bound write, something newer).
 		default:
 			if e.Src != cur {
 				var err error

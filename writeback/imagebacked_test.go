@@ -64,8 +64,8 @@ func drainAndCheck(t *testing.T, d *Disk, dir string, r *remote.MemRemote, size 
 }
 
 // TestImageBackedWritesOnceAndCaptures: a large write keeps its payload in
-// the image only; a write over it, of the same or a later epoch, first
-// copies it to the journal (a capture), so that each barrier's state
+// the image only; a write over it once the flusher has claimed its epoch
+// first copies it to the journal (a capture), so that each barrier's state
 // still reaches the blob; the blob ends equal to the image.
 func TestImageBackedWritesOnceAndCaptures(t *testing.T) {
 	dir := t.TempDir()
@@ -88,14 +88,16 @@ func TestImageBackedWritesOnceAndCaptures(t *testing.T) {
 	if st.ImageBacked != 0 || st.Captures != 1 || st.CapturedBytes != 1<<20 {
 		t.Fatalf("after a write over it: %d image-backed, %d captures of %d bytes; want 0, 1, 1 MiB", st.ImageBacked, st.Captures, st.CapturedBytes)
 	}
-	// Two large writes in one epoch, the second over the first: the
-	// first is captured as well (the image never changes under an
-	// uncaptured record), and the second, over pending large data, goes
-	// to a segment.
+	// Two large writes in the open epoch, the second over the first:
+	// the flusher has not claimed it, so the first is bound (written
+	// once, its epoch tied to the second's) if the image-synced mark
+	// covers it, else captured (the image never changes under an
+	// uncaptured record it could lose); the second is written once.
 	writeFills(t, d, ws[2], ws[3])
 	st = d.Stats().Journal
-	if st.ImageBacked != 0 || st.Captures != 2 {
-		t.Fatalf("after two overlapping large writes: %d image-backed, %d captures; want 0, 2", st.ImageBacked, st.Captures)
+	if st.Captures+st.Binds != 2 || st.ImageBacked != int64(1+st.Binds) {
+		t.Fatalf("after two overlapping large writes: %d image-backed, %d captures, %d binds; want 1 image-backed and 1 capture more than binds, 2 captures and binds",
+			st.ImageBacked, st.Captures, st.Binds)
 	}
 	f.setDown(false)
 	drainAndCheck(t, d, dir, r, size, "a write lost", ws...)
@@ -161,4 +163,41 @@ func TestImageBackedSurvivesKill(t *testing.T) {
 	}
 	writeFills(t, d2, ws[2])
 	drainAndCheck(t, d2, dir, r, size, "a write lost", ws...)
+}
+
+// TestBoundRecordKeepsItsRangeAtReplay: Y (4 KiB at 100 KiB, in a
+// segment) and then V (128 KiB over it, image-backed) are acknowledged; W
+// (64 KiB at 0) goes over V bound, without a copy (journal/bind.go); the
+// daemon dies. At replay V's bytes no longer match its CRC, but V is below
+// the image-synced mark: W overwrote it, no power loss tore it. It must
+// stay the winner of its range: re-applying Y over it, as for a torn
+// record, would lose V's acknowledged bytes at 100 KiB.
+func TestBoundRecordKeepsItsRangeAtReplay(t *testing.T) {
+	dir := t.TempDir()
+	const size = 1 << 20
+	d, r, f := pendingDisk(t, dir, size)
+	lease := d.Stats().LeaseID
+	ws := []fillAt{{100 << 10, 4096, 7}, {0, 128 << 10, 9}, {0, 64 << 10, 5}}
+	writeFills(t, d, ws[0])
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	writeFills(t, d, ws[1])
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	writeFills(t, d, ws[2])
+	if st := d.Stats().Journal; st.Binds != 1 || st.Captures != 0 {
+		t.Fatalf("%d binds, %d captures; want 1, 0 (the flusher, stuck on the first batch, claimed only Y's epoch)", st.Binds, st.Captures)
+	}
+	if err := d.Close(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	f.setDown(false)
+	d2 := newTestDisk(t, dir, size, r, DiskOptions{LeaseID: lease})
+	t.Cleanup(func() { d2.Close(context.Background(), false) })
+	if rp := d2.Replay(); rp.ImageBacked != 2 || rp.Torn != 0 || rp.Overwritten != 1 {
+		t.Fatalf("replay: %d image-backed, %d torn, %d overwritten; want 2, 0, 1", rp.ImageBacked, rp.Torn, rp.Overwritten)
+	}
+	drainAndCheck(t, d2, dir, r, size, "the bound record lost its range to an older one", ws...)
 }

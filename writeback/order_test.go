@@ -661,7 +661,7 @@ func propFinalCheck(t propT, dir string, r *remote.MemRemote, m *diskModel, clos
 func TestOrderProperty(t *testing.T) {
 	var total orderStats
 	cases, steps, batches, filled, unfilled, preempted := 0, 0, uint64(0), uint64(0), uint64(0), uint64(0)
-	captures := uint64(0)
+	captures, binds := uint64(0), uint64(0)
 	base := propBaseDir(t)
 	rapid.Check(t, func(rt *rapid.T) {
 		ctx := context.Background()
@@ -673,6 +673,9 @@ func TestOrderProperty(t *testing.T) {
 		// rapid favours small numbers: count down from the large end, so that
 		// batches often have room for several epochs.
 		o.Flusher.MaxBatchBytes = 1<<20 - rapid.Int64Range(0, 1<<20-8<<10).Draw(rt, "maxBatchBytesBelow1MiB")
+		// Batches cut at a few ranges (0: the default) while catching up:
+		// a cut must never fall inside bound epochs (journal/bind.go).
+		o.Flusher.MaxBatchExtents = rapid.IntRange(0, 24).Draw(rt, "maxBatchExtents")
 		o.Sender.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
 		// Batches stopped for a superset as soon as the writer pauses,
@@ -730,14 +733,18 @@ func TestOrderProperty(t *testing.T) {
 		preempted += st.Flusher.PreemptedBatches
 		unfilled += st.Flusher.UnfilledBytes
 		captures += st.Journal.Captures
+		binds += st.Journal.Binds
 	})
-	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches (%d preempted), %d bytes filled from the image (%d planned fill bytes refused: written since, or holes), %d image-backed records captured",
-		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches, preempted, filled, unfilled, captures)
+	t.Logf("order: %d cases, %d journal records, %d states checked (%d complete batches, %d in progress under an odd mark, %d under an even number), %d flusher batches (%d preempted), %d bytes filled from the image (%d planned fill bytes refused: written since, or holes), %d image-backed records captured, %d writes bound over them",
+		cases, steps, total.states, total.complete, total.marked, total.unmarked, batches, preempted, filled, unfilled, captures, binds)
 	if cases > 20 && preempted == 0 {
 		t.Errorf("no batch was preempted: the test does not exercise preemption")
 	}
 	if cases > 20 && captures == 0 {
 		t.Errorf("no image-backed record was captured: the test does not exercise writes over large pending writes")
+	}
+	if cases > 20 && binds == 0 {
+		t.Errorf("no write was bound over an image-backed record: the test does not exercise bound epochs")
 	}
 	if cases > 20 && filled == 0 {
 		t.Errorf("no Put Page carried clean sectors from the image: the test does not exercise fills")
