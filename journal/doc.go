@@ -6,8 +6,10 @@
 // (package intentlog) with one pwrite; an indexer commits the entries to
 // badger in the background (indexer.go, groupcommit.go), and small
 // payloads to their segment (segment.go). A payload of ImageMin bytes or
-// more appended with an apply function stays in the local image only, and
-// is captured to a segment before anything writes over it (imagerec.go). Badger is the ordered index
+// more appended with an apply function stays in the local image only; a
+// write over it binds their epochs (bind.go), or, once the flusher has
+// claimed its epoch, captures it to a segment first (imagerec.go). Badger
+// is the ordered index
 // that every read goes through: the flusher scans whole closed epochs in
 // seq order (Scan), reads each payload when it sends it (Payload), and
 // deletes a batch once delivered (DeleteRange; replay uses Delete), which
@@ -59,8 +61,9 @@
 // Barrier releases it first. segments.closeMu is held for writing by
 // reclaim alone, with no other lock. Journal.mu (pending accounting, the
 // space condition, legacy records), syncState (Sync's coalescing),
-// indexer.mu, segments.mu, segments.dirMu, Log.mu, imageRecs.mu and
-// hotRanges.mu (image-backed records, imagerec.go) are leaves: nothing
+// indexer.mu, segments.mu, segments.dirMu, Log.mu, imageRecs.mu
+// (image-backed records, imagerec.go) and bindMu (bind.go, taken under
+// an imageRec.mu) are leaves: nothing
 // is taken while one is held. indexer.gate is held around each badger
 // commit, with none of the others (tests hold it to stall the indexer).
 // A caller may hold its own locks (Disk's range lock) across any call; the

@@ -24,9 +24,12 @@ import (
 // sequential writes to a third of what a local file takes.
 //
 // The image holds the newest state, so an image-backed record reads back
-// right only as long as nothing has written over it. Before any append
-// with an apply function (data, zero or discard, of any epoch) changes the
-// image over a pending image-backed record, the record is captured: its
+// as written only as long as nothing has written over it. Before any
+// append with an apply function (data, zero or discard, of any epoch)
+// changes the image over a pending image-backed record, the record is
+// bound to the write (bind.go: their epochs go to the remote in one
+// batch, and no copy is made) if no batch has claimed its epoch and its
+// bytes are durably in the image; otherwise it is captured: its
 // bytes are copied from the image to a segment and its index entry is
 // logged again, under its own key, pointing there (and flagged captured);
 // then, if a sync has begun to make the record's epoch durable (so a
@@ -41,9 +44,10 @@ import (
 //   - the image never holds a write over an acknowledged image-backed
 //     record whose capture could still be lost: a power loss keeps both
 //     or the capture alone, never the overwrite without the capture;
-//   - nothing ever overwrites an uncaptured image-backed record's range,
-//     so its CRC, checked against the image, says whether the image holds
-//     it (recovery relies on that, see below).
+//   - nothing overwrites an uncaptured image-backed record's range
+//     unless it is bound, so the CRC of one not bound, checked against the
+//     image, says whether the image holds it (recovery relies on that,
+//     see below and bind.go).
 //
 // A barrier (and the flusher's sync before it sends) makes the image
 // durable too when an image-backed record of a closed epoch may not be:
@@ -56,8 +60,9 @@ import (
 //
 // Recovery (writeback's replay) captures every pending image-backed record
 // before anything else writes the image: one whose CRC matches the image
-// is copied as it is; one whose CRC does not (torn by a power loss) is
-// left out of the re-application, and captured afterwards with what the
+// is copied as it is; one whose CRC does not is overwritten (at or below
+// the image-synced mark, see bind.go) or torn by a power loss (above
+// it); a torn one is left out of the re-application, and captured afterwards with what the
 // image then holds over its range: per sector either its own bytes or
 // the older ones, both states a power cut may leave of an unacknowledged
 // write. A captured entry whose segment payload a power loss took is

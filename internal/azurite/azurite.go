@@ -356,6 +356,24 @@ func (s *Server) Stop() {
 	<-s.done
 }
 
+// Pause freezes Azurite (SIGSTOP to its process group): it accepts
+// connections but answers nothing, as a server that stopped responding.
+// Resume lets it go on.
+func (s *Server) Pause() error {
+	if s == nil || s.cmd == nil || s.cmd.Process == nil {
+		return fmt.Errorf("azurite is not running")
+	}
+	return syscall.Kill(-s.cmd.Process.Pid, syscall.SIGSTOP)
+}
+
+// Resume undoes Pause (SIGCONT); resuming a server not paused does nothing.
+func (s *Server) Resume() error {
+	if s == nil || s.cmd == nil || s.cmd.Process == nil {
+		return fmt.Errorf("azurite is not running")
+	}
+	return syscall.Kill(-s.cmd.Process.Pid, syscall.SIGCONT)
+}
+
 // ContainerURL returns the URL of container name on this server.
 func (s *Server) ContainerURL(name string) string { return s.Endpoint + "/" + name }
 
