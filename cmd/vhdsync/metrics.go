@@ -181,6 +181,7 @@ var metricDefs = []struct {
 	{"vhdsync_journal_image_backed_records", "Pending writes of 64 KiB or more whose only copy is the local image.", nil},
 	{"vhdsync_journal_captures_total", "Image-backed writes copied to the journal before a later write changed the image over them.", nil},
 	{"vhdsync_journal_captured_bytes_total", "Bytes of those copies.", nil},
+	{"vhdsync_journal_binds_total", "Writes over image-backed writes that bound their epochs (sent in one batch) instead of copying them.", nil},
 	{"vhdsync_journal_open_epoch", "The epoch writes go to now (closed by the next barrier).", nil},
 	{"vhdsync_journal_epochs_closed_total", "Epochs closed (barriers and lingers).", nil},
 	{"vhdsync_remote_requests_total", "Requests that reached the blob, by kind: put (Put Page), clear (Clear Pages), sequence (sequence number updates).", []string{"kind"}},
@@ -263,6 +264,7 @@ func (c *diskCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge("vhdsync_journal_image_backed_records", float64(j.ImageBacked))
 	counter("vhdsync_journal_captures_total", j.Captures)
 	counter("vhdsync_journal_captured_bytes_total", j.CapturedBytes)
+	counter("vhdsync_journal_binds_total", j.Binds)
 	gauge("vhdsync_journal_open_epoch", float64(j.OpenEpoch))
 	counter("vhdsync_journal_epochs_closed_total", j.EpochsClosed)
 

@@ -698,7 +698,7 @@ func buildStatus(s writeback.Stats, c *fusefs.Counters, rate *rateMeter, base co
 		out.LagSeconds = time.Since(s.Journal.OldestNotOnRemote).Seconds()
 	}
 	out.BlockedWriters = s.Journal.BlockedWriters
-	out.ImageBacked, out.Captures, out.CapturedBytes = s.Journal.ImageBacked, s.Journal.Captures, s.Journal.CapturedBytes
+	out.ImageBacked, out.Captures, out.CapturedBytes, out.Binds = s.Journal.ImageBacked, s.Journal.Captures, s.Journal.CapturedBytes, s.Journal.Binds
 	out.Sync, out.SyncDegraded, out.SyncTimeouts = s.Sync.On, s.Sync.Degraded, s.Sync.Timeouts
 	out.OpenEpoch = s.Journal.OpenEpoch
 	out.EpochsClosed = s.Journal.EpochsClosed

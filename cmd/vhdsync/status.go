@@ -241,9 +241,9 @@ func printStatus(w io.Writer, r statusReport) {
 		fmt.Fprintf(tw, " (cap %s)", humanBytes(r.JournalCapBytes))
 	}
 	fmt.Fprintf(tw, ", %s on disk\n", humanBytes(r.JournalDisk))
-	if r.ImageBacked > 0 || r.Captures > 0 {
-		fmt.Fprintf(tw, "written once:\t%d pending large writes held by the image only; %d copied to the journal before a write over them (%s)\n",
-			r.ImageBacked, r.Captures, humanBytes(int64(r.CapturedBytes)))
+	if r.ImageBacked > 0 || r.Captures > 0 || r.Binds > 0 {
+		fmt.Fprintf(tw, "written once:\t%d pending large writes held by the image only; %d writes over them sent with them, %d copied to the journal first (%s)\n",
+			r.ImageBacked, r.Binds, r.Captures, humanBytes(int64(r.CapturedBytes)))
 	}
 	if !r.OldestPending.IsZero() {
 		fmt.Fprintf(tw, "replica lag:\t%.1f s (oldest write not on the blob: %s)\n", r.LagSeconds, r.OldestPending.Format(time.RFC3339Nano))

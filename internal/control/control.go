@@ -42,10 +42,12 @@ type Status struct {
 	// ImageBacked counts the pending records whose only copy is the local
 	// image (writes of 64 KiB or more, written once); Captures and
 	// CapturedBytes the copies made of such records before a write
-	// changed the image over them.
+	// changed the image over them; Binds the writes over them that bound
+	// their epochs instead of copying (journal/bind.go).
 	ImageBacked   int64  `json:"journal_image_backed_records"`
 	Captures      uint64 `json:"journal_captures"`
 	CapturedBytes uint64 `json:"journal_captured_bytes"`
+	Binds         uint64 `json:"journal_binds"`
 	// Sync: mounted with --sync (a barrier waits for the blob);
 	// SyncDegraded: barriers timed out (--sync-timeout) and return without
 	// the blob until it has caught up; SyncTimeouts counts them.
