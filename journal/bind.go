@@ -52,8 +52,8 @@ import (
 // keyImageSynced holds the image-synced mark (big-endian seq).
 var keyImageSynced = []byte("m/imgsynced")
 
-// imageSyncEvery is the least time between two image syncs a writer runs
-// to bind rather than capture (syncImageForBind): each flushes every dirty
+// imageSyncEvery is the default least time between two image syncs a
+// writer runs to bind rather than capture (syncImageForBind): each flushes every dirty
 // page of the image, so a writer rewriting recent data captures instead of
 // syncing at every write.
 const imageSyncEvery = 250 * time.Millisecond
@@ -226,7 +226,7 @@ func (j *Journal) syncImageForBind(victims []*imageRec) error {
 		return nil
 	}
 	if need > j.imgSyncLogged.Load() {
-		if time.Now().UnixNano()-j.imgSyncedAt.Load() < int64(imageSyncEvery) {
+		if time.Now().UnixNano()-j.imgSyncedAt.Load() < int64(j.imageSyncEvery) {
 			return nil
 		}
 		if err := j.SyncApplied(func() error { return Datasync(j.img) }); err != nil {

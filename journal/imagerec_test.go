@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // appendImage appends a data record of n bytes of b at off with an apply
@@ -116,7 +117,7 @@ func TestCaptureTornByPowerLossReverts(t *testing.T) {
 
 // openImageJournal opens a journal in a temp dir with a zeroed image of
 // size bytes attached.
-func openImageJournal(t *testing.T, size int64) (*Journal, *os.File) {
+func openImageJournal(t *testing.T, size int64, o Options) (*Journal, *os.File) {
 	t.Helper()
 	imgPath := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(imgPath, make([]byte, size), 0o600); err != nil {
@@ -127,7 +128,7 @@ func openImageJournal(t *testing.T, size int64) (*Journal, *os.File) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { img.Close() })
-	j, err := Open(t.TempDir(), Options{})
+	j, err := Open(t.TempDir(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,7 +142,7 @@ func openImageJournal(t *testing.T, size int64) (*Journal, *os.File) {
 // record reads back as the image now holds it, and no batch may end
 // between the two writes' epochs (bind.go).
 func TestLargeRewriteBindsEpochs(t *testing.T) {
-	j, img := openImageJournal(t, 4<<20)
+	j, img := openImageJournal(t, 4<<20, Options{})
 	a := appendImage(t, j, img, 0, 1<<20, 1)
 	if _, err := j.Barrier(); err != nil {
 		t.Fatal(err)
@@ -193,7 +194,9 @@ func TestLargeRewriteBindsEpochs(t *testing.T) {
 // and a writer runs that sync at most every imageSyncEvery; otherwise it
 // captures.
 func TestBindWaitsForImageSyncedMark(t *testing.T) {
-	j, img := openImageJournal(t, 4<<20)
+	// Image syncs for binds at most hourly: the first one runs (none ran
+	// before), the second does not.
+	j, img := openImageJournal(t, 4<<20, Options{ImageSyncEvery: time.Hour})
 	a := appendImage(t, j, img, 0, 1<<20, 1)
 	// No barrier: the mark is below a. The first write over it syncs the
 	// image, makes the mark durable and binds.
@@ -204,8 +207,8 @@ func TestBindWaitsForImageSyncedMark(t *testing.T) {
 	if j.imgSynced.Load() < a.Seq {
 		t.Fatalf("durable image-synced mark %d below the bound record %d", j.imgSynced.Load(), a.Seq)
 	}
-	// A second record over other space, rewritten at once: the last image
-	// sync is too recent to run another, so it is captured.
+	// A second record over other space, rewritten: the last image sync
+	// is too recent to run another, so it is captured.
 	b := appendImage(t, j, img, 2<<20, 1<<20, 5)
 	appendImage(t, j, img, 2<<20, 128<<10, 6)
 	if st := j.Stats(); st.Binds != 1 || st.Captures != 1 {

@@ -68,6 +68,9 @@ type Options struct {
 	// fsync after every write (see directCadence): every entry then goes
 	// through the page cache, and their barrier writes it back.
 	BufferedIntents bool
+	// ImageSyncEvery is the least time between two image syncs a writer
+	// runs to bind rather than capture (bind.go); 0: 250 ms.
+	ImageSyncEvery time.Duration
 }
 
 // Journal is the durable, ordered log of writes not yet on the remote.
@@ -133,8 +136,9 @@ type Journal struct {
 	imgSynced       atomic.Uint64
 	imgSyncedAt     atomic.Int64
 	imgSyncedAtOpen uint64
-	inlineMax       int64        // see Options.InlineMax
-	appending       atomic.Int64 // appends in flight (see inlineBusy)
+	imageSyncEvery  time.Duration // Options.ImageSyncEvery
+	inlineMax       int64         // see Options.InlineMax
+	appending       atomic.Int64  // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
 	// epoch that Barrier closed held exactly one, and how many entries
 	// went to the intent log with O_DIRECT.
@@ -284,6 +288,10 @@ func Open(dir string, o Options) (*Journal, error) {
 	}
 	j.inlineMax = inlineLimit(o.InlineMax, o.IntentLogSlots)
 	j.directIntents = !o.BufferedIntents
+	j.imageSyncEvery = o.ImageSyncEvery
+	if j.imageSyncEvery <= 0 {
+		j.imageSyncEvery = imageSyncEvery
+	}
 	nextLog, gen, err := j.replayIntents()
 	if err != nil {
 		segs.close()
