@@ -470,6 +470,11 @@ func (j *Journal) Capture(r Record, verify bool) (rec Record, held bool, err err
 	return rec, err == nil, err
 }
 
+// Captured reports whether the record was appended image-backed and its
+// bytes copied to a segment since (a capture). A copy made after a bound
+// write went over the record holds that write's bytes (bind.go).
+func (r *Record) Captured() bool { return r.captured }
+
 // ImageBacked reports whether the record's payload is in the local image
 // only (appended image-backed and not captured since, as its index entry
 // said when read).
