@@ -45,9 +45,18 @@ import (
 //     it (bound, acknowledged or not) changed them: the image holds it or
 //     something newer, and replay leaves it the winner of its range, so
 //     that no older record is re-applied over it (writeback's replay).
-// Its copy then holds the newer bytes, so the first batch after the
-// replay must reach the last pending epoch (BindReplay): the bindings
-// themselves are not persisted.
+// Its copy then holds the newer bytes, and so may the copy of any record
+// captured before the crash; the bindings themselves are not persisted,
+// so replay binds each such record again (BindReplay) up to the record
+// maxBindRecords seqs after it, as far as a bound write can lie.
+
+// A bound batch cannot be cut, so its size is bounded where bindings are
+// made: a write binds only while the records from the oldest bound record
+// still pending up to it number at most maxBindRecords (the flusher's
+// default bound on a batch's ranges), and captures beyond that until the
+// flusher has sent past it. Every span therefore lies within
+// maxBindRecords records of its record, which replay relies on.
+const maxBindRecords = 1 << 20
 
 // keyImageSynced holds the image-synced mark (big-endian seq).
 var keyImageSynced = []byte("m/imgsynced")
@@ -75,11 +84,20 @@ func (j *Journal) bindable(v *imageRec) bool {
 		// A batch may hold v and end before the write's epoch.
 		return false
 	}
+	oldest := v.seq
+	if j.oldestBound != 0 {
+		oldest = min(oldest, j.oldestBound)
+	}
+	if j.nextSeq.Load()-oldest > j.maxBindRecords {
+		// The batch the binding would tie together grows too large.
+		return false
+	}
 	v.overwritten = true
 	v.binding++
 	if !v.inBound {
 		v.inBound = true
 		j.boundRecs[v] = struct{}{}
+		j.oldestBound = oldest
 	}
 	j.imgs.binds.Add(1)
 	return true
@@ -105,13 +123,27 @@ func (j *Journal) bindDone(vs []*imageRec, epoch uint64, ok bool) {
 func (j *Journal) unbind(vs []*imageRec) {
 	j.bindMu.Lock()
 	defer j.bindMu.Unlock()
+	n := len(j.boundRecs)
 	for _, v := range vs {
 		if v.inBound {
 			v.inBound = false
 			delete(j.boundRecs, v)
 		}
 	}
+	if len(j.boundRecs) == n {
+		return
+	}
+	j.oldestBound = 0
+	for v := range j.boundRecs {
+		if j.oldestBound == 0 || v.seq < j.oldestBound {
+			j.oldestBound = v.seq
+		}
+	}
 }
+
+// MaxBindRecords is the most records a binding spans (see maxBindRecords):
+// a write bound over a record lies within that many seqs after it.
+func (j *Journal) MaxBindRecords() uint64 { return j.maxBindRecords }
 
 // BindReplay records that no batch may end from epoch from up to epoch to
 // (exclusive): replay captured image-backed records that bound writes had

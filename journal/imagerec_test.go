@@ -218,3 +218,29 @@ func TestBindWaitsForImageSyncedMark(t *testing.T) {
 		t.Fatalf("the captured record does not read back as written (%v)", err)
 	}
 }
+
+// TestBindingSpanBounded: a write binds only while the records from the
+// oldest bound record up to it number at most MaxBindRecords; past that it
+// captures, so that a batch no binding lets the flusher cut stays bounded.
+func TestBindingSpanBounded(t *testing.T) {
+	j, img := openImageJournal(t, 8<<20, Options{MaxBindRecords: 4})
+	appendImage(t, j, img, 0, 1<<20, 1)
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	appendImage(t, j, img, 0, 4096, 2) // 1 record after a: bound
+	if st := j.Stats(); st.Binds != 1 || st.Captures != 0 {
+		t.Fatalf("%d binds, %d captures; want 1, 0", st.Binds, st.Captures)
+	}
+	for i := range 4 {
+		appendImage(t, j, img, 4<<20+int64(i)*4096, 4096, 3)
+	}
+	// a, the oldest bound record, is now 6 records back.
+	appendImage(t, j, img, 512<<10, 4096, 4)
+	if st := j.Stats(); st.Binds != 1 || st.Captures != 1 {
+		t.Fatalf("past the bound: %d binds, %d captures; want 1, 1", st.Binds, st.Captures)
+	}
+	if j.MaxBindRecords() != 4 {
+		t.Fatalf("MaxBindRecords %d, want 4", j.MaxBindRecords())
+	}
+}

@@ -71,6 +71,9 @@ type Options struct {
 	// ImageSyncEvery is the least time between two image syncs a writer
 	// runs to bind rather than capture (bind.go); 0: 250 ms.
 	ImageSyncEvery time.Duration
+	// MaxBindRecords bounds the records from the oldest bound record on
+	// (bind.go); 0: 1 Mi.
+	MaxBindRecords uint64
 }
 
 // Journal is the durable, ordered log of writes not yet on the remote.
@@ -129,6 +132,7 @@ type Journal struct {
 	bindMu      sync.Mutex
 	claim       uint64
 	boundRecs   map[*imageRec]struct{}
+	oldestBound uint64 // the lowest seq in boundRecs (0: none)
 	replayBound []epochSpan
 	// The image-synced mark (bind.go): as logged, as durable, when last
 	// logged, and as read at open.
@@ -137,6 +141,7 @@ type Journal struct {
 	imgSyncedAt     atomic.Int64
 	imgSyncedAtOpen uint64
 	imageSyncEvery  time.Duration // Options.ImageSyncEvery
+	maxBindRecords  uint64        // Options.MaxBindRecords
 	inlineMax       int64         // see Options.InlineMax
 	appending       atomic.Int64  // appends in flight (see inlineBusy)
 	// See directCadence: appends since the last Barrier, whether the
@@ -291,6 +296,10 @@ func Open(dir string, o Options) (*Journal, error) {
 	j.imageSyncEvery = o.ImageSyncEvery
 	if j.imageSyncEvery <= 0 {
 		j.imageSyncEvery = imageSyncEvery
+	}
+	j.maxBindRecords = o.MaxBindRecords
+	if j.maxBindRecords == 0 {
+		j.maxBindRecords = maxBindRecords
 	}
 	nextLog, gen, err := j.replayIntents()
 	if err != nil {

@@ -180,6 +180,9 @@ func TestCrashRecovery(t *testing.T) {
 		// the first batch must still reach past every record that bound
 		// writes went over (journal/bind.go).
 		o.Flusher.MaxBatchExtents = rapid.IntRange(0, 24).Draw(rt, "maxBatchExtents")
+		// Bindings spanning at most a few records (0: the default), and
+		// replay binding again only that far.
+		o.Journal.MaxBindRecords = uint64(rapid.IntRange(0, 16).Draw(rt, "maxBindRecords"))
 		o.Sender.Workers = rapid.IntRange(2, 4).Draw(rt, "workers")
 		o.Flusher.Linger = time.Duration(rapid.IntRange(100, 2000).Draw(rt, "lingerMicros")) * time.Microsecond
 		// Batches stopped for a superset as soon as the writer pauses,

@@ -1,11 +1,13 @@
 package writeback
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -447,8 +449,8 @@ func (d *Disk) replayJournal(seq remote.Sequence, keepAll bool) error {
 //     image and only a bound write over it changed them: it stays the
 //     winner of its range in the re-application (no older record goes
 //     over it), is captured afterwards with what the image then holds,
-//     and the first batch must reach the last pending epoch (BindReplay),
-//     since its copy holds the later writes' bytes;
+//     and bound again (BindReplay) to every record a bound write could
+//     be, since its copy holds the later writes' bytes;
 //   - above it, a power loss took its bytes and it was never acknowledged
 //     (a barrier syncs the image before it returns): it takes no part in
 //     the re-application, and is captured afterwards with what the image
@@ -462,13 +464,13 @@ func (d *Disk) replayImageBacked(recs []journal.Record) error {
 	// A record captured before the crash may have been copied after a
 	// bound write went over it, so its copy may hold that later write's
 	// bytes; the binding that kept a batch from ending between them is
-	// gone with the process. Which captures did is not recorded: from the
-	// first captured record on, no batch may end before the last pending
-	// epoch (found by TestCrashRecovery with batches cut at 3 ranges).
-	var bindFrom uint64
+	// gone with the process. Which captures did is not recorded, so each
+	// is bound again to every record a binding could have reached
+	// (found by TestCrashRecovery with batches cut at 3 ranges).
+	var bindAgain []int
 	for i := range recs {
-		if recs[i].Captured() && (bindFrom == 0 || recs[i].Epoch < bindFrom) {
-			bindFrom = recs[i].Epoch
+		if recs[i].Captured() {
+			bindAgain = append(bindAgain, i)
 		}
 		if !recs[i].ImageBacked() {
 			continue
@@ -508,20 +510,25 @@ func (d *Disk) replayImageBacked(recs []journal.Record) error {
 	}
 	if len(overwritten) > 0 {
 		for _, i := range overwritten {
-			if bindFrom == 0 || recs[i].Epoch < bindFrom {
-				bindFrom = recs[i].Epoch
-			}
 			if recs[i], _, err = d.j.Capture(recs[i], false); err != nil {
 				return err
 			}
 		}
+		bindAgain = append(bindAgain, overwritten...)
 		d.log.Info("journal replay: image-backed records that later writes went over without a copy take what the image holds",
 			"records", len(overwritten), "first_seq", recs[overwritten[0]].Seq)
 	}
-	if last := recs[len(recs)-1].Epoch; bindFrom != 0 && bindFrom < last {
-		d.j.BindReplay(bindFrom, last)
-		d.log.Info("journal replay: copies of image-backed records may hold later writes' bytes; the first batch from their epoch reaches the last pending epoch",
-			"epochs", fmt.Sprintf("%d-%d", bindFrom, last))
+	// A bound write lies within MaxBindRecords seqs after the record.
+	span := d.j.MaxBindRecords()
+	for _, i := range bindAgain {
+		reach := recs[i].Seq + span
+		k, _ := slices.BinarySearchFunc(recs, reach, func(r journal.Record, seq uint64) int { return cmp.Compare(r.Seq, seq) })
+		if k == len(recs) || recs[k].Seq > reach {
+			k--
+		}
+		if to := recs[k].Epoch; to > recs[i].Epoch {
+			d.j.BindReplay(recs[i].Epoch, to)
+		}
 	}
 	d.replay.Torn = len(torn)
 	d.replay.Overwritten = len(overwritten)
