@@ -1,12 +1,10 @@
 package journal
 
 import (
-	"encoding/binary"
+	"cmp"
 	"math"
 	"slices"
 	"time"
-
-	"github.com/vhdsync/vhdsync/journal/intentlog"
 )
 
 // Bound epochs: a write over a pending image-backed record without a copy.
@@ -80,7 +78,7 @@ func (j *Journal) bindable(v *imageRec) bool {
 	}
 	j.bindMu.Lock()
 	defer j.bindMu.Unlock()
-	if v.epoch <= j.claim {
+	if v.epoch <= j.claim.Load() {
 		// A batch may hold v and end before the write's epoch.
 		return false
 	}
@@ -163,7 +161,9 @@ func (j *Journal) BindReplay(from, to uint64) {
 // not known yet) and whether a batch may end at a given epoch.
 func (j *Journal) ClaimBatch(closed uint64) (limit uint64, endsAt func(uint64) bool) {
 	j.bindMu.Lock()
-	j.claim = max(j.claim, closed)
+	if closed > j.claim.Load() {
+		j.claim.Store(closed)
+	}
 	drained := j.drainedEpoch.Load()
 	spans := make([]epochSpan, 0, len(j.boundRecs)+len(j.replayBound))
 	for v := range j.boundRecs {
@@ -181,15 +181,7 @@ func (j *Journal) ClaimBatch(closed uint64) (limit uint64, endsAt func(uint64) b
 	if len(spans) == 0 {
 		return closed, func(uint64) bool { return true }
 	}
-	slices.SortFunc(spans, func(a, b epochSpan) int {
-		if a.from != b.from {
-			if a.from < b.from {
-				return -1
-			}
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(spans, func(a, b epochSpan) int { return cmp.Compare(a.from, b.from) })
 	merged := spans[:1]
 	for _, s := range spans[1:] {
 		// Touching spans merge too: a batch may end at neither side's
@@ -226,9 +218,7 @@ func (j *Journal) noteImageSynced(seq uint64) {
 	if j.ilog == nil || j.closing.Load() || seq <= j.imgSyncLogged.Load() {
 		return
 	}
-	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], seq)
-	if err := j.logEntry(intentlog.Entry{Key: keyImageSynced, Val: v[:]}, nil, 0, false); err != nil {
+	if err := j.logMark(keyImageSynced, seq); err != nil {
 		return
 	}
 	j.imgSyncLogged.Store(seq)
@@ -245,15 +235,15 @@ func (j *Journal) ImageSyncedSeq() uint64 { return j.imgSyncedAtOpen }
 // otherwise by syncing the image first, unless such a sync ran less than
 // imageSyncEvery ago. Without it the write captures.
 func (j *Journal) syncImageForBind(victims []*imageRec) error {
-	var need uint64 // the highest seq to bind above the durable mark
-	synced := j.imgSynced.Load()
-	j.bindMu.Lock()
+	// The highest seq to bind above the durable mark. claim is read
+	// without bindMu: a hint on the write path; bindable decides under it.
+	var need uint64
+	synced, claim := j.imgSynced.Load(), j.claim.Load()
 	for _, v := range victims {
-		if v.seq > synced && v.epoch > j.claim {
+		if v.seq > synced && v.epoch > claim {
 			need = max(need, v.seq)
 		}
 	}
-	j.bindMu.Unlock()
 	if need == 0 {
 		return nil
 	}

@@ -291,7 +291,7 @@ func (j *Journal) imageBacked(r *Record) bool {
 	return j.img != nil && r.Kind == KindData && r.Length >= ImageMin && j.imgs.total.Load() < maxImageRecords
 }
 
-// captureOverlapping binds (bind.go) or captures every pending
+// bindOrCapture binds (bind.go) or captures every pending
 // image-backed record that [off, end) overlaps, then syncs the journal if
 // a sync has begun to cover the epoch of one it captured (syncCover),
 // before a write changes the image over that range (see the top of this
@@ -299,7 +299,7 @@ func (j *Journal) imageBacked(r *Record) bool {
 // (bindDone) once the write is appended. The caller holds the range
 // (Disk's range lock), so no new image-backed record can appear in it
 // meanwhile.
-func (j *Journal) captureOverlapping(off, end int64) (bound []*imageRec, err error) {
+func (j *Journal) bindOrCapture(off, end int64) (bound []*imageRec, err error) {
 	victims := j.imgs.overlapping(off, end)
 	if len(victims) == 0 {
 		return nil, nil

@@ -125,12 +125,13 @@ type Journal struct {
 	// epoch or below must be durable before the write over it goes on
 	// (imagerec.go).
 	syncCover atomic.Uint64
-	// Bound epochs (bind.go). bindMu guards claim (the highest epoch a
-	// planned batch may hold: writes over its image-backed records
-	// capture them), boundRecs (the records bound writes went over, with
-	// their imageRec.binding and boundTo) and replayBound.
+	// Bound epochs (bind.go). claim is the highest epoch a planned batch
+	// may hold (writes over its image-backed records capture them),
+	// written under bindMu and read there to decide a bind. bindMu guards
+	// boundRecs (the records bound writes went over, with their
+	// imageRec.binding and boundTo), oldestBound and replayBound.
 	bindMu      sync.Mutex
-	claim       uint64
+	claim       atomic.Uint64
 	boundRecs   map[*imageRec]struct{}
 	oldestBound uint64 // the lowest seq in boundRecs (0: none)
 	replayBound []epochSpan
@@ -607,7 +608,7 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 		// record before its capture is durable, or its epoch is bound
 		// to this write's (imagerec.go, bind.go).
 		var err error
-		if bound, err = j.captureOverlapping(r.Offset, r.End()); err != nil {
+		if bound, err = j.bindOrCapture(r.Offset, r.End()); err != nil {
 			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
 		}
 	}

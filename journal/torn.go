@@ -59,13 +59,21 @@ func (j *Journal) markSynced(closed uint64) {
 	if closed <= j.markedEpoch.Load() {
 		return
 	}
-	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], closed)
-	if err := j.logEntry(intentlog.Entry{Key: keySynced, Val: v[:]}, nil, 0, false); err != nil {
+	if err := j.logMark(keySynced, closed); err != nil {
 		return
 	}
 	j.markedEpoch.Store(closed)
 	j.marks.Add(1)
+}
+
+// logMark logs the counter key = v (big-endian) as an intent log entry:
+// durable with the next sync, in badger once indexed, read back at open by
+// counter. The synced mark and the image-synced mark (bind.go) are such
+// counters.
+func (j *Journal) logMark(key []byte, v uint64) error {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], v)
+	return j.logEntry(intentlog.Entry{Key: key, Val: b[:]}, nil, 0, false)
 }
 
 // tornCheck reports whether record r, read at open, is torn: its epoch is
