@@ -244,3 +244,41 @@ func TestBindingSpanBounded(t *testing.T) {
 		t.Fatalf("MaxBindRecords %d, want 4", j.MaxBindRecords())
 	}
 }
+
+// TestBindNotHeldWhileWaitingForSpace: a writer that waits for journal
+// space holds no bind. A bind not yet settled keeps the flusher from
+// sending the bound record's epoch (ClaimBatch), and only the flusher frees
+// space: binding before the wait deadlocked a full journal
+// (TestAzuriteBackpressure, now and then).
+func TestBindNotHeldWhileWaitingForSpace(t *testing.T) {
+	j, img := openImageJournal(t, 8<<20, Options{MaxPendingBytes: 2 << 20})
+	a := appendImage(t, j, img, 0, 1<<20, 1)
+	if _, err := j.Barrier(); err != nil {
+		t.Fatal(err)
+	}
+	appendImage(t, j, img, 4<<20, 1<<20-8<<10, 2) // the cap is nearly full
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		r := Record{Offset: 0, Length: 128 << 10, Kind: KindData, Data: bytes.Repeat([]byte{3}, 128<<10)}
+		done <- j.AppendApply(ctx, &r, func() error {
+			_, err := img.WriteAt(r.Data, r.Offset)
+			return err
+		})
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for j.Stats().BlockedWriters != 1 {
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatal("the write over a did not wait for journal space")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if limit, _ := j.ClaimBatch(j.ClosedEpoch()); limit < a.Epoch {
+		t.Errorf("a writer waiting for space keeps the flusher from a's epoch %d (limit %d)", a.Epoch, limit)
+	}
+	cancel()
+	if err := <-done; err == nil {
+		t.Fatal("the waiting write succeeded without space")
+	}
+}

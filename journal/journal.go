@@ -602,20 +602,23 @@ func (j *Journal) appendApply(ctx context.Context, r *Record, apply func() error
 			return err
 		}
 	}
+	size := r.payloadSize()
+	if err := j.waitForSpace(ctx, size); err != nil {
+		return err
+	}
 	var bound []*imageRec
 	if apply != nil && j.imgs.uncaptured.Load() > 0 {
 		// The image must not change under a pending image-backed
 		// record before its capture is durable, or its epoch is bound
-		// to this write's (imagerec.go, bind.go).
+		// to this write's (imagerec.go, bind.go). After the wait for
+		// space, not before: a bind not yet settled keeps the flusher
+		// from sending the record's epoch (ClaimBatch), which is what
+		// frees the space.
 		var err error
 		if bound, err = j.bindOrCapture(r.Offset, r.End()); err != nil {
+			j.release(size)
 			return fmt.Errorf("journal write %d+%d: %w", r.Offset, r.Length, err)
 		}
-	}
-	size := r.payloadSize()
-	if err := j.waitForSpace(ctx, size); err != nil {
-		j.bindDone(bound, 0, false)
-		return err
 	}
 	// The payload goes to a segment file first, outside any lock; the
 	// index entry, committed after it, is what makes the record exist.
