@@ -46,7 +46,7 @@ func TestDirectIntentsForFsyncEachWriter(t *testing.T) {
 			wantDirect++
 		}
 	}
-	t.Run("direct", func(t *testing.T) { runDirectIntents(t, steps, Options{}, wantDirect) })
+	t.Run("direct", func(t *testing.T) { runDirectIntents(t, steps, Options{DirectStreak: 1}, wantDirect) })
 	// The same writes with direct intents off: none is direct, and the
 	// residency check below sees all of them cached (it would fail if the
 	// buffered path bypassed the page cache too).
@@ -56,6 +56,49 @@ func TestDirectIntentsForFsyncEachWriter(t *testing.T) {
 		none[i] = s
 	}
 	t.Run("buffered", func(t *testing.T) { runDirectIntents(t, none, Options{BufferedIntents: true}, 0) })
+}
+
+// Direct writes start only after directStreak barriers in a row that each
+// closed one append, and one epoch of several appends stops them: writers
+// that fsync after every write but run side by side (epochs of one append
+// between epochs of three) stay buffered, where a streak of one would
+// have written some of them direct.
+func TestDirectIntentsNeedAStreak(t *testing.T) {
+	var lone []step
+	for i := 0; i < directStreak; i++ {
+		lone = append(lone, step{4096, true, false}) // the streak builds up
+	}
+	lone = append(lone,
+		step{4096, true, true},   // after directStreak one-append epochs
+		step{4096, false, true},  // first after a one-append epoch
+		step{4096, true, false},  // second in its epoch: the streak ends
+		step{4096, true, false},  // buffered again
+		step{4096, false, false}, // a one-append epoch is not a streak
+	)
+	var side []step // epochs of 1 and 3 appends in turn
+	for i := 0; i < 4*directStreak; i++ {
+		side = append(side, step{4096, true, false}, step{4096, false, false}, step{4096, false, false}, step{4096, true, false})
+	}
+	t.Run("lone", func(t *testing.T) { runDirectIntents(t, lone, Options{}, 2) })
+	t.Run("side by side", func(t *testing.T) { runDirectIntents(t, side, Options{}, 0) })
+	t.Run("side by side, streak 1", func(t *testing.T) {
+		j, err := Open(t.TempDir(), Options{DirectStreak: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer j.Close()
+		for i, s := range side {
+			appendData(t, j, int64(i)<<16, 0x33, s.n)
+			if s.barrier {
+				if _, err := j.Barrier(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if got := j.Stats().DirectEntries; got == 0 {
+			t.Errorf("no entry written direct with a streak of one barrier: the side-by-side steps no longer tell the streak apart")
+		}
+	})
 }
 
 func runDirectIntents(t *testing.T, steps []step, o Options, wantDirect uint64) {
