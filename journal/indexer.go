@@ -176,9 +176,13 @@ func (x *indexer) commit(batch []indexItem) (int, error) {
 
 // commitEntries writes batch's entries to badger (see commit).
 func (x *indexer) commitEntries(batch []indexItem) (int, error) {
+	// One array for the batch's entries, not one allocation per record:
+	// the indexer runs once per append under random writes.
 	entries := make([]*groupEntry, len(batch))
+	backing := make([]groupEntry, len(batch))
 	for i := range batch {
-		entries[i] = &groupEntry{kvs: batch[i].entries}
+		backing[i].kvs = batch[i].entries
+		entries[i] = &backing[i]
 	}
 	done := 0
 	for done < len(entries) {

@@ -194,6 +194,9 @@ func (l *Log) rotate() error {
 	return nil
 }
 
+// slotBufs holds one-slot write buffers for Write.
+var slotBufs = sync.Pool{New: func() any { return new([SlotSize]byte) }}
+
 // Write puts entries into the log, one slot each and their inline
 // payloads after them, and returns the spans they took. An entry and its
 // payload are never split between files: the rest of a file too short for
@@ -238,10 +241,13 @@ func (l *Log) Write(entries []Entry) ([]Span, error) {
 	}
 	l.mu.Unlock()
 	i := 0
-	var one [SlotSize]byte
 	for k, sp := range spans {
 		var buf []byte
+		var one *[SlotSize]byte
 		if sp.n == 1 {
+			// The write path logs one slot per append: a pooled buffer
+			// rather than an allocation each (it escapes into the write).
+			one = slotBufs.Get().(*[SlotSize]byte)
 			buf = one[:]
 		} else {
 			buf = make([]byte, sp.n*SlotSize)
@@ -255,7 +261,11 @@ func (l *Log) Write(entries []Entry) ([]Span, error) {
 			}
 			s += n
 		}
-		if _, err := sp.file.f.WriteAt(buf, HeaderSize+sp.first*SlotSize); err != nil {
+		_, err := sp.file.f.WriteAt(buf, HeaderSize+sp.first*SlotSize)
+		if one != nil {
+			slotBufs.Put(one)
+		}
+		if err != nil {
 			// The append fails: none of its slots goes to the index.
 			// Those already written may still be replayed after a crash,
 			// which is harmless: the write was never acknowledged, and
