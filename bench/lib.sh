@@ -57,5 +57,12 @@ start_throttle() {
 stop_throttle() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; unlist pids "$1"; }
 # vstatus STATE: the daemon's status as JSON. Exit 15 (not healthy: the flusher is retrying) is
 # what the stages that detach the remote expect; it still prints the report.
-vstatus() { local rc=0; "$bin" status --state "$1" --json 2>/dev/null || rc=$?; [ "$rc" = 0 ] || [ "$rc" = 15 ]; }
+# Any other failure shows status's own message.
+vstatus() {
+  local rc=0 err
+  err=$(mktemp)
+  "$bin" status --state "$1" --json 2>"$err" || rc=$?
+  if [ "$rc" != 0 ] && [ "$rc" != 15 ]; then cat "$err" >&2; rm -f "$err"; return 1; fi
+  rm -f "$err"
+}
 vpid() { vstatus "$1" | python3 -c 'import json,sys;print(json.load(sys.stdin)["pid"])'; }

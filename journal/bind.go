@@ -147,9 +147,20 @@ func (j *Journal) MaxBindRecords() uint64 { return j.maxBindRecords }
 // (exclusive): replay captured image-backed records that bound writes had
 // gone over, and their copies hold those writes' bytes (see the top of
 // this file).
+//
+// Replay calls it once per captured record, in seq order, so the spans
+// mostly overlap: one that starts inside or at the end of the last joins
+// it, as ClaimBatch would merge them, and the flusher does not copy and
+// sort a span per record at every plan after a crash.
 func (j *Journal) BindReplay(from, to uint64) {
 	j.bindMu.Lock()
 	defer j.bindMu.Unlock()
+	if n := len(j.replayBound); n > 0 {
+		if last := &j.replayBound[n-1]; last.from <= from && from <= last.to {
+			last.to = max(last.to, to)
+			return
+		}
+	}
 	j.replayBound = append(j.replayBound, epochSpan{from, to})
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 )
@@ -280,5 +281,28 @@ func TestBindNotHeldWhileWaitingForSpace(t *testing.T) {
 	cancel()
 	if err := <-done; err == nil {
 		t.Fatal("the waiting write succeeded without space")
+	}
+}
+
+// TestBindReplayJoinsSpans: replay's spans, given in seq order, join
+// where they overlap or touch, and the flusher's limits are those of the
+// spans given: no batch ends inside 2..8 or 12..13.
+func TestBindReplayJoinsSpans(t *testing.T) {
+	j, _ := openImageJournal(t, 1<<20, Options{})
+	for _, s := range []epochSpan{{2, 5}, {3, 7}, {7, 9}, {12, 14}} {
+		j.BindReplay(s.from, s.to)
+	}
+	if want := []epochSpan{{2, 9}, {12, 14}}; !slices.Equal(j.replayBound, want) {
+		t.Fatalf("replay spans %v, want %v", j.replayBound, want)
+	}
+	limit, endsAt := j.ClaimBatch(8)
+	if limit != 1 {
+		t.Errorf("limit %d with epoch 8 closed inside 2..8, want 1", limit)
+	}
+	for e := uint64(1); e <= 15; e++ {
+		want := e < 2 || (e >= 9 && e < 12) || e >= 14
+		if got := endsAt(e); got != want {
+			t.Errorf("a batch may end at epoch %d: %v, want %v", e, got, want)
+		}
 	}
 }

@@ -364,8 +364,8 @@ const directCadence = 1
 // (that ext4's inode lock, held while a direct write waits for the device,
 // queues them is our reading, not traced). In the database job of
 // bench/ab/db.sh the daemon's mean write answer was 48-68 µs with a
-// streak of one barrier, 29-37 µs with this one. A lone writer closes nothing but one-append
-// epochs and turns direct after this many barriers.
+// streak of one barrier, 29-37 µs with this one. A lone writer closes
+// nothing but one-append epochs and turns direct after this many barriers.
 const directStreak = 8
 
 // defaultInlineMax is the largest inline payload by default (see
