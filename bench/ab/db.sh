@@ -5,7 +5,11 @@
 # order rotated every round. Prints "round target writes/s fdatasync_p99_us write_p99_us p50_us(fdatasync/write)=..."
 # lines, each with the daemon's own answer times for that run ("daemon mean_us write/fsync=..."; from
 # vhdsync's fuse_duration_seconds histogram), and at the end the passthrough's over all rounds (nullfuse
-# --latency): they tell the daemon's share of a transaction from the kernel's. Root.
+# --latency): they tell the daemon's share of a transaction from the kernel's. AB_STATS=1 adds,
+# per run, the server's CPU time per database write ("cpu_us/write", utime+stime from /proc) and
+# the bytes the state directory's device took per database write ("dev_KiB/write", from
+# /proc/diskstats, with a sync before and after the run so that each run is charged its own
+# writeback, the page cache's deferred writes included). Root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=${3:-3} RT=${4:-10}
@@ -27,6 +31,13 @@ PASSARGS="--latency $work/pass-latency.txt"
 ab_pass 8GiB
 # served: the write and fsync answer counts and seconds in a vhdsync daemon's metrics.
 served() { curl -s http://127.0.0.1:${PORT[$1]}/metrics | awk '/^vhdsync_fuse_duration_seconds_(sum|count)\{op="(write|fsync)"\}/ {print $2}' | tr '\n' ' '; }
+# sectors: sectors written so far on the device holding $work; ticks PID: its CPU time in clock ticks
+dev=$(basename "$(findmnt -no SOURCE --target "$work")")
+sectors() { awk -v d="$dev" '$3 == d {print $10}' /proc/diskstats; }
+ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
+if [ -n "${AB_STATS:-}" ] && [ -z "$(sectors)" ]; then
+  echo "AB_STATS: $work is on $dev, which /proc/diskstats does not list: run without AB_STATS, or with /var/tmp on a block device" >&2; exit 1
+fi
 t=(old new pass)
 for v in "${t[@]}"; do
   l=$(losetup -f --show "${FILE[$v]}"); LOOPS+=($l); LOOP[$v]=$l
@@ -36,11 +47,21 @@ for r in $(seq 1 $R); do
   o=$(( (r-1) % ${#t[@]} )); order=("${t[@]:$o}" "${t[@]:0:$o}")
   for v in "${order[@]}"; do
     [ $v = pass ] || before=$(served $v)
-    out=$(fio --name=db --directory="${FS[$v]}" --rw=randwrite --bs=8k --numjobs=8 --fdatasync=1 --size=64M \
-      --ioengine=psync --runtime=$RT --time_based=1 --group_reporting --output-format=json 2>/dev/null | python3 -c 'import json,sys
-j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; s=j["sync"]["lat_ns"]["percentile"]
+    pid=${VPID[$v]:-}; [ $v = pass ] && pid=$PASSPID
+    if [ -n "${AB_STATS:-}" ]; then sync; s0=$(sectors); c0=$(ticks $pid); fi
+    fio --name=db --directory="${FS[$v]}" --rw=randwrite --bs=8k --numjobs=8 --fdatasync=1 --size=64M \
+      --ioengine=psync --runtime=$RT --time_based=1 --group_reporting --output-format=json 2>/dev/null > $work/fio.json
+    if [ -n "${AB_STATS:-}" ]; then c1=$(ticks $pid); sync; s1=$(sectors); fi
+    out=$(python3 -c 'import json,sys
+j=json.load(open(sys.argv[1]))["jobs"][0]; w=j["write"]; s=j["sync"]["lat_ns"]["percentile"]
 c=w["clat_ns"]["percentile"]
-print(int(w["iops"]), int(s["99.000000"]/1000), int(c["99.000000"]/1000), "p50_us(fdatasync/write)=%d/%d" % (s["50.000000"]/1000, c["50.000000"]/1000))')
+line = "%d %d %d p50_us(fdatasync/write)=%d/%d" % (w["iops"], s["99.000000"]/1000, c["99.000000"]/1000, s["50.000000"]/1000, c["50.000000"]/1000)
+if len(sys.argv) > 2:
+    n, hz = w["total_ios"], int(sys.argv[6])
+    cpu = (int(sys.argv[3]) - int(sys.argv[2])) / hz * 1e6 / n
+    dev = (int(sys.argv[5]) - int(sys.argv[4])) * 512 / 1024 / n
+    line += " cpu_us/write=%d dev_KiB/write=%.1f" % (cpu, dev)
+print(line)' $work/fio.json ${AB_STATS:+$c0 $c1 $s0 $s1 $(getconf CLK_TCK)})
     if [ $v != pass ]; then
       out="$out $(python3 -c 'import sys
 a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
