@@ -32,11 +32,13 @@ ab_pass 8GiB
 # served: the write and fsync answer counts and seconds in a vhdsync daemon's metrics.
 served() { curl -s http://127.0.0.1:${PORT[$1]}/metrics | awk '/^vhdsync_fuse_duration_seconds_(sum|count)\{op="(write|fsync)"\}/ {print $2}' | tr '\n' ' '; }
 # sectors: sectors written so far on the device holding $work; ticks PID: its CPU time in clock ticks
-dev=$(basename "$(findmnt -no SOURCE --target "$work")")
 sectors() { awk -v d="$dev" '$3 == d {print $10}' /proc/diskstats; }
 ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
-if [ -n "${AB_STATS:-}" ] && [ -z "$(sectors)" ]; then
-  echo "AB_STATS: $work is on $dev, which /proc/diskstats does not list: run without AB_STATS, or with /var/tmp on a block device" >&2; exit 1
+if [ -n "${AB_STATS:-}" ]; then
+  dev=$(basename "$(findmnt -no SOURCE --target "$work" || true)")
+  if [ -z "$dev" ] || [ -z "$(sectors)" ]; then
+    echo "AB_STATS: $work is on '$dev', which /proc/diskstats does not list: run without AB_STATS, or with /var/tmp on a block device" >&2; exit 1
+  fi
 fi
 t=(old new pass)
 for v in "${t[@]}"; do
